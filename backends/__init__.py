@@ -1,0 +1,1 @@
+"""Thin framework bindings of diffusion_core: ``backends.flax`` (JAX/Flax NNX) and ``backends.torch``."""

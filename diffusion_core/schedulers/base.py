@@ -1,0 +1,265 @@
+"""The scheduler contract: an immutable config plus pure functions over an explicit state.
+
+A scheduler object holds only its frozen, JSON-serialisable config and host-side float64
+training tables. Everything that evolves while sampling lives in a state NamedTuple (arrays
+only, shapes and dtypes fixed by ``set_timesteps``), so ``step`` is a pure transition that
+runs eagerly on numpy/torch/jax arrays or as the body of one ``jax.lax.scan``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from diffusion_core import arrays
+from diffusion_core.configuration import (
+    DIFFUSERS_FORMAT_VERSION,
+    config_to_json_string,
+    read_json_config,
+    to_json_value,
+    write_json_atomic,
+)
+from diffusion_core.schedulers import schedule
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+
+# Accepted values of the enumerated options, shared by every scheduler that has the option.
+COMMON_CHOICES: dict[str, tuple] = {
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "timestep_spacing": ("leading", "linspace", "trailing"),
+    "final_sigmas_type": ("zero", "sigma_min"),
+}
+
+_WARNED_KEYS: set[tuple[str, str]] = set()
+
+
+def known_config_keys() -> set[str]:
+    """Every option of every scheduler here (keys another scheduler's config may carry)."""
+    from diffusion_core.schedulers import all_scheduler_classes
+
+    return {k for cls in all_scheduler_classes() for k in cls._defaults}
+
+
+class Scheduler(abc.ABC):
+    """Abstract base: config handling and the public call shapes. Subclasses are final."""
+
+    _defaults: ClassVar[Mapping[str, Any]]  # every diffusers __init__ option and its default
+    _choices: ClassVar[Mapping[str, tuple]] = {}  # per-class enumerations beyond COMMON_CHOICES
+    _extra_beta_schedules: ClassVar[tuple[str, ...]] = ()
+    order: ClassVar[int] = 1  # model calls per solver step (Heun/KDPM2: 2), as in diffusers
+    needs_noise: ClassVar[bool] = False  # True where ``step`` consumes a fresh Gaussian draw
+    accepts_timesteps: ClassVar[bool] = False  # set_timesteps(timesteps=[...]) supported
+    accepts_sigmas: ClassVar[bool] = False  # set_timesteps(sigmas=[...]) supported
+
+    def __init__(self, **config: Any) -> None:
+        unknown = sorted(set(config) - set(self._defaults))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: unknown option(s) {unknown}; accepted: {sorted(self._defaults)}"
+            )
+        self._init_from(dict(config), extra={})
+
+    def _init_from(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
+        full = {k: to_json_value(v) for k, v in self._defaults.items()}
+        full.update({k: to_json_value(v) for k, v in config.items()})
+        self._check_config(full)
+        self._config = MappingProxyType({**extra, **full})
+        self._setup()
+
+    # ----- config ---------------------------------------------------------------------
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The frozen config: every option of this class plus keys kept from a swapped config."""
+        return self._config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike | None = None, **overrides: Any):
+        """Build from a dict, a ``scheduler_config.json`` path or a folder holding one.
+
+        Keys this class does not use are kept in ``config`` (so a swap back restores them);
+        keys no scheduler knows are also kept, with a warning once per key.
+        """
+        data = _load_config(config, overrides.pop("subfolder", None))
+        bad = sorted(set(overrides) - set(cls._defaults))
+        if bad:
+            raise ValueError(f"{cls.__name__}: unknown option(s) {bad}; accepted: {sorted(cls._defaults)}")
+        data.update(overrides)
+        source = data.pop("_class_name", cls.__name__)
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        init = {k: v for k, v in data.items() if k in cls._defaults}
+        extra = {k: v for k, v in data.items() if k not in cls._defaults}
+        strangers = sorted(set(extra) - known_config_keys())
+        for key in strangers:
+            if (cls.__name__, key) not in _WARNED_KEYS:
+                _WARNED_KEYS.add((cls.__name__, key))
+                logger.warning(
+                    "%s: config key %r (from %s) is not a scheduler option; it is kept in config but unused",
+                    cls.__name__,
+                    key,
+                    source,
+                )
+        obj = cls.__new__(cls)
+        obj._init_from(init, extra)
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as diffusers writes it, with ``_class_name`` and ``_diffusers_version``."""
+        return {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **self._config}
+
+    def save_config(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``scheduler_config.json`` (diffusers' bytes: sorted keys, indent 2), atomically."""
+        path = Path(save_directory)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"save_directory: {str(path)!r} exists and is not a folder")
+        target = path / SCHEDULER_CONFIG_NAME
+        write_json_atomic(target, config_to_json_string(self.to_dict()))
+        return target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self._config)})"
+
+    def _check_config(self, config: dict[str, Any]) -> None:
+        """Raise ValueError for invalid option values (subclasses extend, calling super)."""
+        choices = {**COMMON_CHOICES, **self._choices}
+        for key, accepted in choices.items():
+            if key in config and config[key] not in accepted:
+                raise ValueError(
+                    f"{type(self).__name__}: {key}={config[key]!r} is not accepted; accepted: {list(accepted)}"
+                )
+        if "beta_schedule" in config and config.get("trained_betas") is None:
+            accepted = schedule.BETA_SCHEDULES + self._extra_beta_schedules
+            if config["beta_schedule"] not in accepted:
+                raise ValueError(
+                    f"{type(self).__name__}: beta_schedule={config['beta_schedule']!r} is not accepted; "
+                    f"accepted: {list(accepted)} (or pass trained_betas)"
+                )
+        ladders = [k for k in schedule.SIGMA_LADDERS if config.get(k)]
+        if len(ladders) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: {' and '.join(ladders)} are mutually exclusive; set at most one to True"
+            )
+        T = config.get("num_train_timesteps")
+        if T is not None and (not isinstance(T, int) or T < 1):
+            raise ValueError(f"{type(self).__name__}: num_train_timesteps must be an int >= 1, got {T!r}")
+
+    def _setup(self) -> None:
+        """Precompute host-side float64 tables from the config (training schedule)."""
+
+    # ----- sampling API ---------------------------------------------------------------
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        like: Any = None,
+        *,
+        timesteps: Any = None,
+        sigmas: Any = None,
+    ):
+        """A fresh state for ``num_inference_steps`` (or custom ``timesteps=``/``sigmas=``).
+
+        ``like``: an array shaped and typed as the latents; the state lives in its framework,
+        device and dtype (``None``: numpy float32).
+        """
+        name = type(self).__name__
+        if timesteps is not None and not self.accepts_timesteps:
+            raise ValueError(f"timesteps: {name} does not accept custom timesteps")
+        if sigmas is not None and not self.accepts_sigmas:
+            raise ValueError(f"sigmas: {name} does not accept custom sigmas")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("timesteps, sigmas: pass at most one of them")
+        if timesteps is not None:
+            timesteps = np.asarray(timesteps, dtype=np.float64)
+            if timesteps.ndim != 1 or timesteps.size < 1 or np.any(np.diff(timesteps) >= 0):
+                raise ValueError("timesteps: must be a non-empty 1-D sequence in strictly descending order")
+            num_inference_steps = timesteps.size
+        elif sigmas is not None:
+            sigmas = np.asarray(sigmas, dtype=np.float64)
+            if sigmas.ndim != 1 or sigmas.size < 1:
+                raise ValueError("sigmas: must be a non-empty 1-D sequence")
+            num_inference_steps = sigmas.size
+        else:
+            self._check_num_steps(num_inference_steps)
+        return self._make_state(int(num_inference_steps), like, timesteps=timesteps, sigmas=sigmas)
+
+    def _check_num_steps(self, n: Any) -> None:
+        T = self._config.get("num_train_timesteps")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or (T is not None and n > T):
+            bound = f" and <= num_train_timesteps ({T})" if T is not None else ""
+            raise ValueError(f"num_inference_steps: must be an int >= 1{bound}, got {n!r}")
+
+    @abc.abstractmethod
+    def _make_state(self, n: int, like: Any, *, timesteps: Any = None, sigmas: Any = None):
+        """Build the state for ``n`` steps (custom timesteps/sigmas already validated)."""
+
+    def current_timestep(self, state):
+        """The timestep to feed the model at this step."""
+        return state.timesteps[state.step_index]
+
+    def scale_model_input(self, state, sample):
+        """Scale the model input for this step (identity unless the scheduler is sigma-based)."""
+        return sample
+
+    @abc.abstractmethod
+    def step(self, state, model_output, sample, noise=None, **kwargs):
+        """One solver step: returns ``(prev_sample, new_state)``; pure."""
+
+    @abc.abstractmethod
+    def add_noise(self, original_samples, noise, timesteps, state=None):
+        """Forward-diffuse ``original_samples`` to ``timesteps`` with the given ``noise``."""
+
+    def needs_noise_for(self, **step_kwargs: Any) -> bool:
+        """Whether ``step(..., **step_kwargs)`` consumes ``noise`` (e.g. DDIM only with eta > 0)."""
+        return self.needs_noise
+
+    def _require_noise(self, noise, why: str):
+        if noise is None:
+            raise ValueError(f"noise: {type(self).__name__}.step needs a Gaussian `noise` array ({why})")
+        return noise
+
+
+def _load_config(config: Any, subfolder: str | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return read_json_config(config, SCHEDULER_CONFIG_NAME, subfolder)
+    raise ValueError(
+        f"config: expected a dict, a path to {SCHEDULER_CONFIG_NAME} or a folder, got {type(config).__name__}"
+    )
+
+
+class AlphaScheduler(Scheduler):
+    """Abstract: schedulers defined by a discrete alphas_cumprod table (DDPM family)."""
+
+    def _setup(self) -> None:
+        self.betas = schedule.make_betas(self._config, self._extra_beta_schedules)
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(self.betas)
+
+    def _alpha_sigma_at(self, timesteps, like):
+        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) gathered at integer ``timesteps``."""
+        xp = arrays.namespace(like)
+        t = arrays.as_index_array(timesteps, like)
+        acp = arrays.host_to_like(self.alphas_cumprod, like)
+        a = acp[xp.astype(t, xp.int32)]
+        return xp.sqrt(a), xp.sqrt(1 - a)
+
+    def add_noise(self, original_samples, noise, timesteps, state=None):
+        """q(x_t | x_0): sqrt(a_t) x_0 + sqrt(1 - a_t) noise (Ho et al. 2020, eq. 4)."""
+        alpha, sigma = self._alpha_sigma_at(timesteps, original_samples)
+        nd = original_samples.ndim
+        return arrays.broadcast_left(alpha, nd) * original_samples + arrays.broadcast_left(sigma, nd) * noise
+
+    def get_velocity(self, sample, noise, timesteps):
+        """v = sqrt(a_t) noise - sqrt(1 - a_t) x_0 (Salimans & Ho 2022, v-prediction)."""
+        alpha, sigma = self._alpha_sigma_at(timesteps, sample)
+        nd = sample.ndim
+        return arrays.broadcast_left(alpha, nd) * noise - arrays.broadcast_left(sigma, nd) * sample
