@@ -37,6 +37,14 @@ def host_to_like(values: Any, like: Any, *, integer: bool = False) -> Any:
     return xp.asarray(arr.astype(np.float64), dtype=like.dtype, device=_device(like))
 
 
+def host_mask_like(values: Any, like: Any) -> Any:
+    """Cast host booleans to a bool array in ``like``'s framework and device (per-step flags for ``xp.where``)."""
+    arr = np.asarray(values, dtype=bool)
+    if like is None:
+        return arr
+    return namespace(like).asarray(arr, device=_device(like))
+
+
 def counter_like(like: Any, value: int = 0) -> Any:
     """A 0-d int32 step counter in ``like``'s framework."""
     if like is None:
@@ -78,3 +86,15 @@ def quantile_last_axis(values: Any, q: float) -> Any:
     hi = min(lo + 1, n - 1)
     frac = pos - lo
     return sorted_vals[..., lo] + (sorted_vals[..., hi] - sorted_vals[..., lo]) * frac
+
+
+def interp_table(table: Any, t: Any, like: Any) -> Any:
+    """Host table (T,) linearly interpolated at fractional indices ``t`` (clamped to [0, T-1])."""
+    xp = namespace(like)
+    values = host_to_like(table, like)
+    t = xp.astype(as_index_array(t, like), like.dtype)
+    top = np.shape(table)[0] - 1
+    lo = xp.clip(xp.floor(t), 0, top)
+    hi = xp.clip(lo + 1, 0, top)
+    w = t - lo
+    return values[xp.astype(lo, xp.int32)] * (1 - w) + values[xp.astype(hi, xp.int32)] * w

@@ -7,13 +7,70 @@ model input is scaled by 1 / sqrt(sigma^2 + 1) so a VP-trained network sees unit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from diffusion_core import arrays
-from diffusion_core.schedulers import schedule
+from diffusion_core.schedulers import common, schedule
 from diffusion_core.schedulers.base import AlphaScheduler
+
+
+def sigma_schedule(
+    config: Mapping[str, Any],
+    train_sigmas: np.ndarray,
+    n: int,
+    *,
+    timesteps: np.ndarray | None = None,
+    sigmas: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host float64 ``(timesteps, sigmas)`` of a k-diffusion sampler (Karras et al. 2022, EDM).
+
+    ``timesteps`` has one entry per solver step, ``sigmas`` one more (the terminal level).
+    Config keys read (absent ones take diffusers' defaults): ``timestep_spacing``,
+    ``num_train_timesteps``, ``steps_offset``, ``interpolation_type`` ("linear"), the
+    ``use_*_sigmas`` ladders with ``sigma_min``/``sigma_max``, ``final_sigmas_type`` ("zero").
+    Custom ``timesteps`` are interpolated on ``train_sigmas``; custom ``sigmas`` are used as
+    given (their last entry is the terminal level) and mapped back to fractional timesteps.
+    "log_linear" interpolation without a ladder keeps diffusers' n + 2 sigmas (the sampler
+    stops at the smallest training sigma).
+    """
+    log_train = np.log(train_sigmas)
+    ladder = schedule.chosen_sigma_ladder(config)
+    if sigmas is not None:
+        sigmas = np.asarray(sigmas, dtype=np.float64)
+        if sigmas.ndim != 1 or sigmas.size < 2:
+            raise ValueError("sigmas: need at least 2 values (one step and the terminal sigma)")
+        return schedule.sigma_to_t(sigmas[:-1], log_train), sigmas
+    if timesteps is not None:
+        if ladder is not None:
+            raise ValueError(f"timesteps: custom timesteps cannot be combined with {ladder}=True")
+        ts = np.asarray(timesteps, dtype=np.float64)
+    else:
+        T = int(config["num_train_timesteps"])
+        ts = schedule.spaced_timesteps(config["timestep_spacing"], T, n, int(config.get("steps_offset", 0)))
+    if config.get("interpolation_type", "linear") == "log_linear":
+        levels = np.exp(np.linspace(log_train[-1], log_train[0], n + 1))
+    else:
+        levels = np.interp(ts, np.arange(train_sigmas.shape[0]), train_sigmas)
+    if ladder is not None:
+        levels = schedule.convert_sigmas(config, levels, n)
+        ts = schedule.sigma_to_t(levels, log_train)
+    last = train_sigmas[0] if config.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+    return ts, np.concatenate([levels, [last]])
+
+
+def denoised_from_output(prediction_type: str, model_output, sample, sigma):
+    """x0 from a VP-trained network run on x_sigma (EDM's D(x, sigma); v: c_skip x + c_out v)."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        var = sigma**2 + 1
+        return sample / var - model_output * (sigma / var**0.5)
+    raise ValueError(f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample'")
 
 
 def init_noise_sigma_for(config, sigmas: np.ndarray) -> float:
@@ -29,6 +86,10 @@ class SigmaScheduler(AlphaScheduler):
 
     def _setup(self) -> None:
         super()._setup()
+        if self._config.get("rescale_betas_zero_snr"):
+            # diffusers: "close to 0 without being 0 so the first sigma is not inf" (fp16 subnormal)
+            self.alphas_cumprod = self.alphas_cumprod.copy()
+            self.alphas_cumprod[-1] = 2.0**-24
         self.train_sigmas = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float64
         self.log_sigmas = np.log(self.train_sigmas)
 
@@ -57,15 +118,51 @@ class SigmaScheduler(AlphaScheduler):
             flat = xp.reshape(t, (-1,))
             idx = xp.argmin(xp.abs(flat[:, None] - sched_t[None, :]), axis=1)
             return xp.reshape(xp.take(state.sigmas, idx, axis=0), t.shape)
-        table = arrays.host_to_like(self.train_sigmas, like)
-        top = self.train_sigmas.shape[0] - 1
-        lo = xp.clip(xp.floor(t), 0, top)
-        hi = xp.clip(lo + 1, 0, top)
-        w = t - lo
-        lo_i, hi_i = xp.astype(lo, xp.int32), xp.astype(hi, xp.int32)
-        return table[lo_i] * (1 - w) + table[hi_i] * w
+        return arrays.interp_table(self.train_sigmas, t, like)
 
     def add_noise(self, original_samples, noise, timesteps, state: Any = None):
         """x_sigma = x_0 + sigma * noise (pass ``state`` to use the scheduled sigmas)."""
         sigma = self._sigma_at(timesteps, original_samples, state)
         return original_samples + arrays.broadcast_left(sigma, original_samples.ndim) * noise
+
+
+def denoiser_coefficients(prediction_type: str, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host ``(c_skip, c_out)`` with x0 = c_skip * x + c_out * output at VE level sigma (Karras et al. 2022, EDM).
+
+    The network saw x / sqrt(sigma^2 + 1) (a VP x_t), so eps, v and x0 outputs map to x0 as in
+    diffusers' sigma-space schedulers.
+    """
+    s = np.asarray(sigmas, dtype=np.float64)
+    if prediction_type == "epsilon":
+        return np.ones_like(s), -s
+    if prediction_type == "v_prediction":
+        return 1.0 / (s**2 + 1), -s / np.sqrt(s**2 + 1)
+    if prediction_type == "sample":
+        return np.zeros_like(s), np.ones_like(s)
+    raise ValueError(f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample'")
+
+
+def ode_slope(config: Mapping[str, Any], c_skip, c_out, inv_sigma, model_output, sample):
+    """Probability-flow ODE slope dx/dsigma = (x - x0) / sigma (Karras et al. 2022, EDM, eq. 3).
+
+    x0 = c_skip * x + c_out * output, clamped when the config asks (``clip_sample``); an
+    unclamped epsilon output is the slope itself.
+    """
+    if config["prediction_type"] == "epsilon" and not config.get("clip_sample"):
+        return model_output
+    x0 = common.clamp_x0(config, c_skip * sample + c_out * model_output)
+    return (sample - x0) * inv_sigma
+
+
+def interleave_stages(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Per-call table of a two-stage solver: [first_0, second_0, first_1, ..., first_{n-1}].
+
+    ``first`` has one entry per solver step (n); ``second`` is read for the first n - 1 steps:
+    the last step, down to the terminal sigma, is a single Euler call (as in diffusers).
+    """
+    first = np.asarray(first, dtype=np.float64)
+    n = first.shape[0]
+    out = np.empty(2 * n - 1, dtype=np.float64)
+    out[0::2] = first
+    out[1::2] = np.asarray(second, dtype=np.float64)[: n - 1]
+    return out

@@ -1,0 +1,43 @@
+"""Developer sessions: `nox -s tests` (the test suite), `nox -s lint`, `nox -s bench`, `nox -s demo`."""
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+# Resolve torch to the local CPU wheel on the dev/CI machines (see constraints-cpu.txt).
+CONSTRAINTS = ("-c", "constraints-cpu.txt")
+# Shared 2-core machines: fixed thread counts keep timings and test runtimes stable.
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (slow checks deselected; pass `-- -m slow` to run them)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    workers = os.environ.get("PYTEST_WORKERS", "2")
+    session.run("pytest", "-n", workers, "-q", *session.posargs, env=THREAD_ENV)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint + format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Scheduler step benchmark against diffusers (prints ratios; see benchmarks/RESULTS.md)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.run("python", "benchmarks/scheduler_step.py", *session.posargs, env=THREAD_ENV)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The scheduler demo on numpy, torch and jax."""
+    session.install(*CONSTRAINTS, "-e", ".[all]")
+    session.run("python", "-m", "diffusion_core.demo", *session.posargs, env=THREAD_ENV)
