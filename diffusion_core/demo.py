@@ -77,7 +77,7 @@ def sample(name: str, steps: int, backend: str, n: int, seed: int = 0) -> tuple[
     start = time.perf_counter()
     state = sched.set_timesteps(steps, like=x)
     x = x * state.init_noise_sigma
-    for i in range(state.timesteps.shape[0]):
+    for _ in range(state.timesteps.shape[0]):
         out = model(sched.scale_model_input(state, x), sched.current_timestep(state))
         noise = None
         if sched.needs_noise:

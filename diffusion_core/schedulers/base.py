@@ -55,6 +55,8 @@ class Scheduler(abc.ABC):
     _defaults: ClassVar[Mapping[str, Any]]  # every diffusers __init__ option and its default
     _choices: ClassVar[Mapping[str, tuple]] = {}  # per-class enumerations beyond COMMON_CHOICES
     _extra_beta_schedules: ClassVar[tuple[str, ...]] = ()
+    # values diffusers silently rewrites on load (e.g. DPM maps algorithm_type "deis" to "dpmsolver++")
+    _aliases: ClassVar[Mapping[str, Mapping[Any, Any]]] = {}
     order: ClassVar[int] = 1  # model calls per solver step (Heun/KDPM2: 2), as in diffusers
     needs_noise: ClassVar[bool] = False  # True where ``step`` consumes a fresh Gaussian draw
     accepts_timesteps: ClassVar[bool] = False  # set_timesteps(timesteps=[...]) supported
@@ -71,6 +73,9 @@ class Scheduler(abc.ABC):
     def _init_from(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         full = {k: to_json_value(v) for k, v in self._defaults.items()}
         full.update({k: to_json_value(v) for k, v in config.items()})
+        for key, renames in self._aliases.items():
+            if key in full and isinstance(full[key], str) and full[key] in renames:
+                full[key] = renames[full[key]]
         self._check_config(full)
         self._config = MappingProxyType({**extra, **full})
         self._setup()
@@ -168,6 +173,15 @@ class Scheduler(abc.ABC):
         ``like``: an array shaped and typed as the latents; the state lives in its framework,
         device and dtype (``None``: numpy float32).
         """
+        n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
+        return self._make_state(n, like, timesteps=timesteps, sigmas=sigmas)
+
+    def _resolve_request(self, num_inference_steps: Any, timesteps: Any, sigmas: Any):
+        """Validate a set_timesteps request: ``(n, timesteps, sigmas)``, custom ones as float64.
+
+        Subclasses whose ``set_timesteps`` takes extra keywords (LCM's ``strength``) call this
+        and then their ``_make_state`` with the extras.
+        """
         name = type(self).__name__
         if timesteps is not None and not self.accepts_timesteps:
             raise ValueError(f"timesteps: {name} does not accept custom timesteps")
@@ -187,7 +201,7 @@ class Scheduler(abc.ABC):
             num_inference_steps = sigmas.size
         else:
             self._check_num_steps(num_inference_steps)
-        return self._make_state(int(num_inference_steps), like, timesteps=timesteps, sigmas=sigmas)
+        return int(num_inference_steps), timesteps, sigmas
 
     def _check_num_steps(self, n: Any) -> None:
         T = self._config.get("num_train_timesteps")
