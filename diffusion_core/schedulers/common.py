@@ -20,7 +20,11 @@ def x0_from_output(prediction_type: str, model_output, sample, alpha, sigma):
         return model_output
     if prediction_type == "v_prediction":
         return alpha * sample - sigma * model_output
-    raise ValueError(f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample'")
+    if prediction_type == "flow_prediction":  # velocity noise - x0 of x = (1 - s) x0 + s noise; sigma = s
+        return sample - sigma * model_output
+    raise ValueError(
+        f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample', 'flow_prediction'"
+    )
 
 
 def eps_from_output(prediction_type: str, model_output, sample, alpha, sigma):
@@ -56,3 +60,58 @@ def clamp_x0(config: Any, x0):
         r = config["clip_sample_range"]
         return arrays.namespace(x0).clip(x0, -r, r)
     return x0
+
+
+def push_history(history, new):
+    """Shift a fixed-size (K, ...) history buffer left by one and append ``new`` (oldest first)."""
+    xp = arrays.namespace(history)
+    return xp.concat([history[1:], new[None, ...]], axis=0)
+
+
+def linear_multistep(sample_coef, sample, history_coef, history):
+    """A linear multistep update: sample_coef * x + sum_k history_coef[k] * history[k].
+
+    ``history_coef`` (K,) is one precomputed row per step (zeros for unused slots during warm-up).
+    """
+    xp = arrays.namespace(history)
+    return sample_coef * sample + xp.tensordot(history_coef, history, axes=1)
+
+
+def scheduled_alpha_sigma(state_timesteps, state_sigmas, timesteps, like, flow: bool = False):
+    """VP (alpha_t, sigma_t) at the scheduled step whose timestep is nearest each of ``timesteps``.
+
+    ``state_sigmas`` are a state's VE (or flow) noise levels, one per step: diffusers looks the
+    timestep value up in its schedule (add_noise of DPM-Solver, UniPC, DEIS).
+    """
+    xp = arrays.namespace(like)
+    t = xp.astype(arrays.as_index_array(timesteps, like), like.dtype)
+    sched_t = xp.astype(state_timesteps, like.dtype)
+    idx = xp.argmin(xp.abs(xp.reshape(t, (-1, 1)) - sched_t[None, :]), axis=1)
+    return vp_alpha_sigma(xp.reshape(xp.take(state_sigmas, idx, axis=0), t.shape), flow=flow)
+
+
+def level_add_noise(original_samples, noise, timesteps, state, flow: bool, num_train_timesteps: int):
+    """alpha_t x_0 + sigma_t noise at the state's scheduled level of each timestep (DPM-Solver, UniPC).
+
+    Without a state, flow models use the level t / T; VP models use ``AlphaScheduler.add_noise``.
+    """
+    like = original_samples
+    if state is not None:
+        alpha, sigma = scheduled_alpha_sigma(state.timesteps, state.sigmas[:-1], timesteps, like, flow=flow)
+    else:
+        xp = arrays.namespace(like)
+        alpha, sigma = vp_alpha_sigma(xp.astype(arrays.as_index_array(timesteps, like), like.dtype)
+                                      / num_train_timesteps, flow=flow)
+    nd = like.ndim
+    return arrays.broadcast_left(alpha, nd) * like + arrays.broadcast_left(sigma, nd) * noise
+
+
+def vp_alpha_sigma(level, flow: bool = False):
+    """(alpha_t, sigma_t) of a noise level: VE sigma s -> (1, s) / sqrt(1 + s^2); flow sigma s -> (1 - s, s).
+
+    Arithmetic only, so it serves host float64 numpy tables and traced arrays alike.
+    """
+    if flow:
+        return 1.0 - level, level
+    alpha = (level * level + 1.0) ** -0.5
+    return alpha, level * alpha

@@ -72,7 +72,7 @@ def run_ours(name: str, config: Mapping[str, Any], n: int, backend: str, step_kw
     sched = schedulers.from_config({"_class_name": name, **config})
     x = to_backend(backend, make_sample())
     xp = namespace(x)
-    state = sched.set_timesteps(None if custom else n, like=x, **(custom or {}))
+    state = sched.set_timesteps(_steps_arg(n, custom), like=x, **(custom or {}))
     x = x * state.init_noise_sigma
     wants_noise = sched.needs_noise_for(**step_kwargs)
     for i in range(state.timesteps.shape[0]):
@@ -83,6 +83,14 @@ def run_ours(name: str, config: Mapping[str, Any], n: int, backend: str, step_kw
     return to_numpy(x), to_numpy(state.timesteps)
 
 
+def _steps_arg(n: int, custom) -> int | None:
+    """num_inference_steps to pass with ``custom`` set_timesteps keywords: None when they give
+    the schedule (timesteps/sigmas), else n (e.g. custom={"mu": 0.5} for dynamic shifting)."""
+    if custom and ("timesteps" in custom or "sigmas" in custom):
+        return None
+    return n
+
+
 def _patch_randn(module, supplier):
     original = getattr(module, "randn_tensor", None)
     if original is not None:
@@ -90,25 +98,41 @@ def _patch_randn(module, supplier):
     return original
 
 
+def reference_scheduler(name: str, config: Mapping[str, Any]):
+    """A fresh diffusers scheduler: a copy of one cached per config (KDPM2's constructor alone
+    runs a 1000-step set_timesteps with a per-sigma Python loop, ~1 s)."""
+    import copy
+
+    return copy.deepcopy(_pristine_reference(name, json.dumps(config, sort_keys=True)))
+
+
+@functools.cache
+def _pristine_reference(name: str, config_json: str):
+    import diffusers
+
+    return getattr(diffusers, name).from_config(json.loads(config_json))
+
+
 def run_reference(name: str, config: Mapping[str, Any], n: int, step_kwargs=None, custom=None):
     """Final sample and timesteps from diffusers 0.42 on torch float32."""
-    import diffusers
     import torch
 
     step_kwargs = dict(step_kwargs or {})
-    ref = getattr(diffusers, name).from_config(dict(config))
+    ref = reference_scheduler(name, config)
     if custom:
-        ref.set_timesteps(**custom)
+        ref.set_timesteps(_steps_arg(n, custom), **custom)
     else:
         ref.set_timesteps(n)
     module = sys.modules[type(ref).__module__]
     current: list[torch.Tensor] = []
     original = _patch_randn(module, lambda: current[0].clone())
     try:
-        x = torch.from_numpy(make_sample()) * ref.init_noise_sigma
+        # flow-matching schedulers have neither (their start scale is 1 and the input unscaled)
+        x = torch.from_numpy(make_sample()) * getattr(ref, "init_noise_sigma", 1.0)
         for i, t in enumerate(ref.timesteps):
             current[:] = [torch.from_numpy(make_noise(i))]
-            out = dummy_model(_torch_xp(), ref.scale_model_input(x, t), t)
+            model_input = ref.scale_model_input(x, t) if hasattr(ref, "scale_model_input") else x
+            out = dummy_model(_torch_xp(), model_input, t)
             x = ref.step(out, t, x, **step_kwargs).prev_sample
     finally:
         if original is not None:
@@ -166,3 +190,85 @@ def parametrize_cases(cases: list[Mapping[str, Any]], steps=STEP_COUNTS, backend
         pytest.param(c, n, b, id=f"{case_id(c)}-n{n}-{b}") for c in cases for n in steps for b in backends
     ]
     return pytest.mark.parametrize("config,num_steps,backend", params)
+
+
+# diffusers' own scheduler tests (tests/schedulers/test_scheduler_*.py): config, sample, model
+DIFFUSERS_TEST_CONFIG = {"num_train_timesteps": 1100, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+def _diffusers_test_sample():
+    """diffusers' ``dummy_sample_deter``: (4, 3, 8, 8) values in [0, 1)."""
+    n = 4 * 3 * 8 * 8
+    return (np.arange(n, dtype=np.float32).reshape(3, 8, 8, 4) / n).transpose(3, 0, 1, 2).copy()
+
+
+def run_diffusers_full_loop(name, config, backend, num_steps=10, noise_seed=None):
+    """diffusers' ``test_full_loop_no_noise`` with ``dummy_model`` x * t / (t + 1); returns sum and mean of |x|.
+
+    (That loop feeds the *scaled* sample to ``step``, and so does this one.)
+
+    Noise, where the step takes some, is torch's ``manual_seed(noise_seed)`` stream, drawn in
+    the order diffusers draws it, so the published sums are reproducible on every backend.
+    """
+    import torch
+
+    sched = schedulers.from_config({"_class_name": name, **config})
+    x = to_backend(backend, _diffusers_test_sample())
+    state = sched.set_timesteps(num_steps, like=x)
+    x = x * state.init_noise_sigma
+    gen = torch.manual_seed(noise_seed) if noise_seed is not None else None
+    for _ in range(state.timesteps.shape[0]):
+        t = sched.current_timestep(state)
+        x = sched.scale_model_input(state, x)
+        out = x * t / (t + 1)
+        noise = None
+        if gen is not None:
+            noise = to_backend(backend, torch.randn(tuple(x.shape), generator=gen).numpy())
+        x, state = sched.step(state, out, x, noise=noise)
+    x = to_numpy(x).astype(np.float64)
+    return float(np.sum(np.abs(x))), float(np.mean(np.abs(x)))
+
+
+# ----- float64 oracle: where diffusers' own float32 rounding exceeds REL_TOL -----
+def run_reference_float64(name: str, config: Mapping[str, Any], n: int, custom=None) -> np.ndarray:
+    """diffusers' deterministic loop with its float32 tables (sigmas, alphas, ...) cast to float64
+    after ``set_timesteps`` and a float64 sample: the same schedule, without float32 arithmetic."""
+    import torch
+
+    ref = reference_scheduler(name, config)
+    ref.set_timesteps(_steps_arg(n, custom), **(custom or {}))
+    for key, value in list(vars(ref).items()):
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            setattr(ref, key, value.double())
+    x = torch.from_numpy(make_sample().astype(np.float64)) * getattr(ref, "init_noise_sigma", 1.0)
+    for t in ref.timesteps:
+        model_input = ref.scale_model_input(x, t) if hasattr(ref, "scale_model_input") else x
+        x = ref.step(dummy_model(_torch_xp(), model_input, t), t, x).prev_sample
+    return x.numpy()
+
+
+def run_ours_float64(name: str, config: Mapping[str, Any], n: int, backend: str, custom=None) -> np.ndarray:
+    """Our deterministic loop on float64 ``backend`` arrays (numpy or torch)."""
+    from diffusion_core.arrays import namespace
+
+    sched = schedulers.from_config({"_class_name": name, **config})
+    x = to_backend(backend, make_sample().astype(np.float64))
+    xp = namespace(x)
+    state = sched.set_timesteps(_steps_arg(n, custom), like=x, **(custom or {}))
+    x = x * state.init_noise_sigma
+    for _ in range(state.timesteps.shape[0]):
+        out = dummy_model(xp, sched.scale_model_input(state, x), sched.current_timestep(state))
+        x, state = sched.step(state, out, x)
+    return to_numpy(x)
+
+
+def check_parity_float64(name: str, config: Mapping[str, Any], n: int, backend: str, custom=None):
+    """Assert our float64 run is within REL_TOL of diffusers' float64-table run.
+
+    For cases whose float32 reference is dominated by diffusers' own rounding (cancellation in
+    its coefficients or ill-conditioned steps): say so, with the measured error, where used.
+    """
+    ref_x = run_reference_float64(name, config, n, custom)
+    assert np.all(np.isfinite(ref_x)), f"reference produced non-finite values for {name} {config}"
+    err = rel_l2(run_ours_float64(name, config, n, backend, custom), ref_x)
+    assert err <= REL_TOL, f"relative L2 {err:.3g} > {REL_TOL} ({name}, {config}, n={n}, {backend}, float64)"
