@@ -31,6 +31,7 @@ from diffusion_core.schedulers import schedule
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+USE_DEFAULT_VALUES = "_use_default_values"  # diffusers' in-memory list of options left at default
 
 # Accepted values of the enumerated options, shared by every scheduler that has the option.
 COMMON_CHOICES: dict[str, tuple] = {
@@ -77,7 +78,11 @@ class Scheduler(abc.ABC):
             if key in full and isinstance(full[key], str) and full[key] in renames:
                 full[key] = renames[full[key]]
         self._check_config(full)
-        self._config = MappingProxyType({**extra, **full})
+        # like diffusers: remember which options took their defaults, so that a swap to another
+        # class (from_config) lets that class apply its own defaults; never saved to JSON
+        defaulted = sorted(set(self._defaults) - set(config))
+        marker = {USE_DEFAULT_VALUES: defaulted} if defaulted else {}
+        self._config = MappingProxyType({**extra, **full, **marker})
         self._setup()
 
     # ----- config ---------------------------------------------------------------------
@@ -98,6 +103,8 @@ class Scheduler(abc.ABC):
         if bad:
             raise ValueError(f"{cls.__name__}: unknown option(s) {bad}; accepted: {sorted(cls._defaults)}")
         data.update(overrides)
+        defaulted = set(data.pop(USE_DEFAULT_VALUES, None) or ())
+        data = {k: v for k, v in data.items() if k not in defaulted}
         source = data.pop("_class_name", cls.__name__)
         data = {k: v for k, v in data.items() if not k.startswith("_")}
         init = {k: v for k, v in data.items() if k in cls._defaults}
@@ -118,7 +125,8 @@ class Scheduler(abc.ABC):
 
     def to_dict(self) -> dict[str, Any]:
         """The config as diffusers writes it, with ``_class_name`` and ``_diffusers_version``."""
-        return {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **self._config}
+        saved = {k: v for k, v in self._config.items() if k != USE_DEFAULT_VALUES}
+        return {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **saved}
 
     def save_config(self, save_directory: str | os.PathLike) -> Path:
         """Write ``scheduler_config.json`` (diffusers' bytes: sorted keys, indent 2), atomically."""
