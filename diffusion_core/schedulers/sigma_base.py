@@ -61,18 +61,6 @@ def sigma_schedule(
     return ts, np.concatenate([levels, [last]])
 
 
-def denoised_from_output(prediction_type: str, model_output, sample, sigma):
-    """x0 from a VP-trained network run on x_sigma (EDM's D(x, sigma); v: c_skip x + c_out v)."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "sample":
-        return model_output
-    if prediction_type == "v_prediction":
-        var = sigma**2 + 1
-        return sample / var - model_output * (sigma / var**0.5)
-    raise ValueError(f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample'")
-
-
 def init_noise_sigma_for(config, sigmas: np.ndarray) -> float:
     """Start-noise scale: max sigma, or sqrt(max^2 + 1) for 'leading' spacing (diffusers' rule)."""
     max_sigma = float(np.max(sigmas))
@@ -81,15 +69,27 @@ def init_noise_sigma_for(config, sigmas: np.ndarray) -> float:
     return (max_sigma**2 + 1) ** 0.5
 
 
+def float32_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """alpha_bar rounded as diffusers holds it (float32 betas and 1 - beta; cumprod accumulated in float64).
+
+    Sigma samplers read the table's ends directly: sigma_min = sqrt((1 - a_0) / a_0) with
+    a_0 ~ 0.9999 turns float32 rounding of a_0 into ~1e-4 relative error, which karras ladders,
+    init_noise_sigma and sigma_to_t inherit. Reproducing that one rounding keeps the float64
+    schedules built on top of it on the reference.
+    """
+    alphas = np.float32(1.0) - np.asarray(betas).astype(np.float32)
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32).astype(np.float64)
+
+
 class SigmaScheduler(AlphaScheduler):
     """Abstract: VP training table (betas, alphas_cumprod) sampled in sigma space."""
 
     def _setup(self) -> None:
         super()._setup()
+        self.alphas_cumprod = float32_alphas_cumprod(self.betas)
         if self._config.get("rescale_betas_zero_snr"):
             # diffusers: "close to 0 without being 0 so the first sigma is not inf" (fp16 subnormal)
-            self.alphas_cumprod = self.alphas_cumprod.copy()
-            self.alphas_cumprod[-1] = 2.0**-24
+            self.alphas_cumprod = schedule.floor_zero_snr(self.alphas_cumprod)
         self.train_sigmas = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float64
         self.log_sigmas = np.log(self.train_sigmas)
 
@@ -166,3 +166,14 @@ def interleave_stages(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     out[0::2] = first
     out[1::2] = np.asarray(second, dtype=np.float64)[: n - 1]
     return out
+
+
+def ancestral_sigmas(sigma: np.ndarray, sigma_next: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma_down, sigma_up) with down^2 + up^2 = sigma_next^2: a deterministic step plus fresh noise.
+
+    Ancestral sampling with eta = 1 (Song et al. 2021, DDIM eq. 16, in k-diffusion's sigma form):
+    up = s' sqrt(1 - (s'/s)^2), down = s'^2 / s.
+    """
+    up = sigma_next * np.sqrt(1.0 - (sigma_next / sigma) ** 2)
+    down = sigma_next**2 / sigma
+    return down, up
