@@ -21,9 +21,23 @@ def _pair(name, config):
     return ours, ref
 
 
+# VP multistep solvers whose diffusers add_noise looks the level up in the inference schedule
+# (before set_timesteps it indexes a reversed table: a diffusers quirk we do not reproduce)
+SCHEDULE_LOOKUP = {
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+}
+
+
 def _needs_schedule(ours) -> bool:
     """Sigma-space schedulers (and non-VP ones) look noise levels up in the inference schedule."""
-    return isinstance(ours, SigmaScheduler) or not isinstance(ours, AlphaScheduler)
+    return (
+        isinstance(ours, SigmaScheduler)
+        or not isinstance(ours, AlphaScheduler)
+        or type(ours).__name__ in SCHEDULE_LOOKUP
+    )
 
 
 def _ref_add_noise(ref, x0, noise, t):
@@ -50,7 +64,14 @@ def test_add_noise_matches_diffusers(name, config):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if hasattr(getattr(diffusers, n), "get_velocity")])
+# diffusers' Euler get_velocity indexes alphas_cumprod by schedule position, not by timestep
+# (and rejects integer timesteps): we keep alpha_bar[t] there and compare the VP classes only
+VELOCITY_EXCLUDED = {"EulerDiscreteScheduler"}
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if hasattr(getattr(diffusers, n), "get_velocity") and n not in VELOCITY_EXCLUDED]
+)
 def test_get_velocity_matches_diffusers(name):
     ours, ref = _pair(name, {})
     x0, noise = parity.make_sample(), parity.make_noise(1)
@@ -65,9 +86,12 @@ def test_scale_model_input_and_init_noise_sigma_match_diffusers(name):
     x = parity.make_sample()
     ref.set_timesteps(NUM_STEPS)
     state = ours.set_timesteps(NUM_STEPS, like=x)
-    np.testing.assert_allclose(float(state.init_noise_sigma), float(ref.init_noise_sigma), rtol=1e-6)
+    # flow matching has neither in diffusers: it starts from unit noise and feeds x unscaled
+    ref_sigma = getattr(ref, "init_noise_sigma", 1.0)
+    np.testing.assert_allclose(float(state.init_noise_sigma), float(ref_sigma), rtol=1e-6)
     t0 = ref.timesteps[0]
-    expected = ref.scale_model_input(torch.from_numpy(x), t0).numpy()
+    scale = getattr(ref, "scale_model_input", lambda sample, t: sample)
+    expected = scale(torch.from_numpy(x), t0).numpy()
     np.testing.assert_allclose(ours.scale_model_input(state, x), expected, rtol=1e-6, atol=1e-7)
 
 
