@@ -62,6 +62,8 @@ class Scheduler(abc.ABC):
     needs_noise: ClassVar[bool] = False  # True where ``step`` consumes a fresh Gaussian draw
     accepts_timesteps: ClassVar[bool] = False  # set_timesteps(timesteps=[...]) supported
     accepts_sigmas: ClassVar[bool] = False  # set_timesteps(sigmas=[...]) supported
+    # continuous-time schedulers (EDM, flow matching) sample any number of steps
+    steps_bounded_by_training: ClassVar[bool] = True
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self._defaults))
@@ -212,7 +214,7 @@ class Scheduler(abc.ABC):
         return int(num_inference_steps), timesteps, sigmas
 
     def _check_num_steps(self, n: Any) -> None:
-        T = self._config.get("num_train_timesteps")
+        T = self._config.get("num_train_timesteps") if self.steps_bounded_by_training else None
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or (T is not None and n > T):
             bound = f" and <= num_train_timesteps ({T})" if T is not None else ""
             raise ValueError(f"num_inference_steps: must be an int >= 1{bound}, got {n!r}")
