@@ -12,21 +12,49 @@ from tests.schedulers import parity
 # One stochastic-free and (where it exists) one noisy configuration per scheduler.
 SCAN_CONFIGS = {
     "DDIMScheduler": [({}, {}), ({"thresholding": True}, {"eta": 0.7})],
-    "DDPMScheduler": [({}, {}), ({"variance_type": "learned_range"}, {})],
-    "PNDMScheduler": [({}, {}), ({"skip_prk_steps": True}, {})],
-    "LMSDiscreteScheduler": [({}, {}), ({"use_karras_sigmas": True}, {})],
-    "EulerDiscreteScheduler": [({}, {}), ({"use_karras_sigmas": True}, {"s_churn": 0.5})],
-    "EulerAncestralDiscreteScheduler": [({}, {})],
-    "HeunDiscreteScheduler": [({}, {}), ({"use_karras_sigmas": True}, {})],
-    "KDPM2DiscreteScheduler": [({}, {})],
-    "KDPM2AncestralDiscreteScheduler": [({}, {})],
+    # learned variances need a 2C-channel model: their scan test is in test_parity_ddpm.py
+    "DDPMScheduler": [({}, {}), ({"variance_type": "fixed_large", "thresholding": True}, {})],
+    "PNDMScheduler": [({}, {}), ({"skip_prk_steps": True, "prediction_type": "v_prediction"}, {})],
+    "LMSDiscreteScheduler": [
+        ({}, {}),
+        ({"use_karras_sigmas": True}, {}),
+        ({"prediction_type": "v_prediction"}, {"order": 2}),
+    ],
+    "EulerDiscreteScheduler": [
+        ({}, {}),
+        ({"use_karras_sigmas": True}, {"s_churn": 0.5}),
+        ({"interpolation_type": "log_linear", "prediction_type": "v_prediction"}, {"s_churn": 1.0, "s_tmin": 1.0}),
+    ],
+    "EulerAncestralDiscreteScheduler": [
+        ({}, {}),
+        ({"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, {}),
+    ],
+    "HeunDiscreteScheduler": [
+        ({}, {}),
+        ({"use_karras_sigmas": True}, {}),
+        ({"prediction_type": "sample", "clip_sample": True}, {}),
+    ],
+    "KDPM2DiscreteScheduler": [({}, {}), ({"use_karras_sigmas": True, "prediction_type": "v_prediction"}, {})],
+    "KDPM2AncestralDiscreteScheduler": [
+        ({}, {}),
+        ({"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, {}),
+    ],
     "DPMSolverMultistepScheduler": [({}, {}), ({"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}, {})],
-    "DPMSolverSinglestepScheduler": [({}, {}), ({"solver_order": 3}, {})],
-    "UniPCMultistepScheduler": [({}, {}), ({"solver_order": 3, "solver_type": "bh1"}, {})],
+    "DPMSolverSinglestepScheduler": [
+        ({}, {}),
+        ({"solver_order": 3}, {}),
+        ({"algorithm_type": "sde-dpmsolver++", "solver_type": "heun", "use_karras_sigmas": True}, {}),
+    ],
+    "UniPCMultistepScheduler": [
+        ({}, {}),
+        ({"solver_order": 3, "solver_type": "bh1"}, {}),
+        ({"predict_x0": False, "disable_corrector": [1], "final_sigmas_type": "sigma_min", "thresholding": True}, {}),
+    ],
     "DEISMultistepScheduler": [({}, {}), ({"solver_order": 3}, {})],
-    "LCMScheduler": [({}, {})],
-    "EDMEulerScheduler": [({}, {})],
-    "FlowMatchEulerDiscreteScheduler": [({}, {})],
+    "LCMScheduler": [({}, {}), ({"prediction_type": "v_prediction", "clip_sample": True}, {})],
+    "EDMEulerScheduler": [({}, {}), ({"sigma_schedule": "exponential", "prediction_type": "v_prediction"},
+                                     {"s_churn": 0.5})],
+    "FlowMatchEulerDiscreteScheduler": [({}, {}), ({"shift": 3.0, "stochastic_sampling": True}, {})],
 }
 
 NUM_STEPS = 6
