@@ -48,19 +48,9 @@ def get_scheduler_class(name: str) -> type[Scheduler]:
     return getattr(importlib.import_module(f"diffusion_core.schedulers.{module}"), name)
 
 
-def available_scheduler_classes() -> list[type[Scheduler]]:
-    """Every scheduler class whose module is present (all of SCHEDULER_NAMES in a release)."""
-    out = []
-    for name in SCHEDULER_NAMES:
-        try:
-            out.append(get_scheduler_class(name))
-        except ModuleNotFoundError:
-            continue
-    return out
-
-
 def all_scheduler_classes() -> list[type[Scheduler]]:
-    return available_scheduler_classes()
+    """Every scheduler class, in SCHEDULER_NAMES order (imports each module)."""
+    return [get_scheduler_class(name) for name in SCHEDULER_NAMES]
 
 
 def from_config(config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> Scheduler:

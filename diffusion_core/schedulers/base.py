@@ -264,9 +264,18 @@ def _load_config(config: Any, subfolder: str | None) -> dict[str, Any]:
 class AlphaScheduler(Scheduler):
     """Abstract: schedulers defined by a discrete alphas_cumprod table (DDPM family)."""
 
+    # diffusers floors a zero-SNR alpha_bar[-1] at 2**-24 in the solvers that take log(sigma)
+    _floors_zero_snr: ClassVar[bool] = False
+
     def _setup(self) -> None:
-        self.betas = schedule.make_betas(self._config, self._extra_beta_schedules)
-        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(self.betas)
+        # The training table exactly as diffusers holds it (float32 betas and alpha_bar): the numbers
+        # the models were trained with, whose rounding fixes sigma_min and where sigma_to_t timesteps
+        # truncate. Every inference schedule built on it is float64 (see schedule.alphas_cumprod_float32).
+        betas32 = schedule.betas_float32(self._config, self._extra_beta_schedules)
+        self.betas = betas32.astype(np.float64)
+        self.alphas_cumprod = schedule.alphas_cumprod_float32(betas32)
+        if self._floors_zero_snr and self._config.get("rescale_betas_zero_snr"):
+            self.alphas_cumprod = schedule.floor_zero_snr(self.alphas_cumprod)
 
     def _alpha_sigma_at(self, timesteps, like):
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) gathered at integer ``timesteps``."""

@@ -37,15 +37,10 @@ class MultistepState(NamedTuple):
 class VPMultistepScheduler(AlphaScheduler):
     """Abstract: exponential-integrator multistep solvers on a VP schedule (DPM-Solver, DEIS)."""
 
+    _floors_zero_snr = True
+
     def _setup(self) -> None:
         super()._setup()
-        # diffusers samples from its float32 table: its rounding sets the ladders' ends and where
-        # sigma_to_t timesteps truncate (see schedule.alphas_cumprod_float32)
-        betas32 = schedule.betas_float32(self._config)
-        self.betas = betas32.astype(np.float64)
-        self.alphas_cumprod = schedule.alphas_cumprod_float32(betas32)
-        if self._config.get("rescale_betas_zero_snr"):
-            self.alphas_cumprod = schedule.floor_zero_snr(self.alphas_cumprod)
         self.train_sigmas = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) VE, low to high
 
     def _check_config(self, config: dict[str, Any]) -> None:

@@ -313,12 +313,12 @@ def torch_linspace_float32(start: float, end: float, n: int) -> np.ndarray:
     return ramp.astype(np.float32)
 
 
-def betas_float32(config: Mapping[str, Any]) -> np.ndarray:
+def betas_float32(config: Mapping[str, Any], extra_schedules: tuple[str, ...] = ()) -> np.ndarray:
     """The float32 betas diffusers' torch schedulers build for a config (linear/scaled_linear/cosine)."""
     kind = config.get("beta_schedule")
     T = int(config["num_train_timesteps"])
     if config.get("trained_betas") is not None or kind not in ("linear", "scaled_linear"):
-        betas = make_betas({**config, "rescale_betas_zero_snr": False}).astype(np.float32)
+        betas = make_betas({**config, "rescale_betas_zero_snr": False}, extra_schedules).astype(np.float32)
     elif kind == "linear":
         betas = torch_linspace_float32(float(config["beta_start"]), float(config["beta_end"]), T)
     else:

@@ -69,27 +69,13 @@ def init_noise_sigma_for(config, sigmas: np.ndarray) -> float:
     return (max_sigma**2 + 1) ** 0.5
 
 
-def float32_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
-    """alpha_bar rounded as diffusers holds it (float32 betas and 1 - beta; cumprod accumulated in float64).
-
-    Sigma samplers read the table's ends directly: sigma_min = sqrt((1 - a_0) / a_0) with
-    a_0 ~ 0.9999 turns float32 rounding of a_0 into ~1e-4 relative error, which karras ladders,
-    init_noise_sigma and sigma_to_t inherit. Reproducing that one rounding keeps the float64
-    schedules built on top of it on the reference.
-    """
-    alphas = np.float32(1.0) - np.asarray(betas).astype(np.float32)
-    return np.cumprod(alphas.astype(np.float64)).astype(np.float32).astype(np.float64)
-
-
 class SigmaScheduler(AlphaScheduler):
     """Abstract: VP training table (betas, alphas_cumprod) sampled in sigma space."""
 
+    _floors_zero_snr = True  # diffusers: "close to 0 without being 0 so the first sigma is not inf"
+
     def _setup(self) -> None:
         super()._setup()
-        self.alphas_cumprod = float32_alphas_cumprod(self.betas)
-        if self._config.get("rescale_betas_zero_snr"):
-            # diffusers: "close to 0 without being 0 so the first sigma is not inf" (fp16 subnormal)
-            self.alphas_cumprod = schedule.floor_zero_snr(self.alphas_cumprod)
         self.train_sigmas = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)  # (T,) float64
         self.log_sigmas = np.log(self.train_sigmas)
 

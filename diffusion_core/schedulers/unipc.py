@@ -154,10 +154,7 @@ class UniPCMultistepScheduler(AlphaScheduler):
                 f"{name}: disable_corrector must be a list of step indices (ints), got {config['disable_corrector']!r}"
             )
 
-    def _setup(self) -> None:
-        super()._setup()
-        if self.config["rescale_betas_zero_snr"]:
-            self.alphas_cumprod = schedule.floor_zero_snr(self.alphas_cumprod)
+    _floors_zero_snr = True
 
     # ----- host-side schedule -----------------------------------------------------------
     def _flow_levels(self, n: int, sigmas):
