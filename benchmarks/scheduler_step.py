@@ -1,8 +1,9 @@
-"""Time per scheduler ``step``: ours (torch eager, jax jitted step, jax 25-step scan) vs diffusers.
+"""Time per scheduler call (``scale_model_input`` + ``step``): ours (torch eager, jax jitted, jax scan) vs diffusers.
 
     python benchmarks/scheduler_step.py [--repeats 5] [--shapes 1,4,64,64 8,4,128,128] [--only DDIM ...]
 
-Each round runs a full 25-step loop (fixed model output, so only scheduler work is timed)
+Each round runs a full 25-step loop (fixed model output, so only scheduler work is timed: the
+input scaling and the step, as a sampling loop calls them)
 for every contender in turn; the table shows medians in ms per step and ratios to diffusers.
 """
 
@@ -28,6 +29,7 @@ from diffusion_core import schedulers  # noqa: E402
 
 STEPS = 25
 torch.set_num_threads(1)
+diffusers.utils.logging.set_verbosity_error()
 
 
 def _inputs(shape, n_calls):
@@ -51,6 +53,7 @@ def contenders(name: str, shape):
         ref.set_timesteps(STEPS)
         x = x_t
         for t in ref.timesteps:
+            ref.scale_model_input(x, t)
             x = ref.step(out_t, t, x, return_dict=False)[0]
         return x
 
@@ -58,12 +61,17 @@ def contenders(name: str, shape):
         state = ours.set_timesteps(STEPS, like=x_t)
         x = x_t
         for i in range(n_calls):
+            ours.scale_model_input(state, x)
             x, state = ours.step(state, out_t, x, noise=noise_t[i] if wants_noise else None)
         return x
 
     x_j, out_j, noise_j = jnp.asarray(x_np), jnp.asarray(out_np), jnp.asarray(noise_np)
     state_j = ours.set_timesteps(STEPS, like=x_j)
-    step_j = jax.jit(lambda st, x, nz: ours.step(st, out_j, x, noise=nz if wants_noise else None))
+    def call_j(st, x, nz):
+        ours.scale_model_input(st, x)  # traced away when unused, as in the scan
+        return ours.step(st, out_j, x, noise=nz if wants_noise else None)
+
+    step_j = jax.jit(call_j)
 
     def run_jax_step():
         state, x = state_j, x_j
@@ -71,9 +79,7 @@ def contenders(name: str, shape):
             x, state = step_j(state, x, noise_j[i])
         return x.block_until_ready()
 
-    scan = jax.jit(
-        lambda st, x: denoise_loop(ours, lambda _x, _t: out_j, x, st, noise_fn=lambda i: noise_j[i])[0]
-    )
+    scan = jax.jit(lambda st, x: denoise_loop(ours, lambda _x, _t: out_j, x, st, noise_fn=lambda i: noise_j[i])[0])
 
     def run_jax_scan():
         return scan(state_j, x_j).block_until_ready()

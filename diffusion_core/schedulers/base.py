@@ -68,9 +68,7 @@ class Scheduler(abc.ABC):
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self._defaults))
         if unknown:
-            raise ValueError(
-                f"{type(self).__name__}: unknown option(s) {unknown}; accepted: {sorted(self._defaults)}"
-            )
+            raise ValueError(f"{type(self).__name__}: unknown option(s) {unknown}; accepted: {sorted(self._defaults)}")
         self._init_from(dict(config), extra={})
 
     def _init_from(self, config: dict[str, Any], extra: dict[str, Any]) -> None:

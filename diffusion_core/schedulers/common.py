@@ -38,6 +38,20 @@ def eps_from_output(prediction_type: str, model_output, sample, alpha, sigma):
     raise ValueError(f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample'")
 
 
+def output_coefficients(prediction_type: str, alpha, sigma):
+    """(p, q, r, u) with x0 = p x + q out and eps = r x + u out: the two formulas above as linear maps.
+
+    Arithmetic only, so host float64 tables can fold a whole step into per-step coefficients.
+    """
+    if prediction_type == "epsilon":
+        return 1 / alpha, -sigma / alpha, 0 * alpha, 1 + 0 * alpha
+    if prediction_type == "sample":
+        return 0 * alpha, 1 + 0 * alpha, 1 / sigma, -alpha / sigma
+    if prediction_type == "v_prediction":
+        return alpha, -sigma, sigma, alpha
+    raise ValueError(f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample'")
+
+
 def dynamic_threshold(x0, ratio: float, max_value: float):
     """Per-sample dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3).
 
@@ -100,8 +114,9 @@ def level_add_noise(original_samples, noise, timesteps, state, flow: bool, num_t
         alpha, sigma = scheduled_alpha_sigma(state.timesteps, state.sigmas[:-1], timesteps, like, flow=flow)
     else:
         xp = arrays.namespace(like)
-        alpha, sigma = vp_alpha_sigma(xp.astype(arrays.as_index_array(timesteps, like), like.dtype)
-                                      / num_train_timesteps, flow=flow)
+        alpha, sigma = vp_alpha_sigma(
+            xp.astype(arrays.as_index_array(timesteps, like), like.dtype) / num_train_timesteps, flow=flow
+        )
     nd = like.ndim
     return arrays.broadcast_left(alpha, nd) * like + arrays.broadcast_left(sigma, nd) * noise
 

@@ -13,8 +13,13 @@ from diffusion_core.schedulers.base import AlphaScheduler
 
 class DDIMState(NamedTuple):
     timesteps: Any  # (n,) int: the model's timestep at each step
-    alpha_t: Any  # (n,) alpha_bar at t
-    alpha_prev: Any  # (n,) alpha_bar at t - T//n (final_alpha_cumprod past the start)
+    alpha: Any  # (n,) sqrt(alpha_bar_t)
+    sigma: Any  # (n,) sqrt(1 - alpha_bar_t)
+    keep: Any  # (n,) sqrt(alpha_bar_prev), prev = t - T//n (final_alpha_cumprod past the start)
+    direction: Any  # (n,) sqrt(1 - alpha_bar_prev): the eps weight at eta = 0
+    variance: Any  # (n,) sigma_t(eta=1)^2 of eq. 16
+    lin_x: Any  # (n,) eta = 0 without x0 clamping, the step is linear: x_prev = lin_x x + lin_out out
+    lin_out: Any  # (n,)
     step_index: Any  # () int32 counter
     init_noise_sigma: Any  # () 1.0
 
@@ -49,10 +54,19 @@ class DDIMScheduler(AlphaScheduler):
         final = 1.0 if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
         acp = self.alphas_cumprod
         alpha_prev = np.where(prev >= 0, acp[np.clip(prev, 0, T - 1)], final)
+        a_t = acp[ts]
+        p, q, r, u = common.output_coefficients(cfg["prediction_type"], np.sqrt(a_t), np.sqrt(1 - a_t))
+        keep, direction = np.sqrt(alpha_prev), np.sqrt(1 - alpha_prev)  # x_prev = keep x0 + direction eps
+        variance = (1 - alpha_prev) / (1 - a_t) * (1 - a_t / alpha_prev)
         return DDIMState(
             timesteps=arrays.host_to_like(ts, like, integer=True),
-            alpha_t=arrays.host_to_like(acp[ts], like),
-            alpha_prev=arrays.host_to_like(alpha_prev, like),
+            alpha=arrays.host_to_like(np.sqrt(a_t), like),
+            sigma=arrays.host_to_like(np.sqrt(1 - a_t), like),
+            keep=arrays.host_to_like(keep, like),
+            direction=arrays.host_to_like(direction, like),
+            variance=arrays.host_to_like(variance, like),
+            lin_x=arrays.host_to_like(keep * p + direction * r, like),
+            lin_out=arrays.host_to_like(keep * q + direction * u, like),
             step_index=arrays.counter_like(like),
             init_noise_sigma=arrays.host_to_like(1.0, like),
         )
@@ -60,22 +74,33 @@ class DDIMScheduler(AlphaScheduler):
     def needs_noise_for(self, *, eta: float = 0.0, **_: Any) -> bool:
         return eta > 0
 
-    def step(self, state: DDIMState, model_output, sample, noise=None, *, eta: float = 0.0,
-             use_clipped_model_output: bool = False):
+    def step(
+        self,
+        state: DDIMState,
+        model_output,
+        sample,
+        noise=None,
+        *,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+    ):
         """x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z, s = eta * sigma_t(eta=1)."""
         xp = arrays.namespace(sample)
         i = state.step_index
-        a_t, a_prev = state.alpha_t[i], state.alpha_prev[i]
-        alpha, sigma = xp.sqrt(a_t), xp.sqrt(1 - a_t)
         cfg = self.config
+        if eta == 0 and not (cfg["thresholding"] or cfg["clip_sample"]):
+            # the same formula folded on the host: 3 array ops instead of ~15
+            return state.lin_x[i] * sample + state.lin_out[i] * model_output, state._replace(step_index=i + 1)
+        alpha, sigma = state.alpha[i], state.sigma[i]
         x0 = common.x0_from_output(cfg["prediction_type"], model_output, sample, alpha, sigma)
         eps = common.eps_from_output(cfg["prediction_type"], model_output, sample, alpha, sigma)
         x0 = common.clamp_x0(cfg, x0)
         if use_clipped_model_output:
             eps = (sample - alpha * x0) / sigma
-        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        std = eta * xp.sqrt(variance)
-        prev_sample = xp.sqrt(a_prev) * x0 + xp.sqrt(1 - a_prev - std**2) * eps
-        if eta > 0:
-            prev_sample = prev_sample + std * self._require_noise(noise, "eta > 0")
-        return prev_sample, state._replace(step_index=i + 1)
+        new_state = state._replace(step_index=i + 1)
+        if eta == 0:
+            return state.keep[i] * x0 + state.direction[i] * eps, new_state
+        std = eta * xp.sqrt(state.variance[i])
+        direction = xp.sqrt(state.direction[i] ** 2 - std**2)  # sqrt(1 - a_prev - std^2)
+        noise = self._require_noise(noise, "eta > 0")
+        return state.keep[i] * x0 + direction * eps + std * noise, new_state

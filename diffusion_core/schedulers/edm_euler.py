@@ -104,8 +104,19 @@ class EDMEulerScheduler(Scheduler):
     def needs_noise_for(self, *, s_churn: float = 0.0, **_: Any) -> bool:
         return s_churn > 0
 
-    def step(self, state: EDMEulerState, model_output, sample, noise=None, *, s_churn: float = 0.0,
-             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, pred_original_sample=None):
+    def step(
+        self,
+        state: EDMEulerState,
+        model_output,
+        sample,
+        noise=None,
+        *,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        pred_original_sample=None,
+    ):
         """One Euler step; with ``s_churn > 0`` first raise sigma to (1 + gamma) sigma (EDM, Alg. 2, l. 5-6).
 
         ``pred_original_sample``: a denoised D(x) to use instead of preconditioning ``model_output``.

@@ -75,8 +75,18 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def needs_noise_for(self, *, s_churn: float = 0.0, **_: Any) -> bool:
         return s_churn > 0
 
-    def step(self, state: EulerState, model_output, sample, noise=None, *, s_churn: float = 0.0,
-             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+    def step(
+        self,
+        state: EulerState,
+        model_output,
+        sample,
+        noise=None,
+        *,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+    ):
         """One Euler step; with ``s_churn > 0`` first raise sigma to sigma_hat = (1 + gamma) sigma."""
         i = state.step_index
         c = state.coefs[i]  # (4,)

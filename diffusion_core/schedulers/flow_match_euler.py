@@ -92,8 +92,9 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
     def dynamic_shift_mu(self, image_seq_len: int) -> float:
         """The ``mu`` for ``set_timesteps`` at ``image_seq_len`` latent tokens (diffusers' Flux calculate_shift)."""
         cfg = self.config
-        return schedule.flow_shift_mu(image_seq_len, cfg["base_image_seq_len"], cfg["max_image_seq_len"],
-                                      cfg["base_shift"], cfg["max_shift"])
+        return schedule.flow_shift_mu(
+            image_seq_len, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"]
+        )
 
     def _shifted(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
         """Resolution shift: Flux's dynamic ``mu`` or SD3's static ``shift``."""

@@ -37,12 +37,8 @@ def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999, alpha_transform
             return math.sqrt(snr / (1 + snr))
 
     else:
-        raise ValueError(
-            f"alpha_transform_type: got {alpha_transform_type!r}; accepted: 'cosine', 'exp', 'laplace'"
-        )
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)
-    ]
+        raise ValueError(f"alpha_transform_type: got {alpha_transform_type!r}; accepted: 'cosine', 'exp', 'laplace'")
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return np.asarray(betas, dtype=np.float64)
 
 

@@ -146,7 +146,7 @@ def _torch_xp():
     return xp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_cached(name: str, config_json: str, n: int, kwargs_json: str, custom_json: str):
     custom = json.loads(custom_json)
     return run_reference(name, json.loads(config_json), n, json.loads(kwargs_json), custom or None)
@@ -160,7 +160,10 @@ def check_parity(name: str, config: Mapping[str, Any], n: int, backend: str, ste
     """Assert our final sample is within REL_TOL of diffusers' and the timesteps agree."""
     step_kwargs = dict(step_kwargs or {})
     ref_x, ref_t = _reference_cached(
-        name, json.dumps(config, sort_keys=True), n, json.dumps(step_kwargs, sort_keys=True),
+        name,
+        json.dumps(config, sort_keys=True),
+        n,
+        json.dumps(step_kwargs, sort_keys=True),
         json.dumps(custom or {}, sort_keys=True),
     )
     assert np.all(np.isfinite(ref_x)), f"reference produced non-finite values for {name} {config}"
@@ -175,7 +178,7 @@ def check_parity(name: str, config: Mapping[str, Any], n: int, backend: str, ste
 def grid(axes: Mapping[str, Iterable[Any]], extras: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """The cartesian product of ``axes`` plus each of ``extras`` (applied on top of defaults)."""
     keys = list(axes)
-    cases = [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+    cases = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(axes[k] for k in keys))]
     cases += [dict(e) for e in extras]
     return cases
 
@@ -186,9 +189,7 @@ def case_id(config: Mapping[str, Any]) -> str:
 
 def parametrize_cases(cases: list[Mapping[str, Any]], steps=STEP_COUNTS, backends=BACKENDS):
     """pytest parametrisation over (config, num_inference_steps, backend)."""
-    params = [
-        pytest.param(c, n, b, id=f"{case_id(c)}-n{n}-{b}") for c in cases for n in steps for b in backends
-    ]
+    params = [pytest.param(c, n, b, id=f"{case_id(c)}-n{n}-{b}") for c in cases for n in steps for b in backends]
     return pytest.mark.parametrize("config,num_steps,backend", params)
 
 

@@ -128,8 +128,10 @@ def test_from_config_accepts_file_folder_and_subfolder(tmp_path):
         ({"_class_name": "DDIMScheduler", "prediction_type": "noise"}, "prediction_type"),
         ({"_class_name": "DDIMScheduler", "timestep_spacing": "uniform"}, "timestep_spacing"),
         ({"_class_name": "DDIMScheduler", "num_train_timesteps": 0}, "num_train_timesteps"),
-        ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True, "use_exponential_sigmas": True},
-         "mutually exclusive"),
+        (
+            {"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True, "use_exponential_sigmas": True},
+            "mutually exclusive",
+        ),
         ({"_class_name": "NoSuchScheduler"}, "_class_name"),
         ({"beta_schedule": "linear"}, "_class_name"),
     ],

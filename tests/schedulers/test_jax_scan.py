@@ -52,8 +52,10 @@ SCAN_CONFIGS = {
     ],
     "DEISMultistepScheduler": [({}, {}), ({"solver_order": 3}, {})],
     "LCMScheduler": [({}, {}), ({"prediction_type": "v_prediction", "clip_sample": True}, {})],
-    "EDMEulerScheduler": [({}, {}), ({"sigma_schedule": "exponential", "prediction_type": "v_prediction"},
-                                     {"s_churn": 0.5})],
+    "EDMEulerScheduler": [
+        ({}, {}),
+        ({"sigma_schedule": "exponential", "prediction_type": "v_prediction"}, {"s_churn": 0.5}),
+    ],
     "FlowMatchEulerDiscreteScheduler": [({}, {}), ({"shift": 3.0, "stochastic_sampling": True}, {})],
 }
 

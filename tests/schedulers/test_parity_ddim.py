@@ -19,8 +19,14 @@ CASES = parity.grid(
         {"thresholding": True, "dynamic_thresholding_ratio": 0.8, "sample_max_value": 2.0},
         {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
         {"trained_betas": [0.001 * (i + 1) for i in range(100)], "num_train_timesteps": 100},
-        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
-         "set_alpha_to_one": False, "steps_offset": 1},
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+        },
     ],
 )
 

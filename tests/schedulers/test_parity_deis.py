@@ -32,8 +32,11 @@ def _ill_conditioned(c):
     """Cosine schedule from t=999 with x0/v prediction: the first step cancels terms of size
     alpha_t / alpha_999 (~1e4) in float32. diffusers' float32 result is 9e-3 (n=1) from its own
     float64-table run; ours is 1e-3 from it. Both runs agree to 1e-12 in float64."""
-    return (c.get("beta_schedule") == "squaredcos_cap_v2" and c.get("prediction_type") != "epsilon"
-            and c.get("timestep_spacing") != "leading")
+    return (
+        c.get("beta_schedule") == "squaredcos_cap_v2"
+        and c.get("prediction_type") != "epsilon"
+        and c.get("timestep_spacing") != "leading"
+    )
 
 
 CASES = [c for c in GRID if not _ill_conditioned(c)]
@@ -54,8 +57,10 @@ FLOAT64_CASES = ORDER3_AND_FLOW + [c for c in GRID if _ill_conditioned(c)]
 
 # the cosine schedule's truncated ladder timesteps: from n=10 on the first two collide (998, 998)
 # and diffusers' step-index lookup runs past its schedule (IndexError), so n <= 2 only.
-SHORT_CASES = [{"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"},
-               {"use_exponential_sigmas": True, "beta_schedule": "squaredcos_cap_v2", "solver_order": 3}]
+SHORT_CASES = [
+    {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"},
+    {"use_exponential_sigmas": True, "beta_schedule": "squaredcos_cap_v2", "solver_order": 3},
+]
 
 
 @parity.parametrize_cases(CASES, backends=("numpy", "torch"))

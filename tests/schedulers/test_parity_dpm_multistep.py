@@ -35,8 +35,12 @@ SOLVERS = _solver_cases()
 ODE_SOLVERS = [c for c in SOLVERS if not c["algorithm_type"].startswith("sde-")]
 # sde-dpmsolver has no third-order update in diffusers: with order 3 only runs that never reach a
 # third-order step (n <= 2) are valid, so those cases run at steps (1, 2).
-SDE_SOLVERS = [c for c in SOLVERS if c["algorithm_type"].startswith("sde-") and
-               not (c["algorithm_type"] == "sde-dpmsolver" and c["solver_order"] == 3)]
+SDE_SOLVERS = [
+    c
+    for c in SOLVERS
+    if c["algorithm_type"].startswith("sde-")
+    and not (c["algorithm_type"] == "sde-dpmsolver" and c["solver_order"] == 3)
+]
 SDE_ORDER3 = [c for c in SOLVERS if c["algorithm_type"] == "sde-dpmsolver" and c["solver_order"] == 3]
 
 EXTRAS = [
@@ -58,8 +62,12 @@ EXTRAS = [
     {"use_lu_lambdas": True, "beta_schedule": "squaredcos_cap_v2"},
     {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
     {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0, "solver_order": 3},
-    {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0,
-     "final_sigmas_type": "sigma_min"},
+    {
+        "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction",
+        "flow_shift": 3.0,
+        "final_sigmas_type": "sigma_min",
+    },
     {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"},
     {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "leading"},
     {"lambda_min_clipped": -3.0, "timestep_spacing": "trailing"},
@@ -68,8 +76,14 @@ EXTRAS = [
     {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
     {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "solver_order": 3},
     {"trained_betas": [0.001 * (i + 1) for i in range(100)], "num_train_timesteps": 100},
-    {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
-     "timestep_spacing": "leading", "use_karras_sigmas": True},
+    {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "use_karras_sigmas": True,
+    },
     # diffusers rewrites "deis" to dpmsolver++ (and, a quirk, rejects it with final_sigmas_type="zero";
     # we accept that: a DEIS config swapped in keeps working)
     {"algorithm_type": "deis", "final_sigmas_type": "sigma_min"},
@@ -80,8 +94,10 @@ EXTRAS = [
 CASES = BASE_GRID + ODE_SOLVERS + EXTRAS
 # karras on the cosine schedule truncates fractional timesteps; from n=10 on the first two collide
 # (998, 998) and diffusers' step-index lookup then runs past its schedule (IndexError): n <= 2 only.
-SHORT_CASES = [{"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"},
-               {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2", "solver_order": 3}]
+SHORT_CASES = [
+    {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"},
+    {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2", "solver_order": 3},
+]
 
 
 @parity.parametrize_cases(CASES, backends=JAX_LIGHT)
@@ -205,8 +221,10 @@ def test_aliases_match_diffusers_rewrites():
         ({"final_sigmas_type": "max"}, "final_sigmas_type"),
         ({"algorithm_type": "dpmsolver"}, "final_sigmas_type"),
         ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "zero"}, "final_sigmas_type"),
-        ({"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "prediction_type": "flow_prediction"},
-         "flow_prediction"),
+        (
+            {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "prediction_type": "flow_prediction"},
+            "flow_prediction",
+        ),
         ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "mutually exclusive"),
         ({"beta_schedule": "sigmoid"}, "beta_schedule"),
         ({"time_shift_type": "linear"}, "time_shift_type"),
@@ -226,8 +244,11 @@ def test_invalid_config_raises(config, match):
         ({"use_flow_sigmas": True}, {"timesteps": [900, 500, 100]}, "timesteps"),
         ({}, {"timesteps": [1000, 500]}, "timesteps"),
         ({}, {"timesteps": [100, 500]}, "timesteps"),
-        ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
-         {"num_inference_steps": 10}, "third-order"),
+        (
+            {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+            {"num_inference_steps": 10},
+            "third-order",
+        ),
     ],
 )
 def test_invalid_set_timesteps_raises(config, kwargs, match):
@@ -256,9 +277,18 @@ def test_add_noise_with_state_matches_diffusers(config, backend):
 
 # diffusers' tests/schedulers/test_scheduler_dpm_multi.py full loops (mean |x|, its 1e-3 tolerance);
 # diffusers 0.42.1 itself gives 0.2092 for karras + v (its test's 0.2096 is within tolerance)
-DIFFUSERS_TEST = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                  "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-                  "lower_order_final": False, "euler_at_final": False, "final_sigmas_type": "sigma_min"}
+DIFFUSERS_TEST = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "solver_order": 2,
+    "algorithm_type": "dpmsolver++",
+    "solver_type": "midpoint",
+    "lower_order_final": False,
+    "euler_at_final": False,
+    "final_sigmas_type": "sigma_min",
+}
 
 
 @pytest.mark.parametrize("backend", parity.BACKENDS)

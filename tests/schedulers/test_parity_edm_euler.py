@@ -45,8 +45,9 @@ RAMPS = [[0.0, 0.2, 0.5, 0.9], [0.1, 0.3, 0.35, 0.6, 1.0], [0.0]]
 
 
 @pytest.mark.parametrize("backend", parity.BACKENDS)
-@pytest.mark.parametrize("config", [{}, {"sigma_schedule": "exponential"}, {"prediction_type": "v_prediction"}],
-                         ids=parity.case_id)
+@pytest.mark.parametrize(
+    "config", [{}, {"sigma_schedule": "exponential"}, {"prediction_type": "v_prediction"}], ids=parity.case_id
+)
 @pytest.mark.parametrize("ramp", RAMPS, ids=str)
 def test_edm_euler_custom_sigmas_are_ramp_points(ramp, config, backend):
     """diffusers maps set_timesteps(sigmas=...) through the schedule as ramp points (and needs a tensor)."""
@@ -64,8 +65,9 @@ def test_edm_euler_pred_original_sample_kwarg(backend):
     ref.set_timesteps(5)
     x, x0 = parity.make_sample(), parity.make_noise(3)
     ref.scale_model_input(torch.from_numpy(x), ref.timesteps[0])
-    expected = ref.step(torch.zeros(x.shape), ref.timesteps[0], torch.from_numpy(x),
-                        pred_original_sample=torch.from_numpy(x0)).prev_sample.numpy()
+    expected = ref.step(
+        torch.zeros(x.shape), ref.timesteps[0], torch.from_numpy(x), pred_original_sample=torch.from_numpy(x0)
+    ).prev_sample.numpy()
     sched = schedulers.EDMEulerScheduler()
     xb = parity.to_backend(backend, x)
     state = sched.set_timesteps(5, like=xb)
@@ -107,8 +109,9 @@ def test_edm_euler_rejects_invalid_config(config, match):
         schedulers.EDMEulerScheduler(**config)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"num_inference_steps": 0}, "num_inference_steps"),
-                                          ({"timesteps": [3.0, 1.0]}, "timesteps")])
+@pytest.mark.parametrize(
+    "kwargs,match", [({"num_inference_steps": 0}, "num_inference_steps"), ({"timesteps": [3.0, 1.0]}, "timesteps")]
+)
 def test_edm_euler_rejects_invalid_schedule(kwargs, match):
     with pytest.raises(ValueError, match=match):
         schedulers.EDMEulerScheduler().set_timesteps(**kwargs)

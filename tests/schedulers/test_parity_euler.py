@@ -8,6 +8,7 @@ from tests.schedulers import parity
 
 NAME = "EulerDiscreteScheduler"
 
+
 def float32_ill_conditioned(config, n: int) -> bool:
     """Runs whose float32 result is only good to ~1e-3, in diffusers as here.
 
@@ -62,8 +63,13 @@ CASES = parity.grid(
         {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
         {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "linspace"},
         {"trained_betas": [0.001 * (i + 1) for i in range(100)], "num_train_timesteps": 100},
-        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
-         "timestep_spacing": "leading"},
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        },
     ],
 )
 

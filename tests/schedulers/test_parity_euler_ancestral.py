@@ -22,10 +22,16 @@ CASES = parity.grid(
         # zero-SNR + epsilon divides by a zero alpha in diffusers (inf): only v_prediction is meaningful
         {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
         {"trained_betas": [0.001 * (i + 1) for i in range(100)], "num_train_timesteps": 100},
-        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
-         "timestep_spacing": "leading"},
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        },
     ],
 )
+
 
 @parametrize(CASES)
 def test_euler_ancestral_parity(config, num_steps, backend):

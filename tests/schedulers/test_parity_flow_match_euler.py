@@ -85,8 +85,11 @@ def test_add_noise_is_diffusers_scale_noise(backend):
     sched = schedulers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     x0b, noiseb = parity.to_backend(backend, x0), parity.to_backend(backend, noise)
     state = sched.set_timesteps(6, like=x0b)
-    for got in (sched.add_noise(x0b, noiseb, t.numpy(), state=state), sched.add_noise(x0b, noiseb, t.numpy()),
-                sched.scale_noise(x0b, t.numpy(), noiseb, state=state)):
+    for got in (
+        sched.add_noise(x0b, noiseb, t.numpy(), state=state),
+        sched.add_noise(x0b, noiseb, t.numpy()),
+        sched.scale_noise(x0b, t.numpy(), noiseb, state=state),
+    ):
         np.testing.assert_allclose(parity.to_numpy(got), expected, rtol=1e-5, atol=1e-6)
 
 

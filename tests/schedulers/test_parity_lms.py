@@ -30,8 +30,13 @@ EXTRAS = [
     {"use_beta_sigmas": True, "timestep_spacing": "leading", "prediction_type": "v_prediction"},
     {"steps_offset": 1, "timestep_spacing": "leading"},
     {"trained_betas": [0.001 * (i + 1) for i in range(100)], "num_train_timesteps": 100},
-    {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
-     "timestep_spacing": "leading"},
+    {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    },
 ]
 
 # step(order=k): diffusers' keyword. Ours sizes the buffer at set_timesteps(order=K) (default 4),
