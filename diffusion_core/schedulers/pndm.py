@@ -53,8 +53,15 @@ def _diffusers_calls(timesteps: np.ndarray, n_prk: int, T: int, n: int) -> list[
             stage, start = c % 4, c - c % 4
             mix = {start + k: _RK_WEIGHTS[k] for k in range(4)} if stage == 3 else {c: 1.0}
             ets += [c] if stage == 0 else []
-            calls.append(dict(t=int(timesteps[start]), t_prev=t - (0 if c % 2 else T // n // 2), mix=mix,
-                              source="x" if stage == 0 else start, push=stage == 0))
+            calls.append(
+                dict(
+                    t=int(timesteps[start]),
+                    t_prev=t - (0 if c % 2 else T // n // 2),
+                    mix=mix,
+                    source="x" if stage == 0 else start,
+                    push=stage == 0,
+                )
+            )
         elif c == 1:  # skip_prk_steps' second call: a Heun-like correction of the first step
             calls.append(dict(t=t + T // n, t_prev=t, mix={c: 0.5, 0: 0.5}, source=0, push=False))
         else:
@@ -159,8 +166,9 @@ class PNDMScheduler(AlphaScheduler):
         skip = bool(self.config["skip_prk_steps"])
         ts, n_prk = self._timesteps(n)
         calls = _diffusers_calls(ts, n_prk, self.config["num_train_timesteps"], n)
-        sample_coef, mix_coef = self._coefficients(np.array([c["t"] for c in calls]),
-                                                   np.array([c["t_prev"] for c in calls]))
+        sample_coef, mix_coef = self._coefficients(
+            np.array([c["t"] for c in calls]), np.array([c["t_prev"] for c in calls])
+        )
         plan = _slot_plan(calls, skip)
         rows = _call_rows(calls, plan, sample_coef, mix_coef)
         return PNDMState(
@@ -183,7 +191,8 @@ class PNDMScheduler(AlphaScheduler):
             prev_sample = prev_sample + row[k + 1] * slot
         h1, h2, h3 = slots[:3]
         if len(slots) == 3:  # skip_prk_steps: the Heun-like call repeats h3
-            return prev_sample, state._replace(slots=(h2, h3, xp.where(state.push[i], model_output, h3)),
-                                               step_index=i + 1)
+            return prev_sample, state._replace(
+                slots=(h2, h3, xp.where(state.push[i], model_output, h3)), step_index=i + 1
+            )
         new = xp.where(state.push[i], model_output, h1)  # PRK stages rotate h1 to the back
         return prev_sample, state._replace(slots=(h2, h3, new, slots[4], model_output), step_index=i + 1)

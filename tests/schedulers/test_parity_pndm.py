@@ -17,15 +17,25 @@ EXTRAS = [
     {"steps_offset": 1},
     {"set_alpha_to_one": True, "beta_start": 0.01, "timestep_spacing": "trailing"},
     {"trained_betas": [0.001 * (i + 1) for i in range(100)], "num_train_timesteps": 100},
-    {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
-     "steps_offset": 1},  # Stable Diffusion 1.x
+    {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    },  # Stable Diffusion 1.x
 ]
+
+
 def _float32_fragile(config) -> bool:
     """squaredcos_cap_v2 + v_prediction starting at t=999 (alpha_bar = 2.4e-9): diffusers' float32
     eps = sqrt(a) v + sqrt(1 - a) x then x * sqrt(a_prev / a) cancels catastrophically (3e-4 relative
     error against diffusers run in float64, which we match to 1e-7); see test_pndm_fragile_vs_float64."""
-    return (config.get("beta_schedule") == "squaredcos_cap_v2" and config.get("prediction_type") == "v_prediction"
-            and config.get("timestep_spacing") in ("linspace", "trailing"))
+    return (
+        config.get("beta_schedule") == "squaredcos_cap_v2"
+        and config.get("prediction_type") == "v_prediction"
+        and config.get("timestep_spacing") in ("linspace", "trailing")
+    )
 
 
 def _params(cases, steps, jax_steps):
@@ -97,8 +107,27 @@ def test_pndm_diffusers_full_loop_expectation(prediction_type, total, mean, back
 
 def test_pndm_timesteps_repeat_in_prk_phase():
     state = schedulers.PNDMScheduler().set_timesteps(10, like=parity.make_sample())
-    assert state.timesteps.tolist() == [900, 850, 850, 800, 800, 750, 750, 700, 700, 650, 650, 600,
-                                        600, 500, 400, 300, 200, 100, 0]
+    assert state.timesteps.tolist() == [
+        900,
+        850,
+        850,
+        800,
+        800,
+        750,
+        750,
+        700,
+        700,
+        650,
+        650,
+        600,
+        600,
+        500,
+        400,
+        300,
+        200,
+        100,
+        0,
+    ]
 
 
 @pytest.mark.parametrize(
