@@ -67,6 +67,7 @@ def contenders(name: str, shape):
 
     x_j, out_j, noise_j = jnp.asarray(x_np), jnp.asarray(out_np), jnp.asarray(noise_np)
     state_j = ours.set_timesteps(STEPS, like=x_j)
+
     def call_j(st, x, nz):
         ours.scale_model_input(st, x)  # traced away when unused, as in the scan
         return ours.step(st, out_j, x, noise=nz if wants_noise else None)
