@@ -1,0 +1,252 @@
+"""Reading checkpoints lazily: one tensor at a time, memory-mapped, for numpy, torch or jax.
+
+Only numpy and safetensors are imported here; torch (``framework="pt"``), jax
+(``framework="flax"``) and ml_dtypes (bfloat16) are imported when a call asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, WeightFiles, resolve_weight_files
+
+FRAMEWORKS = {"numpy": "numpy", "np": "numpy", "pt": "pt", "torch": "pt", "flax": "flax", "jax": "flax"}
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+TensorInfo = tuple[str, tuple[int, ...]]
+Source = str | os.PathLike | WeightFiles
+
+
+def numpy_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """A numpy dtype from a name, numpy type or ml_dtypes type (``"bfloat16"`` imports ml_dtypes)."""
+    if isinstance(dtype, str) and dtype in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, dtype))
+    try:
+        return np.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"{name} must be a numpy dtype or one of {list(_ML_DTYPES)}, got {dtype!r}") from e
+
+
+def as_numpy(array: Any) -> np.ndarray:
+    """A host numpy array from numpy, torch (any device, bfloat16 included), jax or any ``__array__``."""
+    if isinstance(array, np.ndarray):
+        return array
+    if type(array).__module__.split(".")[0] == "torch":
+        import torch
+
+        tensor = array.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+        return tensor.numpy()
+    if not hasattr(array, "__array__"):
+        raise ValueError(f"expected an array (numpy, torch, jax or any object with __array__), got {type(array)}")
+    return np.asarray(array)
+
+
+def _resolve(source: Source, weights_name: str, variant: str | None, allow_pickle: bool) -> WeightFiles:
+    if isinstance(source, WeightFiles):
+        return source
+    return resolve_weight_files(source, weights_name=weights_name, variant=variant, allow_pickle=allow_pickle)
+
+
+def _pickle_state_dict(path: Path) -> dict[str, Any]:
+    import torch
+
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 6):
+        raise RuntimeError(f"reading pickle file {str(path)!r} needs torch >= 2.6 (CVE-2025-32434)")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pickle file {str(path)!r} does not hold a flat {{key: tensor}} state dict")
+    return state
+
+
+def file_infos(path: str | os.PathLike, is_pickle: bool = False) -> dict[str, TensorInfo]:
+    """``{key: (dtype name, shape)}`` of one file; for safetensors only its header is read."""
+    path = Path(path)
+    if is_pickle:
+        state = _pickle_state_dict(path)
+        return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}
+    infos = {}
+    with safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+            view = f.get_slice(key)
+            tag = view.get_dtype()
+            infos[key] = (_ST_DTYPES.get(tag, tag.lower()), tuple(view.get_shape()))
+    return infos
+
+
+def _capped(items: Sequence[str], limit: int) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{len(items)}: [{shown}{', ...' if len(items) > limit else ''}]"
+
+
+def validate_index(files: WeightFiles, limit: int = 20) -> dict[str, TensorInfo]:
+    """Check a shard index against its shards (headers only) and return ``{key: (dtype, shape)}``.
+
+    Every listed file must exist, every listed key must be in its file, and no shard may hold a
+    key the index does not assign to it. The ValueError lists the offending keys.
+    """
+    if files.weight_map is None:
+        return {}
+    missing_files = [p.name for p in files.files if not p.is_file()]
+    if missing_files:
+        keys = sorted(k for k, v in files.weight_map.items() if v in missing_files)
+        raise FileNotFoundError(
+            f"shard index {str(files.index_file)!r} lists files missing from {str(files.folder)!r}: "
+            f"{missing_files}; their keys {_capped(keys, limit)}"
+        )
+    infos: dict[str, TensorInfo] = {}
+    absent, extra = [], []
+    for path in files.files:
+        held = file_infos(path, files.is_pickle)
+        listed = {k for k, v in files.weight_map.items() if v == path.name}
+        absent += sorted(f"{k} ({path.name})" for k in listed - held.keys())
+        extra += sorted(f"{k} ({path.name})" for k in held.keys() - listed)
+        infos.update((k, v) for k, v in held.items() if k in listed)
+    if absent or extra:
+        raise ValueError(
+            f"shard index {str(files.index_file)!r} does not match its shards: keys listed but absent "
+            f"{_capped(absent, limit)}; keys in shards but not listed there {_capped(extra, limit)}"
+        )
+    return infos
+
+
+def tensor_infos(
+    source: Source,
+    *,
+    weights_name: str = DIFFUSERS_WEIGHTS_NAME,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> dict[str, TensorInfo]:
+    """``{key: (dtype name, shape)}`` for a checkpoint folder (or resolved files), from headers only.
+
+    Dtype names are numpy's (``"float32"``, ``"float16"``, ``"bfloat16"``). Sharded checkpoints are
+    validated against their index first (see ``validate_index``).
+    """
+    files = _resolve(source, weights_name, variant, allow_pickle)
+    if files.weight_map is not None:
+        return validate_index(files)
+    return file_infos(files.files[0], files.is_pickle)
+
+
+def _cast(tensor: Any, dtype: np.dtype | None, framework: str) -> Any:
+    if dtype is None:
+        return tensor
+    if framework == "pt":
+        import torch
+
+        return tensor.to(getattr(torch, dtype.name))
+    return tensor.astype(dtype)
+
+
+def _from_torch(tensor: Any, framework: str) -> Any:
+    if framework == "pt":
+        return tensor
+    array = as_numpy(tensor)
+    if framework == "flax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(array)
+    return array
+
+
+def iter_tensors(
+    source: Source,
+    *,
+    framework: str = "numpy",
+    dtype: Any = None,
+    weights_name: str = DIFFUSERS_WEIGHTS_NAME,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    validate: bool = True,
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(key, tensor)`` one at a time from a checkpoint folder (or resolved files).
+
+    Files are memory-mapped; each tensor is materialised only when yielded, and cast to
+    ``dtype`` (a numpy dtype or ``"bfloat16"``) if given. ``framework`` is ``"numpy"``,
+    ``"pt"`` (torch tensors) or ``"flax"`` (jax arrays). Shard indexes are validated first
+    unless ``validate=False``. Keys come file by file, in each file's key order.
+    """
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {sorted(FRAMEWORKS)}, got {framework!r}")
+    framework = FRAMEWORKS[framework]
+    target = None if dtype is None else numpy_dtype(dtype)
+    files = _resolve(source, weights_name, variant, allow_pickle)
+    if validate:
+        validate_index(files)
+    return _generate(files, framework, target)
+
+
+def _generate(files: WeightFiles, framework: str, target: np.dtype | None) -> Iterator[tuple[str, Any]]:
+    for path in files.files:
+        if files.is_pickle:
+            for key, tensor in _pickle_state_dict(path).items():
+                yield key, _cast(_from_torch(tensor, framework), target, framework)
+            continue
+        with safe_open(path, framework=framework) as f:
+            for key in f.keys():
+                yield key, _cast(f.get_tensor(key), target, framework)
+
+
+def load_tensors(source: Source, **kwargs: Any) -> dict[str, Any]:
+    """All tensors of a checkpoint as a dict; same arguments as ``iter_tensors``."""
+    return dict(iter_tensors(source, **kwargs))
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        value = value[1]  # a (dtype, shape) pair from tensor_infos
+    return tuple(int(d) for d in value)
+
+
+def check_keys(
+    expected: Mapping[str, Any],
+    found: Mapping[str, Any],
+    *,
+    limit: int = 20,
+    name: str = "checkpoint",
+) -> None:
+    """Raise ValueError listing missing keys, unexpected keys and shape mismatches (each capped at ``limit``).
+
+    Values are shapes, or ``(dtype, shape)`` pairs as returned by ``tensor_infos``.
+    """
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    mismatched = sorted(
+        f"{k}: expected {_shape_of(expected[k])}, got {_shape_of(found[k])}"
+        for k in expected.keys() & found.keys()
+        if _shape_of(expected[k]) != _shape_of(found[k])
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_capped(missing, limit)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_capped(unexpected, limit)}")
+    if mismatched:
+        problems.append(f"shape mismatches {_capped(mismatched, limit)}")
+    if problems:
+        raise ValueError(f"{name} does not match the model: " + "; ".join(problems))
