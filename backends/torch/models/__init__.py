@@ -1,0 +1,37 @@
+"""PyTorch network modules with diffusers' class names, config fields and state-dict keys."""
+
+from backends.torch.models.layers import (
+    Downsample2D,
+    GaussianFourierProjection,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    TimestepEmbedding,
+    Timesteps,
+    Upsample2D,
+)
+from backends.torch.models.unet_2d import UNet2DModel
+from backends.torch.models.unet_2d_blocks import (
+    AttnDownBlock2D,
+    AttnUpBlock2D,
+    DownBlock2D,
+    ResnetOptions,
+    UNetMidBlock2D,
+    UpBlock2D,
+)
+
+__all__ = [
+    "AttnDownBlock2D",
+    "AttnUpBlock2D",
+    "DownBlock2D",
+    "Downsample2D",
+    "GaussianFourierProjection",
+    "ResnetBlock2D",
+    "ResnetOptions",
+    "SpatialSelfAttention",
+    "TimestepEmbedding",
+    "Timesteps",
+    "UNet2DModel",
+    "UNetMidBlock2D",
+    "UpBlock2D",
+    "Upsample2D",
+]
