@@ -49,11 +49,14 @@ def contenders(name: str, shape):
     noise_t = torch.from_numpy(noise_np)
     wants_noise = ours.needs_noise
 
+    ref_scale = getattr(ref, "scale_model_input", None)  # flow matching has none
+
     def run_ref():
         ref.set_timesteps(STEPS)
         x = x_t
         for t in ref.timesteps:
-            ref.scale_model_input(x, t)
+            if ref_scale is not None:
+                ref_scale(x, t)
             x = ref.step(out_t, t, x, return_dict=False)[0]
         return x
 

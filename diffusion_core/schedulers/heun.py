@@ -87,6 +87,12 @@ class HeunDiscreteScheduler(SigmaScheduler):
         """One call: the Euler predictor or the trapezoidal corrector, chosen by the per-call weights."""
         i = state.step_index
         c = state.coefs[i]  # (7,)
-        d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
-        prev_sample = c[_W_X] * sample + c[_W_XI] * state.start_sample + c[_W_D] * d + c[_W_DI] * state.start_slope
+        if sigma_base.slope_is_output(self.config):
+            d = model_output
+        else:
+            d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
+        prev_sample = c[_W_X] * sample  # accumulated in place: this product is fresh, never an input
+        prev_sample += c[_W_XI] * state.start_sample
+        prev_sample += c[_W_D] * d
+        prev_sample += c[_W_DI] * state.start_slope
         return prev_sample, state._replace(start_sample=sample, start_slope=d, step_index=i + 1)

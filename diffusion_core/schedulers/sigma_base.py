@@ -128,13 +128,18 @@ def denoiser_coefficients(prediction_type: str, sigmas: np.ndarray) -> tuple[np.
     raise ValueError(f"prediction_type: got {prediction_type!r}; accepted: 'epsilon', 'v_prediction', 'sample'")
 
 
+def slope_is_output(config: Mapping[str, Any]) -> bool:
+    """An unclamped epsilon prediction is the ODE slope itself: no x0 round trip needed."""
+    return config["prediction_type"] == "epsilon" and not config.get("clip_sample")
+
+
 def ode_slope(config: Mapping[str, Any], c_skip, c_out, inv_sigma, model_output, sample):
     """Probability-flow ODE slope dx/dsigma = (x - x0) / sigma (Karras et al. 2022, EDM, eq. 3).
 
     x0 = c_skip * x + c_out * output, clamped when the config asks (``clip_sample``); an
     unclamped epsilon output is the slope itself.
     """
-    if config["prediction_type"] == "epsilon" and not config.get("clip_sample"):
+    if slope_is_output(config):
         return model_output
     x0 = common.clamp_x0(config, c_skip * sample + c_out * model_output)
     return (sample - x0) * inv_sigma
