@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_core.models import timestep_embedding
+
 # diffusers' ``get_activation`` names ("swish" and "silu" are the same function).
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "swish": nn.SiLU,
@@ -31,30 +33,6 @@ def get_activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def sinusoidal_embedding(
-    timesteps: torch.Tensor,
-    dim: int,
-    flip_sin_to_cos: bool = False,
-    freq_shift: float = 1.0,
-    scale: float = 1.0,
-    max_period: float = 10000.0,
-) -> torch.Tensor:
-    """Transformer-style sinusoidal embedding of (B,) timesteps (DDPM, Ho et al. 2020) -> (B, dim)."""
-    if timesteps.ndim != 1:
-        raise ValueError(f"timesteps: expected a 1-D tensor, got shape {tuple(timesteps.shape)}")
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
-    freqs = torch.exp(exponent / (half - freq_shift))  # (half,)
-    args = scale * (timesteps[:, None].float() * freqs[None, :])  # (B, half)
-    if flip_sin_to_cos:
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
-    else:
-        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, 2 * half)
-    if dim % 2 == 1:
-        emb = F.pad(emb, (0, 1))  # (B, dim)
-    return emb
-
-
 class Timesteps(nn.Module):
     """Parameter-free sinusoidal timestep projection (diffusers ``Timesteps``)."""
 
@@ -68,7 +46,7 @@ class Timesteps(nn.Module):
         self.scale = scale
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return sinusoidal_embedding(
+        return timestep_embedding(
             timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift, self.scale
         )
 

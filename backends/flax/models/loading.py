@@ -1,0 +1,54 @@
+"""Fill a Flax NNX model from a diffusers/PyTorch state dict and back, through the one converter.
+
+Only parameters take part (``nnx.Param`` and ``FrozenWeight``); RNG streams of dropout layers
+are not weights. Loading is strict and all-or-nothing: on any unmatched, missing, unexpected
+or mis-shaped key the ValueError is raised before the model is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from backends.flax.models.layers import FrozenWeight
+from diffusion_core.weights import as_numpy
+from diffusion_core.weights.convert import FlaxPath, flax_to_torch, torch_to_flax
+
+WEIGHTS = (nnx.Param, FrozenWeight)  # the variable kinds a checkpoint holds
+
+
+def weight_shapes(model: nnx.Module) -> dict[FlaxPath, tuple[int, ...]]:
+    """``{path: shape}`` of every weight of ``model`` (the converter's target tree)."""
+    return {tuple(path): tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
+
+
+def _items(state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[tuple[str, np.ndarray]]:
+    pairs = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+    for key, value in pairs:
+        yield key, as_numpy(value)
+
+
+def load_torch_state_dict(model: nnx.Module, state_dict_items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+    """Copy a diffusers state dict (mapping or ``(key, tensor)`` stream) into ``model``, strictly.
+
+    Tensors are converted one at a time and cast to each parameter's dtype.
+    """
+    state = nnx.state(model, WEIGHTS)
+    variables = dict(nnx.to_flat_state(state))
+    target = {tuple(path): tuple(var.shape) for path, var in variables.items()}
+    new_values = {}
+    for path, array in torch_to_flax(_items(state_dict_items), target):
+        new_values[path] = jnp.asarray(array, dtype=variables[path].dtype)
+    for path, value in new_values.items():  # reached only when the converter found no problem
+        variables[path].set_value(value)
+    nnx.update(model, state)
+
+
+def flax_state_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The diffusers/PyTorch state dict of ``model`` as numpy arrays (PyTorch layouts)."""
+    leaves = ((tuple(path), np.asarray(var.get_value())) for path, var in nnx.to_flat_state(nnx.state(model, WEIGHTS)))
+    return dict(flax_to_torch(leaves))
