@@ -1,5 +1,11 @@
 """PyTorch network modules with diffusers' class names, config fields and state-dict keys."""
 
+from backends.torch.models.clip_text import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTextOutput,
+    CLIPTextWithProjectionOutput,
+)
 from backends.torch.models.layers import (
     Downsample2D,
     GaussianFourierProjection,
@@ -18,12 +24,29 @@ from backends.torch.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
+from backends.torch.models.vae import (
+    AutoencoderKL,
+    Decoder,
+    DiagonalGaussianDistribution,
+    DownEncoderBlock2D,
+    Encoder,
+    UpDecoderBlock2D,
+)
 
 __all__ = [
     "AttnDownBlock2D",
     "AttnUpBlock2D",
+    "AutoencoderKL",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPTextOutput",
+    "CLIPTextWithProjectionOutput",
+    "Decoder",
+    "DiagonalGaussianDistribution",
     "DownBlock2D",
+    "DownEncoderBlock2D",
     "Downsample2D",
+    "Encoder",
     "GaussianFourierProjection",
     "ResnetBlock2D",
     "ResnetOptions",
@@ -33,5 +56,6 @@ __all__ = [
     "UNet2DModel",
     "UNetMidBlock2D",
     "UpBlock2D",
+    "UpDecoderBlock2D",
     "Upsample2D",
 ]
