@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_core.models import timestep_embedding
+from diffusion_core.models.model_config import TIME_SCALE_SHIFTS
 
 Activation = Callable[[jax.Array], jax.Array]
 Padding = int | tuple[tuple[int, int], tuple[int, int]]  # symmetric, or ((top, bottom), (left, right))
@@ -33,7 +34,6 @@ _ACTIVATIONS: dict[str, Activation] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
 }
-TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
 def get_activation(name: str) -> Activation:

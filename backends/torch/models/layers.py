@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_core.models import timestep_embedding
+from diffusion_core.models.model_config import TIME_SCALE_SHIFTS
 
 # diffusers' ``get_activation`` names ("swish" and "silu" are the same function).
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -23,7 +24,6 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "relu": nn.ReLU,
 }
-TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
 def get_activation(name: str) -> nn.Module:

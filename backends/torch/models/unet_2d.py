@@ -8,7 +8,6 @@ Call: ``model(sample_nchw, timestep, class_labels=None) -> tensor`` (NCHW).
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +15,6 @@ import torch
 from torch import nn
 
 from backends.torch.models.layers import (
-    TIME_SCALE_SHIFTS,
     GaussianFourierProjection,
     TimestepEmbedding,
     Timesteps,
@@ -30,46 +28,10 @@ from backends.torch.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
+from diffusion_core.models import model_config
 
 DOWN_BLOCKS: dict[str, type[DownBlock2D]] = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D}
 UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
-MID_BLOCKS = ("UNetMidBlock2D", None)
-TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
-CLASS_EMBED_TYPES = (None, "timestep", "identity")
-
-
-def _choice(name: str, value: Any, accepted: tuple | Mapping) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is one of ``accepted``."""
-    if value not in accepted:
-        raise ValueError(f"{name}: unsupported value {value!r}; accepted: {list(accepted)}")
-
-
-def _block_name(name: str) -> str:
-    """diffusers accepts a legacy ``UNetRes`` prefix on block names."""
-    return name[len("UNetRes") :] if name.startswith("UNetRes") else name
-
-
-def _validate(cfg: Mapping[str, Any]) -> None:
-    """Check every option this implementation interprets; raise ValueError naming the bad one."""
-    n = len(cfg["block_out_channels"])
-    if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
-        raise ValueError(
-            "down_block_types, up_block_types and block_out_channels must have the same length; got "
-            f"{len(cfg['down_block_types'])}, {len(cfg['up_block_types'])} and {n}"
-        )
-    for name in cfg["down_block_types"]:
-        _choice("down_block_types", _block_name(name), DOWN_BLOCKS)
-    for name in cfg["up_block_types"]:
-        _choice("up_block_types", _block_name(name), UP_BLOCKS)
-    _choice("mid_block_type", cfg["mid_block_type"], MID_BLOCKS)
-    _choice("time_embedding_type", cfg["time_embedding_type"], TIME_EMBEDDING_TYPES)
-    _choice("class_embed_type", cfg["class_embed_type"], CLASS_EMBED_TYPES)
-    _choice("resnet_time_scale_shift", cfg["resnet_time_scale_shift"], TIME_SCALE_SHIFTS)
-    get_activation(cfg["act_fn"])
-    if cfg["time_embedding_type"] == "learned" and cfg["num_train_timesteps"] is None:
-        raise ValueError("num_train_timesteps: required when time_embedding_type is 'learned'")
-    if not isinstance(cfg["norm_num_groups"], int):
-        raise ValueError(f"norm_num_groups: expected an int, got {cfg['norm_num_groups']!r}")
 
 
 class UNet2DModel(nn.Module):
@@ -108,7 +70,8 @@ class UNet2DModel(nn.Module):
     ) -> None:
         super().__init__()
         cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
-        _validate(cfg)
+        model_config.validate_unet_2d_config(cfg)
+        get_activation(act_fn)
         self.config: dict[str, Any] = cfg
         self.sample_size = sample_size
         channels = list(block_out_channels)
@@ -137,13 +100,7 @@ class UNet2DModel(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> UNet2DModel:
         """Build from a diffusers ``config.json`` mapping; ``_``-prefixed keys are ignored."""
-        if not isinstance(config, Mapping):
-            raise ValueError(f"config: expected a mapping, got {type(config).__name__}")
-        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - set(_CONFIG_FIELDS))
-        if unknown:
-            warnings.warn(f"UNet2DModel.from_config: ignoring unknown config keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in kwargs.items() if k in _CONFIG_FIELDS})
+        return cls(**model_config.init_kwargs_from_config(config, _CONFIG_FIELDS, "UNet2DModel"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -176,7 +133,7 @@ class UNet2DModel(nn.Module):
         channels = list(cfg["block_out_channels"])
         blocks = []
         for i, name in enumerate(cfg["down_block_types"]):
-            block_cls = DOWN_BLOCKS[_block_name(name)]
+            block_cls = DOWN_BLOCKS[model_config.block_name(name)]
             blocks.append(
                 block_cls(
                     channels[max(i - 1, 0)],
@@ -196,7 +153,7 @@ class UNet2DModel(nn.Module):
         rev = list(reversed(cfg["block_out_channels"]))
         blocks = []
         for i, name in enumerate(cfg["up_block_types"]):
-            block_cls = UP_BLOCKS[_block_name(name)]
+            block_cls = UP_BLOCKS[model_config.block_name(name)]
             blocks.append(
                 block_cls(
                     rev[min(i + 1, len(rev) - 1)],

@@ -12,7 +12,6 @@ and the tile blending are framework-neutral and live in ``diffusion_core.models.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from backends.torch.models.layers import Downsample2D, Upsample2D, get_activation
 from backends.torch.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
+from diffusion_core.models import model_config
 from diffusion_core.models.autoencoder import DiagonalGaussianDistribution, tiled_apply
 
 VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE norm (diffusers hard-codes it)
@@ -222,13 +222,7 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> AutoencoderKL:
         """Build from a diffusers ``config.json`` mapping; ``_``-prefixed keys are ignored."""
-        if not isinstance(config, Mapping):
-            raise ValueError(f"config: expected a mapping, got {type(config).__name__}")
-        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - set(_CONFIG_FIELDS))
-        if unknown:
-            warnings.warn(f"AutoencoderKL.from_config: ignoring unknown config keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in kwargs.items() if k in _CONFIG_FIELDS})
+        return cls(**model_config.init_kwargs_from_config(config, _CONFIG_FIELDS, "AutoencoderKL"))
 
     @property
     def dtype(self) -> torch.dtype:
