@@ -24,6 +24,7 @@ from backends.flax.models.layers import (
     get_activation,
     group_norm,
 )
+from backends.flax.models.modeling import PretrainedMixin
 from backends.flax.models.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnUpBlock2D,
@@ -38,7 +39,7 @@ DOWN_BLOCKS: dict[str, type[DownBlock2D]] = {"DownBlock2D": DownBlock2D, "AttnDo
 UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
 
 
-class UNet2DModel(nnx.Module):
+class UNet2DModel(PretrainedMixin, nnx.Module):
     """Unconditional 2D UNet (Ho et al. 2020) with diffusers' config and parameter names."""
 
     def __init__(

@@ -20,6 +20,7 @@ from backends.torch.models.layers import (
     Timesteps,
     get_activation,
 )
+from backends.torch.models.modeling import PretrainedMixin
 from backends.torch.models.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnUpBlock2D,
@@ -34,7 +35,7 @@ DOWN_BLOCKS: dict[str, type[DownBlock2D]] = {"DownBlock2D": DownBlock2D, "AttnDo
 UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
 
 
-class UNet2DModel(nn.Module):
+class UNet2DModel(PretrainedMixin, nn.Module):
     """Unconditional 2D UNet (Ho et al. 2020) with diffusers' config and parameter names."""
 
     def __init__(
