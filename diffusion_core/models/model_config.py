@@ -56,6 +56,35 @@ def validate_unet_2d_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"norm_num_groups: expected an int, got {cfg['norm_num_groups']!r}")
 
 
+# AutoencoderKL block types this library implements
+VAE_DOWN_BLOCKS = ("DownEncoderBlock2D",)
+VAE_UP_BLOCKS = ("UpDecoderBlock2D",)
+
+
+def validate_autoencoder_kl_config(cfg: Mapping[str, Any]) -> None:
+    """Check every AutoencoderKL option the backends interpret; ValueError names the bad one.
+
+    (The activation name is checked by each backend's ``get_activation``.)
+    """
+    n = len(cfg["block_out_channels"])
+    if n < 1 or len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
+        raise ValueError(
+            "down_block_types, up_block_types and block_out_channels must have the same non-zero length; got "
+            f"{len(cfg['down_block_types'])}, {len(cfg['up_block_types'])} and {n}"
+        )
+    for field, accepted in (("down_block_types", VAE_DOWN_BLOCKS), ("up_block_types", VAE_UP_BLOCKS)):
+        for name in cfg[field]:
+            check_choice(field, name, accepted)
+    groups = cfg["norm_num_groups"]
+    if not isinstance(groups, int) or groups < 1 or any(c % groups for c in cfg["block_out_channels"]):
+        raise ValueError(
+            f"norm_num_groups: {groups!r} must be a positive int dividing every block_out_channels "
+            f"entry {list(cfg['block_out_channels'])}"
+        )
+    if cfg["layers_per_block"] < 1:
+        raise ValueError(f"layers_per_block: expected >= 1, got {cfg['layers_per_block']}")
+
+
 def init_kwargs_from_config(config: Any, fields: Iterable[str], owner: str) -> dict[str, Any]:
     """Constructor kwargs from a diffusers ``config.json`` mapping.
 

@@ -20,12 +20,17 @@ from backends.flax.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
+from backends.flax.models.vae import AutoencoderKL, Decoder, DownEncoderBlock2D, Encoder, UpDecoderBlock2D
 
 __all__ = [
     "AttnDownBlock2D",
     "AttnUpBlock2D",
+    "AutoencoderKL",
+    "Decoder",
     "DownBlock2D",
+    "DownEncoderBlock2D",
     "Downsample2D",
+    "Encoder",
     "FrozenWeight",
     "GaussianFourierProjection",
     "ResnetBlock2D",
@@ -35,6 +40,7 @@ __all__ = [
     "Timesteps",
     "UNet2DModel",
     "UNetMidBlock2D",
+    "UpDecoderBlock2D",
     "UpBlock2D",
     "Upsample2D",
     "flax_state_to_torch",

@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from backends.torch.models.layers import Downsample2D, Upsample2D, get_activation
+from backends.torch.models.modeling import PretrainedMixin
 from backends.torch.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
 from diffusion_core.models import model_config
 from diffusion_core.models.autoencoder import DiagonalGaussianDistribution, tiled_apply
 
 VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE norm (diffusers hard-codes it)
-DOWN_ENCODER_BLOCKS = ("DownEncoderBlock2D",)
-UP_DECODER_BLOCKS = ("UpDecoderBlock2D",)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -149,30 +148,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
 
-def _validate(cfg: Mapping[str, Any]) -> None:
-    """Check every option this implementation interprets; raise ValueError naming the bad one."""
-    n = len(cfg["block_out_channels"])
-    if n < 1 or len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
-        raise ValueError(
-            "down_block_types, up_block_types and block_out_channels must have the same non-zero length; got "
-            f"{len(cfg['down_block_types'])}, {len(cfg['up_block_types'])} and {n}"
-        )
-    for field, accepted in (("down_block_types", DOWN_ENCODER_BLOCKS), ("up_block_types", UP_DECODER_BLOCKS)):
-        for name in cfg[field]:
-            if name not in accepted:
-                raise ValueError(f"{field}: unsupported block {name!r}; accepted: {list(accepted)}")
-    get_activation(cfg["act_fn"])
-    groups = cfg["norm_num_groups"]
-    if not isinstance(groups, int) or groups < 1 or any(c % groups for c in cfg["block_out_channels"]):
-        raise ValueError(
-            f"norm_num_groups: {groups!r} must be a positive int dividing every block_out_channels "
-            f"entry {list(cfg['block_out_channels'])}"
-        )
-    if cfg["layers_per_block"] < 1:
-        raise ValueError(f"layers_per_block: expected >= 1, got {cfg['layers_per_block']}")
-
-
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PretrainedMixin, nn.Module):
     """VAE with a diagonal-Gaussian latent (Kingma & Welling 2014; Rombach et al. 2022)."""
 
     def __init__(
@@ -198,7 +174,8 @@ class AutoencoderKL(nn.Module):
     ) -> None:
         super().__init__()
         cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
-        _validate(cfg)
+        model_config.validate_autoencoder_kl_config(cfg)
+        get_activation(act_fn)
         self.config: dict[str, Any] = cfg
         shared = {
             "block_out_channels": block_out_channels,
