@@ -120,3 +120,88 @@ def tiled_apply(x: Any, fn: Callable[[Any], Any], in_tile: int, out_tile: int, o
     xp = namespace(rows[0][0])
     stitched = [xp.concat([t[:, :, :limit, :limit] for t in row], axis=3) for row in rows]  # (B, C, limit, W')
     return xp.concat(stitched, axis=2)  # (B, C, H', W')
+
+
+class AutoencoderTiling:
+    """Slicing, tiling and posterior handling of ``AutoencoderKL``, shared by both backends.
+
+    A backend's model mixes this in and provides three primitives: ``_encode_tile(x)`` (NCHW
+    images -> NCHW moments), ``_decode_tile(z)`` (NCHW latents -> NCHW images) and
+    ``_as_nchw(name, value, channels)`` (validate and return a (B, channels, H, W) array), plus
+    ``config`` with ``in_channels`` and ``latent_channels``.
+    """
+
+    def _init_tiling(self, sample_size: Any, num_blocks: int) -> None:
+        """Tiling defaults as diffusers sets them: one tile is one training-size image."""
+        self.use_slicing = False
+        self.use_tiling = False
+        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_sample_min_size = int(size)
+        self.tile_latent_min_size = int(size / 2 ** (num_blocks - 1))
+        self.tile_overlap_factor = 0.25
+
+    def enable_slicing(self) -> None:
+        """Encode/decode a batch one image at a time (same numbers, less peak memory)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self) -> None:
+        """Encode/decode inputs larger than one tile as overlapping, blended tiles."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def encode(self, x: Any) -> DiagonalGaussianDistribution:
+        """Images (B, in_channels, H, W) -> posterior over latents (B, latent_channels, H/f, W/f)."""
+        x = self._as_nchw("x", x, self.config["in_channels"])
+        return DiagonalGaussianDistribution(self._per_item(x, self._encode))  # moments (B, 2C, h, w)
+
+    def decode(self, z: Any) -> Any:
+        """Latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f)."""
+        z = self._as_nchw("z", z, self.config["latent_channels"])
+        return self._per_item(z, self._decode)
+
+    def tiled_encode(self, x: Any) -> DiagonalGaussianDistribution:
+        """Encode with tiles regardless of size (``tile_sample_min_size`` pixel tiles)."""
+        x = self._as_nchw("x", x, self.config["in_channels"])
+        return DiagonalGaussianDistribution(self._tiled_moments(x))
+
+    def tiled_decode(self, z: Any) -> Any:
+        """Decode with tiles regardless of size (``tile_latent_min_size`` latent tiles)."""
+        z = self._as_nchw("z", z, self.config["latent_channels"])
+        return tiled_apply(
+            z, self._decode_tile, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor
+        )
+
+    def _reconstruct(self, sample: Any, sample_posterior: bool, noise: Any) -> Any:
+        """Decode the posterior mode, or ``mean + std * noise`` if ``sample_posterior`` (the forward pass)."""
+        if not sample_posterior and noise is not None:
+            raise ValueError("noise: only used with sample_posterior=True")
+        if sample_posterior and noise is None:
+            raise ValueError("noise: required when sample_posterior=True (standard normal, shaped as the latents)")
+        posterior = self.encode(sample)
+        return self.decode(posterior.sample(noise) if sample_posterior else posterior.mode())
+
+    def _per_item(self, x: Any, fn: Callable[[Any], Any]) -> Any:
+        """``fn(x)``, or one batch item at a time when slicing is on."""
+        if self.use_slicing and x.shape[0] > 1:
+            return namespace(x).concat([fn(x[i : i + 1]) for i in range(x.shape[0])], axis=0)
+        return fn(x)
+
+    def _encode(self, x: Any) -> Any:
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return self._tiled_moments(x)
+        return self._encode_tile(x)
+
+    def _decode(self, z: Any) -> Any:
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return self.tiled_decode(z)
+        return self._decode_tile(z)
+
+    def _tiled_moments(self, x: Any) -> Any:
+        return tiled_apply(
+            x, self._encode_tile, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
+        )

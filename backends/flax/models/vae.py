@@ -22,7 +22,7 @@ from backends.flax.models.layers import Downsample2D, Upsample2D, conv, get_acti
 from backends.flax.models.modeling import PretrainedMixin
 from backends.flax.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
 from diffusion_core.models import model_config
-from diffusion_core.models.autoencoder import DiagonalGaussianDistribution, tiled_apply
+from diffusion_core.models.autoencoder import AutoencoderTiling
 
 VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE norm (diffusers hard-codes it)
 
@@ -174,7 +174,7 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.conv_norm_out(sample)))
 
 
-class AutoencoderKL(PretrainedMixin, nnx.Module):
+class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nnx.Module):
     """VAE with a diagonal-Gaussian latent (Kingma & Welling 2014; Rombach et al. 2022)."""
 
     def __init__(
@@ -223,13 +223,7 @@ class AutoencoderKL(PretrainedMixin, nnx.Module):
         self.post_quant_conv = (
             conv(latent_channels, latent_channels, 1, rngs, dtype, padding=0) if use_post_quant_conv else None
         )
-        self.use_slicing = False
-        self.use_tiling = False
-        # Tiling defaults as diffusers sets them: one tile is one training-size image.
-        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        self.tile_sample_min_size = int(size)
-        self.tile_latent_min_size = int(size / 2 ** (len(block_out_channels) - 1))
-        self.tile_overlap_factor = 0.25
+        self._init_tiling(sample_size, len(block_out_channels))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> AutoencoderKL:
@@ -239,71 +233,9 @@ class AutoencoderKL(PretrainedMixin, nnx.Module):
         """
         return cls(**model_config.init_kwargs_from_config(config, _CONFIG_FIELDS, "AutoencoderKL"), **kwargs)
 
-    def enable_slicing(self) -> None:
-        """Encode/decode a batch one image at a time (same numbers, less peak memory)."""
-        self.use_slicing = True
-
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
-    def enable_tiling(self) -> None:
-        """Encode/decode inputs larger than one tile as overlapping, blended tiles."""
-        self.use_tiling = True
-
-    def disable_tiling(self) -> None:
-        self.use_tiling = False
-
-    def encode(self, x: jax.Array) -> DiagonalGaussianDistribution:
-        """Images (B, in_channels, H, W) -> posterior over latents (B, latent_channels, H/f, W/f)."""
-        x = _check_nchw("x", x, self.config["in_channels"])
-        if self.use_slicing and x.shape[0] > 1:
-            moments = jnp.concatenate([self._encode(x[i : i + 1]) for i in range(x.shape[0])])  # (B, 2C, h, w)
-        else:
-            moments = self._encode(x)
-        return DiagonalGaussianDistribution(moments)
-
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f)."""
-        z = _check_nchw("z", z, self.config["latent_channels"])
-        if self.use_slicing and z.shape[0] > 1:
-            return jnp.concatenate([self._decode(z[i : i + 1]) for i in range(z.shape[0])])
-        return self._decode(z)
-
-    def tiled_encode(self, x: jax.Array) -> DiagonalGaussianDistribution:
-        """Encode with tiles regardless of size (``tile_sample_min_size`` pixel tiles)."""
-        x = _check_nchw("x", x, self.config["in_channels"])
-        return DiagonalGaussianDistribution(self._tiled_moments(x))
-
-    def tiled_decode(self, z: jax.Array) -> jax.Array:
-        """Decode with tiles regardless of size (``tile_latent_min_size`` latent tiles)."""
-        z = _check_nchw("z", z, self.config["latent_channels"])
-        return tiled_apply(
-            z, self._decode_tile, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor
-        )
-
     def __call__(self, sample: jax.Array, sample_posterior: bool = False, noise: jax.Array | None = None) -> jax.Array:
         """Reconstruct ``sample``: decode the posterior mode, or ``mean + std * noise`` if ``sample_posterior``."""
-        if not sample_posterior and noise is not None:
-            raise ValueError("noise: only used with sample_posterior=True")
-        if sample_posterior and noise is None:
-            raise ValueError("noise: required when sample_posterior=True (standard normal, shaped as the latents)")
-        posterior = self.encode(sample)
-        return self.decode(posterior.sample(noise) if sample_posterior else posterior.mode())
-
-    def _encode(self, x: jax.Array) -> jax.Array:
-        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            return self._tiled_moments(x)
-        return self._encode_tile(x)
-
-    def _decode(self, z: jax.Array) -> jax.Array:
-        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
-            return self.tiled_decode(z)
-        return self._decode_tile(z)
-
-    def _tiled_moments(self, x: jax.Array) -> jax.Array:
-        return tiled_apply(
-            x, self._encode_tile, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
-        )
+        return self._reconstruct(sample, sample_posterior, noise)
 
     def _encode_tile(self, x: jax.Array) -> jax.Array:
         moments = self.encoder(_to_nhwc(x).astype(self.dtype))  # (B, h, w, 2 * latent_channels)
@@ -317,13 +249,13 @@ class AutoencoderKL(PretrainedMixin, nnx.Module):
             z = self.post_quant_conv(z)
         return _to_nchw(self.decoder(z))  # (B, out_channels, H, W)
 
-
-def _check_nchw(name: str, value: Any, channels: int) -> jax.Array:
-    """Return ``value`` as a jax array; raise a ValueError naming ``name`` unless it is (B, channels, H, W)."""
-    shape = tuple(getattr(value, "shape", ()))
-    if len(shape) != 4 or shape[1] != channels:
-        raise ValueError(f"{name}: expected a (B, {channels}, H, W) array, got {shape or type(value).__name__}")
-    return jnp.asarray(value)
+    @staticmethod
+    def _as_nchw(name: str, value: Any, channels: int) -> jax.Array:
+        """Return ``value`` as a jax array; raise a ValueError naming ``name`` unless it is (B, channels, H, W)."""
+        shape = tuple(getattr(value, "shape", ()))
+        if len(shape) != 4 or shape[1] != channels:
+            raise ValueError(f"{name}: expected a (B, {channels}, H, W) array, got {shape or type(value).__name__}")
+        return jnp.asarray(value)
 
 
 _CONFIG_FIELDS = tuple(

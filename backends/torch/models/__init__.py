@@ -27,11 +27,11 @@ from backends.torch.models.unet_2d_blocks import (
 from backends.torch.models.vae import (
     AutoencoderKL,
     Decoder,
-    DiagonalGaussianDistribution,
     DownEncoderBlock2D,
     Encoder,
     UpDecoderBlock2D,
 )
+from diffusion_core.models.autoencoder import DiagonalGaussianDistribution
 
 __all__ = [
     "AttnDownBlock2D",

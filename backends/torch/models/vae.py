@@ -22,7 +22,7 @@ from backends.torch.models.layers import Downsample2D, Upsample2D, get_activatio
 from backends.torch.models.modeling import PretrainedMixin
 from backends.torch.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
 from diffusion_core.models import model_config
-from diffusion_core.models.autoencoder import DiagonalGaussianDistribution, tiled_apply
+from diffusion_core.models.autoencoder import AutoencoderTiling
 
 VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE norm (diffusers hard-codes it)
 
@@ -148,7 +148,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
 
-class AutoencoderKL(PretrainedMixin, nn.Module):
+class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nn.Module):
     """VAE with a diagonal-Gaussian latent (Kingma & Welling 2014; Rombach et al. 2022)."""
 
     def __init__(
@@ -188,13 +188,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         self.decoder = Decoder(latent_channels, out_channels, **shared)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
-        self.use_slicing = False
-        self.use_tiling = False
-        # Tiling defaults as diffusers sets them: one tile is one training-size image.
-        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        self.tile_sample_min_size = int(size)
-        self.tile_latent_min_size = int(size / 2 ** (len(block_out_channels) - 1))
-        self.tile_overlap_factor = 0.25
+        self._init_tiling(sample_size, len(block_out_channels))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> AutoencoderKL:
@@ -205,77 +199,11 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
-    def enable_slicing(self) -> None:
-        """Encode/decode a batch one image at a time (same numbers, less peak memory)."""
-        self.use_slicing = True
-
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
-    def enable_tiling(self) -> None:
-        """Encode/decode inputs larger than one tile as overlapping, blended tiles."""
-        self.use_tiling = True
-
-    def disable_tiling(self) -> None:
-        self.use_tiling = False
-
-    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Images (B, in_channels, H, W) -> posterior over latents (B, latent_channels, H/f, W/f)."""
-        _check_nchw("x", x, self.config["in_channels"])
-        if self.use_slicing and x.shape[0] > 1:
-            moments = torch.cat([self._encode(item) for item in x.split(1)])  # (B, 2C, h, w)
-        else:
-            moments = self._encode(x)
-        return DiagonalGaussianDistribution(moments)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f)."""
-        _check_nchw("z", z, self.config["latent_channels"])
-        if self.use_slicing and z.shape[0] > 1:
-            return torch.cat([self._decode(item) for item in z.split(1)])
-        return self._decode(z)
-
-    def tiled_encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Encode with tiles regardless of size (``tile_sample_min_size`` pixel tiles)."""
-        _check_nchw("x", x, self.config["in_channels"])
-        return DiagonalGaussianDistribution(self._tiled_moments(x))
-
-    def tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode with tiles regardless of size (``tile_latent_min_size`` latent tiles)."""
-        _check_nchw("z", z, self.config["latent_channels"])
-        return tiled_apply(
-            z, self._decode_tile, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor
-        )
-
     def forward(
         self, sample: torch.Tensor, sample_posterior: bool = False, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Reconstruct ``sample``: decode the posterior mode, or ``mean + std * noise`` if ``sample_posterior``."""
-        posterior = self.encode(sample)
-        if not sample_posterior:
-            if noise is not None:
-                raise ValueError("noise: only used with sample_posterior=True")
-            return self.decode(posterior.mode())
-        if noise is None:
-            raise ValueError(
-                "noise: required when sample_posterior=True (a standard-normal tensor shaped as the latents)"
-            )
-        return self.decode(posterior.sample(noise))
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            return self._tiled_moments(x)
-        return self._encode_tile(x)
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
-            return self.tiled_decode(z)
-        return self._decode_tile(z)
-
-    def _tiled_moments(self, x: torch.Tensor) -> torch.Tensor:
-        return tiled_apply(
-            x, self._encode_tile, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor
-        )
+        return self._reconstruct(sample, sample_posterior, noise)
 
     def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)  # (B, 2 * latent_channels, h, w)
@@ -286,12 +214,13 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-
-def _check_nchw(name: str, value: torch.Tensor, channels: int) -> None:
-    """Raise a ValueError naming ``name`` unless it is a (B, channels, H, W) tensor."""
-    if not torch.is_tensor(value) or value.ndim != 4 or value.shape[1] != channels:
-        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"{name}: expected a (B, {channels}, H, W) tensor, got {shape}")
+    @staticmethod
+    def _as_nchw(name: str, value: torch.Tensor, channels: int) -> torch.Tensor:
+        """Return ``value``; raise a ValueError naming ``name`` unless it is a (B, channels, H, W) tensor."""
+        if not torch.is_tensor(value) or value.ndim != 4 or value.shape[1] != channels:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"{name}: expected a (B, {channels}, H, W) tensor, got {shape}")
+        return value
 
 
 _CONFIG_FIELDS = tuple(p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self")
