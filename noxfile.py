@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests` (the test suite), `nox -s lint`, `nox -s bench`, `nox -s demo`."""
+"""Developer sessions: `nox -s tests` (the suite), `lint`, `bench`, `bench_models`, `demo`."""
 
 import os
 
@@ -17,6 +17,9 @@ THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JAX_PLATFORMS": "
 def tests(session: nox.Session) -> None:
     """The test suite (slow checks deselected; pass `-- -m slow` to run them)."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
+    # Only for CLIP's real BPE vocabulary file (never imported); its deps would pull a torchvision
+    # built for another torch, which breaks `import transformers`.
+    session.install("--no-deps", "open_clip_torch>=2.20")
     workers = os.environ.get("PYTEST_WORKERS", "2")
     session.run("pytest", "-n", workers, "-q", *session.posargs, env=THREAD_ENV)
 
@@ -34,6 +37,13 @@ def bench(session: nox.Session) -> None:
     """Scheduler step benchmark against diffusers (prints ratios; see benchmarks/RESULTS.md)."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
     session.run("python", "benchmarks/scheduler_step.py", *session.posargs, env=THREAD_ENV)
+
+
+@nox.session
+def bench_models(session: nox.Session) -> None:
+    """SD-1.5-config UNet forward and checkpoint load vs diffusers (slow: minutes; see benchmarks/RESULTS.md)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]")
+    session.run("python", "benchmarks/models.py", *session.posargs, env=THREAD_ENV)
 
 
 @nox.session

@@ -1,0 +1,343 @@
+"""CLIP's tokenizer, written here: loads transformers' CLIPTokenizer folders and gives the same token ids.
+
+Text -> special/added tokens split off -> NFC + lower-casing -> CLIP pre-tokenizer -> byte-level BPE ->
+``<|startoftext|> ... <|endoftext|>`` -> truncation (with a warning quoting what was dropped) -> padding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffusion_core.tokenizers.bpe import ByteLevelBPE
+from diffusion_core.tokenizers.files import (
+    SPECIAL_TOKEN_KEYS,
+    AddedToken,
+    TokenizerFiles,
+    read_tokenizer_files,
+    resolve_tokenizer_folder,
+    write_tokenizer_files,
+)
+from diffusion_core.tokenizers.text import normalize, pre_tokenize
+
+logger = logging.getLogger(__name__)
+
+CLIP_MODEL_MAX_LENGTH = 77
+_NO_LIMIT = 10**9  # transformers writes ~1e30 for "no model_max_length"
+_PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
+_RETURN_TENSORS = (None, "np")
+# Config keys we write ourselves or that only describe where a folder came from.
+_DROPPED_CONFIG_KEYS = {
+    "added_tokens_decoder",
+    "tokenizer_file",
+    "special_tokens_map_file",
+    "name_or_path",
+    "is_local",
+    "local_files_only",
+}
+
+
+class BatchEncoding(dict):
+    """``{"input_ids": ..., "attention_mask": ...}`` that also reads as attributes (``enc.input_ids``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _token_pattern(tokens: Iterable[str]) -> re.Pattern[str] | None:
+    """Leftmost-longest matcher for whole added tokens."""
+    ordered = sorted(set(tokens), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
+
+
+def _split(text: str, pattern: re.Pattern[str] | None) -> list[tuple[str, bool]]:
+    """``text`` cut into (piece, is_added_token) around the matches of ``pattern``."""
+    if pattern is None:
+        return [(text, False)] if text else []
+    pieces: list[tuple[str, bool]] = []
+    start = 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            pieces.append((text[start : match.start()], False))
+        pieces.append((match.group(), True))
+        start = match.end()
+    if start < len(text):
+        pieces.append((text[start:], False))
+    return pieces
+
+
+class CLIPTokenizer:
+    """Byte-level BPE tokenizer of CLIP text encoders (transformers' ``CLIPTokenizer`` vocabulary and files)."""
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        merges: Sequence[tuple[str, str]],
+        *,
+        model_max_length: int = CLIP_MODEL_MAX_LENGTH,
+        bos_token: str = "<|startoftext|>",
+        eos_token: str = "<|endoftext|>",
+        unk_token: str | None = "<|endoftext|>",
+        pad_token: str | None = "<|endoftext|>",
+        added_tokens: Sequence[AddedToken] = (),
+        clean_up_tokenization_spaces: bool = False,
+        extra_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length < 2:
+            raise ValueError(f"model_max_length must be an int >= 2, got {model_max_length!r}")
+        self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
+        self.extra_config = {k: v for k, v in (extra_config or {}).items() if k not in _DROPPED_CONFIG_KEYS}
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token}
+        self.special_tokens["pad_token"] = pad_token
+        self.added_tokens = self._with_special_tokens(dict(vocab), list(added_tokens))
+        added_ids = {t.content: t.id for t in self.added_tokens}
+        unk_id = None if unk_token is None else added_ids.get(unk_token, vocab.get(unk_token))
+        self.bpe = ByteLevelBPE(vocab, merges, unk_id)
+        self._id_to_token = {i: t for t, i in vocab.items()} | {t.id: t.content for t in self.added_tokens}
+        self._added_ids = added_ids
+        self._special_ids = {t.id for t in self.added_tokens if t.special}
+        self._raw_pattern = _token_pattern(t.content for t in self.added_tokens if not t.normalized)
+        self._normalized_pattern = _token_pattern(normalize(t.content) for t in self.added_tokens if t.normalized)
+        self._normalized_ids = {normalize(t.content): t.id for t in self.added_tokens if t.normalized}
+
+    def _with_special_tokens(self, vocab: dict[str, int], added: list[AddedToken]) -> list[AddedToken]:
+        """Added tokens plus every special token (as transformers does); each must have an id."""
+        known = {t.content for t in added}
+        for key, content in self.special_tokens.items():
+            if content is None or content in known:
+                continue
+            if content not in vocab:
+                raise ValueError(f"{key}: {content!r} is neither in the vocabulary nor an added token")
+            added.append(AddedToken(content, vocab[content], special=True, normalized=False))
+            known.add(content)
+        for key in ("bos_token", "eos_token"):
+            if self.special_tokens[key] is None:
+                raise ValueError(f"{key} must be a token string, got None")
+        return added
+
+    # ----------------------------------------------------------------------------------- loading / saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+    ) -> CLIPTokenizer:
+        """Load a transformers CLIPTokenizer folder (or a Hub repo id, e.g. ``subfolder="tokenizer"``)."""
+        folder = resolve_tokenizer_folder(path_or_repo_id, subfolder, revision, local_files_only)
+        files = read_tokenizer_files(folder)
+        config = files.config
+        for side in ("padding_side", "truncation_side"):
+            if config.get(side, "right") != "right":
+                raise ValueError(f"tokenizer config: {side} must be 'right', got {config[side]!r}")
+        max_length = config.get("model_max_length", CLIP_MODEL_MAX_LENGTH)
+        max_length = int(max_length) if isinstance(max_length, (int, float)) else CLIP_MODEL_MAX_LENGTH
+        specials = {key: config[key] for key in SPECIAL_TOKEN_KEYS if key in config and config[key] is not None}
+        extra = {k: v for k, v in config.items() if k not in (*SPECIAL_TOKEN_KEYS, "model_max_length")}
+        return cls(
+            files.vocab,
+            files.merges,
+            model_max_length=max_length,
+            added_tokens=files.added_tokens,
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            extra_config=extra,
+            **specials,
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> list[Path]:
+        """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (transformers reads them)."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise ValueError(f"folder must be a str or path, got {type(folder).__name__}")
+        config = {
+            **self.extra_config,
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            "model_max_length": self.model_max_length,
+            "tokenizer_class": "CLIPTokenizer",
+            **{k: v for k, v in self.special_tokens.items() if v is not None},
+        }
+        merges = sorted(self.bpe.ranks, key=self.bpe.ranks.__getitem__)
+        return write_tokenizer_files(Path(folder), TokenizerFiles(self.bpe.vocab, merges, config, self.added_tokens))
+
+    # ---------------------------------------------------------------------------------------- vocabulary
+    def _token_id(self, key: str) -> int | None:
+        token = self.special_tokens[key]
+        return None if token is None else self._added_ids.get(token, self.bpe.vocab.get(token))
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._token_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._token_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._token_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._token_id("unk_token")
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the BPE vocabulary (added tokens not counted), as in transformers."""
+        return len(self.bpe.vocab)
+
+    def __len__(self) -> int:
+        return len(self._id_to_token)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**self.bpe.vocab, **self._added_ids}
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        tokens = []
+        for i in ids:
+            token = self._id_to_token.get(int(i))
+            if token is None:
+                raise ValueError(f"ids: {int(i)} is not a token id (valid ids: 0..{max(self._id_to_token)})")
+            tokens.append(token)
+        return tokens
+
+    def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
+        vocab = self.get_vocab()
+        return [vocab.get(t, self.unk_token_id) for t in tokens]
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def _encode_normalized(self, text: str, ids: list[int]) -> None:
+        for piece, is_added in _split(normalize(text), self._normalized_pattern):
+            if is_added:
+                ids.append(self._normalized_ids[piece])
+                continue
+            for word in pre_tokenize(piece):
+                ids.extend(self.bpe.word_to_ids(word))
+
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str or a list of str, got an item of type {type(text).__name__}")
+        ids: list[int] = []
+        for piece, is_added in _split(text, self._raw_pattern):
+            if is_added:
+                ids.append(self._added_ids[piece])
+            else:
+                self._encode_normalized(piece, ids)
+        return ids
+
+    def tokenize(self, text: str) -> list[str]:
+        """BPE token strings of ``text`` (no BOS/EOS)."""
+        return self.convert_ids_to_tokens(self._text_ids(text))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one text: ``[bos, ..., eos]`` (no truncation, no padding)."""
+        ids = self._text_ids(text)
+        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+    def _truncate(self, ids: list[int], max_length: int, add_special_tokens: bool) -> list[int]:
+        room = max_length - 2 if add_special_tokens else max_length
+        if len(ids) <= room:
+            return ids
+        dropped = self.decode(ids[room:])
+        logger.warning(
+            "The following part of your input was truncated because the tokenizer handles at most %d tokens: %r",
+            max_length,
+            dropped,
+        )
+        return ids[:room]
+
+    def _check_call_args(self, padding: Any, max_length: Any, truncation: Any, return_tensors: Any) -> str | None:
+        if not isinstance(padding, (bool, str)) or padding not in _PADDING:
+            raise ValueError(f"padding must be one of 'max_length', 'longest', True, False, got {padding!r}")
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        if not isinstance(truncation, bool):
+            raise ValueError(f"truncation must be True or False, got {truncation!r}")
+        if return_tensors not in _RETURN_TENSORS:
+            raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
+        mode = _PADDING[padding]
+        if mode is not None and self.pad_token_id is None:
+            raise ValueError(f"padding={padding!r} needs a pad_token; this tokenizer has none")
+        return mode
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        padding: bool | str = False,
+        max_length: int | None = None,
+        truncation: bool = True,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> BatchEncoding:
+        """``input_ids`` and ``attention_mask`` (lists, or int64 arrays of shape (batch, length) for ``"np"``).
+
+        ``max_length`` defaults to ``model_max_length``; truncation keeps BOS/EOS and logs the dropped text.
+        """
+        mode = self._check_call_args(padding, max_length, truncation, return_tensors)
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Sequence) or not texts:
+            raise ValueError(f"text must be a str or a non-empty list of str, got {text!r}")
+        limit = max_length if max_length is not None else self.model_max_length
+        if add_special_tokens and limit < 2:
+            raise ValueError(f"max_length must be >= 2 to hold BOS and EOS, got {limit}")
+        rows = []
+        for t in texts:
+            ids = self._text_ids(t)
+            if truncation and limit < _NO_LIMIT:
+                ids = self._truncate(ids, limit, add_special_tokens)
+            rows.append([self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids)
+        if mode == "max_length" and limit >= _NO_LIMIT:
+            raise ValueError("padding='max_length' needs max_length: model_max_length is unset")
+        width = limit if mode == "max_length" else max(map(len, rows))
+        masks = [[1] * len(r) + [0] * max(0, width - len(r)) for r in rows] if mode else [[1] * len(r) for r in rows]
+        if mode:
+            rows = [r + [self.pad_token_id] * max(0, width - len(r)) for r in rows]
+        if return_tensors == "np":
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError("return_tensors='np' needs rows of equal length: use padding or truncation=True")
+            return BatchEncoding(
+                input_ids=np.asarray(rows, dtype=np.int64).reshape(len(rows), -1),  # (batch, length)
+                attention_mask=np.asarray(masks, dtype=np.int64).reshape(len(rows), -1),
+            )
+        return BatchEncoding(input_ids=rows[0] if single else rows, attention_mask=masks[0] if single else masks)
+
+    # ------------------------------------------------------------------------------------------ decoding
+    def decode(
+        self,
+        ids: Sequence[int] | np.ndarray,
+        skip_special_tokens: bool = False,
+    ) -> str:
+        """Token ids -> text: BPE undone byte-exactly, ``</w>`` read as a space, ends stripped.
+
+        Like transformers 5, ``clean_up_tokenization_spaces`` from the config is kept but not applied to
+        byte-level BPE output (it would delete real spaces before punctuation).
+        """
+        flat = np.asarray(ids)
+        if flat.ndim != 1 or (flat.size and not np.issubdtype(flat.dtype, np.integer)):
+            raise ValueError(f"ids must be a 1-D sequence of ints, got shape {flat.shape} of {flat.dtype}")
+        kept = [int(i) for i in flat if not (skip_special_tokens and int(i) in self._special_ids)]
+        raw = self.bpe.decode_bytes(self.convert_ids_to_tokens(kept))
+        return raw.decode("utf-8", errors="replace").replace(self.bpe.suffix, " ").strip()
+
+    def batch_decode(self, sequences: Iterable[Sequence[int]] | np.ndarray, **kwargs: Any) -> list[str]:
+        """:meth:`decode` of each row."""
+        return [self.decode(row, **kwargs) for row in sequences]
+
+    def __repr__(self) -> str:
+        return (
+            f"CLIPTokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
+            f"special_tokens={self.special_tokens})"
+        )
