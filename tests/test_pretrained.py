@@ -221,3 +221,41 @@ def test_flax_vae_loads_diffusers_checkpoint_and_saves_it_back(tmp_path: Path) -
     ours.save_pretrained(tmp_path / "ours")
     again = diffusers.AutoencoderKL.from_pretrained(tmp_path / "ours")
     _same_weights(again.state_dict(), ref.state_dict())
+
+
+def test_pickle_checkpoint_needs_allow_pickle_in_both_backends(tmp_path: Path) -> None:
+    ref = _ref_unet()
+    ref.save_pretrained(tmp_path, safe_serialization=False)  # diffusion_pytorch_model.bin
+    assert (tmp_path / "diffusion_pytorch_model.bin").is_file() and not (tmp_path / WEIGHTS).exists()
+    for cls in (UNet2DModel, FlaxUNet):
+        with pytest.raises(FileNotFoundError, match="allow_pickle=True"):
+            cls.from_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="allow_pickle"):
+            cls.from_pretrained(tmp_path, allow_pickle=1)
+    x, t = _inputs()
+    with torch.no_grad():
+        want = ref(x, t).sample.numpy()
+        assert _rel_l2(UNet2DModel.from_pretrained(tmp_path, allow_pickle=True)(x, t).numpy(), want) < 1e-5
+    flax_model = FlaxUNet.from_pretrained(tmp_path, allow_pickle=True)
+    assert _rel_l2(flax_model(jnp.asarray(x.numpy()), jnp.asarray(t.numpy())), want) < 1e-4
+
+
+def test_safetensors_preferred_over_pickle_and_pickle_patterns_opt_in(tmp_path: Path) -> None:
+    from diffusion_core.weights.pretrained import hub_allow_patterns
+
+    ref = _ref_unet()
+    ref.save_pretrained(tmp_path, safe_serialization=False)
+    state = dict(torch.load(tmp_path / "diffusion_pytorch_model.bin", weights_only=True))
+    state["conv_in.bias"] = state["conv_in.bias"] + 1.0  # the safetensors file differs: it must win
+    save_file(state, tmp_path / WEIGHTS, metadata={"format": "pt"})
+    ours = UNet2DModel.from_pretrained(tmp_path, allow_pickle=True)
+    assert torch.equal(ours.state_dict()["conv_in.bias"], state["conv_in.bias"])
+    assert hub_allow_patterns("unet", WEIGHTS, None, allow_pickle=True)[4:] == [
+        "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.bin.index.json",
+        "unet/diffusion_pytorch_model-[0-9]*-of-[0-9]*.bin",
+    ]
+    assert hub_allow_patterns(None, "model.safetensors", "fp16", allow_pickle=True)[4:6] == [
+        "pytorch_model.fp16.bin",
+        "pytorch_model.bin.index.fp16.json",
+    ]

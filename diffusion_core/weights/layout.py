@@ -61,6 +61,11 @@ def check_weights_name(weights_name: str) -> str:
     return weights_name
 
 
+def pickle_weights_name(weights_name: str) -> str:
+    """The pickle file that stands for a safetensors name (``model.safetensors`` -> ``pytorch_model.bin``)."""
+    return _PICKLE_NAMES.get(weights_name, weights_name[: -len(".safetensors")] + ".bin")
+
+
 def add_variant(name: str, variant: str | None) -> str:
     """Put ``variant`` before the last extension: ``a.safetensors`` -> ``a.fp16.safetensors``."""
     if variant is None:
@@ -151,8 +156,7 @@ def resolve_weight_files(
     found = _lookup(folder, weights_name, variant)
     if found is not None:
         return found
-    pickle_name = _PICKLE_NAMES.get(weights_name, weights_name[: -len(".safetensors")] + ".bin")
-    found = _lookup(folder, pickle_name, variant, is_pickle=True)
+    found = _lookup(folder, pickle_weights_name(weights_name), variant, is_pickle=True)
     existing = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".json")))
     where = f"{str(folder)!r} (variant={variant!r})"
     if found is not None and not allow_pickle:

@@ -1,17 +1,21 @@
-"""Framework-neutral half of ``from_pretrained``/``save_pretrained``: folders, Hub snapshots, config.json.
+"""Framework-neutral half of ``from_pretrained``/``save_pretrained``: folders, Hub snapshots, config.json, layouts.
 
 A ``path_or_repo_id`` is a local folder (used as is) or a Hub repo id, fetched with
 ``huggingface_hub.snapshot_download`` restricted to the config and the requested weight files
-(``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub itself). Backends build the model and load
-tensors; this module never imports torch or jax.
+(``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub itself). A ``CheckpointLayout`` says how a
+model class's folder looks on disk: diffusers' (``diffusion_pytorch_model.safetensors``,
+``_class_name``) or transformers' (``model.safetensors``, ``architectures``/``model_type``, and
+the key-prefix rules of checkpoints older transformers wrote). Backends build the model and
+load tensors; this module never imports torch or jax.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from diffusion_core.configuration import (
     DIFFUSERS_FORMAT_VERSION,
@@ -21,24 +25,38 @@ from diffusion_core.configuration import (
 )
 from diffusion_core.weights.layout import (
     DIFFUSERS_WEIGHTS_NAME,
+    TRANSFORMERS_WEIGHTS_NAME,
+    WeightFiles,
     add_variant,
     check_variant,
     index_name,
+    pickle_weights_name,
+    resolve_weight_files,
 )
 
 CONFIG_NAME = "config.json"
+# The transformers release whose config.json we write (and test against).
+TRANSFORMERS_FORMAT_VERSION = "5.24.0"
+V = TypeVar("V")
 
 
-def hub_allow_patterns(subfolder: str | None, weights_name: str, variant: str | None) -> list[str]:
-    """Snapshot patterns: ``config.json``, the single file, its shards and index, of ``variant`` only."""
+def hub_allow_patterns(
+    subfolder: str | None, weights_name: str, variant: str | None, allow_pickle: bool = False
+) -> list[str]:
+    """Snapshot patterns: ``config.json``, the single file, its shards and index, of ``variant`` only.
+
+    With ``allow_pickle``, the same patterns for the matching ``.bin`` name are added.
+    """
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    stem, ext = add_variant(weights_name, variant).rsplit(".", 1)
-    return [
-        prefix + CONFIG_NAME,
-        prefix + add_variant(weights_name, variant),
-        prefix + index_name(weights_name, variant),
-        f"{prefix}{stem}-[0-9]*-of-[0-9]*.{ext}",
-    ]
+    patterns = [prefix + CONFIG_NAME]
+    for name in (weights_name, pickle_weights_name(weights_name)) if allow_pickle else (weights_name,):
+        stem, ext = add_variant(name, variant).rsplit(".", 1)
+        patterns += [
+            prefix + add_variant(name, variant),
+            prefix + index_name(name, variant),
+            f"{prefix}{stem}-[0-9]*-of-[0-9]*.{ext}",
+        ]
+    return patterns
 
 
 def _download(repo_id: str, patterns: list[str], revision: str | None, local_files_only: bool) -> Path:
@@ -72,6 +90,7 @@ def resolve_pretrained_folder(
     revision: str | None = None,
     local_files_only: bool = False,
     weights_name: str = DIFFUSERS_WEIGHTS_NAME,
+    allow_pickle: bool = False,
 ) -> Path:
     """The local folder holding ``config.json`` and the weights (a local folder, or a Hub snapshot)."""
     if not isinstance(path_or_repo_id, (str, os.PathLike)):
@@ -87,7 +106,7 @@ def resolve_pretrained_folder(
     elif isinstance(path_or_repo_id, os.PathLike) or local.is_absolute() or str(path_or_repo_id).startswith("."):
         raise FileNotFoundError(f"path_or_repo_id: no such folder {str(path_or_repo_id)!r}")
     else:
-        patterns = hub_allow_patterns(subfolder, weights_name, variant)
+        patterns = hub_allow_patterns(subfolder, weights_name, variant, allow_pickle)
         root = _download(str(path_or_repo_id), patterns, revision, local_files_only)
     folder = root / subfolder if subfolder else root
     if not folder.is_dir():
@@ -108,3 +127,122 @@ def save_model_config(config: Mapping[str, Any], folder: str | os.PathLike, clas
     path = Path(folder) / CONFIG_NAME
     write_json_atomic(path, config_to_json_string(data))
     return path
+
+
+def save_transformers_config(
+    config: Mapping[str, Any], folder: str | os.PathLike, class_name: str, model_type: str, dtype_name: str
+) -> Path:
+    """Write ``config.json`` as transformers 5 does: ``architectures``, ``model_type``, ``dtype``, version."""
+    data = {k: v for k, v in config.items() if not k.startswith("_")}
+    data.update(
+        architectures=[class_name],
+        model_type=model_type,
+        dtype=dtype_name,
+        transformers_version=TRANSFORMERS_FORMAT_VERSION,
+    )
+    path = Path(folder) / CONFIG_NAME
+    write_json_atomic(path, config_to_json_string(data))
+    return path
+
+
+class PretrainedFiles(NamedTuple):
+    """What ``from_pretrained`` reads: the model folder, its ``config.json`` and its weight files."""
+
+    folder: Path
+    config: dict[str, Any]
+    files: WeightFiles
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How one model class lies on disk: weight file name, config style, and checkpoint key rules.
+
+    ``model_type`` None means diffusers' layout; a string means transformers' (the ``model_type``
+    its ``config.json`` carries). ``strip_prefix``: older writers saved every key of this model
+    under that prefix (transformers 4 saved a bare ``CLIPTextModel`` as ``text_model.*``); it is
+    removed on loading. ``dropped_keys``: keys (after stripping) older writers saved that are not
+    weights (non-persistent buffers such as ``embeddings.position_ids``); they are ignored. Every
+    other key must match the model exactly.
+    """
+
+    weights_name: str = DIFFUSERS_WEIGHTS_NAME
+    model_type: str | None = None
+    strip_prefix: str = ""
+    dropped_keys: frozenset[str] = frozenset()
+
+    def model_key(self, key: str) -> str | None:
+        """The model's name for a checkpoint key, or None when the key is to be ignored."""
+        if self.strip_prefix and key.startswith(self.strip_prefix):
+            key = key[len(self.strip_prefix) :]
+        return None if key in self.dropped_keys else key
+
+    def rename(self, items: Iterable[tuple[str, V]]) -> Iterator[tuple[str, V]]:
+        """Stream ``(checkpoint_key, value)`` as ``(model_key, value)``; ValueError on two keys for one name."""
+        seen: dict[str, str] = {}
+        for key, value in items:
+            name = self.model_key(key)
+            if name is None:
+                continue
+            if name in seen:
+                raise ValueError(f"checkpoint holds both {seen[name]!r} and {key!r}, which name the same weight")
+            seen[name] = key
+            yield name, value
+
+    def locate(
+        self,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        allow_pickle: bool = False,
+    ) -> PretrainedFiles:
+        """Find the folder (downloading from the Hub if needed), read and check its config, find the weights.
+
+        ``.bin`` (pickle) weights are refused with a FileNotFoundError unless ``allow_pickle``.
+        """
+        if not isinstance(allow_pickle, bool):
+            raise ValueError(f"allow_pickle must be True or False, got {allow_pickle!r}")
+        folder = resolve_pretrained_folder(
+            path_or_repo_id,
+            subfolder=subfolder,
+            variant=variant,
+            revision=revision,
+            local_files_only=local_files_only,
+            weights_name=self.weights_name,
+            allow_pickle=allow_pickle,
+        )
+        config = load_model_config(folder)
+        found_type = config.get("model_type")
+        if self.model_type is not None and found_type is not None and found_type != self.model_type:
+            raise ValueError(
+                f"config: {str(folder / CONFIG_NAME)!r} has model_type {found_type!r}; this class reads "
+                f"{self.model_type!r} checkpoints"
+            )
+        files = resolve_weight_files(folder, weights_name=self.weights_name, variant=variant, allow_pickle=allow_pickle)
+        return PretrainedFiles(folder, config, files)
+
+    def save_config(
+        self, config: Mapping[str, Any], folder: str | os.PathLike, class_name: str, dtype_name: str
+    ) -> Path:
+        """Write ``config.json`` in this layout's style (``dtype_name``: the saved weights' dtype)."""
+        if self.model_type is None:
+            return save_model_config(config, folder, class_name)
+        return save_transformers_config(config, folder, class_name, self.model_type, dtype_name)
+
+
+DIFFUSERS_LAYOUT = CheckpointLayout()
+# transformers' CLIP text encoders. transformers 4 saved a bare CLIPTextModel under ``text_model.``
+# (transformers 5 does not) and, before 4.31, the ``position_ids`` buffer too.
+CLIP_TEXT_LAYOUT = CheckpointLayout(
+    TRANSFORMERS_WEIGHTS_NAME,
+    model_type="clip_text_model",
+    strip_prefix="text_model.",
+    dropped_keys=frozenset({"embeddings.position_ids"}),
+)
+CLIP_TEXT_PROJECTION_LAYOUT = CheckpointLayout(
+    TRANSFORMERS_WEIGHTS_NAME,
+    model_type="clip_text_model",
+    dropped_keys=frozenset({"text_model.embeddings.position_ids"}),
+)

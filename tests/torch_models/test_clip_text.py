@@ -181,6 +181,7 @@ def test_bad_attention_mask_raises() -> None:
         ({"num_hidden_layers": 0}, "num_hidden_layers"),
         ({"vocab_size": 10.0}, "vocab_size"),
         ({"projection_dim": None}, "projection_dim"),
+        ({"attention_dropout": 1.0}, "attention_dropout"),
     ],
 )
 def test_bad_config_raises(overrides: dict[str, Any], name: str) -> None:

@@ -1,5 +1,11 @@
 """Flax NNX network modules with diffusers' class names, config fields and parameter names."""
 
+from backends.flax.models.clip_text import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTextOutput,
+    CLIPTextWithProjectionOutput,
+)
 from backends.flax.models.layers import (
     Downsample2D,
     FrozenWeight,
@@ -26,6 +32,10 @@ __all__ = [
     "AttnDownBlock2D",
     "AttnUpBlock2D",
     "AutoencoderKL",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPTextOutput",
+    "CLIPTextWithProjectionOutput",
     "Decoder",
     "DownBlock2D",
     "DownEncoderBlock2D",

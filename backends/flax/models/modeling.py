@@ -1,24 +1,25 @@
-"""``from_pretrained``/``save_pretrained`` for Flax NNX models in diffusers' (PyTorch) folder layout.
+"""``from_pretrained``/``save_pretrained`` for Flax NNX models in diffusers' or transformers' (PyTorch) layout.
 
 The model is built abstractly with ``nnx.eval_shape`` (no weight memory); its non-weight state
 (dropout RNG streams) is then made concrete. The checkpoint is streamed through
 ``load_torch_state_dict``, which checks every key and shape before anything is assigned.
-Saving goes back through ``flax_state_to_torch``.
+Saving goes back through ``flax_state_to_torch``. Which layout a class reads and writes is its
+``checkpoint_layout`` (diffusers' by default).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from backends.flax.models.loading import WEIGHTS, flax_state_to_torch, load_torch_state_dict
-from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, iter_tensors, resolve_weight_files, save_state_dict
-from diffusion_core.weights.pretrained import load_model_config, resolve_pretrained_folder, save_model_config
+from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, iter_tensors, save_state_dict
+from diffusion_core.weights.pretrained import DIFFUSERS_LAYOUT, CheckpointLayout
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -46,9 +47,10 @@ def _abstract_model(cls: type, config: dict[str, Any], dtype: Any) -> nnx.Module
 
 
 class PretrainedMixin:
-    """Adds diffusers-compatible ``from_pretrained``/``save_pretrained`` to an NNX module with ``from_config``."""
+    """Adds diffusers/transformers-compatible ``from_pretrained``/``save_pretrained`` to an NNX module."""
 
     config: dict[str, Any]
+    checkpoint_layout: ClassVar[CheckpointLayout] = DIFFUSERS_LAYOUT
 
     @classmethod
     def from_pretrained(
@@ -59,22 +61,25 @@ class PretrainedMixin:
         variant: str | None = None,
         revision: str | None = None,
         local_files_only: bool = False,
+        allow_pickle: bool = False,
     ) -> M:
-        """Load a diffusers (PyTorch-layout) checkpoint from a folder or a Hub repo id; weights cast to ``dtype``.
+        """Load a diffusers/transformers (PyTorch-layout) checkpoint from a folder or a Hub repo id.
 
-        Raises ValueError listing unmatched/missing/mis-shaped keys, FileNotFoundError when files are absent.
+        Weights are cast to ``dtype``. ``.bin`` (pickle) weights are read only with ``allow_pickle=True``
+        (through ``torch.load(weights_only=True)``). Raises ValueError listing unmatched/missing/
+        mis-shaped keys, FileNotFoundError when files are absent.
         """
-        folder = resolve_pretrained_folder(
+        layout = cls.checkpoint_layout
+        found = layout.locate(
             path_or_repo_id,
             subfolder=subfolder,
             variant=variant,
             revision=revision,
             local_files_only=local_files_only,
+            allow_pickle=allow_pickle,
         )
-        config = load_model_config(folder)
-        files = resolve_weight_files(folder, variant=variant)
-        model = _abstract_model(cls, config, dtype)
-        load_torch_state_dict(model, iter_tensors(files))
+        model = _abstract_model(cls, found.config, dtype)
+        load_torch_state_dict(model, layout.rename(iter_tensors(found.files)))
         return model
 
     def save_pretrained(
@@ -83,7 +88,11 @@ class PretrainedMixin:
         variant: str | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     ) -> list[Path]:
-        """Write ``config.json`` and PyTorch-layout weights (sharded past ``max_shard_size``) as diffusers does."""
+        """Write ``config.json`` and PyTorch-layout weights (sharded past ``max_shard_size``) in the class's layout."""
         state = flax_state_to_torch(self)  # type: ignore[arg-type]
-        paths = save_state_dict(state, folder, variant=variant, max_shard_size=max_shard_size)
-        return [*paths, save_model_config(self.config, folder, type(self).__name__)]
+        layout = self.checkpoint_layout
+        paths = save_state_dict(
+            state, folder, weights_name=layout.weights_name, variant=variant, max_shard_size=max_shard_size
+        )
+        dtype_name = next(iter(state.values())).dtype.name
+        return [*paths, layout.save_config(self.config, folder, type(self).__name__, dtype_name)]

@@ -8,51 +8,29 @@ loader strips); ``CLIPTextModelWithProjection`` holds ``text_model.*`` and
 ``text_projection.weight``. ``position_ids`` is not in the state dict (transformers keeps it
 as a non-persistent buffer). Call: ``model(input_ids, attention_mask=None,
 output_hidden_states=False)`` with (B, T) integer ids and an optional (B, T) 0/1 padding mask.
+``from_pretrained``/``save_pretrained`` read and write transformers' folder layout
+(``config.json`` + ``model.safetensors``; see ``diffusion_core.weights.pretrained.CLIP_TEXT_LAYOUT``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends.torch.models.modeling import PretrainedMixin
+from diffusion_core.models.clip_config import (
+    CLIPTextOutput,
+    CLIPTextWithProjectionOutput,
+    check_projection_dim,
+    check_text_inputs,
+    clip_text_config,
+)
 from diffusion_core.models.text_pooling import eos_token_positions
-
-# transformers 5 ``CLIPTextConfig`` fields and defaults (openai/clip-vit-base-patch32).
-CLIP_TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 512,
-    "intermediate_size": 2048,
-    "projection_dim": 512,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 8,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "attention_dropout": 0.0,
-    "initializer_range": 0.02,  # kept for round trips; weights come from checkpoints
-    "initializer_factor": 1.0,  # idem
-    "pad_token_id": 1,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,  # picks the pooled token; 2 means the legacy argmax rule
-}
-# Generic transformers ``config.json`` keys that say nothing about this network.
-_GENERIC_KEYS = frozenset(
-    {
-        "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "dropout",
-        "id2label", "label2id", "problem_type", "return_dict", "output_hidden_states",
-        "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder", "tie_word_embeddings",
-    }
-)  # fmt: skip
-_POSITIVE_INTS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "max_position_embeddings",
-)  # fmt: skip
+from diffusion_core.weights.pretrained import CLIP_TEXT_LAYOUT, CLIP_TEXT_PROJECTION_LAYOUT, CheckpointLayout
 
 
 class QuickGELU(nn.Module):
@@ -73,49 +51,6 @@ _ACTIVATIONS: dict[str, Any] = {
     "gelu_new": _tanh_gelu,
     "gelu_pytorch_tanh": _tanh_gelu,
 }
-
-
-def clip_text_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Complete and check a ``CLIPTextConfig`` mapping; ``_``-prefixed and generic keys are dropped."""
-    if config is None:
-        config = {}
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config: expected a mapping, got {type(config).__name__}")
-    unknown = sorted(k for k in config if k not in CLIP_TEXT_DEFAULTS and k not in _GENERIC_KEYS and k[:1] != "_")
-    if unknown:
-        warnings.warn(f"CLIP text config: ignoring unknown keys {unknown}", stacklevel=3)
-    cfg = {k: config.get(k, default) for k, default in CLIP_TEXT_DEFAULTS.items()}
-    for name in _POSITIVE_INTS:
-        if isinstance(cfg[name], bool) or not isinstance(cfg[name], int) or cfg[name] <= 0:
-            raise ValueError(f"{name}: expected a positive int, got {cfg[name]!r}")
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise ValueError(
-            f"hidden_size: {cfg['hidden_size']} is not a multiple of num_attention_heads {cfg['num_attention_heads']}"
-        )
-    if cfg["hidden_act"] not in _ACTIVATIONS:
-        raise ValueError(f"hidden_act: unsupported activation {cfg['hidden_act']!r}; accepted: {sorted(_ACTIVATIONS)}")
-    if isinstance(cfg["eos_token_id"], bool) or not isinstance(cfg["eos_token_id"], int):
-        raise ValueError(f"eos_token_id: expected an int (it picks the pooled token), got {cfg['eos_token_id']!r}")
-    return cfg
-
-
-@dataclass(frozen=True)
-class CLIPTextOutput:
-    """``CLIPTextModel`` output; ``hidden_states`` is None unless requested."""
-
-    last_hidden_state: torch.Tensor  # (B, T, hidden), after final_layer_norm
-    pooler_output: torch.Tensor  # (B, hidden): last_hidden_state at the end-of-text token
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, then each layer (before final norm)
-
-
-@dataclass(frozen=True)
-class CLIPTextWithProjectionOutput:
-    """``CLIPTextModelWithProjection`` output: the pooled state projected, plus the text-model outputs."""
-
-    text_embeds: torch.Tensor  # (B, projection_dim)
-    last_hidden_state: torch.Tensor  # (B, T, hidden)
-    pooler_output: torch.Tensor  # (B, hidden)
-    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -215,8 +150,10 @@ def _attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.
     return causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(PretrainedMixin, nn.Module):
     """CLIP's causal text transformer (Radford et al. 2021) with transformers 5's names."""
+
+    checkpoint_layout: ClassVar[CheckpointLayout] = CLIP_TEXT_LAYOUT
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -241,7 +178,7 @@ class CLIPTextModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> CLIPTextOutput:
         """Encode (B, T) token ids; ``attention_mask`` (B, T) is 1 for real tokens, 0 for padding."""
-        self._check_inputs(input_ids, attention_mask)
+        check_text_inputs(input_ids, attention_mask, self.config)
         mask = _attention_mask(attention_mask, input_ids.shape[1])
         hidden_states = self.embeddings(input_ids)  # (B, T, hidden)
         all_states = [hidden_states]
@@ -253,32 +190,17 @@ class CLIPTextModel(nn.Module):
         pooled = last[torch.arange(last.shape[0], device=last.device), positions]  # (B, hidden)
         return CLIPTextOutput(last, pooled, tuple(all_states) if output_hidden_states else None)
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Raise ValueError naming the argument for ids or masks this model cannot encode."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids: expected a (batch, sequence) integer tensor, got {_describe(input_ids)}")
-        batch, seq_len = input_ids.shape
-        limit = self.config["max_position_embeddings"]
-        if not 0 < seq_len <= limit:
-            raise ValueError(f"input_ids: sequence length {seq_len} must be in [1, max_position_embeddings={limit}]")
-        if batch and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config["vocab_size"]):
-            raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.config['vocab_size']})")
-        if attention_mask is not None and (
-            not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, seq_len)
-        ):
-            raise ValueError(f"attention_mask: expected shape {(batch, seq_len)}, got {_describe(attention_mask)}")
 
-
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(PretrainedMixin, nn.Module):
     """``CLIPTextModel`` plus a bias-free projection of the pooled state (``text_embeds``)."""
+
+    checkpoint_layout: ClassVar[CheckpointLayout] = CLIP_TEXT_PROJECTION_LAYOUT
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.text_model = CLIPTextModel(config)
         self.config: dict[str, Any] = self.text_model.config
-        projection_dim = self.config["projection_dim"]
-        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim <= 0:
-            raise ValueError(f"projection_dim: expected a positive int, got {projection_dim!r}")
+        projection_dim = check_projection_dim(self.config)
         self.text_projection = nn.Linear(self.config["hidden_size"], projection_dim, bias=False)
 
     @classmethod
@@ -301,12 +223,6 @@ class CLIPTextModelWithProjection(nn.Module):
         return CLIPTextWithProjectionOutput(
             self.text_projection(out.pooler_output), out.last_hidden_state, out.pooler_output, out.hidden_states
         )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"shape {tuple(value.shape)} dtype {value.dtype}"
-    return type(value).__name__
 
 
 __all__ = [
