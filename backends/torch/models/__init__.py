@@ -1,11 +1,13 @@
 """PyTorch network modules with diffusers' class names, config fields and state-dict keys."""
 
+from backends.torch.models.attention import Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
 from backends.torch.models.clip_text import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTextOutput,
     CLIPTextWithProjectionOutput,
 )
+from backends.torch.models.controlnet import ControlNetModel
 from backends.torch.models.layers import (
     Downsample2D,
     GaussianFourierProjection,
@@ -24,6 +26,16 @@ from backends.torch.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
+from backends.torch.models.unet_2d_condition import UNet2DConditionModel
+from backends.torch.models.unet_2d_condition_blocks import (
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    KCrossAttnDownBlock2D,
+    KCrossAttnUpBlock2D,
+    KDownBlock2D,
+    KUpBlock2D,
+    UNetMidBlock2DCrossAttn,
+)
 from backends.torch.models.vae import (
     AutoencoderKL,
     Decoder,
@@ -34,27 +46,40 @@ from backends.torch.models.vae import (
 from diffusion_core.models.autoencoder import DiagonalGaussianDistribution
 
 __all__ = [
+    "Attention",
     "AttnDownBlock2D",
     "AttnUpBlock2D",
     "AutoencoderKL",
+    "BasicTransformerBlock",
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
     "CLIPTextOutput",
     "CLIPTextWithProjectionOutput",
+    "ControlNetModel",
+    "CrossAttnDownBlock2D",
+    "CrossAttnUpBlock2D",
     "Decoder",
     "DiagonalGaussianDistribution",
     "DownBlock2D",
     "DownEncoderBlock2D",
     "Downsample2D",
     "Encoder",
+    "FeedForward",
     "GaussianFourierProjection",
+    "KCrossAttnDownBlock2D",
+    "KCrossAttnUpBlock2D",
+    "KDownBlock2D",
+    "KUpBlock2D",
     "ResnetBlock2D",
     "ResnetOptions",
     "SpatialSelfAttention",
     "TimestepEmbedding",
     "Timesteps",
+    "Transformer2DModel",
+    "UNet2DConditionModel",
     "UNet2DModel",
     "UNetMidBlock2D",
+    "UNetMidBlock2DCrossAttn",
     "UpBlock2D",
     "UpDecoderBlock2D",
     "Upsample2D",

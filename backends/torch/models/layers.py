@@ -72,16 +72,33 @@ class GaussianFourierProjection(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """Two-layer MLP on a timestep projection: ``linear_1 -> act -> linear_2``."""
+    """Two-layer MLP on a timestep projection: ``linear_1 -> act -> linear_2 [-> post_act]``.
 
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu") -> None:
+    With ``cond_proj_dim``, a bias-free ``cond_proj`` of an extra condition is added to the input.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        time_embed_dim: int,
+        act_fn: str = "silu",
+        post_act_fn: str | None = None,
+        cond_proj_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.act = get_activation(act_fn)
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.post_act = None if post_act_fn is None else get_activation(post_act_fn)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(sample)))
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("timestep_cond: this model has no time_cond_proj_dim to project it")
+            sample = sample + self.cond_proj(condition)
+        sample = self.linear_2(self.act(self.linear_1(sample)))
+        return sample if self.post_act is None else self.post_act(sample)
 
 
 class Downsample2D(nn.Module):
@@ -241,3 +258,82 @@ class SpatialSelfAttention(nn.Module):
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.reshape(batch, length, self.heads, -1).transpose(1, 2)  # (B, heads, HW, head_dim)
+
+
+class AdaGroupNorm(nn.Module):
+    """GroupNorm without affine weights, scaled and shifted by a projection of the embedding."""
+
+    def __init__(self, embedding_dim: int, out_dim: int, num_groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.linear = nn.Linear(embedding_dim, out_dim * 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, C, 1, 1)
+        return F.group_norm(x, self.num_groups, eps=self.eps) * (1 + scale) + shift
+
+
+class ResnetBlockCondNorm2D(nn.Module):
+    """Residual block whose two norms are ``AdaGroupNorm`` of the embedding (K-diffusion UNet blocks).
+
+    ``conv_2d_out_channels`` lets ``conv2`` (and the shortcut) change the width again.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        groups_out: int,
+        eps: float = 1e-5,
+        dropout: float = 0.0,
+        non_linearity: str = "gelu",
+        conv_2d_out_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        conv_2d_out_channels = conv_2d_out_channels or out_channels
+        self.norm1 = AdaGroupNorm(temb_channels, in_channels, groups, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = AdaGroupNorm(temb_channels, out_channels, groups_out, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, padding=1)
+        self.nonlinearity = get_activation(non_linearity)
+        self.conv_shortcut = None
+        if in_channels != conv_2d_out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, conv_2d_out_channels, kernel_size=1, bias=False)
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor, temb)))
+        hidden_states = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden_states, temb))))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return input_tensor + hidden_states
+
+
+_K_KERNEL_1D = (1 / 8, 3 / 8, 3 / 8, 1 / 8)  # binomial blur of the K-diffusion resamplers
+
+
+def _k_kernel(x: torch.Tensor, gain: float) -> torch.Tensor:
+    """Depthwise (C, 1, 4, 4) separable blur kernel for ``x``'s channels, times ``gain``."""
+    k1 = torch.tensor(_K_KERNEL_1D, dtype=torch.float32, device=x.device) * gain
+    return (k1[:, None] * k1[None, :]).to(x.dtype).expand(x.shape[1], 1, 4, 4)  # (C, 1, 4, 4)
+
+
+class KDownsample2D(nn.Module):
+    """Halve H and W: reflect pad 1, then a stride-2 depthwise 4x4 binomial blur (no parameters)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = F.pad(inputs, (1, 1, 1, 1), mode="reflect")  # (B, C, H + 2, W + 2)
+        return F.conv2d(inputs, _k_kernel(inputs, 1.0), stride=2, groups=inputs.shape[1])  # (B, C, H/2, W/2)
+
+
+class KUpsample2D(nn.Module):
+    """Double H and W: reflect pad 1, then a stride-2 depthwise transposed 4x4 blur (gain 2 per axis)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = F.pad(inputs, (1, 1, 1, 1), mode="reflect")  # (B, C, H + 2, W + 2)
+        kernel = _k_kernel(inputs, 2.0)
+        return F.conv_transpose2d(inputs, kernel, stride=2, padding=3, groups=inputs.shape[1])  # (B, C, 2H, 2W)

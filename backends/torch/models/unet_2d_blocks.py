@@ -137,8 +137,13 @@ class UpBlock2D(nn.Module):
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
 
     def forward(
-        self, hidden_states: torch.Tensor, res_hidden_states: tuple[torch.Tensor, ...], temb: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states: tuple[torch.Tensor, ...],
+        temb: torch.Tensor,
+        upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        """``upsample_size``: output (H, W) of a conv upsampler, for sizes not divisible by 2."""
         skips = list(res_hidden_states)
         for i, resnet in enumerate(self.resnets):
             hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
@@ -147,7 +152,9 @@ class UpBlock2D(nn.Module):
                 hidden_states = self.attentions[i](hidden_states)
         if self.upsamplers is not None:
             up = self.upsamplers[0]
-            hidden_states = up(hidden_states, temb) if isinstance(up, ResnetBlock2D) else up(hidden_states)
+            hidden_states = (
+                up(hidden_states, temb) if isinstance(up, ResnetBlock2D) else up(hidden_states, upsample_size)
+            )
         return hidden_states
 
 

@@ -1,0 +1,358 @@
+"""Cross-attention and K-diffusion blocks of UNet2DConditionModel / ControlNetModel, in PyTorch.
+
+Every block is built from a ``BlockPlan`` (diffusion_core.models.unet_condition_config), which
+already resolved diffusers' per-block channel and head bookkeeping. Module and parameter names
+follow diffusers 0.42.1 (``resnets.i``, ``attentions.i``, ``downsamplers.0``, ``upsamplers.0``).
+Cross-attention blocks take ``(hidden, temb, context)``; the others ``(hidden, temb)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from backends.torch.models.attention import Attention, Transformer2DModel
+from backends.torch.models.layers import (
+    AdaGroupNorm,
+    Downsample2D,
+    KDownsample2D,
+    KUpsample2D,
+    ResnetBlockCondNorm2D,
+    Upsample2D,
+)
+from backends.torch.models.unet_2d_blocks import DownBlock2D, ResnetOptions, UNetMidBlock2D, UpBlock2D
+from diffusion_core.models.unet_condition_config import BlockPlan
+
+
+@dataclass(frozen=True)
+class Context:
+    """What cross-attention blocks attend to: encoder states and optional (B, 1, S) additive masks."""
+
+    encoder_hidden_states: torch.Tensor | None
+    attention_mask: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+
+
+def resnet_options(plan: BlockPlan) -> ResnetOptions:
+    """Settings of the standard ResnetBlock2D stack of a block."""
+    if plan.norm_groups is None:
+        raise ValueError(f"norm_num_groups: {plan.block_type} needs an int group count")
+    return ResnetOptions(
+        plan.temb_channels, plan.norm_groups, plan.norm_eps, plan.act_fn, plan.time_scale_shift, plan.dropout
+    )
+
+
+def _transformer(plan: BlockPlan, num_layers: int) -> Transformer2DModel:
+    return Transformer2DModel(
+        plan.num_attention_heads,
+        plan.attention_head_dim,
+        in_channels=plan.out_channels,
+        num_layers=num_layers,
+        norm_num_groups=plan.norm_groups,
+        cross_attention_dim=plan.cross_attention_dim,
+        use_linear_projection=plan.use_linear_projection,
+        only_cross_attention=plan.only_cross_attention,
+        upcast_attention=plan.upcast_attention,
+    )
+
+
+def _attend(attn: Transformer2DModel, hidden_states: torch.Tensor, ctx: Context) -> torch.Tensor:
+    return attn(hidden_states, ctx.encoder_hidden_states, ctx.attention_mask, ctx.encoder_attention_mask)
+
+
+class CrossAttnDownBlock2D(nn.Module):
+    """``num_layers`` x (resnet, Transformer2DModel), then a stride-2 conv; every state is a skip."""
+
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        opts = resnet_options(plan)
+        self.attentions = nn.ModuleList(_transformer(plan, n) for n in plan.transformer_layers)
+        self.resnets = nn.ModuleList(
+            opts.resnet(plan.in_channels if i == 0 else plan.out_channels, plan.out_channels)
+            for i in range(plan.num_layers)
+        )
+        self.downsamplers = None
+        if plan.add_downsample:
+            conv = Downsample2D(plan.out_channels, True, plan.out_channels, padding=plan.downsample_padding)
+            self.downsamplers = nn.ModuleList([conv])
+
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: Context
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        outputs: tuple[torch.Tensor, ...] = ()
+        for resnet, attn in zip(self.resnets, self.attentions, strict=True):
+            hidden_states = _attend(attn, resnet(hidden_states, temb), ctx)
+            outputs += (hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)
+            outputs += (hidden_states,)
+        return hidden_states, outputs
+
+
+class CrossAttnUpBlock2D(nn.Module):
+    """``num_layers`` x (concat one skip, resnet, Transformer2DModel), then 2x nearest + conv."""
+
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        opts = resnet_options(plan)
+        resnets = []
+        for i in range(plan.num_layers):
+            skip = plan.in_channels if i == plan.num_layers - 1 else plan.out_channels
+            resnet_in = plan.prev_output_channel if i == 0 else plan.out_channels
+            resnets.append(opts.resnet(resnet_in + skip, plan.out_channels))
+        self.attentions = nn.ModuleList(_transformer(plan, n) for n in plan.transformer_layers)
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers = None
+        if plan.add_upsample:
+            self.upsamplers = nn.ModuleList([Upsample2D(plan.out_channels, True, plan.out_channels)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states: tuple[torch.Tensor, ...],
+        temb: torch.Tensor,
+        ctx: Context,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        skips = list(res_hidden_states)
+        for resnet, attn in zip(self.resnets, self.attentions, strict=True):
+            hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            hidden_states = _attend(attn, resnet(hidden_states, temb), ctx)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+        return hidden_states
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnet, then ``num_layers`` x (Transformer2DModel, resnet) at the lowest resolution."""
+
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        opts = resnet_options(plan)
+        self.attentions = nn.ModuleList(_transformer(plan, n) for n in plan.transformer_layers)
+        self.resnets = nn.ModuleList(
+            opts.resnet(plan.out_channels, plan.out_channels, output_scale_factor=plan.output_scale_factor)
+            for _ in range(plan.num_layers + 1)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: Context) -> torch.Tensor:
+        hidden_states = self.resnets[0](hidden_states, temb)
+        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
+            hidden_states = resnet(_attend(attn, hidden_states, ctx), temb)
+        return hidden_states
+
+
+class KAttentionBlock(nn.Module):
+    """AdaGroupNorm-conditioned (optional self-) and cross-attention on a feature map, each residual."""
+
+    def __init__(self, dim: int, head_dim: int, cross_attention_dim: int, temb_channels: int, self_attn: bool):
+        super().__init__()
+        groups = max(1, dim // 32)
+        self.norm1 = self.attn1 = None
+        if self_attn:
+            self.norm1 = AdaGroupNorm(temb_channels, dim, groups)
+            self.attn1 = Attention(dim, None, heads=dim // head_dim, dim_head=head_dim, bias=True)
+        self.norm2 = AdaGroupNorm(temb_channels, dim, groups)
+        self.attn2 = Attention(
+            dim,
+            cross_attention_dim,
+            heads=dim // head_dim,
+            dim_head=head_dim,
+            bias=True,
+            cross_attention_norm="layer_norm",
+        )
+
+    def forward(self, hidden_states: torch.Tensor, emb: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if self.attn1 is not None:
+            out = self._run(self.attn1, self.norm1(hidden_states, emb), None, ctx.attention_mask)
+            hidden_states = out + hidden_states
+        cross_mask = ctx.attention_mask if ctx.encoder_hidden_states is None else ctx.encoder_attention_mask
+        out = self._run(self.attn2, self.norm2(hidden_states, emb), ctx.encoder_hidden_states, cross_mask)
+        return out + hidden_states
+
+    @staticmethod
+    def _run(attn: Attention, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, C)
+        out = attn(tokens, context, mask)  # (B, HW, C)
+        return out.permute(0, 2, 1).reshape(batch, channels, height, width)  # (B, C, H, W)
+
+
+def _k_resnet(plan: BlockPlan, in_ch: int, out_ch: int, conv_out: int | None = None) -> ResnetBlockCondNorm2D:
+    """K resnet; GroupNorm groups come from the input width and the block width (diffusers' rule)."""
+    return ResnetBlockCondNorm2D(
+        in_channels=in_ch,
+        out_channels=out_ch,
+        temb_channels=plan.temb_channels,
+        groups=in_ch // plan.group_size,
+        groups_out=plan.out_channels // plan.group_size,
+        eps=plan.norm_eps,
+        dropout=plan.dropout,
+        non_linearity=plan.act_fn,
+        conv_2d_out_channels=conv_out,
+    )
+
+
+class KDownBlock2D(nn.Module):
+    """K-diffusion down block: ``num_layers`` AdaGroupNorm resnets (optional cross-attention), blur down.
+
+    Skips are the resnet (attention) outputs; a block without a downsampler hands on None skips.
+    """
+
+    has_attention = False
+
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        out = plan.out_channels
+        self.resnets = nn.ModuleList(
+            _k_resnet(plan, plan.in_channels if i == 0 else out, out) for i in range(plan.num_layers)
+        )
+        self.attentions = None
+        if self.has_attention:
+            self.attentions = nn.ModuleList(
+                KAttentionBlock(
+                    out, plan.attention_head_dim, plan.cross_attention_dim, plan.temb_channels, plan.add_self_attention
+                )
+                for _ in range(plan.num_layers)
+            )
+        self.downsamplers = nn.ModuleList([KDownsample2D()]) if plan.add_downsample else None
+
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: Context | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        outputs: tuple[torch.Tensor | None, ...] = ()
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states, temb, ctx)
+                outputs += (hidden_states if self.downsamplers is not None else None,)
+            else:
+                outputs += (hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)
+        return hidden_states, outputs
+
+
+class KCrossAttnDownBlock2D(KDownBlock2D):
+    """KDownBlock2D with a KAttentionBlock after every resnet."""
+
+    has_attention = True
+
+
+class KUpBlock2D(nn.Module):
+    """K-diffusion up block: concat the last skip, ``num_layers - 1`` resnets (optional attention), blur up.
+
+    The last resnet (and attention) narrows to ``in_channels``, the next block's width.
+    """
+
+    has_attention = False
+
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        out = plan.out_channels
+        first = self.has_attention and plan.in_channels == out == plan.temb_channels  # no skip to concat
+        middle = plan.in_channels != out
+        k_in = out if first else 2 * out
+        n = plan.num_layers - 1
+        resnets, attentions = [], []
+        for i in range(n):
+            last = i == n - 1
+            in_ch = k_in if i == 0 else out
+            if self.has_attention:
+                resnets.append(_k_resnet(plan, in_ch, out, plan.in_channels if middle and last else None))
+                dim = plan.in_channels if last else out
+                attn = KAttentionBlock(
+                    dim, plan.attention_head_dim, plan.cross_attention_dim, plan.temb_channels, first
+                )
+                attentions.append(attn)
+            else:
+                resnets.append(_k_resnet(plan, in_ch, plan.in_channels if last else out))
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if self.has_attention else None
+        self.upsamplers = nn.ModuleList([KUpsample2D()]) if plan.add_upsample else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states: tuple[torch.Tensor | None, ...],
+        temb: torch.Tensor,
+        ctx: Context | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        skip = res_hidden_states[-1]
+        if skip is not None:
+            hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, 2C, H, W)
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states, temb, ctx)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states)
+        return hidden_states
+
+
+class KCrossAttnUpBlock2D(KUpBlock2D):
+    """KUpBlock2D with a KAttentionBlock after every resnet."""
+
+    has_attention = True
+
+
+DOWN_BLOCKS = {
+    "CrossAttnDownBlock2D": CrossAttnDownBlock2D,
+    "KDownBlock2D": KDownBlock2D,
+    "KCrossAttnDownBlock2D": KCrossAttnDownBlock2D,
+}
+UP_BLOCKS = {
+    "CrossAttnUpBlock2D": CrossAttnUpBlock2D,
+    "KUpBlock2D": KUpBlock2D,
+    "KCrossAttnUpBlock2D": KCrossAttnUpBlock2D,
+}
+CROSS_ATTENTION_BLOCKS = (
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    UNetMidBlock2DCrossAttn,
+    KCrossAttnDownBlock2D,
+    KCrossAttnUpBlock2D,
+)
+
+
+def build_down_block(plan: BlockPlan) -> nn.Module:
+    if plan.block_type == "DownBlock2D":
+        return DownBlock2D(
+            plan.in_channels,
+            plan.out_channels,
+            resnet_options(plan),
+            num_layers=plan.num_layers,
+            add_downsample=plan.add_downsample,
+            downsample_padding=plan.downsample_padding,
+        )
+    return DOWN_BLOCKS[plan.block_type](plan)
+
+
+def build_up_block(plan: BlockPlan) -> nn.Module:
+    if plan.block_type == "UpBlock2D":
+        return UpBlock2D(
+            plan.in_channels,
+            plan.prev_output_channel,
+            plan.out_channels,
+            resnet_options(plan),
+            num_layers=plan.num_layers,
+            add_upsample=plan.add_upsample,
+        )
+    return UP_BLOCKS[plan.block_type](plan)
+
+
+def build_mid_block(plan: BlockPlan | None) -> nn.Module | None:
+    if plan is None:
+        return None
+    if plan.block_type == "UNetMidBlock2D":
+        return UNetMidBlock2D(
+            plan.out_channels,
+            resnet_options(plan),
+            num_layers=0,
+            add_attention=False,
+            output_scale_factor=plan.output_scale_factor,
+        )
+    return UNetMidBlock2DCrossAttn(plan)
