@@ -1,7 +1,9 @@
 """The JAX denoising loop: every scheduler step of a sampling run inside one ``lax.scan``.
 
 Noise for model call ``i`` is ``jax.random.normal(jax.random.fold_in(key, i))``, so a run
-does not depend on how the loop is compiled or sharded.
+does not depend on how the loop is compiled or sharded. With per-image ``keys`` (image ``b``'s key
+is ``fold_in(key, b)``, see :func:`per_example_keys`), image ``b``'s noise at call ``i`` is drawn from
+``fold_in(keys[b], i)``: the same whichever device (or how many) computes that image.
 """
 
 from __future__ import annotations
@@ -11,15 +13,57 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from tqdm.auto import tqdm
 
 from diffusion_core.schedulers import Scheduler
 
 
-def _noise_for(scheduler: Scheduler, key, noise_fn, i, x, step_kwargs):
+def per_example_keys(key: jax.Array, batch_size: int, offset: int = 0) -> jax.Array:
+    """(B,) keys ``fold_in(key, offset + b)``: image ``b`` of a call always draws from its own key."""
+    if not isinstance(key, jax.Array):
+        raise ValueError(f"key must be a jax PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch_size) + offset)
+
+
+def per_example_normal(keys: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """(B, *shape) standard normal noise, row ``b`` drawn from ``keys[b]``."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
+
+
+class ScanProgress:
+    """A tqdm bar advanced from inside a compiled loop (``jax.debug.callback``).
+
+    The callback is traced once and keeps pointing at this object; each run opens a fresh bar with
+    :meth:`start` and closes it with :meth:`close`. Repeated ticks for one step (one per device under
+    ``pmap``) advance the bar once.
+    """
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def start(self, total: int, disable: bool = False, initial: int = 0) -> None:
+        """Open a bar over ``total`` model calls, ``initial`` of them already done (a loop from ``first``)."""
+        self.bar = tqdm(total=total, initial=initial, disable=disable)
+
+    def tick(self, i: Any) -> None:
+        done = int(i) + 1
+        if self.bar is not None and done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        jax.effects_barrier()  # let pending callbacks land before the bar closes
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
+
+
+def _noise_for(scheduler: Scheduler, key, keys, noise_fn, i, x, step_kwargs):
     if not scheduler.needs_noise_for(**step_kwargs):
         return None
     if noise_fn is not None:
         return noise_fn(i)
+    if keys is not None:
+        return per_example_normal(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), x.shape[1:], x.dtype)
     if key is None:
         raise ValueError(f"key: {type(scheduler).__name__} draws noise while sampling; pass key=jax.random.key(seed)")
     return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
@@ -32,26 +76,36 @@ def denoise_loop(
     state,
     *,
     key=None,
+    keys=None,
     noise_fn: Callable[[Any], Any] | None = None,
     step_kwargs: Mapping[str, Any] | None = None,
+    progress: ScanProgress | None = None,
+    first: int = 0,
 ):
-    """Run all of ``state.timesteps`` as one ``lax.scan``: returns ``(sample, final_state)``.
+    """Run model calls ``first .. len(state.timesteps) - 1`` as one ``lax.scan``: returns ``(sample, final_state)``.
 
     ``model_fn(model_input, t)`` is the network; ``latents`` are already scaled by
-    ``state.init_noise_sigma``. ``noise_fn(i)`` overrides the per-call noise (tests).
+    ``state.init_noise_sigma``. Noise comes from ``noise_fn(i)`` (tests), per-image ``keys`` (B,)
+    or one ``key``; ``i`` is the absolute model-call index. ``progress`` is ticked once per model call
+    from inside the scan. ``first`` (a static int) is where a state from
+    ``conditioning.begin_at(state, first)`` starts (img2img / inpaint).
     """
     step_kwargs = dict(step_kwargs or {})
     num_calls = state.timesteps.shape[0]
+    if not isinstance(first, int) or not 0 <= first < num_calls:
+        raise ValueError(f"first must be an int in [0, {num_calls}) (the schedule's model calls), got {first!r}")
 
     def body(carry, i):
         x, st = carry
         t = scheduler.current_timestep(st)
         out = model_fn(scheduler.scale_model_input(st, x), t)
-        noise = _noise_for(scheduler, key, noise_fn, i, x, step_kwargs)
+        noise = _noise_for(scheduler, key, keys, noise_fn, i, x, step_kwargs)
         x, st = scheduler.step(st, out, x, noise=noise, **step_kwargs)
+        if progress is not None:
+            jax.debug.callback(progress.tick, i)
         return (x, st), None
 
-    (x, state), _ = jax.lax.scan(body, (latents, state), jnp.arange(num_calls))
+    (x, state), _ = jax.lax.scan(body, (latents, state), jnp.arange(first, num_calls))
     return x, state
 
 

@@ -1,5 +1,6 @@
-"""PyTorch backend: drives diffusion_core's schedulers from a Python loop (CPU, CUDA, MPS)."""
+"""PyTorch backend: diffusion_core's schedulers and pipelines bound to torch modules (CPU, CUDA, MPS)."""
 
-from backends.torch.sampling import denoise_loop
+from backends.torch.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
+from backends.torch.sampling import denoise_loop, randn_tensor
 
-__all__ = ["denoise_loop"]
+__all__ = ["DDIMPipeline", "DDPMPipeline", "DiffusionPipeline", "denoise_loop", "randn_tensor"]

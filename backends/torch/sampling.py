@@ -1,14 +1,50 @@
-"""The PyTorch denoising loop: a Python loop over pure scheduler steps with a progress bar."""
+"""The PyTorch denoising loop: a Python loop over pure scheduler steps with a progress bar.
+
+Noise is drawn with ``randn_tensor``: one ``torch.Generator`` for the whole batch, or a list with one
+generator per image (image i's noise then depends only on generator i, as in diffusers).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from diffusion_core.schedulers import Scheduler
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_tensor(
+    shape: Sequence[int],
+    generator: Generators = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` drawn on the generator's device, then moved to ``device``.
+
+    A list of generators draws image ``i`` (``shape[0]`` must equal the list length) from generator ``i``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {shape[0]}")
+        parts = [_draw((1, *shape[1:]), g, dtype) for g in generator]  # each (1, ...)
+        noise = torch.cat(parts, dim=0)
+    else:
+        noise = _draw(shape, generator, dtype)
+    return noise if device is None else noise.to(device)
+
+
+def _draw(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator must be a torch.Generator, a list of them, or None, got {type(generator).__name__}"
+        )
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
 def denoise_loop(
@@ -17,29 +53,30 @@ def denoise_loop(
     latents: torch.Tensor,
     state,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise_fn: Callable[[int], torch.Tensor] | None = None,
     step_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
+    callback: Callable[[int, torch.Tensor, Any], None] | None = None,
 ):
-    """Run every model call of ``state``; returns ``(sample, final_state)``.
+    """Run every remaining model call of ``state``; returns ``(sample, final_state)``.
 
-    Noise (where the scheduler needs it) comes from ``noise_fn(i)`` or is drawn on the CPU
-    from ``generator`` and moved to ``latents.device`` (same numbers on any device).
+    Noise (where the scheduler needs it) comes from ``noise_fn(i)`` or ``randn_tensor`` with
+    ``generator`` (drawn on the generator's device, moved to ``latents.device``: the same numbers on
+    any device). ``callback(i, sample, state)`` runs after each call. Starts at ``state.step_index``.
     """
     step_kwargs = dict(step_kwargs or {})
     wants_noise = scheduler.needs_noise_for(**step_kwargs)
     x = latents
-    num_calls = int(state.timesteps.shape[0])
+    first, num_calls = int(state.step_index), int(state.timesteps.shape[0])
     with torch.inference_mode():
-        for i in tqdm(range(num_calls), disable=not progress):
+        for i in tqdm(range(first, num_calls), disable=not progress):
             t = scheduler.current_timestep(state)
             out = model_fn(scheduler.scale_model_input(state, x), t)
             noise = None
             if wants_noise:
-                if noise_fn is not None:
-                    noise = noise_fn(i)
-                else:
-                    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                noise = noise_fn(i) if noise_fn is not None else randn_tensor(x.shape, generator, x.dtype, x.device)
             x, state = scheduler.step(state, out, x, noise=noise, **step_kwargs)
+            if callback is not None:
+                callback(i, x, state)
     return x, state

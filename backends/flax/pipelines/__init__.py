@@ -1,0 +1,6 @@
+"""Flax NNX pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
+
+from backends.flax.pipelines.ddpm import DDIMPipeline, DDPMPipeline
+from backends.flax.pipelines.pipeline_utils import FLAX_COMPONENTS, FLAX_PIPELINES, DiffusionPipeline
+
+__all__ = ["FLAX_COMPONENTS", "FLAX_PIPELINES", "DDIMPipeline", "DDPMPipeline", "DiffusionPipeline"]

@@ -1,0 +1,116 @@
+"""``DDPMPipeline`` and ``DDIMPipeline`` (unconditional pixel-space sampling) for Flax NNX.
+
+The whole denoising loop is one compiled ``lax.scan``; image ``b`` starts from
+``normal(fold_in(key, b))`` and draws its step noise from that key too, so results do not depend on
+``parallel="pmap"`` / ``mesh=`` or the device count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from backends.flax.pipelines.pipeline_utils import DiffusionPipeline, Program, run_program, scale_out_mode
+from backends.flax.sampling import denoise_loop, per_example_keys, per_example_normal
+from diffusion_core.pipelines import ImagePipelineOutput
+from diffusion_core.pipelines import unconditional as uc
+
+
+class _UnconditionalPipeline(DiffusionPipeline):
+    """Shared call flow: per-image noise (or ``latents``) -> compiled scheduler loop -> images."""
+
+    _components = ("unet", "scheduler")
+
+    def _build(self, graphdef: Any, step_kwargs: dict[str, Any]) -> Program:
+        scheduler, progress = self.scheduler, self.progress_for_trace()
+
+        def program(params, state, x, keys):
+            self.trace_count += 1  # runs at trace time only
+            unet = nnx.merge(graphdef, params)
+            x, _ = denoise_loop(
+                scheduler,
+                lambda sample, t: unet(sample, t),
+                x * state.init_noise_sigma,
+                state,
+                keys=keys,
+                step_kwargs=step_kwargs,
+                progress=progress,
+            )
+            return x
+
+        return program
+
+    def _sample(
+        self, batch_size, key, num_inference_steps, latents, output_type, return_dict, step_kwargs, parallel, mesh
+    ):
+        uc.check_call(batch_size, num_inference_steps, output_type)
+        mode = scale_out_mode(parallel, mesh)
+        shape = uc.sample_shape(self.unet.config, batch_size)
+        start = uc.check_latents(latents, shape)
+        if key is None and (start is None or self.scheduler.needs_noise_for(**step_kwargs)):
+            raise ValueError("key: pass key=jax.random.key(seed) (needed to draw the starting or step noise)")
+        keys = per_example_keys(key if key is not None else jax.random.key(0), batch_size)
+        x = per_example_normal(keys, shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
+        graphdef, params = nnx.split(self.unet)
+        static = (self._scheduler_key(), tuple(sorted(step_kwargs.items())), not self.progress_bar_disabled)
+        fn = self.compiled(mode, mesh, static, lambda: self._build(graphdef, step_kwargs))
+
+        def make_state(like):
+            return self.scheduler.set_timesteps(num_inference_steps, like=like)
+
+        self._progress.start(num_inference_steps, disable=self.progress_bar_disabled)
+        try:
+            out = run_program(fn, mode, mesh, params, make_state, x, keys)
+            out = np.asarray(jax.device_get(out))
+        finally:
+            self._progress.close()
+        return uc.finish(out, output_type, return_dict)
+
+
+class DDPMPipeline(_UnconditionalPipeline):
+    """Ancestral sampling with the pipeline's scheduler (Ho et al. 2020); diffusers' ``DDPMPipeline``."""
+
+    def __call__(
+        self,
+        batch_size: int = 1,
+        key: jax.Array | None = None,
+        num_inference_steps: int = uc.DDPM_DEFAULT_STEPS,
+        latents: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
+        args = (batch_size, key, num_inference_steps, latents, output_type, return_dict)
+        return self._sample(*args, {}, parallel, mesh)
+
+
+class DDIMPipeline(_UnconditionalPipeline):
+    """DDIM sampling (Song et al. 2021); the scheduler given at construction is converted to DDIM, as diffusers."""
+
+    def __init__(self, unet: Any, scheduler: Any) -> None:
+        super().__init__(unet=unet, scheduler=uc.as_ddim(scheduler))
+
+    def __call__(
+        self,
+        batch_size: int = 1,
+        key: jax.Array | None = None,
+        eta: float = 0.0,
+        num_inference_steps: int = uc.DDIM_DEFAULT_STEPS,
+        use_clipped_model_output: bool | None = None,
+        latents: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
+        kwargs = uc.ddim_step_kwargs(self.scheduler, eta, use_clipped_model_output)
+        args = (batch_size, key, num_inference_steps, latents, output_type, return_dict)
+        return self._sample(*args, kwargs, parallel, mesh)

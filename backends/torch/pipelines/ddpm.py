@@ -1,0 +1,87 @@
+"""``DDPMPipeline`` and ``DDIMPipeline`` (unconditional pixel-space sampling) for PyTorch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
+from backends.torch.sampling import Generators, denoise_loop, randn_tensor
+from diffusion_core.pipelines import ImagePipelineOutput
+from diffusion_core.pipelines import unconditional as uc
+
+
+class _UnconditionalPipeline(DiffusionPipeline):
+    """Shared call flow: noise (or ``latents``) -> scheduler loop over the UNet -> images."""
+
+    _components = ("unet", "scheduler")
+
+    def _sample(
+        self,
+        batch_size: int,
+        generator: Generators,
+        num_inference_steps: int,
+        latents: Any,
+        output_type: str,
+        return_dict: bool,
+        step_kwargs: dict[str, Any],
+    ) -> ImagePipelineOutput | tuple:
+        uc.check_call(batch_size, num_inference_steps, output_type)
+        shape = uc.sample_shape(self.unet.config, batch_size)
+        start = uc.check_latents(latents, shape)
+        device, dtype = self.device, self.unet.dtype
+        if start is None:
+            x = randn_tensor(shape, generator, dtype=dtype, device=device)
+        else:
+            x = torch.from_numpy(start).to(device=device, dtype=dtype)
+        state = self.scheduler.set_timesteps(num_inference_steps, like=x)
+        x = x * state.init_noise_sigma
+        x, _ = denoise_loop(
+            self.scheduler,
+            lambda sample, t: self.unet(sample, t),
+            x,
+            state,
+            generator=generator,
+            step_kwargs=step_kwargs,
+            progress=not self.progress_bar_disabled,
+        )
+        return uc.finish(x.float().cpu().numpy(), output_type, return_dict)
+
+
+class DDPMPipeline(_UnconditionalPipeline):
+    """Ancestral sampling with the pipeline's scheduler (Ho et al. 2020); diffusers' ``DDPMPipeline``."""
+
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Generators = None,
+        num_inference_steps: int = uc.DDPM_DEFAULT_STEPS,
+        latents: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
+        return self._sample(batch_size, generator, num_inference_steps, latents, output_type, return_dict, {})
+
+
+class DDIMPipeline(_UnconditionalPipeline):
+    """DDIM sampling (Song et al. 2021); the scheduler given at construction is converted to DDIM, as diffusers."""
+
+    def __init__(self, unet: Any, scheduler: Any) -> None:
+        super().__init__(unet=unet, scheduler=uc.as_ddim(scheduler))
+
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Generators = None,
+        eta: float = 0.0,
+        num_inference_steps: int = uc.DDIM_DEFAULT_STEPS,
+        use_clipped_model_output: bool | None = None,
+        latents: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
+        kwargs = uc.ddim_step_kwargs(self.scheduler, eta, use_clipped_model_output)
+        return self._sample(batch_size, generator, num_inference_steps, latents, output_type, return_dict, kwargs)

@@ -1,0 +1,50 @@
+"""``DiffusionPipeline`` for PyTorch: the component classes this backend provides and its pipeline registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffusion_core.pipelines import ComponentClass, PipelineBase
+from diffusion_core.pipelines.components import backend_component_table, backend_pipeline_registry
+
+# model_index.json class name -> where the torch class lives (imported only when a pipeline needs it).
+TORCH_COMPONENTS: dict[str, ComponentClass] = backend_component_table("backends.torch.models")
+
+# model_index.json "_class_name" -> pipeline class (DDPM/DDIM here, Stable Diffusion in .stable_diffusion).
+TORCH_PIPELINES: dict[str, str] = backend_pipeline_registry("backends.torch.pipelines")
+
+
+class DiffusionPipeline(PipelineBase):
+    """Base of the PyTorch pipelines; ``DiffusionPipeline.from_pretrained`` picks the class from the folder."""
+
+    _component_table = TORCH_COMPONENTS
+    _pipeline_registry = TORCH_PIPELINES
+
+    def __init__(self, **components: Any) -> None:
+        super().__init__(**components)
+        self.progress_bar_disabled = False
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {n: c for n, c in self.components.items() if isinstance(c, torch.nn.Module)}
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first network component (CPU when there is none)."""
+        for module in self._modules().values():
+            for p in module.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+        """Move (and optionally cast) every network component; returns ``self``."""
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        for module in self._modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Show (default) or hide the denoising progress bar."""
+        self.progress_bar_disabled = bool(disable)

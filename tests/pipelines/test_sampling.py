@@ -1,0 +1,120 @@
+"""Loop-driver extensions for pipelines: per-image generators, starting mid-schedule, per-image jax keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from backends.flax.sampling import ScanProgress, per_example_keys, per_example_normal
+from backends.flax.sampling import denoise_loop as flax_loop
+from backends.torch.sampling import denoise_loop as torch_loop
+from backends.torch.sampling import randn_tensor
+from diffusion_core import schedulers
+from diffusion_core.pipelines.conditioning import begin_at
+from tests.schedulers import parity
+
+
+def test_randn_tensor_matches_diffusers_for_one_generator_and_lists():
+    from diffusers.utils.torch_utils import randn_tensor as ref_randn
+
+    shape = (3, 2, 4, 4)
+    one = randn_tensor(shape, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(one, ref_randn(shape, generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    torch.testing.assert_close(randn_tensor(shape, gens()), ref_randn(shape, generator=gens()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="generator"):
+        randn_tensor(shape, gens()[:2])
+    with pytest.raises(ValueError, match="generator"):
+        randn_tensor(shape, 0)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_loops_started_mid_schedule_agree_and_finish_the_full_run(name):
+    import array_api_compat.torch as txp
+
+    sched = schedulers.from_config({"_class_name": name})
+    x = parity.make_sample()
+    n_steps, first = 6, 2
+    st_t = sched.set_timesteps(n_steps, like=torch.from_numpy(x))
+    st_j = sched.set_timesteps(n_steps, like=jnp.asarray(x))
+    noises = np.stack([parity.make_noise(i) for i in range(len(st_t.timesteps))])
+    model_t = lambda a, t: parity.dummy_model(txp, a, t)  # noqa: E731
+    noise_t = lambda i: torch.from_numpy(noises[i])  # noqa: E731
+    seen = {}
+    full, _ = torch_loop(
+        sched, model_t, torch.from_numpy(x), st_t, noise_fn=noise_t, callback=lambda i, s, _: seen.update({i: s})
+    )
+    # Restarting from the sample after call first-1 with begin_at(first) finishes the same run
+    # (one-step solvers; torch and jax loops started mid-schedule agree for all).
+    calls = []
+    partial, _ = torch_loop(
+        sched,
+        model_t,
+        seen[first - 1],
+        begin_at(st_t, first),
+        noise_fn=noise_t,
+        callback=lambda i, s, _: calls.append(i),
+    )
+    assert calls == list(range(first, len(st_t.timesteps)))
+    if name != "DPMSolverMultistepScheduler":  # multistep history restarts empty (as diffusers' set_begin_index)
+        torch.testing.assert_close(partial, full, rtol=0, atol=0)
+    noises_j = jnp.asarray(noises)
+    out_j, final = jax.jit(
+        lambda a, st: flax_loop(
+            sched, lambda b, t: parity.dummy_model(jnp, b, t), a, st, noise_fn=lambda i: noises_j[i], first=first
+        )
+    )(jnp.asarray(seen[first - 1].numpy()), begin_at(st_j, first))
+    np.testing.assert_allclose(np.asarray(out_j), partial.numpy(), rtol=2e-5, atol=2e-5)
+    assert int(final.step_index) == len(st_t.timesteps)
+    with pytest.raises(ValueError, match="first"):
+        flax_loop(sched, lambda b, t: b, jnp.asarray(x), st_j, first=len(st_t.timesteps))
+
+
+def test_per_example_keys_make_images_independent_of_the_batch():
+    key = jax.random.key(3)
+    eight = per_example_normal(per_example_keys(key, 8), (2, 3))
+    two = per_example_normal(per_example_keys(key, 2, offset=6), (2, 3))
+    np.testing.assert_array_equal(np.asarray(eight[6:]), np.asarray(two))
+    with pytest.raises(ValueError, match="key"):
+        per_example_keys(3, 2)
+
+
+def test_scan_progress_counts_each_call_once(capsys):
+    progress = ScanProgress()
+    progress.start(total=5, initial=2)
+    for i in (2, 2, 3, 4, 4):  # repeated ticks (one per pmap device) advance once
+        progress.tick(i)
+    assert progress.bar.n == 5
+    progress.close()
+    assert "5/5" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~35 s here: compiling for 8 fake devices twice (pmap, mesh)
+def test_run_program_gives_the_same_batch_on_one_device_pmap_and_a_mesh():
+    from jax.sharding import Mesh
+
+    from backends.flax.pipelines.pipeline_utils import run_program, scale_out_mode
+
+    sched = schedulers.DDPMScheduler()  # draws step noise: per-image keys must follow the images
+
+    def program(params, state, x, keys):
+        model = lambda a, t: parity.dummy_model(jnp, a, t) * params  # noqa: E731
+        return flax_loop(sched, model, x, state, keys=keys)[0]
+
+    keys = per_example_keys(jax.random.key(0), 8)
+    x = per_example_normal(keys, (2, 4, 4))
+    make_state = lambda like: sched.set_timesteps(3, like=like)  # noqa: E731
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    single = run_program(jax.jit(program), "single", None, jnp.float32(0.5), make_state, x, keys)
+    pmapped = run_program(
+        jax.pmap(program, in_axes=(None, None, 0, 0)), "pmap", None, jnp.float32(0.5), make_state, x, keys
+    )
+    sharded = run_program(jax.jit(program), "mesh", mesh, jnp.float32(0.5), make_state, x, keys)
+    np.testing.assert_allclose(np.asarray(pmapped), np.asarray(single), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
+    assert scale_out_mode("pmap", None) == "pmap" and scale_out_mode(None, mesh) == "mesh"
+    with pytest.raises(ValueError, match="batch_size"):
+        run_program(jax.jit(program), "mesh", mesh, jnp.float32(0.5), make_state, x[:6], keys[:6])
+    with pytest.raises(ValueError, match="mesh"):
+        scale_out_mode(None, "mesh")
