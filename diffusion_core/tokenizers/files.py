@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_core.configuration import config_to_json_string, write_json_atomic
-from diffusion_core.weights.pretrained import _download, resolve_pretrained_folder
+from diffusion_core.weights.pretrained import resolve_folder
 
 VOCAB_NAME = "vocab.json"
 MERGES_NAME = "merges.txt"
@@ -51,14 +51,14 @@ def resolve_tokenizer_folder(
     """A local folder, or the Hub snapshot of the tokenizer files of ``subfolder`` (nothing else is fetched)."""
     if subfolder is not None and not isinstance(subfolder, str):
         raise ValueError(f"subfolder must be a relative folder name, got {subfolder!r}")
-    if isinstance(path_or_repo_id, str):
-        local = Path(path_or_repo_id)
-        if not (local.is_dir() or local.is_absolute() or path_or_repo_id.startswith(".")):
-            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-            patterns = [prefix + name for name in TOKENIZER_FILES]
-            path_or_repo_id = _download(path_or_repo_id, patterns, revision, local_files_only)
-    # validates subfolder and reports missing folders the same way model loading does
-    return resolve_pretrained_folder(path_or_repo_id, subfolder=subfolder)
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return resolve_folder(
+        path_or_repo_id,
+        [prefix + name for name in TOKENIZER_FILES],
+        subfolder=subfolder,
+        revision=revision,
+        local_files_only=local_files_only,
+    )
 
 
 def _read_json(path: Path) -> Any:

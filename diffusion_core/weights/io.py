@@ -73,22 +73,36 @@ def _resolve(source: Source, weights_name: str, variant: str | None, allow_pickl
     return resolve_weight_files(source, weights_name=weights_name, variant=variant, allow_pickle=allow_pickle)
 
 
-def _pickle_state_dict(path: Path) -> dict[str, Any]:
+def read_pickle_state_dict(path: str | os.PathLike, *, unwrap_lightning: bool = False) -> dict[str, Any]:
+    """A flat ``{key: torch.Tensor}`` from a pickle file, read with ``torch.load(weights_only=True)`` (torch >= 2.6).
+
+    ``unwrap_lightning``: a PyTorch Lightning checkpoint ``{"state_dict": {...}, "global_step": ...}``
+    yields its ``state_dict`` (non-tensor entries there are dropped); otherwise the file must hold
+    a flat dict of tensors (ValueError).
+    """
     import torch
 
+    path = Path(path)
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 6):
         raise RuntimeError(f"reading pickle file {str(path)!r} needs torch >= 2.6 (CVE-2025-32434)")
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if unwrap_lightning and isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        return {k: v for k, v in state["state_dict"].items() if isinstance(v, torch.Tensor)}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"pickle file {str(path)!r} does not hold a flat {{key: tensor}} state dict")
     return state
 
 
-def file_infos(path: str | os.PathLike, is_pickle: bool = False) -> dict[str, TensorInfo]:
-    """``{key: (dtype name, shape)}`` of one file; for safetensors only its header is read."""
+def file_infos(
+    path: str | os.PathLike, is_pickle: bool = False, unwrap_lightning: bool = False
+) -> dict[str, TensorInfo]:
+    """``{key: (dtype name, shape)}`` of one file; for safetensors only its header is read.
+
+    ``unwrap_lightning`` applies to pickle files (see :func:`read_pickle_state_dict`).
+    """
     path = Path(path)
     if is_pickle:
-        state = _pickle_state_dict(path)
+        state = read_pickle_state_dict(path, unwrap_lightning=unwrap_lightning)
         return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}
     infos = {}
     with safe_open(path, framework="numpy") as f:
@@ -99,7 +113,8 @@ def file_infos(path: str | os.PathLike, is_pickle: bool = False) -> dict[str, Te
     return infos
 
 
-def _capped(items: Sequence[str], limit: int) -> str:
+def capped(items: Sequence[str], limit: int) -> str:
+    """``"N: [a, b, ...]"``: a count and at most ``limit`` items, for error messages."""
     shown = ", ".join(items[:limit])
     return f"{len(items)}: [{shown}{', ...' if len(items) > limit else ''}]"
 
@@ -117,7 +132,7 @@ def validate_index(files: WeightFiles, limit: int = 20) -> dict[str, TensorInfo]
         keys = sorted(k for k, v in files.weight_map.items() if v in missing_files)
         raise FileNotFoundError(
             f"shard index {str(files.index_file)!r} lists files missing from {str(files.folder)!r}: "
-            f"{missing_files}; their keys {_capped(keys, limit)}"
+            f"{missing_files}; their keys {capped(keys, limit)}"
         )
     infos: dict[str, TensorInfo] = {}
     absent, extra = [], []
@@ -130,7 +145,7 @@ def validate_index(files: WeightFiles, limit: int = 20) -> dict[str, TensorInfo]
     if absent or extra:
         raise ValueError(
             f"shard index {str(files.index_file)!r} does not match its shards: keys listed but absent "
-            f"{_capped(absent, limit)}; keys in shards but not listed there {_capped(extra, limit)}"
+            f"{capped(absent, limit)}; keys in shards but not listed there {capped(extra, limit)}"
         )
     return infos
 
@@ -153,7 +168,8 @@ def tensor_infos(
     return file_infos(files.files[0], files.is_pickle)
 
 
-def _cast(tensor: Any, dtype: np.dtype | None, framework: str) -> Any:
+def cast_tensor(tensor: Any, dtype: np.dtype | None, framework: str) -> Any:
+    """``tensor`` (of ``framework``: ``"numpy"``, ``"pt"`` or ``"flax"``) cast to ``dtype``; None keeps it."""
     if dtype is None:
         return tensor
     if framework == "pt":
@@ -163,7 +179,8 @@ def _cast(tensor: Any, dtype: np.dtype | None, framework: str) -> Any:
     return tensor.astype(dtype)
 
 
-def _from_torch(tensor: Any, framework: str) -> Any:
+def from_torch(tensor: Any, framework: str) -> Any:
+    """A torch tensor as ``framework``'s array: itself (``"pt"``), a jax array (``"flax"``) or numpy."""
     if framework == "pt":
         return tensor
     array = as_numpy(tensor)
@@ -204,12 +221,12 @@ def iter_tensors(
 def _generate(files: WeightFiles, framework: str, target: np.dtype | None) -> Iterator[tuple[str, Any]]:
     for path in files.files:
         if files.is_pickle:
-            for key, tensor in _pickle_state_dict(path).items():
-                yield key, _cast(_from_torch(tensor, framework), target, framework)
+            for key, tensor in read_pickle_state_dict(path).items():
+                yield key, cast_tensor(from_torch(tensor, framework), target, framework)
             continue
         with safe_open(path, framework=framework) as f:
             for key in f.keys():
-                yield key, _cast(f.get_tensor(key), target, framework)
+                yield key, cast_tensor(f.get_tensor(key), target, framework)
 
 
 def load_tensors(source: Source, **kwargs: Any) -> dict[str, Any]:
@@ -243,10 +260,10 @@ def check_keys(
     )
     problems = []
     if missing:
-        problems.append(f"missing keys {_capped(missing, limit)}")
+        problems.append(f"missing keys {capped(missing, limit)}")
     if unexpected:
-        problems.append(f"unexpected keys {_capped(unexpected, limit)}")
+        problems.append(f"unexpected keys {capped(unexpected, limit)}")
     if mismatched:
-        problems.append(f"shape mismatches {_capped(mismatched, limit)}")
+        problems.append(f"shape mismatches {capped(mismatched, limit)}")
     if problems:
         raise ValueError(f"{name} does not match the model: " + "; ".join(problems))

@@ -5,17 +5,19 @@ A ``path_or_repo_id`` is a local folder (used as is) or a Hub repo id, fetched w
 (``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub itself). A ``CheckpointLayout`` says how a
 model class's folder looks on disk: diffusers' (``diffusion_pytorch_model.safetensors``,
 ``_class_name``) or transformers' (``model.safetensors``, ``architectures``/``model_type``, and
-the key-prefix rules of checkpoints older transformers wrote). Backends build the model and
+the key-prefix rules of checkpoints older transformers wrote). ``CheckpointLayout.open_pretrained``
+and ``open_single_file`` (a CompVis single file) both give a ``CheckpointSource``: config, header
+infos and a tensor stream, the one input of each backend's loader. Backends build the model and
 load tensors; this module never imports torch or jax.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from diffusion_core.configuration import (
     DIFFUSERS_FORMAT_VERSION,
@@ -23,6 +25,7 @@ from diffusion_core.configuration import (
     read_json_config,
     write_json_atomic,
 )
+from diffusion_core.weights.io import TensorInfo, iter_tensors, tensor_infos
 from diffusion_core.weights.layout import (
     DIFFUSERS_WEIGHTS_NAME,
     TRANSFORMERS_WEIGHTS_NAME,
@@ -32,6 +35,12 @@ from diffusion_core.weights.layout import (
     index_name,
     pickle_weights_name,
     resolve_weight_files,
+)
+from diffusion_core.weights.single_file import (
+    COMPONENTS,
+    SINGLE_FILE_COMPONENTS,
+    open_single_file,
+    read_component_config,
 )
 
 CONFIG_NAME = "config.json"
@@ -59,7 +68,10 @@ def hub_allow_patterns(
     return patterns
 
 
-def _download(repo_id: str, patterns: list[str], revision: str | None, local_files_only: bool) -> Path:
+def download_snapshot(
+    repo_id: str, allow_patterns: list[str], revision: str | None = None, local_files_only: bool = False
+) -> Path:
+    """``huggingface_hub.snapshot_download`` of only ``allow_patterns``; FileNotFoundError naming the cause."""
     try:
         import huggingface_hub
         from huggingface_hub.errors import HFValidationError
@@ -67,7 +79,7 @@ def _download(repo_id: str, patterns: list[str], revision: str | None, local_fil
         raise FileNotFoundError(f"path_or_repo_id: {repo_id!r} is not a folder and huggingface_hub is missing") from e
     try:
         path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, local_files_only=local_files_only
+            repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=local_files_only
         )
     except HFValidationError as e:
         raise FileNotFoundError(
@@ -82,6 +94,43 @@ def _download(repo_id: str, patterns: list[str], revision: str | None, local_fil
     return Path(path)
 
 
+def _check_subfolder(subfolder: str | None) -> None:
+    if subfolder is not None and (
+        not isinstance(subfolder, str) or Path(subfolder).is_absolute() or ".." in Path(subfolder).parts
+    ):
+        raise ValueError(f"subfolder must be a relative folder name, got {subfolder!r}")
+
+
+def resolve_folder(
+    path_or_repo_id: str | os.PathLike,
+    allow_patterns: list[str],
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder as is, or the Hub snapshot of ``allow_patterns`` of a repo id; then ``subfolder`` inside it.
+
+    ``allow_patterns`` are relative to the repo root (``subfolder`` included, e.g. ``"unet/config.json"``).
+    A path that does not exist and cannot be a repo id (absolute, ``./``-relative, a ``PathLike``)
+    raises FileNotFoundError, as does a missing subfolder.
+    """
+    if not isinstance(path_or_repo_id, (str, os.PathLike)):
+        raise ValueError(f"path_or_repo_id must be a str or path, got {type(path_or_repo_id).__name__}")
+    _check_subfolder(subfolder)
+    local = Path(path_or_repo_id)
+    if local.is_dir():
+        root = local
+    elif isinstance(path_or_repo_id, os.PathLike) or local.is_absolute() or str(path_or_repo_id).startswith("."):
+        raise FileNotFoundError(f"path_or_repo_id: no such folder {str(path_or_repo_id)!r}")
+    else:
+        root = download_snapshot(str(path_or_repo_id), list(allow_patterns), revision, local_files_only)
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"subfolder: no such folder {str(folder)!r}")
+    return folder
+
+
 def resolve_pretrained_folder(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -93,25 +142,15 @@ def resolve_pretrained_folder(
     allow_pickle: bool = False,
 ) -> Path:
     """The local folder holding ``config.json`` and the weights (a local folder, or a Hub snapshot)."""
-    if not isinstance(path_or_repo_id, (str, os.PathLike)):
-        raise ValueError(f"path_or_repo_id must be a str or path, got {type(path_or_repo_id).__name__}")
-    if subfolder is not None and (
-        not isinstance(subfolder, str) or Path(subfolder).is_absolute() or ".." in Path(subfolder).parts
-    ):
-        raise ValueError(f"subfolder must be a relative folder name, got {subfolder!r}")
+    _check_subfolder(subfolder)
     check_variant(variant)
-    local = Path(path_or_repo_id)
-    if local.is_dir():
-        root = local
-    elif isinstance(path_or_repo_id, os.PathLike) or local.is_absolute() or str(path_or_repo_id).startswith("."):
-        raise FileNotFoundError(f"path_or_repo_id: no such folder {str(path_or_repo_id)!r}")
-    else:
-        patterns = hub_allow_patterns(subfolder, weights_name, variant, allow_pickle)
-        root = _download(str(path_or_repo_id), patterns, revision, local_files_only)
-    folder = root / subfolder if subfolder else root
-    if not folder.is_dir():
-        raise FileNotFoundError(f"subfolder: no such folder {str(folder)!r}")
-    return folder
+    return resolve_folder(
+        path_or_repo_id,
+        hub_allow_patterns(subfolder, weights_name, variant, allow_pickle),
+        subfolder=subfolder,
+        revision=revision,
+        local_files_only=local_files_only,
+    )
 
 
 def load_model_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -143,6 +182,20 @@ def save_transformers_config(
     path = Path(folder) / CONFIG_NAME
     write_json_atomic(path, config_to_json_string(data))
     return path
+
+
+class CheckpointSource(NamedTuple):
+    """What a backend's loader needs, from either a pretrained folder or a single file, before any weight is read.
+
+    ``infos`` maps every model key to ``(dtype name, shape)`` from the file headers; ``tensors(framework,
+    dtype)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/``"flax"``,
+    ``dtype`` None keeps the stored one).
+    """
+
+    name: str  # where the weights come from, for error messages
+    config: dict[str, Any]
+    infos: dict[str, TensorInfo]
+    tensors: Callable[[str, Any], Iterator[tuple[str, Any]]]
 
 
 class PretrainedFiles(NamedTuple):
@@ -214,14 +267,55 @@ class CheckpointLayout:
             allow_pickle=allow_pickle,
         )
         config = load_model_config(folder)
+        self.check_config(config, repr(str(folder / CONFIG_NAME)))
+        files = resolve_weight_files(folder, weights_name=self.weights_name, variant=variant, allow_pickle=allow_pickle)
+        return PretrainedFiles(folder, config, files)
+
+    def check_config(self, config: Mapping[str, Any], where: str) -> None:
+        """ValueError when ``config`` declares a transformers ``model_type`` other than this layout's."""
         found_type = config.get("model_type")
         if self.model_type is not None and found_type is not None and found_type != self.model_type:
             raise ValueError(
-                f"config: {str(folder / CONFIG_NAME)!r} has model_type {found_type!r}; this class reads "
-                f"{self.model_type!r} checkpoints"
+                f"config: {where} has model_type {found_type!r}; this class reads {self.model_type!r} checkpoints"
             )
-        files = resolve_weight_files(folder, weights_name=self.weights_name, variant=variant, allow_pickle=allow_pickle)
-        return PretrainedFiles(folder, config, files)
+
+    def open_pretrained(self, path_or_repo_id: str | os.PathLike, **locate_kwargs: Any) -> CheckpointSource:
+        """``locate`` (same keyword arguments), then the model keys and shapes from the weight headers.
+
+        Shard indexes are validated against their shards here, so streaming does not do it again.
+        """
+        found = self.locate(path_or_repo_id, **locate_kwargs)
+        infos = dict(self.rename(tensor_infos(found.files).items()))
+
+        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
+            return self.rename(iter_tensors(found.files, framework=framework, dtype=dtype, validate=False))
+
+        return CheckpointSource(f"checkpoint {str(found.folder)!r}", found.config, infos, tensors)
+
+    def open_single_file(
+        self,
+        path: str | os.PathLike,
+        component: str,
+        config: Mapping[str, Any] | str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        extract_ema: bool = False,
+        allow_pickle: bool = False,
+    ) -> CheckpointSource:
+        """One ``component`` of a CompVis single-file checkpoint, checked from its header against ``config``.
+
+        ``config``: a dict, a ``config.json``, or a folder holding one (``subfolder`` inside it).
+        """
+        where = "the config given" if isinstance(config, Mapping) else repr(str(config))
+        config = read_component_config(config, subfolder)
+        self.check_config(config, where)
+        found = open_single_file(path, component, config, extract_ema=extract_ema, allow_pickle=allow_pickle)
+        infos = dict(self.rename(found.infos.items()))
+
+        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
+            return self.rename(found.tensors(framework, dtype))
+
+        return CheckpointSource(f"single-file checkpoint {str(found.path)!r}", config, infos, tensors)
 
     def save_config(
         self, config: Mapping[str, Any], folder: str | os.PathLike, class_name: str, dtype_name: str
@@ -246,3 +340,37 @@ CLIP_TEXT_PROJECTION_LAYOUT = CheckpointLayout(
     model_type="clip_text_model",
     dropped_keys=frozenset({"text_model.embeddings.position_ids"}),
 )
+
+
+class CheckpointModel:
+    """Framework-neutral half of both backends' ``PretrainedMixin``: where a model class's weights come from.
+
+    ``checkpoint_layout``: how its folder looks (diffusers' by default). ``single_file_component``:
+    the part of a CompVis single file it reads; it defaults, per subclass, to
+    ``SINGLE_FILE_COMPONENTS[class name]`` (a class body may set it); None: no single-file form.
+    """
+
+    checkpoint_layout: ClassVar[CheckpointLayout] = DIFFUSERS_LAYOUT
+    single_file_component: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "single_file_component" not in cls.__dict__ and cls.__name__ in SINGLE_FILE_COMPONENTS:
+            cls.single_file_component = SINGLE_FILE_COMPONENTS[cls.__name__]
+
+    @classmethod
+    def pretrained_source(cls, path_or_repo_id: str | os.PathLike, **locate_kwargs: Any) -> CheckpointSource:
+        """``checkpoint_layout.open_pretrained`` (the arguments of ``CheckpointLayout.locate``)."""
+        return cls.checkpoint_layout.open_pretrained(path_or_repo_id, **locate_kwargs)
+
+    @classmethod
+    def single_file_source(
+        cls, path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike, **kwargs: Any
+    ) -> CheckpointSource:
+        """This class's component of a CompVis single file (``subfolder``, ``extract_ema``, ``allow_pickle``)."""
+        if cls.single_file_component not in COMPONENTS:
+            raise ValueError(
+                f"{cls.__name__} cannot be loaded from a single file (single_file_component="
+                f"{cls.single_file_component!r}); classes that can: {sorted(SINGLE_FILE_COMPONENTS)}"
+            )
+        return cls.checkpoint_layout.open_single_file(path, cls.single_file_component, config, **kwargs)

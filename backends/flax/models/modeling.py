@@ -1,25 +1,29 @@
-"""``from_pretrained``/``save_pretrained`` for Flax NNX models in diffusers' or transformers' (PyTorch) layout.
+"""``from_pretrained``/``from_single_file``/``save_pretrained`` for Flax NNX models (PyTorch-layout checkpoints).
 
-The model is built abstractly with ``nnx.eval_shape`` (no weight memory); its non-weight state
-(dropout RNG streams) is then made concrete. The checkpoint is streamed through
-``load_torch_state_dict``, which checks every key and shape before anything is assigned.
-Saving goes back through ``flax_state_to_torch``. Which layout a class reads and writes is its
-``checkpoint_layout`` (diffusers' by default).
+Both loaders go through one path (``_from_source``): the model is built abstractly with
+``nnx.eval_shape`` (no weight memory) and its non-weight state (dropout RNG streams) made
+concrete; the checkpoint's keys and shapes, read from the file headers, are checked strictly
+against the model's PyTorch names and shapes; then the tensors are streamed through
+``load_torch_state_dict``, which assigns nothing unless every tensor converted. Saving goes back
+through ``flax_state_to_torch``. Which layout a class reads and writes is its ``checkpoint_layout``
+(diffusers' by default); which part of a CompVis single file it reads is its ``single_file_component``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.loading import WEIGHTS, flax_state_to_torch, load_torch_state_dict
-from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, iter_tensors, save_state_dict
-from diffusion_core.weights.pretrained import DIFFUSERS_LAYOUT, CheckpointLayout
+from backends.flax.models.loading import WEIGHTS, flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
+from diffusion_core.weights.convert import match_flax_path, path_to_key
+from diffusion_core.weights.pretrained import CheckpointModel, CheckpointSource
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -46,11 +50,34 @@ def _abstract_model(cls: type, config: dict[str, Any], dtype: Any) -> nnx.Module
     return model
 
 
-class PretrainedMixin:
-    """Adds diffusers/transformers-compatible ``from_pretrained``/``save_pretrained`` to an NNX module."""
+def torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """``{PyTorch key: PyTorch shape}`` of every weight of ``model``, from shapes only (no array is built)."""
+    shapes, unmatched = {}, []
+    for path, shape in weight_shapes(model).items():
+        match = match_flax_path(path, len(shape))
+        if match is None:
+            unmatched.append(path_to_key(path))
+            continue
+        key, rule = match
+        order = range(len(shape)) if rule.to_flax is None else sorted(range(len(shape)), key=rule.to_flax.__getitem__)
+        shapes[key] = tuple(shape[i] for i in order)  # the inverse of the torch->flax transpose
+    if unmatched:
+        raise ValueError(f"{type(model).__name__}: weights with no PyTorch name: {sorted(unmatched)}")
+    return shapes
+
+
+class PretrainedMixin(CheckpointModel):
+    """Adds ``from_pretrained``/``from_single_file``/``save_pretrained`` (PyTorch-layout files) to an NNX module."""
 
     config: dict[str, Any]
-    checkpoint_layout: ClassVar[CheckpointLayout] = DIFFUSERS_LAYOUT
+
+    @classmethod
+    def _from_source(cls: type[M], source: CheckpointSource, dtype: Any) -> M:
+        """Build abstractly, check ``source.infos`` strictly, then stream the tensors in (cast to ``dtype``)."""
+        model = _abstract_model(cls, source.config, dtype)
+        check_keys(torch_shapes(model), source.infos, name=source.name)
+        load_torch_state_dict(model, source.tensors("numpy", None))
+        return model
 
     @classmethod
     def from_pretrained(
@@ -69,8 +96,7 @@ class PretrainedMixin:
         (through ``torch.load(weights_only=True)``). Raises ValueError listing unmatched/missing/
         mis-shaped keys, FileNotFoundError when files are absent.
         """
-        layout = cls.checkpoint_layout
-        found = layout.locate(
+        source = cls.pretrained_source(
             path_or_repo_id,
             subfolder=subfolder,
             variant=variant,
@@ -78,9 +104,30 @@ class PretrainedMixin:
             local_files_only=local_files_only,
             allow_pickle=allow_pickle,
         )
-        model = _abstract_model(cls, found.config, dtype)
-        load_torch_state_dict(model, layout.rename(iter_tensors(found.files)))
-        return model
+        return cls._from_source(source, dtype)
+
+    @classmethod
+    def from_single_file(
+        cls: type[M],
+        path: str | os.PathLike,
+        config: Mapping[str, Any] | str | os.PathLike,
+        subfolder: str | None = None,
+        dtype: Any = jnp.float32,
+        extract_ema: bool = False,
+        allow_pickle: bool = False,
+    ) -> M:
+        """Load this model's part of an original CompVis / SD 1.x-2.x single-file checkpoint.
+
+        ``config``: the model's config as a dict, a ``config.json``, or a folder holding one
+        (``subfolder`` inside it, e.g. a diffusers pipeline folder and ``"unet"``). SD 2.x OpenCLIP
+        text towers load into ``CLIPTextModel`` (the caller's config gives its size). Weights are cast
+        to ``dtype``; ``extract_ema`` reads the UNet's EMA copy; ``.ckpt`` files need ``allow_pickle=True``.
+        Raises ValueError listing missing/unexpected/mis-shaped keys before any weight is read.
+        """
+        source = cls.single_file_source(
+            path, config, subfolder=subfolder, extract_ema=extract_ema, allow_pickle=allow_pickle
+        )
+        return cls._from_source(source, dtype)
 
     def save_pretrained(
         self,

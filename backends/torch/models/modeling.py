@@ -1,9 +1,11 @@
-"""``from_pretrained``/``save_pretrained`` for PyTorch models in diffusers' or transformers' folder layout.
+"""``from_pretrained``/``from_single_file``/``save_pretrained`` for PyTorch models (diffusers/transformers layouts).
 
-The model is built on the meta device (no memory), the checkpoint's keys and shapes are checked
-strictly against it from the file headers, and only then are tensors streamed in (cast on the
-way) and assigned, so no model ever holds random weights and two full copies never exist.
-Which layout a class reads and writes is its ``checkpoint_layout`` (diffusers' by default).
+Both loaders go through one path (``_from_source``): the model is built on the meta device (no
+memory), the checkpoint's keys and shapes, read from the file headers, are checked strictly
+against it, and only then are tensors streamed in (cast on the way) and assigned, so no model
+ever holds random weights and two full copies never exist. Which layout a class reads and
+writes is its ``checkpoint_layout`` (diffusers' by default); which part of a CompVis single file
+it reads is its ``single_file_component``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, iter_tensors, save_state_dict, tensor_infos
-from diffusion_core.weights.pretrained import DIFFUSERS_LAYOUT, CheckpointLayout
+from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
+from diffusion_core.weights.pretrained import CheckpointModel, CheckpointSource
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -29,11 +31,21 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class PretrainedMixin:
-    """Adds diffusers/transformers-style ``from_pretrained``/``save_pretrained`` to a module with ``from_config``."""
+class PretrainedMixin(CheckpointModel):
+    """Adds ``from_pretrained``/``from_single_file``/``save_pretrained`` to a module with ``from_config``."""
 
     config: dict[str, Any]
-    checkpoint_layout: ClassVar[CheckpointLayout] = DIFFUSERS_LAYOUT
+
+    @classmethod
+    def _from_source(cls: type[M], source: CheckpointSource, dtype: torch.dtype | None) -> M:
+        """Build on meta, check ``source.infos`` strictly, then stream the tensors in (cast to ``dtype``)."""
+        target = _dtype_name(dtype)
+        with torch.device("meta"):
+            model = cls.from_config(source.config)  # type: ignore[attr-defined]
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_keys(expected, source.infos, name=source.name)
+        model.load_state_dict(dict(source.tensors("pt", target)), strict=True, assign=True)
+        return model.eval()
 
     @classmethod
     def from_pretrained(
@@ -52,9 +64,8 @@ class PretrainedMixin:
         weights are read only with ``allow_pickle=True`` (and then with ``torch.load(weights_only=True)``).
         Raises ValueError listing missing/unexpected/mis-shaped keys, FileNotFoundError when files are absent.
         """
-        target = _dtype_name(dtype)
-        layout = cls.checkpoint_layout
-        found = layout.locate(
+        _dtype_name(dtype)  # bad dtypes fail before any download
+        source = cls.pretrained_source(
             path_or_repo_id,
             subfolder=subfolder,
             variant=variant,
@@ -62,14 +73,31 @@ class PretrainedMixin:
             local_files_only=local_files_only,
             allow_pickle=allow_pickle,
         )
-        infos = dict(layout.rename(tensor_infos(found.files).items()))  # validates shard indexes; headers only
-        with torch.device("meta"):
-            model = cls.from_config(found.config)  # type: ignore[attr-defined]
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        check_keys(expected, infos, name=f"checkpoint {str(found.folder)!r}")
-        tensors = iter_tensors(found.files, framework="pt", dtype=target, validate=False)
-        model.load_state_dict(dict(layout.rename(tensors)), strict=True, assign=True)
-        return model.eval()
+        return cls._from_source(source, dtype)
+
+    @classmethod
+    def from_single_file(
+        cls: type[M],
+        path: str | os.PathLike,
+        config: Mapping[str, Any] | str | os.PathLike,
+        subfolder: str | None = None,
+        dtype: torch.dtype | None = None,
+        extract_ema: bool = False,
+        allow_pickle: bool = False,
+    ) -> M:
+        """Load this model's part of an original CompVis / SD 1.x-2.x single-file checkpoint.
+
+        ``config``: the model's config as a dict, a ``config.json``, or a folder holding one
+        (``subfolder`` inside it, e.g. a diffusers pipeline folder and ``"unet"``). SD 2.x OpenCLIP
+        text towers load into ``CLIPTextModel`` (the caller's config gives its size). ``extract_ema``
+        reads the UNet's EMA copy; ``.ckpt`` files need ``allow_pickle=True``. Raises ValueError
+        listing missing/unexpected/mis-shaped keys before any weight is read.
+        """
+        _dtype_name(dtype)
+        source = cls.single_file_source(
+            path, config, subfolder=subfolder, extract_ema=extract_ema, allow_pickle=allow_pickle
+        )
+        return cls._from_source(source, dtype)
 
     def save_pretrained(
         self,
