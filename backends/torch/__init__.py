@@ -1,6 +1,44 @@
 """PyTorch backend: diffusion_core's schedulers and pipelines bound to torch modules (CPU, CUDA, MPS)."""
 
-from backends.torch.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
+from backends.torch.models import (
+    AutoencoderKL,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    ControlNetModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from backends.torch.pipelines import (
+    DDIMPipeline,
+    DDPMPipeline,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+)
 from backends.torch.sampling import denoise_loop, randn_tensor
 
-__all__ = ["DDIMPipeline", "DDPMPipeline", "DiffusionPipeline", "denoise_loop", "randn_tensor"]
+__all__ = [
+    "AutoencoderKL",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "ControlNetModel",
+    "DDIMPipeline",
+    "DDPMPipeline",
+    "DiffusionPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInstructPix2PixPipeline",
+    "StableDiffusionLatentUpscalePipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionUpscalePipeline",
+    "UNet2DConditionModel",
+    "UNet2DModel",
+    "denoise_loop",
+    "randn_tensor",
+]

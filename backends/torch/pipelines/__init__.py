@@ -2,5 +2,27 @@
 
 from backends.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
 from backends.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
+from backends.torch.pipelines.stable_diffusion import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+)
 
-__all__ = ["TORCH_COMPONENTS", "TORCH_PIPELINES", "DDIMPipeline", "DDPMPipeline", "DiffusionPipeline"]
+__all__ = [
+    "TORCH_COMPONENTS",
+    "TORCH_PIPELINES",
+    "DDIMPipeline",
+    "DDPMPipeline",
+    "DiffusionPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInstructPix2PixPipeline",
+    "StableDiffusionLatentUpscalePipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionUpscalePipeline",
+]

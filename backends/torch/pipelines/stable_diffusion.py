@@ -1,0 +1,91 @@
+"""PyTorch Stable Diffusion pipelines: ``StableDiffusionPipeline`` (text to image) here, the image-conditioned ones
+in ``sd_*.py`` (re-exported, so ``model_index.json`` names resolve to this module).
+
+The recipe (checks, prompts, guidance batches, latent shapes, output) is
+``diffusion_core.pipelines.stable_diffusion``; ``sd_base.StableDiffusionBase`` binds it to torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
+from backends.torch.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
+from backends.torch.pipelines.sd_img2img import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
+)
+from backends.torch.pipelines.sd_latent_upscale import StableDiffusionLatentUpscalePipeline
+from backends.torch.pipelines.sd_upscale import StableDiffusionUpscalePipeline
+from backends.torch.sampling import Generators
+from diffusion_core.pipelines import ImagePipelineOutput
+from diffusion_core.pipelines import stable_diffusion as sd
+
+__all__ = [
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInstructPix2PixPipeline",
+    "StableDiffusionLatentUpscalePipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionUpscalePipeline",
+]
+
+
+class StableDiffusionPipeline(StableDiffusionBase):
+    """Text-to-image latent diffusion (Rombach et al. 2022); diffusers' ``StableDiffusionPipeline``."""
+
+    _legacy_scheduler_options = ("steps_offset", "clip_sample")
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generators = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: StepCallback | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for ``prompt``; ``latents`` (numpy (B * n, C, h, w)) fixes the starting noise.
+
+        ``timesteps``/``sigmas``: a custom schedule (replaces ``num_inference_steps``) where the scheduler takes one.
+        """
+        args = prompt_args(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_images_per_prompt,
+            num_inference_steps,
+            eta,
+            output_type,
+            clip_skip,
+        )
+        batch = self._common_checks(args)
+        height, width = sd.resolve_size(height, width, self.unet.config, self.vae.config)
+        g = sd.guidance(guidance_scale, guidance_rescale, self.unet.config)
+        embeds = self._text_embeddings(args, g)
+        shape = sd.latent_shape(
+            batch * num_images_per_prompt, self.unet.config["in_channels"], height, width, self.vae_scale_factor
+        )
+        x = self._start_latents(shape, latents, generator)
+        custom = timesteps is not None or sigmas is not None
+        steps = None if custom else num_inference_steps
+        state = self.scheduler.set_timesteps(steps, like=x, timesteps=timesteps, sigmas=sigmas)
+        x = x * state.init_noise_sigma
+        x = self._denoise(x, state, embeds.to(self.unet.dtype), g, generator, eta, callback_on_step_end)
+        return self._decode(x, output_type, return_dict)

@@ -1,0 +1,111 @@
+"""The framework-neutral SD recipe on its own: numpy == torch for the array functions, input checks, image prep."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_core.pipelines import sd_control, sd_image
+from diffusion_core.pipelines import stable_diffusion as sd
+
+RNG = np.random.default_rng(0)
+
+
+def _both(fn, *arrays, **kwargs):
+    """``fn`` on numpy inputs and on the same values as torch tensors; returns both results as numpy."""
+    a = fn(*arrays, **kwargs)
+    b = fn(*[torch.from_numpy(x) for x in arrays], **kwargs)
+    return np.asarray(a), b.numpy()
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_embeddings_input_and_combine_agree_across_namespaces(parts):
+    g = sd.Guidance(7.5, 0.5 if parts == 2 else 0.0, 1.5 if parts == 3 else None, parts)
+    pos, neg = RNG.standard_normal((2, 5, 4), dtype=np.float32), RNG.standard_normal((2, 5, 4), dtype=np.float32)
+    a, b = _both(lambda p, n: sd.batch_embeddings(p, n, 3, g), pos, neg)
+    np.testing.assert_allclose(a, b, rtol=0, atol=0)
+    assert a.shape == (parts * 6, 5, 4)
+    np.testing.assert_array_equal(a[(parts - 1) * 6 if parts == 2 else 0], pos[0])  # the positive rows, per image
+    np.testing.assert_array_equal(a[1 if parts != 2 else 7], pos[0])
+    x = RNG.standard_normal((6, 4, 2, 2), dtype=np.float32)
+    extra = RNG.standard_normal((parts * 6, 1, 2, 2), dtype=np.float32)
+    a, b = _both(lambda x_, e: sd.model_input(x_, g, e), x, extra)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (parts * 6, 5, 2, 2)
+    out = RNG.standard_normal((parts * 6, 4, 2, 2), dtype=np.float32)
+    a, b = _both(lambda o: sd.combine(o, g), out)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_cfg_combination_formula():
+    g = sd.guidance(3.0, 0.0, {"time_cond_proj_dim": None})
+    uncond, cond = np.ones((1, 2), np.float32), np.full((1, 2), 2.0, np.float32)
+    np.testing.assert_allclose(sd.combine(np.concatenate([uncond, cond]), g), np.full((1, 2), 4.0))
+    assert sd.guidance(1.0, 0.0, {}).parts == 1
+    assert sd.guidance(5.0, 0.0, {"time_cond_proj_dim": 256}).parts == 1  # guidance-embedded (LCM) UNets
+    assert sd.guidance(5.0, 0.0, {}, image_guidance_scale=0.9).parts == 1
+    assert sd.guidance(5.0, 0.0, {}, image_guidance_scale=1.0).parts == 3
+
+
+def test_sizes_shapes_and_latent_scaling():
+    unet, vae = {"sample_size": 64}, {"block_out_channels": (1, 2, 3, 4), "scaling_factor": 0.5, "shift_factor": 0.1}
+    assert sd.vae_scale_factor(vae) == 8
+    assert sd.resolve_size(None, None, unet, vae) == (512, 512)
+    assert sd.resolve_size(256, 384, unet, vae) == (256, 384)
+    assert sd.latent_shape(2, 4, 256, 384, 8) == (2, 4, 32, 48)
+    with pytest.raises(ValueError, match="width must be divisible by 8"):
+        sd.resolve_size(256, 100, unet, vae)
+    z = np.arange(4, dtype=np.float32)
+    np.testing.assert_allclose(sd.scale_latents(sd.unscale_latents(z, vae), vae), z, atol=1e-6)
+    np.testing.assert_allclose(sd.unscale_latents(z, {"scaling_factor": 0.5}), 2 * z)
+
+
+def test_prompt_checks_and_negative_texts():
+    assert sd.check_prompt_inputs(["a", "b"], None, None, None) == 2
+    assert sd.check_prompt_inputs(None, None, np.zeros((3, 7, 8)), None) == 3
+    assert sd.negative_texts(None, 2) == ["", ""] and sd.negative_texts("x", 2) == ["x", "x"]
+    with pytest.raises(ValueError, match="negative_prompt_embeds must have the shape"):
+        sd.check_prompt_inputs(None, None, np.zeros((1, 7, 8)), np.zeros((1, 6, 8)))
+    with pytest.raises(ValueError, match="prompt must be a str"):
+        sd.check_prompt_inputs([], None, None, None)
+    assert sd.step_kwargs(type("DDIMScheduler", (), {})(), 0.3) == {"eta": 0.3}
+    assert sd.step_kwargs(type("EulerDiscreteScheduler", (), {})(), 0.3) == {}
+
+
+def test_image_and_mask_preprocessing_pil_equals_numpy():
+    pixels = RNG.integers(0, 256, (16, 18, 3), dtype=np.uint8)
+    as_np = sd_image.preprocess_image(pixels.astype(np.float32) / 255, 2)
+    as_pil = sd_image.preprocess_image(Image.fromarray(pixels), 2)
+    np.testing.assert_allclose(as_pil, as_np, atol=1e-6)
+    assert as_np.shape == (1, 3, 16, 18) and as_np.min() >= -1 and as_np.max() <= 1
+    odd = sd_image.preprocess_image(Image.fromarray(pixels[:15, :17]), 2)
+    assert odd.shape == (1, 3, 14, 16)  # rounded down to the VAE scale factor
+    mask = sd_image.preprocess_mask(Image.fromarray((pixels[..., 0] > 127).astype(np.uint8) * 255), 2, 16, 18)
+    assert mask.shape == (1, 1, 16, 18) and set(np.unique(mask)) <= {0.0, 1.0}
+    control = sd_image.preprocess_control_image(pixels.astype(np.float32) / 255, 2)
+    np.testing.assert_allclose(control, (as_np + 1) / 2, atol=1e-6)
+
+
+def test_controlnet_batches_and_guess_mode():
+    image = RNG.random((1, 3, 4, 4)).astype(np.float32)
+    a, b = _both(lambda im: sd_control.control_image_batch(im, 4, 2, 2, False), image)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (8, 3, 4, 4)
+    assert sd_control.control_image_batch(image, 4, 2, 2, True).shape == (4, 3, 4, 4)
+    down, mid = [np.ones((2, 3), np.float32)], np.ones((2, 1), np.float32)
+    padded, mid2 = sd_control.guess_mode_residuals(down, mid, 2)
+    np.testing.assert_array_equal(padded[0], np.concatenate([np.zeros((2, 3)), np.ones((2, 3))]))
+    assert mid2.shape == (4, 1)
+
+
+def test_inpaint_pix2pix_and_upscaler_inputs():
+    mask, latents = np.ones((2, 1, 2, 2), np.float32), RNG.standard_normal((2, 4, 2, 2)).astype(np.float32)
+    a, b = _both(lambda m, z: sd_image.inpaint_extra(m, z, 2), mask, latents)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 5, 2, 2)
+    three = sd_image.pix2pix_extra(latents, 3)
+    np.testing.assert_array_equal(three[4:], 0.0)
+    extra, labels = sd_image.upscaler_inputs(latents[:1], np.array([20]), 2, 3)
+    assert extra.shape == (6, 4, 2, 2) and labels.tolist() == [20] * 6
+    with pytest.raises(ValueError, match="in_channels=9"):
+        sd_image.check_unet_channels({"in_channels": 4}, 4, 5, "StableDiffusionInpaintPipeline")
