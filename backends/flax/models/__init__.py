@@ -1,11 +1,19 @@
 """Flax NNX network modules with diffusers' class names, config fields and parameter names."""
 
+from backends.flax.models.attention import (
+    Attention,
+    BasicTransformerBlock,
+    FeedForward,
+    KAttentionBlock,
+    Transformer2DModel,
+)
 from backends.flax.models.clip_text import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTextOutput,
     CLIPTextWithProjectionOutput,
 )
+from backends.flax.models.controlnet import ControlNetConditioningEmbedding, ControlNetModel
 from backends.flax.models.layers import (
     Downsample2D,
     FrozenWeight,
@@ -26,32 +34,57 @@ from backends.flax.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
+from backends.flax.models.unet_2d_condition import UNet2DConditionModel
+from backends.flax.models.unet_2d_condition_blocks import (
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    KCrossAttnDownBlock2D,
+    KCrossAttnUpBlock2D,
+    KDownBlock2D,
+    KUpBlock2D,
+    UNetMidBlock2DCrossAttn,
+)
 from backends.flax.models.vae import AutoencoderKL, Decoder, DownEncoderBlock2D, Encoder, UpDecoderBlock2D
 
 __all__ = [
+    "Attention",
     "AttnDownBlock2D",
     "AttnUpBlock2D",
     "AutoencoderKL",
+    "BasicTransformerBlock",
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
     "CLIPTextOutput",
     "CLIPTextWithProjectionOutput",
+    "ControlNetConditioningEmbedding",
+    "ControlNetModel",
+    "CrossAttnDownBlock2D",
+    "CrossAttnUpBlock2D",
     "Decoder",
     "DownBlock2D",
     "DownEncoderBlock2D",
     "Downsample2D",
     "Encoder",
+    "FeedForward",
     "FrozenWeight",
     "GaussianFourierProjection",
+    "KAttentionBlock",
+    "KCrossAttnDownBlock2D",
+    "KCrossAttnUpBlock2D",
+    "KDownBlock2D",
+    "KUpBlock2D",
     "ResnetBlock2D",
     "ResnetOptions",
     "SpatialSelfAttention",
     "TimestepEmbedding",
     "Timesteps",
+    "Transformer2DModel",
+    "UNet2DConditionModel",
     "UNet2DModel",
     "UNetMidBlock2D",
-    "UpDecoderBlock2D",
+    "UNetMidBlock2DCrossAttn",
     "UpBlock2D",
+    "UpDecoderBlock2D",
     "Upsample2D",
     "flax_state_to_torch",
     "load_torch_state_dict",

@@ -47,13 +47,60 @@ class FrozenWeight(nnx.Variable):
     """A weight that is loaded and saved but not trained (torch ``requires_grad=False``)."""
 
 
+class ParamKeys:
+    """Parameter-init keys from one ``nnx.Rngs`` draw and a Python counter; passes for ``rngs`` to NNX layers.
+
+    ``nnx.Rngs`` bumps a counter Variable on every draw. Under ``nnx.eval_shape`` (how checkpoints
+    are loaded) each bump costs a scan of the whole trace (jax builds an error message for the
+    tracer's missing ``sharding``), so building a large model abstractly becomes quadratic in its
+    size. Folding a counter into one key keeps it linear. ``rngs`` is kept for dropout streams.
+    """
+
+    def __init__(self, rngs: nnx.Rngs | ParamKeys) -> None:
+        self.rngs: nnx.Rngs = rngs.rngs if isinstance(rngs, ParamKeys) else rngs
+        self._base = self.rngs.params()
+        self._count = 0
+
+    def params(self) -> jax.Array:
+        self._count += 1
+        return jax.random.fold_in(self._base, self._count)
+
+
+def make_dropout(rate: float, rngs: nnx.Rngs | ParamKeys) -> nnx.Dropout:
+    """``nnx.Dropout``; a zero rate (inference, and every pretrained config) needs no RNG stream."""
+    if rate == 0.0:
+        return nnx.Dropout(rate)
+    return nnx.Dropout(rate, rngs=rngs.rngs if isinstance(rngs, ParamKeys) else rngs)
+
+
 def conv(
-    in_ch: int, out_ch: int, kernel: int, rngs: nnx.Rngs, dtype: jnp.dtype, stride: int = 1, padding: Padding = 1
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype,
+    stride: int = 1,
+    padding: Padding = 1,
+    bias: bool = True,
+    zero_init: bool = False,
 ) -> nnx.Conv:
-    """A torch-style Conv2d on NHWC: explicit symmetric ``padding`` (int) or per-side pairs."""
+    """A torch-style Conv2d on NHWC: explicit symmetric ``padding`` (int) or per-side pairs.
+
+    ``zero_init``: start from a zero kernel (ControlNet's "zero convolutions").
+    """
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+    extra = {"kernel_init": nnx.initializers.zeros_init()} if zero_init else {}
     return nnx.Conv(
-        in_ch, out_ch, (kernel, kernel), strides=stride, padding=pad, dtype=dtype, param_dtype=dtype, rngs=rngs
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        strides=stride,
+        padding=pad,
+        use_bias=bias,
+        **extra,
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
     )
 
 
@@ -64,8 +111,13 @@ def group_norm(channels: int, groups: int, eps: float, rngs: nnx.Rngs, dtype: jn
     )
 
 
-def linear(in_f: int, out_f: int, rngs: nnx.Rngs, dtype: jnp.dtype) -> nnx.Linear:
-    return nnx.Linear(in_f, out_f, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def linear(in_f: int, out_f: int, rngs: nnx.Rngs, dtype: jnp.dtype, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(in_f, out_f, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def layer_norm(dim: int, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5) -> nnx.LayerNorm:
+    """LayerNorm equal to torch's (biased two-pass variance, affine ``weight``/``bias``)."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class Timesteps(nnx.Module):
@@ -111,17 +163,32 @@ class GaussianFourierProjection(nnx.Module):
 
 
 class TimestepEmbedding(nnx.Module):
-    """Two-layer MLP on a timestep projection: ``linear_1 -> act -> linear_2``."""
+    """Two-layer MLP on a timestep projection: ``[+ cond_proj(cond)] -> linear_1 -> act -> linear_2 [-> post_act]``."""
 
     def __init__(
-        self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", *, rngs: nnx.Rngs, dtype: jnp.dtype
+        self,
+        in_channels: int,
+        time_embed_dim: int,
+        act_fn: str = "silu",
+        cond_proj_dim: int | None = None,
+        post_act_fn: str | None = None,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
     ) -> None:
         self.linear_1 = linear(in_channels, time_embed_dim, rngs, dtype)
         self.act = get_activation(act_fn)
         self.linear_2 = linear(time_embed_dim, time_embed_dim, rngs, dtype)
+        self.cond_proj = linear(cond_proj_dim, in_channels, rngs, dtype, bias=False) if cond_proj_dim else None
+        self.post_act = get_activation(post_act_fn) if post_act_fn is not None else None
 
-    def __call__(self, sample: jax.Array) -> jax.Array:
-        return self.linear_2(self.act(self.linear_1(sample)))
+    def __call__(self, sample: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("timestep_cond: this model has no time_cond_proj_dim")
+            sample = sample + self.cond_proj(condition)
+        sample = self.linear_2(self.act(self.linear_1(sample)))
+        return sample if self.post_act is None else self.post_act(sample)
 
 
 class Downsample2D(nnx.Module):
@@ -168,8 +235,16 @@ class Upsample2D(nnx.Module):
         out_channels = out_channels or channels
         self.conv = conv(channels, out_channels, 3, rngs, dtype) if use_conv else None
 
-    def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        hidden_states = jnp.repeat(jnp.repeat(hidden_states, 2, axis=1), 2, axis=2)  # (B, 2H, 2W, C)
+    def __call__(self, hidden_states: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        """``output_size`` (static (H', W')) resizes by nearest neighbour as torch's ``interpolate(size=...)``."""
+        _, height, width, _ = hidden_states.shape
+        if output_size is None or tuple(output_size) == (2 * height, 2 * width):
+            hidden_states = jnp.repeat(jnp.repeat(hidden_states, 2, axis=1), 2, axis=2)  # (B, 2H, 2W, C)
+        else:
+            out_h, out_w = output_size
+            rows = (jnp.arange(out_h) * height) // out_h  # torch "nearest": floor(dst * in / out)
+            cols = (jnp.arange(out_w) * width) // out_w
+            hidden_states = hidden_states[:, rows][:, :, cols]  # (B, H', W', C)
         if self.conv is not None:
             hidden_states = self.conv(hidden_states)
         return hidden_states
@@ -217,7 +292,7 @@ class ResnetBlock2D(nnx.Module):
         proj_dim = out_channels if time_embedding_norm == "default" else 2 * out_channels
         self.time_emb_proj = linear(temb_channels, proj_dim, rngs, dtype) if temb_channels is not None else None
         self.norm2 = group_norm(out_channels, groups_out or groups, eps, rngs, dtype)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = make_dropout(dropout, rngs)
         self.conv2 = conv(out_channels, out_channels, 3, rngs, dtype)
         self.nonlinearity = get_activation(non_linearity)
         self.resample = _resampler(in_channels, up, down, rngs, dtype)
@@ -279,7 +354,7 @@ class SpatialSelfAttention(nnx.Module):
         self.to_q = linear(channels, inner_dim, rngs, dtype)
         self.to_k = linear(channels, inner_dim, rngs, dtype)
         self.to_v = linear(channels, inner_dim, rngs, dtype)
-        self.to_out = nnx.List([linear(inner_dim, channels, rngs, dtype), nnx.Dropout(dropout, rngs=rngs)])
+        self.to_out = nnx.List([linear(inner_dim, channels, rngs, dtype), make_dropout(dropout, rngs)])
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
         residual = hidden_states
@@ -297,3 +372,26 @@ class SpatialSelfAttention(nnx.Module):
     def _split_heads(self, x: jax.Array) -> jax.Array:
         batch, length, _ = x.shape
         return x.reshape(batch, length, self.heads, -1)  # (B, HW, heads, head_dim)
+
+
+class AdaGroupNorm(nnx.Module):
+    """GroupNorm without affine weights, then FiLM from the time embedding: ``x * (1 + scale) + shift``."""
+
+    def __init__(
+        self, embedding_dim: int, out_dim: int, num_groups: int, eps: float = 1e-5, *, rngs: nnx.Rngs, dtype: jnp.dtype
+    ) -> None:
+        self.linear = linear(embedding_dim, 2 * out_dim, rngs, dtype)
+        self.norm = nnx.GroupNorm(
+            out_dim,
+            num_groups=num_groups,
+            epsilon=eps,
+            use_bias=False,
+            use_scale=False,
+            use_fast_variance=False,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        scale, shift = jnp.split(self.linear(emb)[:, None, None, :], 2, axis=-1)  # 2 x (B, 1, 1, C)
+        return self.norm(x) * (1 + scale) + shift

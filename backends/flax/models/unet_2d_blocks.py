@@ -14,7 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.layers import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
+from backends.flax.models.layers import (
+    AdaGroupNorm,
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    Upsample2D,
+    conv,
+    get_activation,
+    make_dropout,
+)
 
 RESAMPLE_TYPES = ("conv", "resnet")
 
@@ -153,15 +162,22 @@ class UpBlock2D(nnx.Module):
         self.upsamplers = nnx.List([up]) if up is not None else None
 
     def __call__(
-        self, hidden_states: jax.Array, res_hidden_states: tuple[jax.Array, ...], temb: jax.Array
+        self,
+        hidden_states: jax.Array,
+        res_hidden_states: tuple[jax.Array, ...],
+        temb: jax.Array,
+        upsample_size: tuple[int, int] | None = None,
     ) -> jax.Array:
+        """``upsample_size``: static (H', W') the conv upsampler resizes to (odd sizes in conditional UNets)."""
         skips = list(res_hidden_states)
         for i, resnet in enumerate(self.resnets):
             hidden_states = jnp.concatenate([hidden_states, skips.pop()], axis=-1)  # (B, H, W, C + C_skip)
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states)
-        if self.upsamplers is not None:
+        if isinstance(self.upsamplers, nnx.List) and isinstance(self.upsamplers[0], Upsample2D):
+            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+        elif self.upsamplers is not None:
             hidden_states = _resample(self.upsamplers[0], hidden_states, temb)
         return hidden_states
 
@@ -213,3 +229,81 @@ class UNetMidBlock2D(nnx.Module):
                 hidden_states = attn(hidden_states)
             hidden_states = resnet(hidden_states, temb)
         return hidden_states
+
+
+class ResnetBlockCondNorm2D(nnx.Module):
+    """Residual block whose two norms are AdaGroupNorms of the time embedding (K-diffusion UNet)."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        groups_out: int,
+        eps: float = 1e-5,
+        non_linearity: str = "gelu",
+        conv_2d_out_channels: int | None = None,
+        dropout: float = 0.0,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+    ) -> None:
+        conv_out = conv_2d_out_channels or out_channels
+        self.norm1 = AdaGroupNorm(temb_channels, in_channels, groups, eps, rngs=rngs, dtype=dtype)
+        self.conv1 = conv(in_channels, out_channels, 3, rngs, dtype)
+        self.norm2 = AdaGroupNorm(temb_channels, out_channels, groups_out, eps, rngs=rngs, dtype=dtype)
+        self.dropout = make_dropout(dropout, rngs)
+        self.conv2 = conv(out_channels, conv_out, 3, rngs, dtype)
+        self.nonlinearity = get_activation(non_linearity)
+        self.conv_shortcut = (
+            conv(in_channels, conv_out, 1, rngs, dtype, padding=0, bias=False) if in_channels != conv_out else None
+        )
+
+    def __call__(self, input_tensor: jax.Array, temb: jax.Array) -> jax.Array:
+        hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor, temb)))
+        hidden_states = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden_states, temb))))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return input_tensor + hidden_states
+
+
+_K_TAPS = (1 / 8, 3 / 8, 3 / 8, 1 / 8)  # the separable 4-tap (binomial) kernel of the K resamplers
+
+
+def _k_kernel(channels: int, gain: float, dtype: Any) -> jax.Array:
+    taps = jnp.asarray(_K_TAPS, jnp.float32) * gain
+    kernel = jnp.outer(taps, taps).astype(dtype)  # (4, 4)
+    return jnp.broadcast_to(kernel[:, :, None, None], (4, 4, 1, channels))  # depthwise HWIO
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, stride: int, lhs_dilation: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((0, 0), (0, 0)),
+        lhs_dilation=(lhs_dilation, lhs_dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+class KDownsample2D(nnx.Module):
+    """Halve H and W: reflect-pad 1, then a stride-2 depthwise 4x4 binomial filter (no weights)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")  # (B, H+2, W+2, C)
+        return _depthwise(x, _k_kernel(x.shape[-1], 1.0, x.dtype), 2, 1)  # (B, H/2, W/2, C)
+
+
+class KUpsample2D(nnx.Module):
+    """Double H and W: reflect-pad 1, then a stride-2 transposed depthwise 4x4 binomial filter (no weights).
+
+    torch's ``conv_transpose2d(stride=2, padding=3)`` with a 4x4 kernel is a valid convolution
+    over the input dilated by 2 (the kernel is symmetric, so flipping it changes nothing).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")  # (B, H+2, W+2, C)
+        return _depthwise(x, _k_kernel(x.shape[-1], 2.0, x.dtype), 1, 2)  # (B, 2H, 2W, C)
