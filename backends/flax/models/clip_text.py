@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from backends.flax.models.layers import ParamKeys
 from backends.flax.models.modeling import PretrainedMixin
 from diffusion_core.models.clip_config import (
     CLIPTextOutput,
@@ -90,7 +91,7 @@ class CLIPAttention(nnx.Module):
         self.v_proj = _linear(width, width, rngs, dtype)
         self.q_proj = _linear(width, width, rngs, dtype)
         self.out_proj = _linear(width, width, rngs, dtype)
-        self.dropout = nnx.Dropout(cfg["attention_dropout"], deterministic=True, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg["attention_dropout"], deterministic=True, rngs=rngs.rngs)
 
     def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> jax.Array:
         """``mask``: (B, 1, T, T) bool, True where a query may attend; None means plain causal."""
@@ -170,7 +171,7 @@ class CLIPTextModel(PretrainedMixin, nnx.Module):
         self, config: Mapping[str, Any] | None = None, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32
     ) -> None:
         self.config: dict[str, Any] = clip_text_config(config)
-        rngs = nnx.Rngs(0) if rngs is None else rngs
+        rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.dtype = dtype
         self.embeddings = CLIPTextEmbeddings(self.config, rngs, dtype)
         self.encoder = CLIPEncoder(self.config, rngs, dtype)
@@ -212,7 +213,7 @@ class CLIPTextModelWithProjection(PretrainedMixin, nnx.Module):
     def __init__(
         self, config: Mapping[str, Any] | None = None, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32
     ) -> None:
-        rngs = nnx.Rngs(0) if rngs is None else rngs
+        rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.text_model = CLIPTextModel(config, rngs=rngs, dtype=dtype)
         self.config: dict[str, Any] = self.text_model.config
         self.dtype = dtype

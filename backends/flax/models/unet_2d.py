@@ -18,6 +18,7 @@ from flax import nnx
 
 from backends.flax.models.layers import (
     GaussianFourierProjection,
+    ParamKeys,
     TimestepEmbedding,
     Timesteps,
     conv,
@@ -79,7 +80,7 @@ class UNet2DModel(PretrainedMixin, nnx.Module):
         cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         model_config.validate_unet_2d_config(cfg)
         get_activation(act_fn)
-        rngs = nnx.Rngs(0) if rngs is None else rngs
+        rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.config: dict[str, Any] = cfg
         self.dtype = dtype
         channels = list(block_out_channels)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.layers import Downsample2D, Upsample2D, conv, get_activation, group_norm
+from backends.flax.models.layers import Downsample2D, ParamKeys, Upsample2D, conv, get_activation, group_norm
 from backends.flax.models.modeling import PretrainedMixin
 from backends.flax.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
 from diffusion_core.models import model_config
@@ -204,7 +204,7 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nnx.Module):
         cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         model_config.validate_autoencoder_kl_config(cfg)
         get_activation(act_fn)
-        rngs = nnx.Rngs(0) if rngs is None else rngs
+        rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.config: dict[str, Any] = cfg
         self.dtype = dtype
         shared = {
