@@ -64,6 +64,9 @@ class Scheduler(abc.ABC):
     accepts_sigmas: ClassVar[bool] = False  # set_timesteps(sigmas=[...]) supported
     # continuous-time schedulers (EDM, flow matching) sample any number of steps
     steps_bounded_by_training: ClassVar[bool] = True
+    # multistep solvers warm their order up again from the first executed call: their per-step
+    # tables depend on it, and their ``_make_state`` takes ``begin=`` (the first call's index)
+    tables_depend_on_begin: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self._defaults))
@@ -175,20 +178,40 @@ class Scheduler(abc.ABC):
         *,
         timesteps: Any = None,
         sigmas: Any = None,
+        begin_index: int = 0,
     ):
         """A fresh state for ``num_inference_steps`` (or custom ``timesteps=``/``sigmas=``).
 
         ``like``: an array shaped and typed as the latents; the state lives in its framework,
-        device and dtype (``None``: numpy float32).
+        device and dtype (``None``: numpy float32). ``begin_index``: the model call the run starts
+        at (img2img / inpainting: ``t_start * order``, diffusers' ``set_begin_index``); the
+        counter starts there and multistep solvers warm up again from it.
         """
         n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
-        return self._make_state(n, like, timesteps=timesteps, sigmas=sigmas)
+        return self._build_state(n, like, begin_index, timesteps=timesteps, sigmas=sigmas)
+
+    def _build_state(self, n: int, like: Any, begin_index: Any, **make_kwargs: Any):
+        """``_make_state(n, like, **make_kwargs)`` for a run starting at model call ``begin_index``."""
+        begin = check_begin_index(begin_index)
+        if self.tables_depend_on_begin:
+            make_kwargs["begin"] = begin
+        state = self._make_state(n, like, **make_kwargs)
+        check_begin_index(begin, int(state.timesteps.shape[0]), self.order)
+        return state._replace(step_index=arrays.counter_like(like, begin)) if begin else state
+
+    def noise_calls(self, state, **step_kwargs: Any) -> np.ndarray:
+        """(num_calls,) bool, host-side: True at the model calls where diffusers' ``step`` draws noise.
+
+        A loop that shares one random generator with diffusers draws exactly at these calls (and
+        passes ``noise=None`` elsewhere), so the two generator streams stay aligned.
+        """
+        return np.full(int(state.timesteps.shape[0]), bool(self.needs_noise_for(**step_kwargs)))
 
     def _resolve_request(self, num_inference_steps: Any, timesteps: Any, sigmas: Any):
         """Validate a set_timesteps request: ``(n, timesteps, sigmas)``, custom ones as float64.
 
         Subclasses whose ``set_timesteps`` takes extra keywords (LCM's ``strength``) call this
-        and then their ``_make_state`` with the extras.
+        and then ``_build_state`` with the extras (passed on to their ``_make_state``).
         """
         name = type(self).__name__
         if timesteps is not None and not self.accepts_timesteps:
@@ -245,6 +268,41 @@ class Scheduler(abc.ABC):
         if noise is None:
             raise ValueError(f"noise: {type(self).__name__}.step needs a Gaussian `noise` array ({why})")
         return noise
+
+    def _noise_unless_unused(self, noise, weight, why: str):
+        """``noise``; ``None`` is accepted only at a call whose noise ``weight`` (0-d) is zero, i.e. where
+        ``noise_calls`` is False (one host read of ``weight``, at those calls only)."""
+        if noise is not None:
+            return noise
+        try:
+            unused = bool(weight == 0)
+        except Exception:  # a traced weight (jax.jit / scan): unknown here, so the noise is required
+            unused = False
+        if not unused:
+            self._require_noise(noise, f"{why}; see noise_calls(state) for the calls that draw")
+        return None
+
+
+def check_begin_index(begin_index: Any, num_calls: int | None = None, order: int = 1) -> int:
+    """``begin_index`` as an int; ValueError unless 0 <= it < ``num_calls`` and on a multiple of ``order``.
+
+    Two-stage solvers (Heun, KDPM2: order 2) start on a first-stage call, as ``t_start * order`` is.
+    """
+    if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
+        raise ValueError(f"begin_index: must be an int >= 0, got {begin_index!r}")
+    begin = int(begin_index)
+    if num_calls is not None and begin >= num_calls:
+        raise ValueError(f"begin_index: must be < the number of model calls ({num_calls}), got {begin}")
+    if begin % order:
+        raise ValueError(f"begin_index: must be a multiple of the scheduler's order ({order}), got {begin}")
+    return begin
+
+
+def host_values(values: Any) -> np.ndarray:
+    """A state table as a float64 numpy array (from numpy, torch on any device, or jax)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+    return np.asarray(values, dtype=np.float64)
 
 
 def _load_config(config: Any, subfolder: str | None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import numpy as np
 
 from diffusion_core import arrays
 from diffusion_core.schedulers import common, schedule
-from diffusion_core.schedulers.base import AlphaScheduler
+from diffusion_core.schedulers.base import AlphaScheduler, host_values
 
 LEARNED = ("learned", "learned_range")
 
@@ -108,6 +108,10 @@ class DDPMScheduler(AlphaScheduler):
             init_noise_sigma=arrays.host_to_like(1.0, like),
         )
 
+    def noise_calls(self, state: DDPMState, **_: Any) -> np.ndarray:
+        """Every call with t > 0 (diffusers draws no variance noise at t = 0)."""
+        return host_values(state.timesteps) > 0
+
     def step(self, state: DDPMState, model_output, sample, noise=None):
         """x_{t-1} = mu(x_t, x0) + std * z with the posterior mean of eq. 7 (Ho et al. 2020).
 
@@ -122,7 +126,8 @@ class DDPMScheduler(AlphaScheduler):
         x0 = common.x0_from_output(cfg["prediction_type"], model_output, sample, state.alpha_t[i], state.sigma_t[i])
         x0 = common.clamp_x0(cfg, x0)
         mean = state.x0_coef[i] * x0 + state.x_coef[i] * sample
-        noise = self._require_noise(noise, "DDPM adds noise on every step with t > 0")
+        if self._noise_unless_unused(noise, state.has_noise[i], "DDPM adds noise on every step with t > 0") is None:
+            return mean, state._replace(step_index=i + 1)  # t = 0: diffusers adds no noise there
         if predicted is None:
             std = state.noise_std[i]
         else:

@@ -38,6 +38,7 @@ class VPMultistepScheduler(AlphaScheduler):
     """Abstract: exponential-integrator multistep solvers on a VP schedule (DPM-Solver, DEIS)."""
 
     _floors_zero_snr = True
+    tables_depend_on_begin = True  # the order warm-up restarts at the first executed step
 
     def _setup(self) -> None:
         super()._setup()
@@ -73,20 +74,21 @@ class VPMultistepScheduler(AlphaScheduler):
         timesteps: Any = None,
         sigmas: Any = None,
         mu: float | None = None,
+        begin_index: int = 0,
     ) -> MultistepState:
         """As ``Scheduler.set_timesteps``, plus ``mu``: flow_shift = exp(mu) for this schedule only
         (needs use_dynamic_shifting; diffusers instead overwrites its config)."""
         if mu is not None and not self.config["use_dynamic_shifting"]:
             raise ValueError("mu: only accepted with use_dynamic_shifting=True")
         n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
-        return self._make_state(n, like, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        return self._build_state(n, like, begin_index, timesteps=timesteps, sigmas=sigmas, mu=mu)
 
-    def _make_state(self, n, like, *, timesteps=None, sigmas=None, mu=None) -> MultistepState:
+    def _make_state(self, n, like, *, timesteps=None, sigmas=None, mu=None, begin: int = 0) -> MultistepState:
         cfg = self.config if mu is None else {**self.config, "flow_shift": float(np.exp(mu))}
         ts, levels = self._levels(n, timesteps, cfg)
         levels = levels.astype(np.float32).astype(np.float64)  # diffusers keeps float32 levels
         m, K = ts.shape[0], self.config["solver_order"]
-        orders = schedule.multistep_orders(m, K, *self._lower_order(m))
+        orders = schedule.multistep_orders(m, K, *self._lower_order(m), begin=begin)
         sample_coef, weights, noise_coef = self._coefficients(levels, orders)
         alpha, sigma = common.vp_alpha_sigma(levels[:-1], bool(self.config["use_flow_sigmas"]))
         return MultistepState(

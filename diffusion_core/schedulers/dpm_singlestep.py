@@ -152,6 +152,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
         "solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},
     }
     accepts_timesteps = True
+    tables_depend_on_begin = True
 
     def _init_from(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         # diffusers checks final_sigmas_type against the algorithm_type as given, before its alias
@@ -207,7 +208,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
             last = schedule.sigmas_from_alphas_cumprod_f32(self.alphas_cumprod[:1])[0]
         return ts, np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)  # diffusers: float32
 
-    def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> DPMSinglestepState:
+    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin: int = 0) -> DPMSinglestepState:
         cfg = self.config
         ts, sig = self._schedule(n, timesteps)
         flow = bool(cfg["use_flow_sigmas"])
@@ -216,7 +217,9 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
         K, final_zero = cfg["solver_order"], cfg["final_sigmas_type"] == "zero"
         # diffusers switches lower_order_final on for uneven step counts and for a zero final sigma
         lower_final = cfg["lower_order_final"] or n % K != 0 or final_zero
-        orders = order_list(n, K, lower_final, final_zero)
+        # a run starting at step `begin` has no outputs before it: the first group is cut short
+        # there (diffusers lowers the order while model_outputs[-order] is None)
+        orders = np.minimum(order_list(n, K, lower_final, final_zero), np.arange(n) - begin + 1).clip(1).tolist()
         heun = cfg["solver_type"] == "heun"
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             steps = [

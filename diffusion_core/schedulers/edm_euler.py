@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from diffusion_core import arrays
-from diffusion_core.schedulers import schedule
-from diffusion_core.schedulers.base import Scheduler
+from diffusion_core.schedulers import common, schedule
+from diffusion_core.schedulers.base import Scheduler, host_values
 
 
 class EDMEulerState(NamedTuple):
@@ -104,6 +104,13 @@ class EDMEulerScheduler(Scheduler):
     def needs_noise_for(self, *, s_churn: float = 0.0, **_: Any) -> bool:
         return s_churn > 0
 
+    def noise_calls(
+        self, state: EDMEulerState, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), **_: Any
+    ) -> np.ndarray:
+        """Churned calls only (sigma in [s_tmin, s_tmax]): diffusers draws where gamma > 0."""
+        sigmas = host_values(state.sigmas)[: state.timesteps.shape[0]]
+        return common.churn_noise_calls(sigmas, s_churn, s_tmin, s_tmax)
+
     def step(
         self,
         state: EDMEulerState,
@@ -131,8 +138,9 @@ class EDMEulerScheduler(Scheduler):
             gamma = min(s_churn / (state.sigmas.shape[0] - 1), 2**0.5 - 1)
             churned = xp.astype((sigma >= s_tmin) & (sigma <= s_tmax), sigma.dtype)
             sigma_hat = sigma * (1 + gamma * churned)
-            noise = self._require_noise(noise, "s_churn > 0")
-            sample = sample + noise * (s_noise * xp.sqrt(sigma_hat**2 - sigma**2))
+            # noise=None is accepted outside [s_tmin, s_tmax], where sigma_hat = sigma (noise_calls is False)
+            if self._noise_unless_unused(noise, churned, "s_churn > 0") is not None:
+                sample = sample + noise * (s_noise * xp.sqrt(sigma_hat**2 - sigma**2))
         if pred_original_sample is not None:
             prev_sample = sample + (sample - pred_original_sample) * ((sigma_next - sigma_hat) / sigma_hat)
         else:

@@ -7,7 +7,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from diffusion_core import arrays
-from diffusion_core.schedulers import sigma_base
+from diffusion_core.schedulers import common, sigma_base
+from diffusion_core.schedulers.base import host_values
 from diffusion_core.schedulers.sigma_base import SigmaScheduler
 
 # columns of EulerState.coefs
@@ -75,6 +76,13 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def needs_noise_for(self, *, s_churn: float = 0.0, **_: Any) -> bool:
         return s_churn > 0
 
+    def noise_calls(
+        self, state: EulerState, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), **_: Any
+    ) -> np.ndarray:
+        """Churned calls only (sigma in [s_tmin, s_tmax]): diffusers draws where gamma > 0."""
+        sigmas = host_values(state.sigmas)[: state.timesteps.shape[0]]
+        return common.churn_noise_calls(sigmas, s_churn, s_tmin, s_tmax)
+
     def step(
         self,
         state: EulerState,
@@ -96,8 +104,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
             sigma = state.sigmas[i]
             gamma = min(s_churn / (state.sigmas.shape[0] - 1), 2**0.5 - 1)
             churn = gamma * xp.astype((sigma >= s_tmin) & (sigma <= s_tmax), sigma.dtype)  # () gamma or 0
-            noise = self._require_noise(noise, "s_churn > 0")
-            sample = sample + noise * (s_noise * sigma * xp.sqrt(churn * (churn + 2)))  # sqrt(s_hat^2 - s^2)
+            # noise=None is accepted outside [s_tmin, s_tmax], where churn is 0 (noise_calls is False)
+            if self._noise_unless_unused(noise, churn, "s_churn > 0") is not None:
+                sample = sample + noise * (s_noise * sigma * xp.sqrt(churn * (churn + 2)))  # sqrt(s_hat^2 - s^2)
             inv_sigma, dt = inv_sigma / (1 + churn), dt - sigma * churn
         # x0 = c_skip x + c_out out uses the un-churned sigma (as diffusers), the slope divides by sigma_hat
         d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], inv_sigma, model_output, sample)

@@ -70,6 +70,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         timesteps: Any = None,
         sigmas: Any = None,
         mu: float | None = None,
+        begin_index: int = 0,
     ) -> FlowMatchEulerState:
         """As ``Scheduler.set_timesteps``, plus ``mu`` (the dynamic shift, required with use_dynamic_shifting).
 
@@ -87,7 +88,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
             n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
         if num_inference_steps is not None and n != num_inference_steps:
             raise ValueError(f"num_inference_steps: {num_inference_steps} differs from the {n} custom entries given")
-        return self._make_state(n, like, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        return self._build_state(n, like, begin_index, timesteps=timesteps, sigmas=sigmas, mu=mu)
 
     def dynamic_shift_mu(self, image_seq_len: int) -> float:
         """The ``mu`` for ``set_timesteps`` at ``image_seq_len`` latent tokens (diffusers' Flux calculate_shift)."""

@@ -90,8 +90,8 @@ class KDPM2Base(SigmaScheduler):
         c = state.coefs[i]  # (7,)
         d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
         prev_sample = c[_W_X] * sample + c[_W_XI] * state.start_sample + c[_W_D] * d
-        if self.needs_noise:
-            prev_sample = prev_sample + c[_W_NOISE] * self._require_noise(noise, "ancestral sampling")
+        if self.needs_noise and self._noise_unless_unused(noise, c[_W_NOISE], "ancestral second stage") is not None:
+            prev_sample = prev_sample + c[_W_NOISE] * noise
         return prev_sample, state._replace(start_sample=sample, step_index=i + 1)
 
 

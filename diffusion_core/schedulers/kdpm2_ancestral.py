@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from diffusion_core.schedulers import sigma_base
@@ -12,6 +14,10 @@ class KDPM2AncestralDiscreteScheduler(KDPM2Base):
     """Stochastic DPM-Solver-2: midpoint sqrt(s_i sigma_down); the second call adds sigma_up * noise."""
 
     needs_noise = True
+
+    def noise_calls(self, state, **_: Any) -> np.ndarray:
+        """The second-stage calls (odd indices): diffusers draws only there."""
+        return np.arange(state.timesteps.shape[0]) % 2 == 1
 
     def _stage_sigmas(self, sigmas):
         down, up = sigma_base.ancestral_sigmas(sigmas[:-1], sigmas[1:])

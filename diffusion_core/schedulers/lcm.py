@@ -9,7 +9,7 @@ import numpy as np
 
 from diffusion_core import arrays
 from diffusion_core.schedulers import common, schedule
-from diffusion_core.schedulers.base import AlphaScheduler
+from diffusion_core.schedulers.base import AlphaScheduler, host_values
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,12 @@ class LCMScheduler(AlphaScheduler):
         sigmas: Any = None,
         original_inference_steps: int | None = None,
         strength: float = 1.0,
+        begin_index: int = 0,
     ) -> LCMState:
         """As the base, plus diffusers' ``original_inference_steps`` override and img2img ``strength``."""
         n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
-        return self._make_state(
-            n, like, timesteps=timesteps, original_inference_steps=original_inference_steps, strength=strength
-        )
+        extras = {"original_inference_steps": original_inference_steps, "strength": strength}
+        return self._build_state(n, like, begin_index, timesteps=timesteps, **extras)
 
     def _make_state(
         self, n, like, *, timesteps=None, sigmas=None, original_inference_steps=None, strength: float = 1.0
@@ -127,14 +127,19 @@ class LCMScheduler(AlphaScheduler):
             raise ValueError(f"strength: {strength} leaves none of the {n} custom timesteps")
         return ts[start:], n - 1
 
+    def noise_calls(self, state: LCMState, **_: Any) -> np.ndarray:
+        """Every step but the final one (diffusers' step-index rule)."""
+        return host_values(state.noise_coef) != 0
+
     def step(self, state: LCMState, model_output, sample, noise=None):
         """x_prev = sqrt(a_prev) (c_skip x_t + c_out x0) + sqrt(1 - a_prev) z; no z on the last step."""
         i = state.step_index
         cfg = self.config
         x0 = common.x0_from_output(cfg["prediction_type"], model_output, sample, state.alpha_t[i], state.sigma_t[i])
         x0 = common.clamp_x0(cfg, x0)
-        noise = self._require_noise(noise, "LCM re-noises between steps")
-        prev_sample = state.x0_coef[i] * x0 + state.x_coef[i] * sample + state.noise_coef[i] * noise
+        prev_sample = state.x0_coef[i] * x0 + state.x_coef[i] * sample
+        if self._noise_unless_unused(noise, state.noise_coef[i], "LCM re-noises between steps") is not None:
+            prev_sample = prev_sample + state.noise_coef[i] * noise
         return prev_sample, state._replace(step_index=i + 1)
 
 

@@ -83,12 +83,18 @@ class LMSDiscreteScheduler(SigmaScheduler):
         timesteps: Any = None,
         sigmas: Any = None,
         order: int = DEFAULT_ORDER,
+        begin_index: int = 0,
     ) -> LMSState:
-        """As ``Scheduler.set_timesteps``; ``order``: the largest ``step(order=...)`` this state serves."""
+        """As ``Scheduler.set_timesteps``; ``order``: the largest ``step(order=...)`` this state serves.
+
+        With ``begin_index`` > 0 the slope history starts empty (zeros) while the order still counts
+        from call 0, as in diffusers: the first calls use the leading coefficients of the higher-order
+        rule only (diffusers' zip over the shorter derivative list).
+        """
         if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
             raise ValueError(f"order: must be an int >= 1, got {order!r}")
         n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
-        return self._make_state(n, like, order=int(order))
+        return self._build_state(n, like, begin_index, order=int(order))
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None, order: int = DEFAULT_ORDER) -> LMSState:
         ts, sig = sigma_base.sigma_schedule(self.config, self.train_sigmas, n)

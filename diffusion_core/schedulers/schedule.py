@@ -265,13 +265,15 @@ def half_log_snr(alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         return np.log(np.asarray(alpha, dtype=np.float64)) - np.log(np.asarray(sigma, dtype=np.float64))
 
 
-def multistep_orders(n: int, solver_order: int, lower_final: bool, lower_second: bool) -> np.ndarray:
+def multistep_orders(n: int, solver_order: int, lower_final: bool, lower_second: bool, begin: int = 0) -> np.ndarray:
     """Solver order at each of n steps: warm up 1, 2, ... and (optionally) step down at the end.
 
+    The warm-up counts from step ``begin``, the first one executed (img2img: no history before it);
     ``lower_final``: the last step is first order; ``lower_second``: the second-to-last is at
-    most second order (diffusers' lower_order_final for short schedules).
+    most second order (diffusers' lower_order_final for short schedules). Both count in absolute
+    steps of the whole schedule.
     """
-    orders = np.minimum(np.arange(n) + 1, solver_order)
+    orders = np.clip(np.arange(n) - begin + 1, 1, solver_order)
     if lower_second and n >= 2:
         orders[-2] = min(orders[-2], 2)
     if lower_final and n >= 1:

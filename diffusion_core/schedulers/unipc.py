@@ -155,6 +155,7 @@ class UniPCMultistepScheduler(AlphaScheduler):
             )
 
     _floors_zero_snr = True
+    tables_depend_on_begin = True  # warm-up restarts, and the first executed step has no corrector
 
     # ----- host-side schedule -----------------------------------------------------------
     def _flow_levels(self, n: int, sigmas):
@@ -204,29 +205,30 @@ class UniPCMultistepScheduler(AlphaScheduler):
         levels = np.concatenate([levels, [last]]).astype(np.float32).astype(np.float64)  # diffusers: float32
         return ts, levels
 
-    def _orders(self, m: int) -> np.ndarray:
-        """Order of each step's predictor: warm-up 1, 2, ..., and (lower_order_final) none past the end."""
+    def _orders(self, m: int, begin: int) -> np.ndarray:
+        """Order of each step's predictor: warm-up 1, 2, ... from step ``begin`` (the first executed),
+        and (lower_order_final) none past the end of the whole schedule."""
         K = self.config["solver_order"]
         i = np.arange(m)
-        orders = np.minimum(i + 1, K)
+        orders = np.clip(i - begin + 1, 1, K)
         if self.config["lower_order_final"]:
             orders = np.minimum(orders, m - i)
         return orders
 
-    def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> UniPCState:
+    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin: int = 0) -> UniPCState:
         cfg = self.config
         ts, levels = self._schedule(n, sigmas)
         m, K = ts.shape[0], cfg["solver_order"]
         alpha, sigma = common.vp_alpha_sigma(levels, flow=bool(cfg["use_flow_sigmas"]))
         lam = schedule.half_log_snr(alpha, sigma)
-        orders = self._orders(m)
+        orders = self._orders(m, begin)
         x0, bh1 = bool(cfg["predict_x0"]), cfg["solver_type"] == "bh1"
         corr_sample, corr_last, corr_out = np.ones(m), np.zeros(m), np.zeros((m, K + 1))
         pred_sample, pred_out = np.zeros(m), np.zeros((m, K + 1))
         disabled = set(cfg["disable_corrector"])
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for i in range(m):
-                if i > 0 and (i - 1) not in disabled:  # UniC from step i - 1 (its order) onto level i
+                if i > begin and (i - 1) not in disabled:  # UniC from step i - 1 (its order) onto level i
                     c = orders[i - 1]
                     hist = [i - 1 - k for k in range(1, c)]
                     cx, w0, wh, wn = _update_weights(lam, alpha, sigma, i - 1, i, hist, x0, bh1, True)

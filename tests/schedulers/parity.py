@@ -64,18 +64,19 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def run_ours(name: str, config: Mapping[str, Any], n: int, backend: str, step_kwargs=None, custom=None):
-    """Final sample and timesteps from our scheduler on ``backend`` arrays."""
+def run_ours(name: str, config: Mapping[str, Any], n: int, backend: str, step_kwargs=None, custom=None, begin=0):
+    """Final sample and timesteps from our scheduler on ``backend`` arrays, run from model call ``begin``."""
     from diffusion_core.arrays import namespace
 
     step_kwargs = dict(step_kwargs or {})
     sched = schedulers.from_config({"_class_name": name, **config})
     x = to_backend(backend, make_sample())
     xp = namespace(x)
-    state = sched.set_timesteps(_steps_arg(n, custom), like=x, **(custom or {}))
+    extra = {"begin_index": begin} if begin else {}
+    state = sched.set_timesteps(_steps_arg(n, custom), like=x, **(custom or {}), **extra)
     x = x * state.init_noise_sigma
     wants_noise = sched.needs_noise_for(**step_kwargs)
-    for i in range(state.timesteps.shape[0]):
+    for i in range(begin, state.timesteps.shape[0]):
         t = sched.current_timestep(state)
         out = dummy_model(xp, sched.scale_model_input(state, x), t)
         noise = to_backend(backend, make_noise(i)) if wants_noise else None
@@ -113,8 +114,12 @@ def _pristine_reference(name: str, config_json: str):
     return getattr(diffusers, name).from_config(json.loads(config_json))
 
 
-def run_reference(name: str, config: Mapping[str, Any], n: int, step_kwargs=None, custom=None):
-    """Final sample and timesteps from diffusers 0.42 on torch float32."""
+def run_reference(name: str, config: Mapping[str, Any], n: int, step_kwargs=None, custom=None, begin=0):
+    """Final sample and timesteps from diffusers 0.42 on torch float32, run from model call ``begin``.
+
+    As diffusers' img2img pipelines: ``set_begin_index(begin)`` where the scheduler has it, then
+    the loop over ``timesteps[begin:]`` (DDPM, DDIM, PNDM have no begin index: the slice alone).
+    """
     import torch
 
     step_kwargs = dict(step_kwargs or {})
@@ -123,13 +128,16 @@ def run_reference(name: str, config: Mapping[str, Any], n: int, step_kwargs=None
         ref.set_timesteps(_steps_arg(n, custom), **custom)
     else:
         ref.set_timesteps(n)
+    if begin and hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(begin)
     module = sys.modules[type(ref).__module__]
     current: list[torch.Tensor] = []
     original = _patch_randn(module, lambda: current[0].clone())
     try:
         # flow-matching schedulers have neither (their start scale is 1 and the input unscaled)
         x = torch.from_numpy(make_sample()) * getattr(ref, "init_noise_sigma", 1.0)
-        for i, t in enumerate(ref.timesteps):
+        for i in range(begin, len(ref.timesteps)):
+            t = ref.timesteps[i]
             current[:] = [torch.from_numpy(make_noise(i))]
             model_input = ref.scale_model_input(x, t) if hasattr(ref, "scale_model_input") else x
             out = dummy_model(_torch_xp(), model_input, t)
@@ -147,17 +155,17 @@ def _torch_xp():
 
 
 @functools.cache
-def _reference_cached(name: str, config_json: str, n: int, kwargs_json: str, custom_json: str):
+def _reference_cached(name: str, config_json: str, n: int, kwargs_json: str, custom_json: str, begin: int = 0):
     custom = json.loads(custom_json)
-    return run_reference(name, json.loads(config_json), n, json.loads(kwargs_json), custom or None)
+    return run_reference(name, json.loads(config_json), n, json.loads(kwargs_json), custom or None, begin)
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-12))
 
 
-def check_parity(name: str, config: Mapping[str, Any], n: int, backend: str, step_kwargs=None, custom=None):
-    """Assert our final sample is within REL_TOL of diffusers' and the timesteps agree."""
+def check_parity(name: str, config: Mapping[str, Any], n: int, backend: str, step_kwargs=None, custom=None, begin=0):
+    """Assert our final sample is within REL_TOL of diffusers' and the timesteps agree (run from call ``begin``)."""
     step_kwargs = dict(step_kwargs or {})
     ref_x, ref_t = _reference_cached(
         name,
@@ -165,14 +173,15 @@ def check_parity(name: str, config: Mapping[str, Any], n: int, backend: str, ste
         n,
         json.dumps(step_kwargs, sort_keys=True),
         json.dumps(custom or {}, sort_keys=True),
+        begin,
     )
     assert np.all(np.isfinite(ref_x)), f"reference produced non-finite values for {name} {config}"
     # a near-zero reference would make the relative check vacuous: fix the case instead
     assert np.linalg.norm(ref_x) > 1e-2 * np.linalg.norm(make_sample()), f"degenerate reference for {config}"
-    ours_x, ours_t = run_ours(name, config, n, backend, step_kwargs, custom)
+    ours_x, ours_t = run_ours(name, config, n, backend, step_kwargs, custom, begin)
     np.testing.assert_allclose(ours_t.astype(np.float64), ref_t.astype(np.float64), rtol=1e-6, atol=1e-4)
     err = rel_l2(ours_x, ref_x)
-    assert err <= REL_TOL, f"relative L2 {err:.3g} > {REL_TOL} ({name}, {config}, n={n}, {backend})"
+    assert err <= REL_TOL, f"relative L2 {err:.3g} > {REL_TOL} ({name}, {config}, n={n}, {backend}, begin={begin})"
 
 
 def grid(axes: Mapping[str, Iterable[Any]], extras: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:

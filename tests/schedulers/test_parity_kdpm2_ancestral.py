@@ -87,12 +87,14 @@ def test_kdpm2_ancestral_noise_contract():
     state = sched.set_timesteps(4, like=like)
     assert state.timesteps.shape == (7,)
     x = np.ones(parity.SHAPE, np.float32)
-    with pytest.raises(ValueError, match="noise"):
-        sched.step(state, x, x)
-    # noise enters only on the second call of a step (diffusers draws it there)
+    # noise enters only on the second call of a step (diffusers draws it there): the first call
+    # takes noise=None (noise_calls is False there), the second requires it
     first, _ = sched.step(state, x, x, noise=np.zeros_like(x))
     first_noisy, state1 = sched.step(state, x, x, noise=np.full_like(x, 5.0))
     np.testing.assert_array_equal(first, first_noisy)
+    np.testing.assert_array_equal(sched.step(state, x, x)[0], first)
+    with pytest.raises(ValueError, match="noise"):
+        sched.step(state1, x, first)
     second, _ = sched.step(state1, x, first, noise=np.zeros_like(x))
     second_noisy, _ = sched.step(state1, x, first, noise=np.ones_like(x))
     up = float(np.max(np.abs(second_noisy - second)))
