@@ -86,6 +86,7 @@ class Scheduler(abc.ABC):
         defaulted = sorted(set(self._defaults) - set(config))
         marker = {USE_DEFAULT_VALUES: defaulted} if defaulted else {}
         self._config = MappingProxyType({**extra, **full, **marker})
+        self._options = MappingProxyType(full)  # this class's options only: what the math reads
         self._setup()
 
     # ----- config ---------------------------------------------------------------------
@@ -93,6 +94,15 @@ class Scheduler(abc.ABC):
     def config(self) -> Mapping[str, Any]:
         """The frozen config: every option of this class plus keys kept from a swapped config."""
         return self._config
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """This class's own options (``config`` less the keys kept from a swapped config).
+
+        The math reads only these, so a foreign key (DDPM's ``clip_sample`` carried into
+        DPM-Solver's config by a swap) is kept for swapping back but never acted on, as in diffusers.
+        """
+        return self._options
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | os.PathLike | None = None, **overrides: Any):
@@ -235,7 +245,7 @@ class Scheduler(abc.ABC):
         return int(num_inference_steps), timesteps, sigmas
 
     def _check_num_steps(self, n: Any) -> None:
-        T = self._config.get("num_train_timesteps") if self.steps_bounded_by_training else None
+        T = self._options.get("num_train_timesteps") if self.steps_bounded_by_training else None
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or (T is not None and n > T):
             bound = f" and <= num_train_timesteps ({T})" if T is not None else ""
             raise ValueError(f"num_inference_steps: must be an int >= 1{bound}, got {n!r}")
@@ -327,10 +337,10 @@ class AlphaScheduler(Scheduler):
         # The training table exactly as diffusers holds it (float32 betas and alpha_bar): the numbers
         # the models were trained with, whose rounding fixes sigma_min and where sigma_to_t timesteps
         # truncate. Every inference schedule built on it is float64 (see schedule.alphas_cumprod_float32).
-        betas32 = schedule.betas_float32(self._config, self._extra_beta_schedules)
+        betas32 = schedule.betas_float32(self._options, self._extra_beta_schedules)
         self.betas = betas32.astype(np.float64)
         self.alphas_cumprod = schedule.alphas_cumprod_float32(betas32)
-        if self._floors_zero_snr and self._config.get("rescale_betas_zero_snr"):
+        if self._floors_zero_snr and self._options.get("rescale_betas_zero_snr"):
             self.alphas_cumprod = schedule.floor_zero_snr(self.alphas_cumprod)
 
     def _alpha_sigma_at(self, timesteps, like):

@@ -46,7 +46,7 @@ class DDIMScheduler(AlphaScheduler):
     }
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> DDIMState:
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         ts = np.round(schedule.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"]))
         ts = ts.astype(np.int64)
@@ -87,7 +87,7 @@ class DDIMScheduler(AlphaScheduler):
         """x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z, s = eta * sigma_t(eta=1)."""
         xp = arrays.namespace(sample)
         i = state.step_index
-        cfg = self.config
+        cfg = self.options
         if eta == 0 and not (cfg["thresholding"] or cfg["clip_sample"]):
             # the same formula folded on the host: 3 array ops instead of ~15
             return state.lin_x[i] * sample + state.lin_out[i] * model_output, state._replace(step_index=i + 1)

@@ -75,7 +75,7 @@ class DDPMScheduler(AlphaScheduler):
     accepts_timesteps = True
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> DDPMState:
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         if timesteps is not None:
             ts = schedule.integer_timesteps(timesteps, T)
@@ -121,7 +121,7 @@ class DDPMScheduler(AlphaScheduler):
         """
         xp = arrays.namespace(sample)
         i = state.step_index
-        cfg = self.config
+        cfg = self.options
         model_output, predicted = self._split_output(model_output, sample)
         x0 = common.x0_from_output(cfg["prediction_type"], model_output, sample, state.alpha_t[i], state.sigma_t[i])
         x0 = common.clamp_x0(cfg, x0)
@@ -137,18 +137,18 @@ class DDPMScheduler(AlphaScheduler):
     def _split_output(self, model_output, sample):
         """(prediction, predicted variance or None): learned types carry 2C channels."""
         channels = sample.shape[1]
-        if self.config["variance_type"] not in LEARNED:
+        if self.options["variance_type"] not in LEARNED:
             return model_output, None
         if model_output.shape[1] != 2 * channels:
             raise ValueError(
-                f"model_output: variance_type={self.config['variance_type']!r} needs 2*C = {2 * channels} "
+                f"model_output: variance_type={self.options['variance_type']!r} needs 2*C = {2 * channels} "
                 f"channels (prediction, variance), got {model_output.shape[1]}"
             )
         return model_output[:, :channels], model_output[:, channels:]
 
     def _learned_std(self, xp, state: DDPMState, i, predicted):
         """Noise std from the model's variance channels (zero on a t == 0 step)."""
-        if self.config["variance_type"] == "learned":
+        if self.options["variance_type"] == "learned":
             std = xp.sqrt(predicted)
         else:
             frac = (predicted + 1) / 2

@@ -100,16 +100,16 @@ class DEISMultistepScheduler(VPMultistepScheduler):
         return ts, np.concatenate([levels, self.train_sigmas[:1]])
 
     def _lower_order(self, m):
-        short = bool(self.config["lower_order_final"] and m < 15)
+        short = bool(self.options["lower_order_final"] and m < 15)
         return short, short
 
     def _coefficients(self, levels, orders):
-        sample_coef, weights = deis_coefficients(levels, orders, bool(self.config["use_flow_sigmas"]))
+        sample_coef, weights = deis_coefficients(levels, orders, bool(self.options["use_flow_sigmas"]))
         return sample_coef, weights, np.zeros_like(sample_coef)
 
     def _convert(self, state, i, model_output, sample):
         """Noise prediction eps, taken through x0 when thresholding or flow prediction needs it."""
-        cfg = self.config
+        cfg = self.options
         pred = cfg["prediction_type"]
         alpha, sigma = state.alpha_s[i], state.sigma_s[i]
         if not cfg["thresholding"] and pred != "flow_prediction":

@@ -78,19 +78,19 @@ class VPMultistepScheduler(AlphaScheduler):
     ) -> MultistepState:
         """As ``Scheduler.set_timesteps``, plus ``mu``: flow_shift = exp(mu) for this schedule only
         (needs use_dynamic_shifting; diffusers instead overwrites its config)."""
-        if mu is not None and not self.config["use_dynamic_shifting"]:
+        if mu is not None and not self.options["use_dynamic_shifting"]:
             raise ValueError("mu: only accepted with use_dynamic_shifting=True")
         n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
         return self._build_state(n, like, begin_index, timesteps=timesteps, sigmas=sigmas, mu=mu)
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None, mu=None, begin: int = 0) -> MultistepState:
-        cfg = self.config if mu is None else {**self.config, "flow_shift": float(np.exp(mu))}
+        cfg = self.options if mu is None else {**self.options, "flow_shift": float(np.exp(mu))}
         ts, levels = self._levels(n, timesteps, cfg)
         levels = levels.astype(np.float32).astype(np.float64)  # diffusers keeps float32 levels
-        m, K = ts.shape[0], self.config["solver_order"]
+        m, K = ts.shape[0], self.options["solver_order"]
         orders = schedule.multistep_orders(m, K, *self._lower_order(m), begin=begin)
         sample_coef, weights, noise_coef = self._coefficients(levels, orders)
-        alpha, sigma = common.vp_alpha_sigma(levels[:-1], bool(self.config["use_flow_sigmas"]))
+        alpha, sigma = common.vp_alpha_sigma(levels[:-1], bool(self.options["use_flow_sigmas"]))
         return MultistepState(
             timesteps=arrays.host_to_like(ts, like, integer=True),
             sigmas=arrays.host_to_like(levels, like),
@@ -128,13 +128,13 @@ class VPMultistepScheduler(AlphaScheduler):
 
     def add_noise(self, original_samples, noise, timesteps, state: MultistepState | None = None):
         """alpha_t x_0 + sigma_t noise; with ``state``, at the scheduled level of the nearest timestep."""
-        flow = bool(self.config["use_flow_sigmas"])
+        flow = bool(self.options["use_flow_sigmas"])
         if state is None and not flow:
             return super().add_noise(original_samples, noise, timesteps)
         xp = arrays.namespace(original_samples)
         t = xp.astype(arrays.as_index_array(timesteps, original_samples), original_samples.dtype)
         if state is None:
-            level = t / self.config["num_train_timesteps"]
+            level = t / self.options["num_train_timesteps"]
         else:
             sched_t = xp.astype(state.timesteps, original_samples.dtype)
             flat = xp.reshape(t, (-1,))
@@ -252,6 +252,8 @@ class DPMSolverMultistepScheduler(VPMultistepScheduler):
     _aliases = {
         "algorithm_type": {"deis": "dpmsolver++"},
         "solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},
+        # DDPM's variance types (a swapped DDPM config): diffusers only acts on learned / learned_range
+        "variance_type": {v: None for v in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")},
     }
 
     def _check_config(self, config: dict[str, Any]) -> None:
@@ -271,14 +273,14 @@ class DPMSolverMultistepScheduler(VPMultistepScheduler):
     @property
     def needs_noise(self) -> bool:  # type: ignore[override]
         """The SDE variants consume one Gaussian draw per step."""
-        return self.config["algorithm_type"].startswith("sde-")
+        return self.options["algorithm_type"].startswith("sde-")
 
     def _last_timestep(self) -> int:
         """Upper end of the timestep grid: drop the steps whose log-SNR is below lambda_min_clipped."""
         acp = self.alphas_cumprod
         lam = 0.5 * (np.log(acp) - np.log1p(-acp))  # (T,) decreasing in t
-        T = self.config["num_train_timesteps"]
-        return T - int(np.searchsorted(lam[::-1], self.config["lambda_min_clipped"]))
+        T = self.options["num_train_timesteps"]
+        return T - int(np.searchsorted(lam[::-1], self.options["lambda_min_clipped"]))
 
     def _levels(self, n, timesteps, cfg):
         if timesteps is not None:
@@ -297,21 +299,21 @@ class DPMSolverMultistepScheduler(VPMultistepScheduler):
         return ts, np.concatenate([levels, [last]])
 
     def _lower_order(self, m):
-        cfg = self.config
+        cfg = self.options
         short = cfg["lower_order_final"] and m < 15
         return bool(cfg["euler_at_final"] or short or cfg["final_sigmas_type"] == "zero"), bool(short)
 
     def _coefficients(self, levels, orders):
-        if self.config["algorithm_type"] == "sde-dpmsolver" and np.any(orders == 3):
+        if self.options["algorithm_type"] == "sde-dpmsolver" and np.any(orders == 3):
             raise ValueError(
                 "solver_order: algorithm_type='sde-dpmsolver' has no third-order update (diffusers neither); "
                 "use solver_order <= 2, or lower_order_final with fewer than 15 steps"
             )
-        return dpm_coefficients(self.config, levels, orders)
+        return dpm_coefficients(self.options, levels, orders)
 
     def _convert(self, state, i, model_output, sample):
         """x0 (DPM-Solver++) or eps (DPM-Solver) from the model output, thresholded in x0."""
-        cfg = self.config
+        cfg = self.options
         pred = cfg["prediction_type"]
         if cfg["variance_type"] is not None and pred == "epsilon":
             model_output = model_output[:, : sample.shape[1]]  # drop the learned-variance channels

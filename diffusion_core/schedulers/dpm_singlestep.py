@@ -179,12 +179,12 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
     @property
     def needs_noise(self) -> bool:  # type: ignore[override]
         """sde-dpmsolver++ consumes one Gaussian draw per step."""
-        return self.config["algorithm_type"] == "sde-dpmsolver++"
+        return self.options["algorithm_type"] == "sde-dpmsolver++"
 
     # ----- host-side schedule -----------------------------------------------------------
     def _schedule(self, n: int, timesteps):
         """(int timesteps (n,), sigmas (n + 1,)) as diffusers' set_timesteps builds them."""
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         train_sigmas = schedule.sigmas_from_alphas_cumprod_f32(self.alphas_cumprod)  # diffusers' float32 table
         if timesteps is not None:
@@ -209,7 +209,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
         return ts, np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)  # diffusers: float32
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin: int = 0) -> DPMSinglestepState:
-        cfg = self.config
+        cfg = self.options
         ts, sig = self._schedule(n, timesteps)
         flow = bool(cfg["use_flow_sigmas"])
         alpha, sigma = common.vp_alpha_sigma(sig, flow=flow)
@@ -246,7 +246,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
     # ----- sampling ---------------------------------------------------------------------
     def _convert(self, state: DPMSinglestepState, model_output, sample):
         """The data prediction x0 (dpmsolver++) or noise prediction eps (dpmsolver), thresholded."""
-        cfg = self.config
+        cfg = self.options
         i = state.step_index
         if cfg["variance_type"] is not None:  # learned variance: keep the mean channels
             model_output = model_output[:, : sample.shape[1]]
@@ -266,7 +266,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
         i = state.step_index
         m = self._convert(state, model_output, sample)
         prev_sample = state.sample_coef[i] * sample + state.output_coef[i] * m
-        K = self.config["solver_order"]
+        K = self.options["solver_order"]
         if K > 1:
             prev_sample = prev_sample + xp.tensordot(state.history_coef[i], state.history, axes=1)
         history = m[None, ...] if K == 2 else common.push_history(state.history, m) if K > 2 else state.history
@@ -278,8 +278,8 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
 
     def add_noise(self, original_samples, noise, timesteps, state: Any = None):
         """alpha_t x_0 + sigma_t noise; with ``state``, at the scheduled noise level of each timestep."""
-        flow = bool(self.config["use_flow_sigmas"])
+        flow = bool(self.options["use_flow_sigmas"])
         if state is None and not flow:
             return super().add_noise(original_samples, noise, timesteps)
-        T = self.config["num_train_timesteps"]
+        T = self.options["num_train_timesteps"]
         return common.level_add_noise(original_samples, noise, timesteps, state, flow, T)

@@ -69,7 +69,7 @@ class EDMEulerScheduler(Scheduler):
         Rounded as diffusers rounds them, so the c_noise timesteps agree (to the ulp where torch's
         float32 log/exp are not correctly rounded).
         """
-        cfg = self.config
+        cfg = self.options
         lo, hi = float(cfg["sigma_min"]), float(cfg["sigma_max"])
         if cfg["sigma_schedule"] == "exponential":  # diffusers keeps only the ramp's length here
             # a float32 log-ramp built low-to-high then flipped: a 1-step ladder is [sigma_min]
@@ -79,7 +79,7 @@ class EDMEulerScheduler(Scheduler):
         return schedule.karras_ramp(lo, hi, ramp, float(cfg["rho"])).astype(np.float32)
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> EDMEulerState:
-        cfg = self.config
+        cfg = self.options
         levels32 = self._levels(n, sigmas)
         c_noise = (0.25 * np.log(levels32.astype(np.float64))).astype(np.float32)  # as diffusers' timesteps
         levels = levels32.astype(np.float64)
@@ -144,8 +144,8 @@ class EDMEulerScheduler(Scheduler):
         if pred_original_sample is not None:
             prev_sample = sample + (sample - pred_original_sample) * ((sigma_next - sigma_hat) / sigma_hat)
         else:
-            sign = 1.0 if self.config["prediction_type"] == "epsilon" else -1.0
-            a, b = euler_coefs(sigma_hat, sigma_next, float(self.config["sigma_data"]), sign)
+            sign = 1.0 if self.options["prediction_type"] == "epsilon" else -1.0
+            a, b = euler_coefs(sigma_hat, sigma_next, float(self.options["sigma_data"]), sign)
             prev_sample = a * sample + b * model_output
         return prev_sample, state._replace(step_index=i + 1)
 

@@ -53,24 +53,24 @@ class EulerDiscreteScheduler(SigmaScheduler):
     accepts_sigmas = True
 
     def _continuous_v(self) -> bool:
-        return self.config["timestep_type"] == "continuous" and self.config["prediction_type"] == "v_prediction"
+        return self.options["timestep_type"] == "continuous" and self.options["prediction_type"] == "v_prediction"
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> EulerState:
         if timesteps is not None and self._continuous_v():
             raise ValueError("timesteps: not accepted with timestep_type='continuous' and v_prediction")
-        ts, sig = sigma_base.sigma_schedule(self.config, self.train_sigmas, n, timesteps=timesteps, sigmas=sigmas)
+        ts, sig = sigma_base.sigma_schedule(self.options, self.train_sigmas, n, timesteps=timesteps, sigmas=sigmas)
         if self._continuous_v():
             # EDM's c_noise = log(sigma) / 4, fed to the network in place of a discrete timestep
             ts = 0.25 * np.log(sig[:-1])
         steps = ts.shape[0]
-        c_skip, c_out = sigma_base.denoiser_coefficients(self.config["prediction_type"], sig[:steps])
+        c_skip, c_out = sigma_base.denoiser_coefficients(self.options["prediction_type"], sig[:steps])
         coefs = np.stack([c_skip, c_out, 1.0 / sig[:steps], sig[1 : steps + 1] - sig[:steps]], axis=1)
         return EulerState(
             timesteps=arrays.host_to_like(ts, like),
             sigmas=arrays.host_to_like(sig, like),
             coefs=arrays.host_to_like(coefs, like),
             step_index=arrays.counter_like(like),
-            init_noise_sigma=arrays.host_to_like(sigma_base.init_noise_sigma_for(self.config, sig), like),
+            init_noise_sigma=arrays.host_to_like(sigma_base.init_noise_sigma_for(self.options, sig), like),
         )
 
     def needs_noise_for(self, *, s_churn: float = 0.0, **_: Any) -> bool:
@@ -109,5 +109,5 @@ class EulerDiscreteScheduler(SigmaScheduler):
                 sample = sample + noise * (s_noise * sigma * xp.sqrt(churn * (churn + 2)))  # sqrt(s_hat^2 - s^2)
             inv_sigma, dt = inv_sigma / (1 + churn), dt - sigma * churn
         # x0 = c_skip x + c_out out uses the un-churned sigma (as diffusers), the slope divides by sigma_hat
-        d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], inv_sigma, model_output, sample)
+        d = sigma_base.ode_slope(self.options, c[_C_SKIP], c[_C_OUT], inv_sigma, model_output, sample)
         return sample + d * dt, state._replace(step_index=i + 1)

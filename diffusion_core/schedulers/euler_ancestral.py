@@ -41,16 +41,16 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     needs_noise = True
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> EulerAncestralState:
-        ts, sig = sigma_base.sigma_schedule(self.config, self.train_sigmas, n)
+        ts, sig = sigma_base.sigma_schedule(self.options, self.train_sigmas, n)
         down, up = sigma_base.ancestral_sigmas(sig[:-1], sig[1:])
-        c_skip, c_out = sigma_base.denoiser_coefficients(self.config["prediction_type"], sig[:-1])
+        c_skip, c_out = sigma_base.denoiser_coefficients(self.options["prediction_type"], sig[:-1])
         coefs = np.stack([c_skip, c_out, 1.0 / sig[:-1], down - sig[:-1], up], axis=1)
         return EulerAncestralState(
             timesteps=arrays.host_to_like(ts, like),
             sigmas=arrays.host_to_like(sig, like),
             coefs=arrays.host_to_like(coefs, like),
             step_index=arrays.counter_like(like),
-            init_noise_sigma=arrays.host_to_like(sigma_base.init_noise_sigma_for(self.config, sig), like),
+            init_noise_sigma=arrays.host_to_like(sigma_base.init_noise_sigma_for(self.options, sig), like),
         )
 
     def step(self, state: EulerAncestralState, model_output, sample, noise=None):
@@ -58,5 +58,5 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         noise = self._require_noise(noise, "ancestral sampling adds fresh noise every step")
         i = state.step_index
         c = state.coefs[i]  # (5,)
-        d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
+        d = sigma_base.ode_slope(self.options, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
         return sample + d * c[_DT] + noise * c[_SIGMA_UP], state._replace(step_index=i + 1)

@@ -60,7 +60,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
     @property
     def needs_noise(self) -> bool:  # type: ignore[override]
         """stochastic_sampling re-noises every step with a fresh Gaussian draw."""
-        return bool(self.config["stochastic_sampling"])
+        return bool(self.options["stochastic_sampling"])
 
     def set_timesteps(
         self,
@@ -77,7 +77,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         ``timesteps`` and ``sigmas`` may be given together (same length): timesteps feed the model,
         sigmas drive the step, as in diffusers.
         """
-        if self.config["use_dynamic_shifting"] and mu is None:
+        if self.options["use_dynamic_shifting"] and mu is None:
             raise ValueError("mu: required when use_dynamic_shifting=True (e.g. from the image sequence length)")
         if timesteps is not None and sigmas is not None:
             _, timesteps, _ = self._resolve_request(None, timesteps, None)
@@ -92,21 +92,21 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
 
     def dynamic_shift_mu(self, image_seq_len: int) -> float:
         """The ``mu`` for ``set_timesteps`` at ``image_seq_len`` latent tokens (diffusers' Flux calculate_shift)."""
-        cfg = self.config
+        cfg = self.options
         return schedule.flow_shift_mu(
             image_seq_len, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"]
         )
 
     def _shifted(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
         """Resolution shift: Flux's dynamic ``mu`` or SD3's static ``shift``."""
-        cfg = self.config
+        cfg = self.options
         if cfg["use_dynamic_shifting"]:
             return schedule.flow_time_shift(sigmas, float(mu), cfg["time_shift_type"])
         return schedule.flow_shift(sigmas, float(cfg["shift"]))
 
     def _train_ends(self) -> tuple[float, float]:
         """(sigma_max, sigma_min) of diffusers' float32 training ladder (statically shifted unless dynamic)."""
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         ends = np.asarray([T, 1.0], np.float32) / np.float32(T)  # float32 t / T at t = T and t = 1
         if not cfg["use_dynamic_shifting"]:
@@ -115,7 +115,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         return float(ends[0]), float(ends[1])
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None, mu=None) -> FlowMatchEulerState:
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         # custom values are rounded to float32 first, as diffusers does
         timesteps = None if timesteps is None else np.asarray(timesteps, np.float32).astype(np.float64)
@@ -167,7 +167,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         else:
             xp = arrays.namespace(like)
             t = xp.astype(arrays.as_index_array(timesteps, like), like.dtype)
-            alpha, sigma = common.vp_alpha_sigma(t / self.config["num_train_timesteps"], flow=True)
+            alpha, sigma = common.vp_alpha_sigma(t / self.options["num_train_timesteps"], flow=True)
         nd = original_samples.ndim
         return arrays.broadcast_left(alpha, nd) * original_samples + arrays.broadcast_left(sigma, nd) * noise
 

@@ -67,7 +67,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
     }
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> HeunState:
-        cfg = self.config
+        cfg = self.options
         ts, levels = sigma_base.sigma_schedule(cfg, self.train_sigmas, n, timesteps=timesteps)
         call_ts = sigma_base.interleave_stages(ts, ts[1:])
         call_sigmas = sigma_base.interleave_stages(levels[:-1], levels[1:])  # (m,)
@@ -87,10 +87,10 @@ class HeunDiscreteScheduler(SigmaScheduler):
         """One call: the Euler predictor or the trapezoidal corrector, chosen by the per-call weights."""
         i = state.step_index
         c = state.coefs[i]  # (7,)
-        if sigma_base.slope_is_output(self.config):
+        if sigma_base.slope_is_output(self.options):
             d = model_output
         else:
-            d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
+            d = sigma_base.ode_slope(self.options, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
         prev_sample = c[_W_X] * sample  # accumulated in place: this product is fresh, never an input
         prev_sample += c[_W_XI] * state.start_sample
         prev_sample += c[_W_D] * d

@@ -49,7 +49,7 @@ class KDPM2Base(SigmaScheduler):
         """Per step i of the ladder (n levels + terminal): (midpoint sigma, end sigma, noise std)."""
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> KDPM2State:
-        cfg = self.config
+        cfg = self.options
         ts, levels = sigma_base.sigma_schedule(cfg, self.train_sigmas, n)
         if cfg["use_karras_sigmas"]:
             ts = np.round(ts)  # diffusers rounds the karras timesteps (not the midpoint ones)
@@ -88,7 +88,7 @@ class KDPM2Base(SigmaScheduler):
         """One call: Euler to the midpoint sigma, or from x_i to the end sigma with the midpoint slope."""
         i = state.step_index
         c = state.coefs[i]  # (7,)
-        d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
+        d = sigma_base.ode_slope(self.options, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
         prev_sample = c[_W_X] * sample + c[_W_XI] * state.start_sample + c[_W_D] * d
         if self.needs_noise and self._noise_unless_unused(noise, c[_W_NOISE], "ancestral second stage") is not None:
             prev_sample = prev_sample + c[_W_NOISE] * noise

@@ -77,7 +77,7 @@ class LCMScheduler(AlphaScheduler):
     def _make_state(
         self, n, like, *, timesteps=None, sigmas=None, original_inference_steps=None, strength: float = 1.0
     ) -> LCMState:
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         steps = cfg["original_inference_steps"] if original_inference_steps is None else original_inference_steps
         _check_original_steps(steps, T, key="original_inference_steps")
@@ -112,7 +112,7 @@ class LCMScheduler(AlphaScheduler):
         diffusers keeps ``num_inference_steps`` at the uncut length n, so its noise-free step
         is index n - 1 of the cut schedule: when ``strength`` cuts, every step adds noise.
         """
-        T = self.config["num_train_timesteps"]
+        T = self.options["num_train_timesteps"]
         ts = schedule.integer_timesteps(timesteps, T)
         if strength == 1.0 and ts[0] != T - 1:
             logger.warning("timesteps: the custom schedule starts at %d, not num_train_timesteps - 1", ts[0])
@@ -134,7 +134,7 @@ class LCMScheduler(AlphaScheduler):
     def step(self, state: LCMState, model_output, sample, noise=None):
         """x_prev = sqrt(a_prev) (c_skip x_t + c_out x0) + sqrt(1 - a_prev) z; no z on the last step."""
         i = state.step_index
-        cfg = self.config
+        cfg = self.options
         x0 = common.x0_from_output(cfg["prediction_type"], model_output, sample, state.alpha_t[i], state.sigma_t[i])
         x0 = common.clamp_x0(cfg, x0)
         prev_sample = state.x0_coef[i] * x0 + state.x_coef[i] * sample

@@ -97,8 +97,8 @@ class LMSDiscreteScheduler(SigmaScheduler):
         return self._build_state(n, like, begin_index, order=int(order))
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None, order: int = DEFAULT_ORDER) -> LMSState:
-        ts, sig = sigma_base.sigma_schedule(self.config, self.train_sigmas, n)
-        c_skip, c_out = sigma_base.denoiser_coefficients(self.config["prediction_type"], sig[:-1])
+        ts, sig = sigma_base.sigma_schedule(self.options, self.train_sigmas, n)
+        c_skip, c_out = sigma_base.denoiser_coefficients(self.options["prediction_type"], sig[:-1])
         return LMSState(
             timesteps=arrays.host_to_like(ts, like),
             sigmas=arrays.host_to_like(sig, like),
@@ -106,7 +106,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
             lms_coefs=arrays.host_to_like(lms_table(sig, order), like),
             derivatives=arrays.zeros_like_shape(like, (order,)),
             step_index=arrays.counter_like(like),
-            init_noise_sigma=arrays.host_to_like(sigma_base.init_noise_sigma_for(self.config, sig), like),
+            init_noise_sigma=arrays.host_to_like(sigma_base.init_noise_sigma_for(self.options, sig), like),
         )
 
     def step(self, state: LMSState, model_output, sample, noise=None, *, order: int = DEFAULT_ORDER):
@@ -117,7 +117,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         xp = arrays.namespace(sample)
         i = state.step_index
         c = state.coefs[i]  # (3,)
-        d = sigma_base.ode_slope(self.config, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
+        d = sigma_base.ode_slope(self.options, c[_C_SKIP], c[_C_OUT], c[_INV_SIGMA], model_output, sample)
         history = xp.concat([state.derivatives[1:], d[None, ...]], axis=0)  # (K,) + shape, oldest first
         weights = state.lms_coefs[order - 1, i]  # (K,)
         prev_sample = sample + xp.tensordot(weights, history, axes=1)

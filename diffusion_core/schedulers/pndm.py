@@ -131,12 +131,12 @@ class PNDMScheduler(AlphaScheduler):
 
     def _check_num_steps(self, n: Any) -> None:
         super()._check_num_steps(n)
-        if not self.config["skip_prk_steps"] and n < 4:
+        if not self.options["skip_prk_steps"] and n < 4:
             raise ValueError(f"num_inference_steps: the PRK warm-up needs >= 4 steps (or skip_prk_steps=True), got {n}")
 
     def _timesteps(self, n: int) -> tuple[np.ndarray, int]:
         """diffusers' call timesteps (PRK stages then PLMS) and how many of them are PRK."""
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         base = np.round(schedule.spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"]))
         base = base.astype(np.int64)[::-1]  # ascending, as diffusers builds it
@@ -149,7 +149,7 @@ class PNDMScheduler(AlphaScheduler):
 
     def _coefficients(self, t: np.ndarray, t_prev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x_prev = a x + b output for a step t -> t_prev (PNDM paper, eq. 9); v: eps = sqrt(a_t) v + sqrt(1-a_t) x."""
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         if t.max() >= T or t.min() < 0:
             raise ValueError(f"steps_offset: timesteps {t.tolist()} leave [0, num_train_timesteps={T})")
@@ -188,11 +188,11 @@ class PNDMScheduler(AlphaScheduler):
 
     def _call_table(self, ts: np.ndarray, n_prk: int, n: int) -> np.ndarray:
         """Weight rows (with the push weights) of a run over the call timesteps ``ts`` from a fresh counter."""
-        calls = _diffusers_calls(ts, n_prk, self.config["num_train_timesteps"], n)
+        calls = _diffusers_calls(ts, n_prk, self.options["num_train_timesteps"], n)
         sample_coef, mix_coef = self._coefficients(
             np.array([c["t"] for c in calls]), np.array([c["t_prev"] for c in calls])
         )
-        rows = _call_rows(calls, _slot_plan(calls, bool(self.config["skip_prk_steps"])), sample_coef, mix_coef)
+        rows = _call_rows(calls, _slot_plan(calls, bool(self.options["skip_prk_steps"])), sample_coef, mix_coef)
         push = np.array([c["push"] for c in calls], dtype=np.float64)
         return np.column_stack([rows, push, 1.0 - push])
 

@@ -160,7 +160,7 @@ class UniPCMultistepScheduler(AlphaScheduler):
     # ----- host-side schedule -----------------------------------------------------------
     def _flow_levels(self, n: int, sigmas):
         """Shifted flow-matching sigmas in (0, 1), high to low (Esser et al. 2024, SD3)."""
-        cfg = self.config
+        cfg = self.options
         s = np.linspace(1, 1 / cfg["num_train_timesteps"], n + 1)[:-1] if sigmas is None else sigmas.copy()
         shift = float(cfg["flow_shift"])
         s = shift * s / (1 + (shift - 1) * s)
@@ -173,7 +173,7 @@ class UniPCMultistepScheduler(AlphaScheduler):
 
     def _schedule(self, n: int, sigmas):
         """(int timesteps (m,), levels (m + 1,)) as diffusers' set_timesteps builds them."""
-        cfg = self.config
+        cfg = self.options
         T = cfg["num_train_timesteps"]
         if cfg["use_dynamic_shifting"]:
             raise ValueError("use_dynamic_shifting: needs diffusers' `mu`, which set_timesteps does not take")
@@ -208,15 +208,15 @@ class UniPCMultistepScheduler(AlphaScheduler):
     def _orders(self, m: int, begin: int) -> np.ndarray:
         """Order of each step's predictor: warm-up 1, 2, ... from step ``begin`` (the first executed),
         and (lower_order_final) none past the end of the whole schedule."""
-        K = self.config["solver_order"]
+        K = self.options["solver_order"]
         i = np.arange(m)
         orders = np.clip(i - begin + 1, 1, K)
-        if self.config["lower_order_final"]:
+        if self.options["lower_order_final"]:
             orders = np.minimum(orders, m - i)
         return orders
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin: int = 0) -> UniPCState:
-        cfg = self.config
+        cfg = self.options
         ts, levels = self._schedule(n, sigmas)
         m, K = ts.shape[0], cfg["solver_order"]
         alpha, sigma = common.vp_alpha_sigma(levels, flow=bool(cfg["use_flow_sigmas"]))
@@ -258,7 +258,7 @@ class UniPCMultistepScheduler(AlphaScheduler):
     # ----- sampling ---------------------------------------------------------------------
     def _convert(self, state: UniPCState, model_output, sample):
         """x0 (predict_x0, thresholded) or eps from the raw model output."""
-        cfg = self.config
+        cfg = self.options
         i = state.step_index
         alpha, sigma = state.alpha[i], state.sigma[i]
         if cfg["predict_x0"]:
@@ -273,13 +273,13 @@ class UniPCMultistepScheduler(AlphaScheduler):
         m = self._convert(state, model_output, sample)  # from the uncorrected sample, as diffusers
         prev_sample = common.linear_multistep(state.sample_coef[i], sample, state.history_coef[i], state.history)
         prev_sample = prev_sample + state.output_coef[i] * m
-        history = m[None, ...] if self.config["solver_order"] == 1 else common.push_history(state.history, m)
+        history = m[None, ...] if self.options["solver_order"] == 1 else common.push_history(state.history, m)
         return prev_sample, state._replace(history=history, step_index=i + 1)
 
     def add_noise(self, original_samples, noise, timesteps, state: Any = None):
         """alpha_t x_0 + sigma_t noise; with ``state``, at the scheduled noise level of each timestep."""
-        flow = bool(self.config["use_flow_sigmas"])
+        flow = bool(self.options["use_flow_sigmas"])
         if state is None and not flow:
             return super().add_noise(original_samples, noise, timesteps)
-        T = self.config["num_train_timesteps"]
+        T = self.options["num_train_timesteps"]
         return common.level_add_noise(original_samples, noise, timesteps, state, flow, T)

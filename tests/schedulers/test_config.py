@@ -168,3 +168,31 @@ def test_importing_core_pulls_in_no_framework():
     code = "import sys, diffusion_core; print(','.join(m for m in ('torch','jax','flax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler"],
+)
+def test_foreign_options_from_a_swap_are_kept_but_not_acted_on(target):
+    """DDPM's clip_sample=True / variance_type carried into another class's config change nothing, as in diffusers."""
+    import torch
+
+    ddpm = {"_class_name": "DDPMScheduler", "clip_sample": True, "variance_type": "fixed_small"}
+    ours = schedulers.from_config({**schedulers.from_config(ddpm).config, "_class_name": target})
+    assert ours.config["clip_sample"] is True and "clip_sample" not in ours.options
+    ref = getattr(diffusers, target).from_config(diffusers.DDPMScheduler.from_config(ddpm).config)
+    clean = schedulers.from_config({"_class_name": target})
+    x = np.linspace(-40.0, 40.0, 2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)  # large: clipping would show
+    out = (0.5 * x[::-1]).copy()
+    results = []
+    for sched in (ours, clean):
+        state = sched.set_timesteps(4, like=x)
+        y = x * float(state.init_noise_sigma)
+        y, state = sched.step(state, out, y)
+        results.append(y)
+    ref.set_timesteps(4)
+    t = ref.timesteps[0]
+    expect = ref.step(torch.from_numpy(out), t, torch.from_numpy(x) * ref.init_noise_sigma).prev_sample.numpy()
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=0)
+    np.testing.assert_allclose(results[0], expect, rtol=1e-5, atol=1e-4)
