@@ -57,16 +57,17 @@ def denoise_loop(
     noise_fn: Callable[[int], torch.Tensor] | None = None,
     step_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
-    callback: Callable[[int, torch.Tensor, Any], None] | None = None,
+    callback: Callable[[int, torch.Tensor, Any], torch.Tensor | None] | None = None,
 ):
     """Run every remaining model call of ``state``; returns ``(sample, final_state)``.
 
     Noise (where the scheduler needs it) comes from ``noise_fn(i)`` or ``randn_tensor`` with
     ``generator`` (drawn on the generator's device, moved to ``latents.device``: the same numbers on
-    any device). ``callback(i, sample, state)`` runs after each call. Starts at ``state.step_index``.
+    any device). ``callback(i, sample, state)`` runs after each call; a tensor it returns replaces the
+    sample. Starts at ``state.step_index``; noise is drawn only at the calls ``scheduler.noise_calls`` names.
     """
     step_kwargs = dict(step_kwargs or {})
-    wants_noise = scheduler.needs_noise_for(**step_kwargs)
+    draws = scheduler.noise_calls(state, **step_kwargs)  # (num_calls,) host bool: where diffusers draws
     x = latents
     first, num_calls = int(state.step_index), int(state.timesteps.shape[0])
     with torch.inference_mode():
@@ -74,9 +75,11 @@ def denoise_loop(
             t = scheduler.current_timestep(state)
             out = model_fn(scheduler.scale_model_input(state, x), t)
             noise = None
-            if wants_noise:
+            if draws[i]:
                 noise = noise_fn(i) if noise_fn is not None else randn_tensor(x.shape, generator, x.dtype, x.device)
             x, state = scheduler.step(state, out, x, noise=noise, **step_kwargs)
             if callback is not None:
-                callback(i, x, state)
+                replaced = callback(i, x, state)
+                if replaced is not None:  # a callback may hand back a new sample
+                    x = replaced
     return x, state

@@ -105,29 +105,12 @@ def strength_start(scheduler: Any, num_inference_steps: int, strength: float) ->
     return start
 
 
-_LADDERS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-
-
 def start_state(scheduler: Any, num_inference_steps: int, strength: float, like: Any) -> tuple[Any, int]:
     """``(state, first model call)`` of an img2img/inpaint run at ``strength`` (diffusers' ``get_timesteps`` +
-    ``set_begin_index``).
-
-    Multistep solvers (a ``history`` buffer) warm up from their first step: their precomputed orders assume the
-    run starts at step 0, so a mid-schedule start rebuilds the state on the remaining timesteps (first call 0),
-    which equals diffusers' warm-up from ``begin_index`` for the spaced (non-ladder) schedules.
-    """
-    full = scheduler.set_timesteps(num_inference_steps, like=like)
+    ``set_begin_index``): the schedule of ``num_inference_steps`` entered at call ``first``, with multistep
+    warm-up restarting there (``set_timesteps(begin_index=)``)."""
     start = strength_start(scheduler, num_inference_steps, strength)
-    if start == 0 or "history" not in type(full)._fields:
-        return conditioning.begin_at(full, start), start
-    ladder = [k for k in _LADDERS if scheduler.config.get(k)]
-    if not scheduler.accepts_timesteps or ladder:
-        raise ValueError(
-            f"strength: {type(scheduler).__name__}{' with ' + ', '.join(ladder) if ladder else ''} cannot start "
-            f"mid-schedule (strength={strength} < 1); use strength=1.0 or DDIM, Euler, or DPMSolverMultistep"
-        )
-    rest = np.asarray(full.timesteps[start:].tolist(), dtype=np.int64)  # host copy of the remaining timesteps
-    return scheduler.set_timesteps(like=like, timesteps=rest), 0
+    return scheduler.set_timesteps(num_inference_steps, like=like, begin_index=start), start
 
 
 def noised_start(scheduler: Any, state: Any, image_latents: Any, noise: Any, start: int) -> Any:

@@ -124,8 +124,7 @@ def test_img2img_latents_are_the_start_noise(pipes):
 
 @pytest.mark.parametrize(
     "scheduler, strength",
-    # UniPC cannot start mid-schedule (test_multistep_without_custom_timesteps_rejects_a_mid_schedule_start)
-    [(s, k) for s in SCHEDULERS for k in (1.0, 0.6) if (s, k) != ("UniPCMultistepScheduler", 0.6)],
+    [(s, k) for s in SCHEDULERS for k in (1.0, 0.6)],
 )
 def test_inpaint_matches_diffusers(pipes, scheduler, strength):
     pair = pipes["StableDiffusionInpaintPipeline"]
@@ -212,10 +211,13 @@ def test_bad_image_arguments_raise(pipes):
         wrong("a", image=image, mask_image=mask, height=SIZE, width=SIZE, num_inference_steps=2)
 
 
-def test_multistep_without_custom_timesteps_rejects_a_mid_schedule_start(pipes):
+@pytest.mark.parametrize(
+    "scheduler", ["UniPCMultistepScheduler", "DEISMultistepScheduler", "DPMSolverSinglestepScheduler"]
+)  # noqa: E501
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+def test_multistep_mid_schedule_start_matches_diffusers(pipes, scheduler, strength):
+    """A mid-schedule start warms the solver up again from the first executed step (set_timesteps(begin_index=))."""
     pair = pipes["StableDiffusionImg2ImgPipeline"]
-    _with_scheduler(pair, "UniPCMultistepScheduler")
-    with pytest.raises(ValueError, match="UniPCMultistepScheduler cannot start mid-schedule"):
-        pair[0]("a", image=sd_tiny.sample_image(), strength=0.5, num_inference_steps=4)
-    a, b = _run(pair, prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(), strength=1.0, num_inference_steps=3)
+    _with_scheduler(pair, scheduler)
+    a, b = _run(pair, prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(), strength=strength, num_inference_steps=8)
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)

@@ -294,3 +294,24 @@ def test_outdated_scheduler_config_is_fixed_like_diffusers(sd_folder, tmp_path, 
     assert "outdated scheduler config" in caplog.text
     a, b = _both(ours_old, sd_tiny.load_diffusers(folder), prompt=sd_tiny.PROMPT)
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_callback_on_step_end_can_replace_latents(sd_folder):
+    """A callback returning {"latents": ...} replaces the sample (diffusers' callback_on_step_end contract)."""
+    pipe = DiffusionPipeline.from_pretrained(sd_folder)
+    seen = []
+
+    def zero_after_first(p, i, t, kw):
+        seen.append(i)
+        return {"latents": torch.zeros_like(kw["latents"])} if i == 0 else None
+
+    kw = dict(
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="latent",
+        latents=sd_tiny.start_latents((1, 4, 32, 32), 0),
+    )
+    base = pipe(sd_tiny.PROMPT, **kw).images
+    out = pipe(sd_tiny.PROMPT, callback_on_step_end=zero_after_first, **kw).images
+    assert seen == [0, 1]
+    assert not torch.allclose(torch.as_tensor(np.asarray(base)), torch.as_tensor(np.asarray(out)))

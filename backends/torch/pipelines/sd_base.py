@@ -22,7 +22,8 @@ from diffusion_core.pipelines.image import images_to_output
 
 logger = logging.getLogger(__name__)
 
-# Callback: ``callback_on_step_end(pipe, i, t, {"latents": x})`` after each model call (its return is ignored).
+# Callback: ``callback_on_step_end(pipe, i, t, {"latents": x})`` after each model call; as in diffusers, a
+# returned dict's ``"latents"`` replaces the sample.
 StepCallback = Callable[[Any, int, Any, dict[str, torch.Tensor]], Any]
 
 SD_COMPONENTS = (
@@ -138,8 +139,9 @@ class StableDiffusionBase(DiffusionPipeline):
         step_callback = None
         if callback is not None:
 
-            def step_callback(i: int, sample: torch.Tensor, st: Any) -> None:
-                callback(self, i, st.timesteps[i], {"latents": sample})
+            def step_callback(i: int, sample: torch.Tensor, st: Any) -> torch.Tensor | None:
+                returned = callback(self, i, st.timesteps[i], {"latents": sample})
+                return returned.get("latents") if isinstance(returned, dict) else None
 
         x, _ = denoise_loop(
             scheduler,
