@@ -1,6 +1,44 @@
 """JAX/Flax backend: diffusion_core's schedulers and pipelines as compiled programs (``lax.scan``, pmap, meshes)."""
 
-from backends.flax.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
+from backends.flax.models import (
+    AutoencoderKL,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    ControlNetModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from backends.flax.pipelines import (
+    DDIMPipeline,
+    DDPMPipeline,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+)
 from backends.flax.sampling import denoise_loop, jit_denoise_loop
 
-__all__ = ["DDIMPipeline", "DDPMPipeline", "DiffusionPipeline", "denoise_loop", "jit_denoise_loop"]
+__all__ = [
+    "AutoencoderKL",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "ControlNetModel",
+    "DDIMPipeline",
+    "DDPMPipeline",
+    "DiffusionPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInstructPix2PixPipeline",
+    "StableDiffusionLatentUpscalePipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionUpscalePipeline",
+    "UNet2DConditionModel",
+    "UNet2DModel",
+    "denoise_loop",
+    "jit_denoise_loop",
+]

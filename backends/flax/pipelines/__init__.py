@@ -2,5 +2,27 @@
 
 from backends.flax.pipelines.ddpm import DDIMPipeline, DDPMPipeline
 from backends.flax.pipelines.pipeline_utils import FLAX_COMPONENTS, FLAX_PIPELINES, DiffusionPipeline
+from backends.flax.pipelines.stable_diffusion import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+)
 
-__all__ = ["FLAX_COMPONENTS", "FLAX_PIPELINES", "DDIMPipeline", "DDPMPipeline", "DiffusionPipeline"]
+__all__ = [
+    "FLAX_COMPONENTS",
+    "FLAX_PIPELINES",
+    "DDIMPipeline",
+    "DDPMPipeline",
+    "DiffusionPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInstructPix2PixPipeline",
+    "StableDiffusionLatentUpscalePipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionUpscalePipeline",
+]
