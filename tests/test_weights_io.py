@@ -292,3 +292,26 @@ def test_check_keys(saved):
     many = {f"k{i}": (1,) for i in range(30)}
     with pytest.raises(ValueError, match=r"missing keys 30: \[k0, k1, .*, \.\.\.\]"):
         weights.check_keys(many, {}, limit=3)
+
+
+def test_plain_reads_equal_safe_open_and_skip_the_memory_map(tmp_path, monkeypatch):
+    """numpy/flax loads read each tensor into its own array (no mmap), with safe_open's keys, dtypes and values."""
+    from diffusion_core.weights import io
+
+    tensors = {
+        "z.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "a.bias": np.linspace(-1, 1, 5).astype(np.float16),
+        "count": np.array([3, -4], np.int64),
+        "bf": np.arange(4).astype(ml_dtypes.bfloat16),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(tensors, str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        expected = [(k, f.get_tensor(k)) for k in f.keys()]
+    monkeypatch.setattr(io, "safe_open", None)  # numpy reads must not touch the memory-mapping reader
+    got = list(io.iter_tensors(tmp_path, framework="numpy"))
+    assert [k for k, _ in got] == [k for k, _ in expected]
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a.astype(np.float64), b.astype(np.float64))

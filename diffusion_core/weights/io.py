@@ -1,4 +1,4 @@
-"""Reading checkpoints lazily: one tensor at a time, memory-mapped, for numpy, torch or jax.
+"""Reading checkpoints lazily: one tensor at a time (memory-mapped for torch), for numpy, torch or jax.
 
 Only numpy and safetensors are imported here; torch (``framework="pt"``), jax
 (``framework="flax"``) and ml_dtypes (bfloat16) are imported when a call asks for them.
@@ -6,6 +6,7 @@ Only numpy and safetensors are imported here; torch (``framework="pt"``), jax
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -224,9 +225,33 @@ def _generate(files: WeightFiles, framework: str, target: np.dtype | None) -> It
             for key, tensor in read_pickle_state_dict(path).items():
                 yield key, cast_tensor(from_torch(tensor, framework), target, framework)
             continue
-        with safe_open(path, framework=framework) as f:
-            for key in f.keys():
-                yield key, cast_tensor(f.get_tensor(key), target, framework)
+        if framework == "pt":  # memory-mapped: torch assigns the mapped tensors, so the pages are the weights
+            with safe_open(path, framework=framework) as f:
+                for key in f.keys():
+                    yield key, cast_tensor(f.get_tensor(key), target, framework)
+            continue
+        for key, array in read_safetensors_plain(path):
+            yield key, cast_tensor(from_torch(array, framework), target, framework)
+
+
+def read_safetensors_plain(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Each tensor of a safetensors file, read with ordinary file reads into its own numpy array.
+
+    No memory map: a loader that copies every tensor into its own parameters (Flax, numpy) then
+    holds one model plus one tensor, not a model plus the mapped file's resident pages.
+    Keys come in ``safe_open``'s order (sorted).
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for key in sorted(header):
+            meta = header[key]
+            dtype = numpy_dtype(_ST_DTYPES[meta["dtype"]])
+            start, end = meta["data_offsets"]
+            f.seek(8 + size + start)
+            array = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize)
+            yield key, array.reshape(meta["shape"])
 
 
 def load_tensors(source: Source, **kwargs: Any) -> dict[str, Any]:
