@@ -69,6 +69,31 @@ def test_flax_key_noise_is_reproducible_and_needs_a_key():
         flax_loop(sched, lambda x, t: x, x, st)
 
 
+def test_flax_loop_hands_the_call_index_to_the_model_and_runs_post_step():
+    sched = schedulers.EulerAncestralDiscreteScheduler()
+    x, st = _start(sched, "jax")
+    key = jax.random.key(3)
+
+    def model(a, t, i):
+        return parity.dummy_model(jnp, a, t) * (1.0 + 0.1 * i)
+
+    def post(a, state):  # depends on the advanced state, as the inpaint blend does
+        return a * 0.9 + 0.01 * state.step_index
+
+    run = jax.jit(lambda a, s: flax_loop(sched, model, a, s, key=key, index_model_fn=True, post_step=post))
+    out, final = run(x, st)
+    ref, state = x, st
+    for i in range(int(st.timesteps.shape[0])):  # the same steps, eagerly, one by one
+        model_out = model(sched.scale_model_input(state, ref), sched.current_timestep(state), i)
+        noise = jax.random.normal(jax.random.fold_in(key, i), ref.shape, ref.dtype)
+        ref, state = sched.step(state, model_out, ref, noise=noise)
+        ref = post(ref, state)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert int(final.step_index) == int(state.step_index)
+    plain, _ = jax.jit(lambda a, s: flax_loop(sched, lambda b, t: model(b, t, 0), a, s, key=key))(x, st)
+    assert not np.allclose(np.asarray(plain), np.asarray(out), atol=1e-3)
+
+
 def torch_xp():
     import array_api_compat.torch as xp
 

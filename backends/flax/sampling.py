@@ -71,7 +71,7 @@ def _noise_for(scheduler: Scheduler, key, keys, noise_fn, i, x, step_kwargs):
 
 def denoise_loop(
     scheduler: Scheduler,
-    model_fn: Callable[[Any, Any], Any],
+    model_fn: Callable[..., Any],
     latents,
     state,
     *,
@@ -81,6 +81,8 @@ def denoise_loop(
     step_kwargs: Mapping[str, Any] | None = None,
     progress: ScanProgress | None = None,
     first: int = 0,
+    index_model_fn: bool = False,
+    post_step: Callable[[Any, Any], Any] | None = None,
 ):
     """Run model calls ``first .. len(state.timesteps) - 1`` as one ``lax.scan``: returns ``(sample, final_state)``.
 
@@ -88,7 +90,10 @@ def denoise_loop(
     ``state.init_noise_sigma``. Noise comes from ``noise_fn(i)`` (tests), per-image ``keys`` (B,)
     or one ``key``; ``i`` is the absolute model-call index. ``progress`` is ticked once per model call
     from inside the scan. ``first`` (a static int) is where a state from
-    ``conditioning.begin_at(state, first)`` starts (img2img / inpaint).
+    ``conditioning.begin_at(state, first)`` starts (img2img / inpaint). ``index_model_fn``: call
+    ``model_fn(model_input, t, i)`` with the absolute call index ``i`` (ControlNet's guidance window, the latent
+    upscaler's sigma). ``post_step(x, new_state)`` rewrites the sample after each step (4-channel inpainting
+    keeps the known region).
     """
     step_kwargs = dict(step_kwargs or {})
     num_calls = state.timesteps.shape[0]
@@ -98,9 +103,12 @@ def denoise_loop(
     def body(carry, i):
         x, st = carry
         t = scheduler.current_timestep(st)
-        out = model_fn(scheduler.scale_model_input(st, x), t)
+        model_input = scheduler.scale_model_input(st, x)
+        out = model_fn(model_input, t, i) if index_model_fn else model_fn(model_input, t)
         noise = _noise_for(scheduler, key, keys, noise_fn, i, x, step_kwargs)
         x, st = scheduler.step(st, out, x, noise=noise, **step_kwargs)
+        if post_step is not None:
+            x = post_step(x, st)
         if progress is not None:
             jax.debug.callback(progress.tick, i)
         return (x, st), None

@@ -7,28 +7,41 @@ run the VAE and draw the noise; the array functions take any namespace.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from diffusion_core import arrays
 from diffusion_core.pipelines import conditioning
+from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.image import normalize, pil_to_numpy, resize_pil
 
 __all__ = [
+    "check_latent_upscaler_call",
     "check_unet_channels",
     "inpaint_extra",
     "keep_known_region",
     "pix2pix_extra",
     "image_batch",
+    "inpaint_inputs",
     "noised_start",
     "preprocess_control_image",
     "preprocess_image",
     "preprocess_mask",
+    "require_image",
     "start_state",
     "strength_start",
     "upscaler_inputs",
+    "upscaler_max_noise_level",
+    "upscaler_vae_config",
+    "UPSCALER_SCALING_FACTOR",
+    "DEFAULT_MAX_NOISE_LEVEL",
 ]
+
+# diffusers' x4 upscaler always decodes with this VAE scaling factor (it rewrites other values in the config).
+UPSCALER_SCALING_FACTOR = 0.08333
+DEFAULT_MAX_NOISE_LEVEL = 350  # the x4 upscaler's max_noise_level when its model_index does not set one
 
 
 def _to_nhwc(
@@ -87,6 +100,40 @@ def preprocess_mask(mask: Any, scale: int, height: int, width: int) -> np.ndarra
     if nhwc.shape[-1] != 1:
         raise ValueError(f"mask_image must have one channel, got {nhwc.shape[-1]}")
     return conditioning.binarize_mask(np.transpose(nhwc, (0, 3, 1, 2)))
+
+
+def require_image(value: Any, name: str) -> Any:
+    """``value``, checked to be given: the image inputs a pipeline cannot run without."""
+    if value is None:
+        raise ValueError(f"{name}: this pipeline needs it (a PIL image, a list of them, or a numpy array in [0, 1])")
+    return value
+
+
+def inpaint_inputs(
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+    image: Any,
+    mask_image: Any,
+    size: tuple[int | None, int | None],
+    schedule: tuple[Any, int, float],
+    pipeline: str,
+) -> tuple[bool, tuple[int, int], np.ndarray, np.ndarray]:
+    """The inpaint pipeline's checks and host inputs: ``(blend, (height, width), pixels, mask)``.
+
+    ``blend`` is True for a text-to-image (4-channel) UNet, which keeps the known region after each step; other
+    UNets must take the mask and masked-image latents as extra channels. ``schedule`` is ``(scheduler,
+    num_inference_steps, strength)``, checked before any VAE work.
+    """
+    channels = int(vae_config["latent_channels"])
+    blend = int(unet_config["in_channels"]) == channels
+    if not blend:
+        check_unet_channels(unet_config, channels, 1 + channels, pipeline)
+    height, width = sd.resolve_size(size[0], size[1], unet_config, vae_config)
+    scale = sd.vae_scale_factor(vae_config)
+    pixels = preprocess_image(require_image(image, "image"), scale, height, width)
+    mask = preprocess_mask(require_image(mask_image, "mask_image"), scale, height, width)
+    strength_start(*schedule)
+    return blend, (height, width), pixels, mask
 
 
 def image_batch(latents: Any, batch_size: int, name: str = "image") -> Any:
@@ -152,6 +199,48 @@ def upscaler_inputs(noised_image: Any, labels: Any, parts: int, num_images_per_p
     xp = arrays.namespace(noised_image)
     extra = xp.concat([noised_image] * (parts * num_images_per_prompt), axis=0)  # (parts * B, 3, H, W)
     return extra, xp.repeat(labels[:1], extra.shape[0], axis=0)
+
+
+def upscaler_vae_config(vae_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The VAE config the x4 upscaler scales and unscales latents with (its fixed scaling factor)."""
+    return {**vae_config, "scaling_factor": UPSCALER_SCALING_FACTOR}
+
+
+def upscaler_max_noise_level(settings: Mapping[str, Any]) -> int:
+    """The x4 upscaler's highest accepted ``noise_level``: ``max_noise_level`` from the pipeline's settings."""
+    return int(settings.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
+
+
+def check_latent_upscaler_call(
+    prompt: Any,
+    negative_prompt: Any,
+    embeds: tuple[Any, Any, Any, Any],
+    image: Any,
+    guidance_scale: float,
+    num_inference_steps: int,
+    output_type: str,
+    text_config: Mapping[str, Any],
+) -> tuple[int, Any, sd.Guidance]:
+    """The x2 latent upscaler's argument checks: ``(batch, prompt, guidance)``.
+
+    ``embeds`` is ``(prompt_embeds, pooled, negative_prompt_embeds, negative_pooled)``; pooled embeddings come
+    exactly with their embeddings. CFG stays on (the UNet's time_cond is the pooled text); with
+    ``guidance_scale == 0`` the prompts become empty strings, as diffusers.
+    """
+    batch = sd.check_prompt_inputs(prompt, negative_prompt, embeds[0], embeds[2])
+    if (embeds[0] is None) != (embeds[1] is None):
+        raise ValueError("pooled_prompt_embeds: pass it exactly when prompt_embeds is given")
+    if (embeds[2] is None) != (embeds[3] is None):
+        raise ValueError("negative_pooled_prompt_embeds: pass it exactly when negative_prompt_embeds is given")
+    sd.check_call_options(
+        num_inference_steps=num_inference_steps, num_images_per_prompt=1, eta=0.0, output_type=output_type,
+        clip_skip=None, text_config=text_config,
+    )  # fmt: skip
+    if image is None:
+        raise ValueError("image: the low-resolution latents (B, 4, h, w) or images are required")
+    if guidance_scale == 0 and prompt is not None:
+        prompt = [""] * batch
+    return batch, prompt, sd.guidance(guidance_scale, 0.0, {})
 
 
 def keep_known_region(scheduler: Any, state: Any, x: Any, image_latents: Any, noise: Any, mask: Any) -> Any:

@@ -14,6 +14,7 @@ Array functions take the caller's namespace (numpy, torch, jax) and have no valu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +27,15 @@ from diffusion_core.pipelines.image import OUTPUT_TYPES, check_output_type
 from diffusion_core.pipelines.unconditional import check_latents
 
 __all__ = [
+    "SD_COMPONENTS",
+    "SD_OPTIONAL",
     "Guidance",
     "batch_embeddings",
     "check_call_options",
     "check_latents",
     "check_prompt_inputs",
     "combine",
+    "encode_prompt_pairs",
     "encode_prompts",
     "guidance",
     "latent_shape",
@@ -43,10 +47,27 @@ __all__ = [
     "step_kwargs",
     "tokenize",
     "unscale_latents",
+    "updated_scheduler",
     "vae_scale_factor",
 ]
 
+logger = logging.getLogger(__name__)
+
 SIZE_MULTIPLE = 8  # diffusers requires height and width divisible by 8 for every SD pipeline
+
+# A Stable Diffusion pipeline's components, in diffusers' model_index order.
+SD_COMPONENTS = (
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "unet",
+    "scheduler",
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
+)
+# Accepted and ignored (diffusers stores them as [null, null] when absent).
+SD_OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -196,6 +217,32 @@ def encode_prompts(
     return pos, encode(ids, None)
 
 
+def encode_prompt_pairs(
+    encode_pair: Callable[[np.ndarray], tuple[Any, Any]],
+    tokenizer: Any,
+    prompt: Any,
+    negative_prompt: Any,
+    given: tuple[Any, Any, Any, Any],
+    unconditional: bool,
+) -> tuple[Any, Any]:
+    """``(hidden (parts * B, L, D), pooled (parts * B, D))``: ``cat([neg, pos])`` each when ``unconditional``.
+
+    ``encode_pair(ids) -> (hidden (B, L, D), pooled (B, D))`` is the backend's text encoder (the x2 latent
+    upscaler's: last hidden states before the final norm); ``given`` is ``(pos, pos_pooled, neg, neg_pooled)``
+    embeddings (None: encode the text). The negative prompt is padded to the positive length, as diffusers.
+    """
+    pos, pos_pooled, neg, neg_pooled = given
+    if pos is None:
+        pos, pos_pooled = encode_pair(tokenize(tokenizer, prompt_texts(prompt)))
+    if not unconditional:
+        return pos, pos_pooled
+    if neg is None:
+        ids = tokenize(tokenizer, negative_texts(negative_prompt, int(pos.shape[0])), max_length=int(pos.shape[1]))
+        neg, neg_pooled = encode_pair(ids)
+    xp = arrays.namespace(pos)
+    return xp.concat([neg, pos], axis=0), xp.concat([neg_pooled, pos_pooled], axis=0)
+
+
 # --- guidance -------------------------------------------------------------------------------------
 
 
@@ -303,3 +350,13 @@ def legacy_scheduler_config(config: Mapping[str, Any], options: Sequence[str]) -
         if name in config and outdated(config[name]):
             fixes[name] = value
     return {**config, **fixes} if fixes else None
+
+
+def updated_scheduler(scheduler: Any, options: Sequence[str], owner: str) -> Any:
+    """``scheduler`` itself, or a new one with the outdated ``options`` fixed (logs a warning naming ``owner``)."""
+    fixed = legacy_scheduler_config(scheduler.config, options)
+    if fixed is None:
+        return scheduler
+    changed = {k: v for k, v in fixed.items() if scheduler.config.get(k) != v}
+    logger.warning("%s: outdated scheduler config, using %s as diffusers does", owner, changed)
+    return type(scheduler).from_config(fixed)

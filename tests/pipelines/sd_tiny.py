@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import transformers
 
+from diffusion_core import schedulers
+from tests.pipelines import tiny
 from tests.tokenizer_fixtures import write_clip_vocab
 
 PROMPT = "A painting of a squirrel eating a burger"
@@ -216,3 +218,15 @@ def sample_mask(height: int = 32, width: int = 32) -> np.ndarray:
     mask = np.zeros((1, height, width, 1), np.float32)
     mask[:, height // 2 :, width // 2 :] = 1.0
     return mask
+
+
+def swap_schedulers(ours_pipe, ref_pipe, name: str):
+    """Both pipelines switched to scheduler ``name`` (same config); returns a restore function."""
+    old_ours, old_ref = ours_pipe.scheduler, ref_pipe.scheduler
+    ours_pipe.scheduler = schedulers.from_config(tiny.swap_config(old_ours, name))
+    ref_pipe.scheduler = getattr(diffusers, name).from_config(old_ref.config)
+
+    def restore():
+        ours_pipe.scheduler, ref_pipe.scheduler = old_ours, old_ref
+
+    return restore

@@ -27,10 +27,9 @@ from backends.flax.pipelines.stable_diffusion import (
     StableDiffusionUpscalePipeline,
 )
 from backends.flax.sampling import per_example_keys, per_example_normal
-from diffusion_core import schedulers
 from diffusion_core.pipelines import conditioning
 from diffusion_core.pipelines import stable_diffusion as sd
-from tests.pipelines import sd_tiny, tiny
+from tests.pipelines import sd_tiny
 
 ATOL = 5e-3
 SIZE = 32  # pixels; latents are (B, 4, 16, 16) with the tiny VAE (scale factor 2)
@@ -60,18 +59,6 @@ def ref(sd_folder):
     return sd_tiny.load_diffusers(sd_folder)
 
 
-def _swap(ours_pipe, ref_pipe, name):
-    """Both pipelines switched to scheduler ``name`` (same config); returns a restore function."""
-    old_ours, old_ref = ours_pipe.scheduler, ref_pipe.scheduler
-    ours_pipe.scheduler = schedulers.from_config(tiny.swap_config(old_ours, name))
-    ref_pipe.scheduler = getattr(diffusers, name).from_config(old_ref.config)
-
-    def restore():
-        ours_pipe.scheduler, ref_pipe.scheduler = old_ours, old_ref
-
-    return restore
-
-
 def _both(ours_pipe, ref_pipe, batch=1, seed=0, **kwargs):
     """Run both pipelines with the same numpy start latents; returns (ours, reference) np images."""
     lat = sd_tiny.start_latents((batch,) + LATENT, seed)
@@ -88,7 +75,7 @@ def test_loads_as_stable_diffusion_pipeline(ours):
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_text_to_image_matches_diffusers_per_scheduler(ours, ref, scheduler):
-    restore = _swap(ours, ref, scheduler)
+    restore = sd_tiny.swap_schedulers(ours, ref, scheduler)
     try:
         a, b = _both(ours, ref, prompt=sd_tiny.PROMPT, guidance_scale=6.0)
         traced = ours.trace_count
@@ -147,7 +134,7 @@ def test_custom_timesteps_and_sigmas_match_diffusers(ours, ref):
     common = dict(prompt=sd_tiny.PROMPT, height=SIZE, width=SIZE, output_type="np")
     with pytest.raises(ValueError, match="timesteps: DDIMScheduler does not accept custom timesteps"):
         ours(latents=lat, timesteps=[901, 500, 101], **common)  # diffusers' DDIM refuses too
-    restore = _swap(ours, ref, "EulerDiscreteScheduler")
+    restore = sd_tiny.swap_schedulers(ours, ref, "EulerDiscreteScheduler")
     try:
         results = []
         for custom in (dict(timesteps=[901, 500, 101]), dict(sigmas=[10.0, 3.0, 0.5]), dict(sigmas=[8.0, 2.0, 0.3])):

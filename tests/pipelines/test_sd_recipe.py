@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion_core import schedulers
 from diffusion_core.pipelines import sd_control, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
+from tests.pipelines import sd_tiny
 
 RNG = np.random.default_rng(0)
 
@@ -109,3 +111,65 @@ def test_inpaint_pix2pix_and_upscaler_inputs():
     assert extra.shape == (6, 4, 2, 2) and labels.tolist() == [20] * 6
     with pytest.raises(ValueError, match="in_channels=9"):
         sd_image.check_unet_channels({"in_channels": 4}, 4, 5, "StableDiffusionInpaintPipeline")
+
+
+def test_encode_prompt_pairs_pads_negatives_and_concatenates_per_namespace():
+    tokenizer, calls = sd_tiny.clip_tokenizer(), []
+
+    def encode_pair(ids):  # (B, L) ids -> hidden (B, L, 2), pooled (B, 2)
+        calls.append(ids.shape)
+        hidden = torch.from_numpy(np.stack([ids, -ids], axis=-1).astype(np.float32))
+        return hidden, hidden[:, 0]
+
+    hidden, pooled = sd.encode_prompt_pairs(encode_pair, tokenizer, ["a cat", "a dog"], None, (None,) * 4, True)
+    assert hidden.shape == (4, calls[0][1], 2) and pooled.shape == (4, 2) and calls[1] == calls[0]
+    np.testing.assert_array_equal(hidden[:2].numpy(), hidden[:2].numpy()[:1].repeat(2, 0))  # two empty negatives
+    assert not np.array_equal(hidden[2].numpy(), hidden[3].numpy())
+    given = tuple(RNG.standard_normal(shape, dtype=np.float32) for shape in [(1, 3, 2), (1, 2), (1, 3, 2), (1, 2)])
+    calls.clear()
+    hidden, pooled = sd.encode_prompt_pairs(encode_pair, tokenizer, None, None, given, True)
+    assert not calls  # given embeddings are used as they are, in numpy
+    np.testing.assert_array_equal(hidden, np.concatenate([given[2], given[0]]))
+    np.testing.assert_array_equal(pooled, np.concatenate([given[3], given[1]]))
+    hidden, pooled = sd.encode_prompt_pairs(encode_pair, tokenizer, None, None, given, False)
+    assert hidden is given[0] and pooled is given[1]
+
+
+def test_updated_scheduler_fixes_outdated_options_only():
+    current = schedulers.from_config({"_class_name": "DDIMScheduler", "steps_offset": 1, "clip_sample": False})
+    assert sd.updated_scheduler(current, ("steps_offset", "clip_sample"), "P") is current
+    old = schedulers.from_config({"_class_name": "DDIMScheduler", "steps_offset": 0, "clip_sample": True})
+    fixed = sd.updated_scheduler(old, ("steps_offset",), "P")
+    assert type(fixed) is type(old) and fixed.config["steps_offset"] == 1 and fixed.config["clip_sample"] is True
+    assert sd.SD_COMPONENTS[:5] == ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    assert set(sd.SD_OPTIONAL) < set(sd.SD_COMPONENTS)
+
+
+TEXT = {"num_hidden_layers": 2}
+
+
+def test_upscaler_and_inpaint_argument_checks():
+    assert sd_image.upscaler_vae_config({"scaling_factor": 0.18215, "x": 1}) == {"scaling_factor": 0.08333, "x": 1}
+    assert sd_image.upscaler_max_noise_level({}) == 350
+    assert sd_image.upscaler_max_noise_level({"max_noise_level": 9}) == 9
+    embeds = (np.zeros((1, 3, 2)), None, None, None)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        sd_image.check_latent_upscaler_call(None, None, embeds, 1, 9.0, 2, "np", TEXT)
+    with pytest.raises(ValueError, match="image"):
+        sd_image.check_latent_upscaler_call("a", None, (None,) * 4, None, 9.0, 2, "np", TEXT)
+    batch, prompt, g = sd_image.check_latent_upscaler_call(["a", "b"], None, (None,) * 4, 1, 0.0, 2, "np", TEXT)
+    assert batch == 2 and prompt == ["", ""] and g.parts == 1  # guidance_scale 0: empty prompts, as diffusers
+    batch, prompt, g = sd_image.check_latent_upscaler_call(["a", "b"], None, (None,) * 4, 1, 9.0, 2, "np", TEXT)
+    assert batch == 2 and prompt == ["a", "b"] and g.parts == 2
+    with pytest.raises(ValueError, match="mask_image"):
+        sd_image.require_image(None, "mask_image")
+    unet, vae = {"in_channels": 5, "sample_size": 8}, {"latent_channels": 4, "block_out_channels": [8, 8]}
+    image, mask = RNG.random((16, 16, 3), dtype=np.float32), (RNG.random((16, 16)) > 0.5).astype(np.float32)
+    with pytest.raises(ValueError, match="in_channels=9"):
+        sd_image.inpaint_inputs(unet, vae, image, mask, (16, 16), (None, 2, 1.0), "P")
+    ddim = schedulers.from_config({"_class_name": "DDIMScheduler"})
+    with pytest.raises(ValueError, match="strength"):
+        sd_image.inpaint_inputs({**unet, "in_channels": 4}, vae, image, mask, (16, 16), (ddim, 2, 0.1), "P")
+    nine = {**unet, "in_channels": 9}
+    blend, size, pixels, mask_out = sd_image.inpaint_inputs(nine, vae, image, mask, (None, None), (ddim, 2, 1.0), "P")
+    assert not blend and size == (16, 16) and pixels.shape == (1, 3, 16, 16) and mask_out.shape == (1, 1, 16, 16)

@@ -7,7 +7,6 @@ pixels (``output_type="np"``) against diffusers run on the same folder with the 
 import json
 import shutil
 
-import diffusers
 import huggingface_hub
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import torch
 
 from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
 from backends.torch.pipelines.stable_diffusion import StableDiffusionPipeline
-from diffusion_core import schedulers
 from tests.pipelines import sd_tiny, tiny
 
 ATOL = 2e-3
@@ -41,18 +39,6 @@ def ref(sd_folder):
     return sd_tiny.load_diffusers(sd_folder)
 
 
-def _swap(ours_pipe, ref_pipe, name):
-    """Both pipelines switched to scheduler ``name`` (same config); returns a restore function."""
-    old_ours, old_ref = ours_pipe.scheduler, ref_pipe.scheduler
-    ours_pipe.scheduler = schedulers.from_config(tiny.swap_config(old_ours, name))
-    ref_pipe.scheduler = getattr(diffusers, name).from_config(old_ref.config)
-
-    def restore():
-        ours_pipe.scheduler, ref_pipe.scheduler = old_ours, old_ref
-
-    return restore
-
-
 def _both(ours_pipe, ref_pipe, batch=1, **kwargs):
     """Run both pipelines with the same numpy start latents; returns (ours, reference) np images."""
     lat = sd_tiny.start_latents((batch, 4, SIZE // 2, SIZE // 2))
@@ -70,7 +56,7 @@ def test_loads_as_stable_diffusion_pipeline(ours):
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_text_to_image_matches_diffusers_per_scheduler(ours, ref, scheduler):
-    restore = _swap(ours, ref, scheduler)
+    restore = sd_tiny.swap_schedulers(ours, ref, scheduler)
     try:
         a, b = _both(ours, ref, prompt=sd_tiny.PROMPT, guidance_scale=6.0)
     finally:
@@ -95,7 +81,7 @@ def test_text_to_image_matches_diffusers_per_scheduler(ours, ref, scheduler):
 )
 def test_other_schedulers_match_diffusers(ours, ref, scheduler, steps):
     """Stochastic ones draw their step noise from the same torch generator as diffusers."""
-    restore = _swap(ours, ref, scheduler)
+    restore = sd_tiny.swap_schedulers(ours, ref, scheduler)
     lat = sd_tiny.start_latents((1, 4, SIZE // 2, SIZE // 2))
     common = dict(height=SIZE, width=SIZE, num_inference_steps=steps, output_type="np", guidance_scale=6.0)
     try:
@@ -269,7 +255,7 @@ def test_custom_timesteps_and_sigmas_match_diffusers(ours, ref):
     common = dict(height=SIZE, width=SIZE, output_type="np")
     with pytest.raises(ValueError, match="timesteps: DDIMScheduler does not accept custom timesteps"):
         ours(sd_tiny.PROMPT, latents=lat, timesteps=[901, 500, 101], **common)  # diffusers' DDIM refuses too
-    restore = _swap(ours, ref, "EulerDiscreteScheduler")
+    restore = sd_tiny.swap_schedulers(ours, ref, "EulerDiscreteScheduler")
     try:
         results = []
         for custom in (dict(timesteps=[901, 500, 101]), dict(sigmas=[10.0, 3.0, 0.5])):

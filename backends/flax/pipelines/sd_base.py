@@ -12,8 +12,6 @@ images do not depend on ``parallel="pmap"`` / ``mesh=``. A pipeline overrides th
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -26,7 +24,6 @@ from jax.sharding import Mesh
 from backends.flax.pipelines.pipeline_utils import DiffusionPipeline, run_program, scale_out_mode
 from backends.flax.pipelines.sd_program import (
     encode_text,
-    indexed_denoise_loop,
     pack_rows,
     unpack_rows,
     vae_decode,
@@ -36,20 +33,6 @@ from diffusion_core.pipelines import ImagePipelineOutput, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.image import images_to_output
 
-logger = logging.getLogger(__name__)
-
-SD_COMPONENTS = (
-    "vae",
-    "text_encoder",
-    "tokenizer",
-    "unet",
-    "scheduler",
-    "safety_checker",
-    "feature_extractor",
-    "image_encoder",
-)
-# Accepted and ignored (diffusers stores them as [null, null] when absent).
-SD_OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")
 _GUIDANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(sd.Guidance))
 
 
@@ -74,10 +57,6 @@ def rows_to_guided(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _drop_index(model_fn: Callable, x: jax.Array, t: jax.Array, i: jax.Array) -> jax.Array:
-    return model_fn(x, t)
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One call's resolved options: what the compiled program and the decode step need."""
@@ -99,19 +78,15 @@ class Run:
 class StableDiffusionBase(DiffusionPipeline):
     """Shared call flow: encode prompts -> per-image rows -> compiled denoising scan -> VAE decode -> output."""
 
-    _components = SD_COMPONENTS
-    _optional_components = SD_OPTIONAL
+    _components = sd.SD_COMPONENTS
+    _optional_components = sd.SD_OPTIONAL
     _indexed_model_fn = False  # True: ``_model_fn`` returns ``(x, t, i)`` functions (i: the model-call index)
     # Outdated scheduler options this pipeline rewrites at construction, as diffusers' (sd.legacy_scheduler_config).
     _legacy_scheduler_options: tuple[str, ...] = ()
 
     def __init__(self, **components: Any) -> None:
         super().__init__(**components)
-        fixed = sd.legacy_scheduler_config(self.scheduler.config, self._legacy_scheduler_options)
-        if fixed is not None:
-            changed = {k: v for k, v in fixed.items() if self.scheduler.config.get(k) != v}
-            logger.warning("%s: outdated scheduler config, using %s as diffusers does", type(self).__name__, changed)
-            self.scheduler = type(self.scheduler).from_config(fixed)
+        self.scheduler = sd.updated_scheduler(self.scheduler, self._legacy_scheduler_options, type(self).__name__)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -271,11 +246,8 @@ class StableDiffusionBase(DiffusionPipeline):
             model_fn = self._model_fn(nets, inputs, guidance, run, scalars, state)
             post_step = self._post_step(inputs, run)
             loop_options = dict(keys=keys, step_kwargs=step_kwargs, progress=progress, first=run.first)
-            if not self._indexed_model_fn and post_step is None:
-                return denoise_loop(scheduler, model_fn, x, state, **loop_options)[0]
-            if not self._indexed_model_fn:
-                model_fn = functools.partial(_drop_index, model_fn)
-            return indexed_denoise_loop(scheduler, model_fn, x, state, post_step=post_step, **loop_options)[0]
+            loop_options.update(index_model_fn=self._indexed_model_fn, post_step=post_step)
+            return denoise_loop(scheduler, model_fn, x, state, **loop_options)[0]
 
         return program
 

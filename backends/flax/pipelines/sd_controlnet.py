@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.sd_base import SD_COMPONENTS, SD_OPTIONAL, Run, StableDiffusionBase, call_options
+from backends.flax.pipelines.sd_base import Run, StableDiffusionBase, call_options
 from diffusion_core.pipelines import ImagePipelineOutput, sd_control, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 
@@ -24,8 +24,8 @@ from diffusion_core.pipelines import stable_diffusion as sd
 class StableDiffusionControlNetPipeline(StableDiffusionBase):
     """SD with one ``ControlNetModel``; diffusers' ``StableDiffusionControlNetPipeline`` for Flax."""
 
-    _components = (*SD_COMPONENTS[:4], "controlnet", *SD_COMPONENTS[4:])
-    _optional_components = SD_OPTIONAL
+    _components = (*sd.SD_COMPONENTS[:4], "controlnet", *sd.SD_COMPONENTS[4:])
+    _optional_components = sd.SD_OPTIONAL
     _indexed_model_fn = True
 
     def __call__(

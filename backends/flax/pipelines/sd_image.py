@@ -25,12 +25,6 @@ from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 
 
-def _require(value: Any, name: str) -> Any:
-    if value is None:
-        raise ValueError(f"{name}: this pipeline needs it (a PIL image, a list of them, or a numpy array in [0, 1])")
-    return value
-
-
 class _ImageConditioned(StableDiffusionBase):
     """Encodes the conditioning images of a call with the VAE."""
 
@@ -71,7 +65,7 @@ class StableDiffusionImg2ImgPipeline(_ImageConditioned):
         """Repaint ``image`` toward ``prompt``; ``strength`` in [0, 1] is how much of the schedule runs."""
         options = call_options(num_inference_steps, num_images_per_prompt, eta, output_type, clip_skip)
         batch = self._common_checks(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, options)
-        pixels = sd_image.preprocess_image(_require(image, "image"), self.vae_scale_factor)
+        pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
         sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checked before the VAE work
         g = sd.guidance(guidance_scale, 0.0, self.unet.config)
         run = self._run(
@@ -128,14 +122,12 @@ class StableDiffusionInpaintPipeline(_ImageConditioned):
         """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``."""
         options = call_options(num_inference_steps, num_images_per_prompt, eta, output_type, clip_skip)
         batch = self._common_checks(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, options)
+        # blend: a text-to-image (4-channel) UNet keeps the known region after each step
+        blend, size, pixels, mask = sd_image.inpaint_inputs(
+            self.unet.config, self.vae.config, image, mask_image, (height, width),
+            (self.scheduler, num_inference_steps, strength), type(self).__name__,
+        )  # fmt: skip
         channels = self._latent_channels()
-        blend = int(self.unet.config["in_channels"]) == channels  # a text-to-image UNet: keep the known region
-        if not blend:
-            sd_image.check_unet_channels(self.unet.config, channels, 1 + channels, type(self).__name__)
-        size = sd.resolve_size(height, width, self.unet.config, self.vae.config)
-        pixels = sd_image.preprocess_image(_require(image, "image"), self.vae_scale_factor, *size)
-        mask = sd_image.preprocess_mask(_require(mask_image, "mask_image"), self.vae_scale_factor, *size)
-        sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checked before the VAE work
         g = sd.guidance(guidance_scale, 0.0, self.unet.config)
         run = self._run(
             g, size, batch * num_images_per_prompt, num_inference_steps, eta, parallel, mesh,
@@ -207,7 +199,7 @@ class StableDiffusionInstructPix2PixPipeline(_ImageConditioned):
         batch = self._common_checks(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, options)
         channels = self._latent_channels()
         sd_image.check_unet_channels(self.unet.config, channels, channels, type(self).__name__)
-        pixels = sd_image.preprocess_image(_require(image, "image"), self.vae_scale_factor)
+        pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
         g = sd.guidance(guidance_scale, 0.0, self.unet.config, image_guidance_scale)
         scalars = (("guidance_scale", float(guidance_scale)), ("image_guidance_scale", float(image_guidance_scale)))
         run = self._run(

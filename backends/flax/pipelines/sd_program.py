@@ -1,6 +1,5 @@
 """The compiled half of the Flax Stable Diffusion pipelines: jitted text encoding and VAE calls, the per-image
-rows the denoising program (``backends.flax.sampling.denoise_loop`` under ``run_program``) reads, and the scan
-for model functions that need the model-call index.
+rows the denoising program (``backends.flax.sampling.denoise_loop`` under ``run_program``) reads.
 
 Per-image inputs (start noise, text embeddings, image latents, masks) travel as one flat float32 row per image
 (``ravel_pytree``), so :func:`run_program` splits them over devices together with the image's key and image
@@ -18,8 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from backends.flax.sampling import ScanProgress, per_example_normal
-from diffusion_core.schedulers import Scheduler
+from backends.flax.sampling import per_example_normal
 
 # Posterior draws of the VAE (img2img / inpaint encodes) use image b's key folded with a stream id from here
 # on (one per encoded input), far from the model-call indices that the step noise folds in.
@@ -88,43 +86,3 @@ def pack_rows(inputs: Mapping[str, Any]) -> tuple[jax.Array, Callable[[jax.Array
 def unpack_rows(rows: jax.Array, unravel: Callable[[jax.Array], dict]) -> dict:
     """(B, N) rows -> ``{name: (B, ...)}``."""
     return jax.vmap(unravel)(rows)
-
-
-# --- the denoising scan with the model-call index ----------------------------------------------------------
-
-
-def indexed_denoise_loop(
-    scheduler: Scheduler,
-    model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-    latents: jax.Array,
-    state: Any,
-    *,
-    keys: jax.Array,
-    step_kwargs: Mapping[str, Any],
-    progress: ScanProgress | None,
-    first: int,
-    post_step: Callable[[jax.Array, Any], jax.Array] | None = None,
-) -> tuple[jax.Array, Any]:
-    """``backends.flax.sampling.denoise_loop`` for model functions ``(x, t, i)`` that need the absolute model-call
-    index ``i`` (ControlNet's guidance window, the latent upscaler's sigma): one ``lax.scan`` from call ``first``.
-
-    Noise of image b at call i is ``fold_in(keys[b], i)``, as in ``denoise_loop``. ``post_step(x, new_state)``
-    rewrites the sample after each step (4-channel inpainting keeps the known region).
-    """
-    wants_noise = scheduler.needs_noise_for(**step_kwargs)
-
-    def body(carry, i):
-        x, st = carry
-        out = model_fn(scheduler.scale_model_input(st, x), scheduler.current_timestep(st), i)
-        noise = None
-        if wants_noise:
-            noise = per_example_normal(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), x.shape[1:], x.dtype)
-        x, st = scheduler.step(st, out, x, noise=noise, **step_kwargs)
-        if post_step is not None:
-            x = post_step(x, st)
-        if progress is not None:
-            jax.debug.callback(progress.tick, i)
-        return (x, st), None
-
-    (latents, state), _ = jax.lax.scan(body, (latents, state), jnp.arange(first, state.timesteps.shape[0]))
-    return latents, state

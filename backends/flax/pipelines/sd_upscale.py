@@ -28,9 +28,6 @@ from backends.flax.sampling import per_example_normal
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 
-# diffusers' x4 upscaler always decodes with this VAE scaling factor (it rewrites other values in the config).
-UPSCALER_SCALING_FACTOR = 0.08333
-DEFAULT_MAX_NOISE_LEVEL = 350
 LOW_RES_STREAM = POSTERIOR_STREAM - 1  # key stream of the low-res image noise (below the posterior streams)
 
 
@@ -52,10 +49,10 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
 
     @property
     def max_noise_level(self) -> int:
-        return int(self.settings.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
+        return sd_image.upscaler_max_noise_level(self.settings)
 
     def _vae_config(self) -> dict[str, Any]:
-        return {**self.vae.config, "scaling_factor": UPSCALER_SCALING_FACTOR}
+        return sd_image.upscaler_vae_config(self.vae.config)
 
     def __call__(
         self,
@@ -157,22 +154,15 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionBase):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (latents (B, 4, h, w) from an SD run with ``output_type="latent"``, or images) 2x."""
-        batch = sd.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        if (prompt_embeds is None) != (pooled_prompt_embeds is None):
-            raise ValueError("pooled_prompt_embeds: pass it exactly when prompt_embeds is given")
-        if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
-            raise ValueError("negative_pooled_prompt_embeds: pass it exactly when negative_prompt_embeds is given")
-        sd.check_call_options(
-            num_inference_steps=num_inference_steps, num_images_per_prompt=1, eta=0.0, output_type=output_type,
-            clip_skip=None, text_config=self.text_encoder.config,
-        )  # fmt: skip
-        if image is None:
-            raise ValueError("image: the low-resolution latents (B, 4, h, w) or images are required")
-        g = sd.guidance(guidance_scale, 0.0, {})  # the UNet's time_cond is the pooled text; CFG stays on
-        if guidance_scale == 0 and prompt is not None:
-            prompt = [""] * batch
         embeds = (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
-        hidden, pooled = self._text(prompt, negative_prompt, [None if e is None else jnp.asarray(e) for e in embeds], g)
+        batch, prompt, g = sd_image.check_latent_upscaler_call(
+            prompt, negative_prompt, embeds, image, guidance_scale, num_inference_steps, output_type,
+            self.text_encoder.config,
+        )  # fmt: skip
+        given = tuple(None if e is None else jnp.asarray(e) for e in embeds)
+        hidden, pooled = sd.encode_prompt_pairs(
+            self._encode_pair, self.tokenizer, prompt, negative_prompt, given, g.parts > 1
+        )
         options = self._low_res(image, batch)
         channels, h, w = options["shape"]
         sd_image.check_unet_channels(self.unet.config, channels, channels, type(self).__name__)
@@ -197,19 +187,9 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionBase):
             raise ValueError(f"image: {count} images for {batch} prompts; pass one per prompt")
         return {"latents": given, "pixels": pixels, "shape": (channels, *size)}
 
-    def _text(self, prompt: Any, negative_prompt: Any, embeds: list, g: sd.Guidance) -> tuple[jax.Array, jax.Array]:
-        """``(encoder_hidden_states, pooled)`` for the guided batch: ``cat([neg, pos])`` each with CFG."""
-        pos, pos_pooled, neg, neg_pooled = embeds
-        if pos is None:
-            ids = sd.tokenize(self.tokenizer, sd.prompt_texts(prompt))
-            pos, pos_pooled = encode_text_unnormed(self.text_encoder, jnp.asarray(ids))
-        if g.parts == 1:
-            return pos, pos_pooled
-        if neg is None:
-            texts = sd.negative_texts(negative_prompt, int(pos.shape[0]))
-            ids = sd.tokenize(self.tokenizer, texts, max_length=int(pos.shape[1]))
-            neg, neg_pooled = encode_text_unnormed(self.text_encoder, jnp.asarray(ids))
-        return jnp.concatenate([neg, pos]), jnp.concatenate([neg_pooled, pos_pooled])
+    def _encode_pair(self, ids: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """(B, L) ids -> (the last layer's hidden states before the final norm (B, L, D), pooled (B, D))."""
+        return encode_text_unnormed(self.text_encoder, jnp.asarray(ids))
 
     def _needs_key(self, options: dict) -> bool:
         return options["latents"] is None  # images are VAE-encoded with a posterior draw

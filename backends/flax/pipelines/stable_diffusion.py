@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.sd_base import SD_COMPONENTS, SD_OPTIONAL, StableDiffusionBase, call_options
+from backends.flax.pipelines.sd_base import StableDiffusionBase, call_options
 from backends.flax.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
 from backends.flax.pipelines.sd_image import (
     StableDiffusionImg2ImgPipeline,
@@ -85,8 +85,6 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
 
 __all__ = [
-    "SD_COMPONENTS",
-    "SD_OPTIONAL",
     "StableDiffusionBase",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",

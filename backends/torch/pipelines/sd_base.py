@@ -7,7 +7,6 @@ Python denoising loop of ``backends.torch.sampling``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,41 +19,22 @@ from diffusion_core.pipelines import ImagePipelineOutput, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.image import images_to_output
 
-logger = logging.getLogger(__name__)
-
 # Callback: ``callback_on_step_end(pipe, i, t, {"latents": x})`` after each model call; as in diffusers, a
 # returned dict's ``"latents"`` replaces the sample.
 StepCallback = Callable[[Any, int, Any, dict[str, torch.Tensor]], Any]
-
-SD_COMPONENTS = (
-    "vae",
-    "text_encoder",
-    "tokenizer",
-    "unet",
-    "scheduler",
-    "safety_checker",
-    "feature_extractor",
-    "image_encoder",
-)
-# Accepted and ignored (diffusers stores them as [null, null] when absent).
-SD_OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder")
 
 
 class StableDiffusionBase(DiffusionPipeline):
     """Torch hooks of the SD recipe: text encoding, start latents, the guided loop, VAE encode/decode."""
 
-    _components = SD_COMPONENTS
-    _optional_components = SD_OPTIONAL
+    _components = sd.SD_COMPONENTS
+    _optional_components = sd.SD_OPTIONAL
     # Outdated scheduler options this pipeline rewrites at construction, as diffusers' (see sd.legacy_scheduler_config).
     _legacy_scheduler_options: tuple[str, ...] = ()
 
     def __init__(self, **components: Any) -> None:
         super().__init__(**components)
-        fixed = sd.legacy_scheduler_config(self.scheduler.config, self._legacy_scheduler_options)
-        if fixed is not None:
-            changed = {k: v for k, v in fixed.items() if self.scheduler.config.get(k) != v}
-            logger.warning("%s: outdated scheduler config, using %s as diffusers does", type(self).__name__, changed)
-            self.scheduler = type(self.scheduler).from_config(fixed)
+        self.scheduler = sd.updated_scheduler(self.scheduler, self._legacy_scheduler_options, type(self).__name__)
 
     @property
     def vae_scale_factor(self) -> int:

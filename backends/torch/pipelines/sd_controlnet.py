@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from backends.torch.pipelines.sd_base import SD_COMPONENTS, SD_OPTIONAL, StableDiffusionBase, StepCallback, prompt_args
+from backends.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
 from backends.torch.sampling import Generators
 from diffusion_core.pipelines import ImagePipelineOutput, sd_control, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
@@ -20,8 +20,8 @@ from diffusion_core.pipelines import stable_diffusion as sd
 class StableDiffusionControlNetPipeline(StableDiffusionBase):
     """SD with one ``ControlNetModel``; diffusers' ``StableDiffusionControlNetPipeline``."""
 
-    _components = (*SD_COMPONENTS[:4], "controlnet", *SD_COMPONENTS[4:])
-    _optional_components = SD_OPTIONAL
+    _components = (*sd.SD_COMPONENTS[:4], "controlnet", *sd.SD_COMPONENTS[4:])
+    _optional_components = sd.SD_OPTIONAL
 
     def __call__(
         self,

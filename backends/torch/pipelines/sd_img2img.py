@@ -15,12 +15,6 @@ from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 
 
-def _require(value: Any, name: str) -> Any:
-    if value is None:
-        raise ValueError(f"{name}: this pipeline needs it (a PIL image, a list of them, or a numpy array in [0, 1])")
-    return value
-
-
 class _KeepKnown:
     """The pipeline's scheduler, whose ``step`` also restores the known region (4-channel inpainting)."""
 
@@ -66,7 +60,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             num_inference_steps, eta, output_type, clip_skip,
         )  # fmt: skip
         batch = self._common_checks(args) * num_images_per_prompt
-        pixels = sd_image.preprocess_image(_require(image, "image"), self.vae_scale_factor)
+        pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
         sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checks before the work
         g = sd.guidance(guidance_scale, 0.0, self.unet.config)
         embeds = self._text_embeddings(args, g)
@@ -112,15 +106,12 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             num_inference_steps, eta, output_type, clip_skip,
         )  # fmt: skip
         batch = self._common_checks(args) * num_images_per_prompt
-        channels = int(self.vae.config["latent_channels"])
-        blend = int(self.unet.config["in_channels"]) == channels
-        if not blend:
-            sd_image.check_unet_channels(self.unet.config, channels, 1 + channels, type(self).__name__)
-        height, width = sd.resolve_size(height, width, self.unet.config, self.vae.config)
-        scale = self.vae_scale_factor
-        pixels = sd_image.preprocess_image(_require(image, "image"), scale, height, width)
-        mask = sd_image.preprocess_mask(_require(mask_image, "mask_image"), scale, height, width)
-        sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checks before the work
+        # blend: a text-to-image (4-channel) UNet keeps the known region after each step
+        blend, (height, width), pixels, mask = sd_image.inpaint_inputs(
+            self.unet.config, self.vae.config, image, mask_image, (height, width),
+            (self.scheduler, num_inference_steps, strength), type(self).__name__,
+        )  # fmt: skip
+        channels, scale = int(self.vae.config["latent_channels"]), self.vae_scale_factor
         g = sd.guidance(guidance_scale, 0.0, self.unet.config)
         embeds = self._text_embeddings(args, g)
         image_latents = None
@@ -182,7 +173,7 @@ class StableDiffusionInstructPix2PixPipeline(StableDiffusionBase):
         batch = self._common_checks(args) * num_images_per_prompt
         channels = int(self.vae.config["latent_channels"])
         sd_image.check_unet_channels(self.unet.config, channels, channels, type(self).__name__)
-        pixels = sd_image.preprocess_image(_require(image, "image"), self.vae_scale_factor)
+        pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
         g = sd.guidance(guidance_scale, 0.0, self.unet.config, image_guidance_scale)
         embeds = self._text_embeddings(args, g)
         image_latents = self._encode_image(pixels, batch, generator, sample=False).to(self.unet.dtype)

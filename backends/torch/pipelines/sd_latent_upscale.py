@@ -29,18 +29,6 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionBase):
             out = self.text_encoder(torch.from_numpy(ids).to(self.device), output_hidden_states=True)
         return out.hidden_states[-1], out.pooler_output
 
-    def _text(self, prompt: Any, negative_prompt: Any, embeds: tuple, g: sd.Guidance) -> tuple[torch.Tensor, ...]:
-        """``(encoder_hidden_states, pooled)`` for the guided batch: ``cat([neg, pos])`` each with CFG."""
-        pos, pos_pooled, neg, neg_pooled = (None if e is None else self._as_tensor(e) for e in embeds)
-        if pos is None:
-            pos, pos_pooled = self._encode_pair(sd.tokenize(self.tokenizer, sd.prompt_texts(prompt)))
-        if g.parts == 1:
-            return pos, pos_pooled
-        if neg is None:
-            texts = sd.negative_texts(negative_prompt, int(pos.shape[0]))
-            neg, neg_pooled = self._encode_pair(sd.tokenize(self.tokenizer, texts, max_length=int(pos.shape[1])))
-        return torch.cat([neg, pos]), torch.cat([neg_pooled, pos_pooled])
-
     def _low_res_latents(self, image: Any, generator: Generators) -> torch.Tensor:
         """(b, C, h, w) scaled latents: latents given as they are (torch/numpy), or images VAE-encoded."""
         channels = int(self.vae.config["latent_channels"])
@@ -67,22 +55,15 @@ class StableDiffusionLatentUpscalePipeline(StableDiffusionBase):
         callback_on_step_end: StepCallback | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (latents (B, 4, h, w) from an SD run with ``output_type="latent"``, or images) 2x."""
-        batch = sd.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        if (prompt_embeds is None) != (pooled_prompt_embeds is None):
-            raise ValueError("pooled_prompt_embeds: pass it exactly when prompt_embeds is given")
-        if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
-            raise ValueError("negative_pooled_prompt_embeds: pass it exactly when negative_prompt_embeds is given")
-        sd.check_call_options(
-            num_inference_steps=num_inference_steps, num_images_per_prompt=1, eta=0.0, output_type=output_type,
-            clip_skip=None, text_config=self.text_encoder.config,
-        )  # fmt: skip
-        if image is None:
-            raise ValueError("image: the low-resolution latents (B, 4, h, w) or images are required")
-        g = sd.guidance(guidance_scale, 0.0, {})  # the x2 UNet's time_cond is the pooled text, CFG stays on
-        if guidance_scale == 0 and prompt is not None:
-            prompt = [""] * batch
         embeds = (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
-        hidden, pooled = self._text(prompt, negative_prompt, embeds, g)
+        batch, prompt, g = sd_image.check_latent_upscaler_call(
+            prompt, negative_prompt, embeds, image, guidance_scale, num_inference_steps, output_type,
+            self.text_encoder.config,
+        )  # fmt: skip
+        given = tuple(None if e is None else self._as_tensor(e) for e in embeds)
+        hidden, pooled = sd.encode_prompt_pairs(
+            self._encode_pair, self.tokenizer, prompt, negative_prompt, given, g.parts > 1
+        )
         low = self._low_res_latents(image, generator)
         if low.shape[0] != batch:
             raise ValueError(f"image: {low.shape[0]} images for {batch} prompts; pass one per prompt")

@@ -13,10 +13,6 @@ from backends.torch.sampling import Generators, randn_tensor
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 
-# diffusers' x4 upscaler always decodes with this VAE scaling factor (it rewrites other values in the config).
-UPSCALER_SCALING_FACTOR = 0.08333
-DEFAULT_MAX_NOISE_LEVEL = 350
-
 
 class StableDiffusionUpscalePipeline(StableDiffusionBase):
     """Text-guided x4 super-resolution; diffusers' ``StableDiffusionUpscalePipeline``."""
@@ -36,10 +32,10 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
 
     @property
     def max_noise_level(self) -> int:
-        return int(self.settings.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
+        return sd_image.upscaler_max_noise_level(self.settings)
 
     def _vae_config(self) -> dict[str, Any]:
-        return {**self.vae.config, "scaling_factor": UPSCALER_SCALING_FACTOR}
+        return sd_image.upscaler_vae_config(self.vae.config)
 
     def __call__(
         self,
