@@ -365,3 +365,21 @@ def test_full_size_unet_parity(config: dict[str, Any]) -> None:
         "encoder_hidden_states": rng.standard_normal((1, 77, config["cross_attention_dim"])).astype(np.float32),
     }
     assert rel_l2(ours(**args), reference(ref, args)) <= REL_TOL
+
+
+@pytest.mark.parametrize("lengths", [(5, 7), (300, 77), (129, 129)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_blocked_attention_equals_dense(lengths, with_bias):
+    """The query-blocked attention used on CPU equals jax.nn.dot_product_attention (padding, masks, ragged blocks)."""
+    from backends.flax.models.layers import scaled_dot_product_attention
+
+    q_len, kv_len = lengths
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 8)), jnp.float32) for n in (q_len, kv_len, kv_len))
+    bias = None
+    if with_bias:
+        keep = rng.random((2, 1, 1, kv_len)) > 0.3
+        bias = jnp.asarray(np.where(keep, 0.0, -10000.0), jnp.float32)
+    expect = jax.nn.dot_product_attention(q, k, v, bias=bias)
+    got = jax.jit(scaled_dot_product_attention)(q, k, v, bias)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-5, atol=2e-6)

@@ -217,7 +217,7 @@ def test_aliases_match_diffusers_rewrites():
         ({"solver_order": 4}, "solver_order"),
         ({"solver_order": 0}, "solver_order"),
         ({"prediction_type": "noise"}, "prediction_type"),
-        ({"variance_type": "fixed_small"}, "variance_type"),
+        ({"variance_type": "fixed"}, "variance_type"),  # DDPM's own types map to None (swaps)
         ({"final_sigmas_type": "max"}, "final_sigmas_type"),
         ({"algorithm_type": "dpmsolver"}, "final_sigmas_type"),
         ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "zero"}, "final_sigmas_type"),

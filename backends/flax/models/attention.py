@@ -12,7 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.layers import AdaGroupNorm, conv, group_norm, layer_norm, linear, make_dropout
+from backends.flax.models.layers import (
+    AdaGroupNorm,
+    conv,
+    group_norm,
+    layer_norm,
+    linear,
+    make_dropout,
+    scaled_dot_product_attention,
+)
 
 MASK_BIAS = -10000.0  # diffusers turns a keep(1)/discard(0) mask into this additive bias
 
@@ -81,7 +89,7 @@ class Attention(nnx.Module):
             q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
         if attention_bias is not None:
             attention_bias = attention_bias.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, bias=attention_bias).astype(dtype)  # (B, L, heads, head_dim)
+        out = scaled_dot_product_attention(q, k, v, attention_bias).astype(dtype)  # (B, L, heads, head_dim)
         out = out.reshape(out.shape[0], out.shape[1], -1)  # (B, L, inner_dim)
         return self.to_out[1](self.to_out[0](out))  # (B, L, query_dim)
 
