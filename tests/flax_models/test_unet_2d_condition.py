@@ -371,7 +371,7 @@ def test_full_size_unet_parity(config: dict[str, Any]) -> None:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_blocked_attention_equals_dense(lengths, with_bias):
     """The query-blocked attention used on CPU equals jax.nn.dot_product_attention (padding, masks, ragged blocks)."""
-    from backends.flax.models.layers import scaled_dot_product_attention
+    from backends.flax.models.layers import blocked_attention
 
     q_len, kv_len = lengths
     rng = np.random.default_rng(0)
@@ -381,5 +381,5 @@ def test_blocked_attention_equals_dense(lengths, with_bias):
         keep = rng.random((2, 1, 1, kv_len)) > 0.3
         bias = jnp.asarray(np.where(keep, 0.0, -10000.0), jnp.float32)
     expect = jax.nn.dot_product_attention(q, k, v, bias=bias)
-    got = jax.jit(scaled_dot_product_attention)(q, k, v, bias)
+    got = jax.jit(blocked_attention)(q, k, v, bias)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-5, atol=2e-6)

@@ -49,13 +49,20 @@ ATTENTION_QUERY_CHUNK = 128  # queries per step: a (chunk, S) score block per he
 def scaled_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """``softmax(q k^T / sqrt(D) + bias) v`` on (B, L, N, D) queries and (B, S, N, D) keys/values.
 
-    Long query sequences run in blocks of ``ATTENTION_QUERY_CHUNK`` under ``lax.map``, so the
-    (B, N, L, S) scores are never held at once (4x faster than ``jax.nn.dot_product_attention``
-    at 4096 tokens on XLA:CPU). ``bias`` broadcasts to (B, N, 1, S). Scores and softmax are float32.
+    ``bias`` broadcasts to (B, N, 1, S). On GPU/TPU this is ``jax.nn.dot_product_attention`` (fused
+    kernels); on XLA:CPU it is :func:`blocked_attention`, 4x faster there at 4096 tokens.
     """
-    batch, length, heads, dim = q.shape
     if bias is not None and bias.ndim == 4 and bias.shape[2] != 1:
         raise ValueError(f"bias: expected a (B, N, 1, S)-broadcastable bias, got shape {tuple(bias.shape)}")
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias)
+    return blocked_attention(q, k, v, bias)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """Attention with queries in blocks of ``ATTENTION_QUERY_CHUNK`` under ``lax.map``: the (B, N, L, S)
+    scores are never held at once, each block's stay in cache. Scores and softmax are float32."""
+    batch, length, heads, dim = q.shape
     chunk = min(length, ATTENTION_QUERY_CHUNK)
     blocks = -(-length // chunk)
     q = jnp.pad(q * dim**-0.5, ((0, 0), (0, blocks * chunk - length), (0, 0), (0, 0)))  # (B, blocks*chunk, N, D)
