@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffusion_core.pipelines.model_index import MODEL_INDEX_NAME, ModelIndex, read_model_index
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, check_variant
-from diffusion_core.weights.pretrained import hub_allow_patterns
+from diffusion_core.weights.pretrained import download_snapshot, hub_allow_patterns, hub_fetch
 
 # Non-weight files a component folder may need: configs, tokenizer vocabularies and merges.
 _CONFIG_PATTERNS = ("*.json", "*.txt")
@@ -32,32 +32,15 @@ def pipeline_allow_patterns(component_names: Iterable[str], variant: str | None)
     return list(dict.fromkeys(patterns))  # de-duplicated, order kept
 
 
-def _hub_error(repo_id: str, revision: str | None, local_files_only: bool, err: Exception) -> FileNotFoundError:
-    import huggingface_hub
-
-    offline = "; HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
-    return FileNotFoundError(
-        f"path_or_repo_id: {repo_id!r} is not a local folder and could not be fetched from the Hub "
-        f"(revision={revision!r}, local_files_only={local_files_only}{offline}): {err}"
-    )
-
-
 def _fetch_model_index(repo_id: str, revision: str | None, local_files_only: bool) -> Path:
-    import huggingface_hub
-    from huggingface_hub.errors import HFValidationError
+    def fetch() -> str:
+        import huggingface_hub
 
-    try:
-        return Path(
-            huggingface_hub.hf_hub_download(
-                repo_id, MODEL_INDEX_NAME, revision=revision, local_files_only=local_files_only
-            )
+        return huggingface_hub.hf_hub_download(
+            repo_id, MODEL_INDEX_NAME, revision=revision, local_files_only=local_files_only
         )
-    except HFValidationError as e:
-        raise FileNotFoundError(
-            f"path_or_repo_id: {repo_id!r} is neither a local folder nor a valid Hub repo id"
-        ) from e
-    except (OSError, ValueError) as e:  # missing entry, offline mode, HTTP errors
-        raise _hub_error(repo_id, revision, local_files_only, e) from e
+
+    return hub_fetch(repo_id, revision, local_files_only, fetch)
 
 
 def resolve_pipeline_folder(
@@ -89,15 +72,7 @@ def resolve_pipeline_folder(
         wanted = [n for n, spec in index.components.items() if not spec.is_absent]
     else:
         wanted = list(select(index))
-    import huggingface_hub
-
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id,
-            revision=commit,
-            allow_patterns=pipeline_allow_patterns(wanted, variant),
-            local_files_only=local_files_only,
-        )
-    except (OSError, ValueError) as e:
-        raise _hub_error(repo_id, revision, local_files_only, e) from e
-    return Path(folder), index
+    folder = download_snapshot(
+        repo_id, pipeline_allow_patterns(wanted, variant), revision=commit, local_files_only=local_files_only
+    )
+    return folder, index

@@ -68,19 +68,16 @@ def hub_allow_patterns(
     return patterns
 
 
-def download_snapshot(
-    repo_id: str, allow_patterns: list[str], revision: str | None = None, local_files_only: bool = False
-) -> Path:
-    """``huggingface_hub.snapshot_download`` of only ``allow_patterns``; FileNotFoundError naming the cause."""
+def hub_fetch(repo_id: str, revision: str | None, local_files_only: bool, fetch: Callable[[], str]) -> Path:
+    """Run one huggingface_hub download ``fetch()`` for ``repo_id``; a failure becomes a FileNotFoundError
+    naming the repo, the revision and the cause."""
     try:
         import huggingface_hub
         from huggingface_hub.errors import HFValidationError
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with safetensors users
         raise FileNotFoundError(f"path_or_repo_id: {repo_id!r} is not a folder and huggingface_hub is missing") from e
     try:
-        path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=local_files_only
-        )
+        return Path(fetch())
     except HFValidationError as e:
         raise FileNotFoundError(
             f"path_or_repo_id: {repo_id!r} is neither a local folder nor a valid Hub repo id"
@@ -91,7 +88,21 @@ def download_snapshot(
             f"path_or_repo_id: {repo_id!r} is not a local folder and could not be fetched from the Hub "
             f"(revision={revision!r}, local_files_only={local_files_only}{offline}): {e}"
         ) from e
-    return Path(path)
+
+
+def download_snapshot(
+    repo_id: str, allow_patterns: list[str], revision: str | None = None, local_files_only: bool = False
+) -> Path:
+    """``huggingface_hub.snapshot_download`` of only ``allow_patterns``; FileNotFoundError naming the cause."""
+
+    def fetch() -> str:
+        import huggingface_hub
+
+        return huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=local_files_only
+        )
+
+    return hub_fetch(repo_id, revision, local_files_only, fetch)
 
 
 def _check_subfolder(subfolder: str | None) -> None:
