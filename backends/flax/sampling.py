@@ -90,7 +90,7 @@ def denoise_loop(
     ``state.init_noise_sigma``. Noise comes from ``noise_fn(i)`` (tests), per-image ``keys`` (B,)
     or one ``key``; ``i`` is the absolute model-call index. ``progress`` is ticked once per model call
     from inside the scan. ``first`` (a static int) is where a state from
-    ``conditioning.begin_at(state, first)`` starts (img2img / inpaint). ``index_model_fn``: call
+    ``scheduler.set_timesteps(n, like=..., begin_index=first)`` starts (img2img / inpaint). ``index_model_fn``: call
     ``model_fn(model_input, t, i)`` with the absolute call index ``i`` (ControlNet's guidance window, the latent
     upscaler's sigma). ``post_step(x, new_state)`` rewrites the sample after each step (4-channel inpainting
     keeps the known region).

@@ -30,15 +30,6 @@ def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> 
     return t_start * order, num_inference_steps - t_start
 
 
-def begin_at(state: Any, index: int) -> Any:
-    """A scheduler state that starts at model call ``index`` (img2img/inpaint); pure."""
-    xp = arrays.namespace(state.step_index)
-    n = state.timesteps.shape[0]
-    if not 0 <= index < n:
-        raise ValueError(f"index must be in [0, {n}) (the schedule's model calls), got {index!r}; lower strength?")
-    return state._replace(step_index=xp.asarray(index, dtype=state.step_index.dtype))
-
-
 # --- inpainting -----------------------------------------------------------------------------------
 
 

@@ -79,15 +79,14 @@ def test_img2img_start_matches_diffusers_get_timesteps(name, steps, strength):
     state = ours.set_timesteps(steps, like=np.zeros((1,), np.float32))
     np.testing.assert_array_equal(np.asarray(state.timesteps[first:]), ref_timesteps.numpy())
     if first < len(state.timesteps):
-        assert int(cond.begin_at(state, first).step_index) == first
+        assert int(ours.set_timesteps(steps, like=np.zeros((1,), np.float32), begin_index=first).step_index) == first
 
 
 def test_img2img_start_rejects_bad_strength():
     with pytest.raises(ValueError, match="strength"):
         cond.img2img_start(10, 1.5)
-    state = schedulers.DDIMScheduler().set_timesteps(4, like=np.zeros((1,), np.float32))
-    with pytest.raises(ValueError, match="index"):
-        cond.begin_at(state, 4)
+    with pytest.raises(ValueError, match="begin_index"):
+        schedulers.DDIMScheduler().set_timesteps(4, like=np.zeros((1,), np.float32), begin_index=4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

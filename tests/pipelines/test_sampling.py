@@ -11,7 +11,6 @@ from backends.flax.sampling import denoise_loop as flax_loop
 from backends.torch.sampling import denoise_loop as torch_loop
 from backends.torch.sampling import randn_tensor
 from diffusion_core import schedulers
-from diffusion_core.pipelines.conditioning import begin_at
 from tests.schedulers import parity
 
 
@@ -45,14 +44,14 @@ def test_loops_started_mid_schedule_agree_and_finish_the_full_run(name):
     full, _ = torch_loop(
         sched, model_t, torch.from_numpy(x), st_t, noise_fn=noise_t, callback=lambda i, s, _: seen.update({i: s})
     )
-    # Restarting from the sample after call first-1 with begin_at(first) finishes the same run
+    # Restarting from the sample after call first-1 at begin_index=first finishes the same run
     # (one-step solvers; torch and jax loops started mid-schedule agree for all).
     calls = []
     partial, _ = torch_loop(
         sched,
         model_t,
         seen[first - 1],
-        begin_at(st_t, first),
+        sched.set_timesteps(n_steps, like=torch.from_numpy(x), begin_index=first),
         noise_fn=noise_t,
         callback=lambda i, s, _: calls.append(i),
     )
@@ -64,7 +63,7 @@ def test_loops_started_mid_schedule_agree_and_finish_the_full_run(name):
         lambda a, st: flax_loop(
             sched, lambda b, t: parity.dummy_model(jnp, b, t), a, st, noise_fn=lambda i: noises_j[i], first=first
         )
-    )(jnp.asarray(seen[first - 1].numpy()), begin_at(st_j, first))
+    )(jnp.asarray(seen[first - 1].numpy()), sched.set_timesteps(n_steps, like=jnp.asarray(x), begin_index=first))
     np.testing.assert_allclose(np.asarray(out_j), partial.numpy(), rtol=2e-5, atol=2e-5)
     assert int(final.step_index) == len(st_t.timesteps)
     with pytest.raises(ValueError, match="first"):
