@@ -7,8 +7,8 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-# Resolve torch to the local CPU wheel on the dev/CI machines (see constraints-cpu.txt).
-CONSTRAINTS = ("-c", "constraints-cpu.txt")
+# The pinned test environment (oracles, test tools, torch as the local CPU wheel): see constraints.txt.
+CONSTRAINTS = ("-c", "constraints.txt")
 # Shared 2-core machines: fixed thread counts keep timings and test runtimes stable.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
 
@@ -19,7 +19,7 @@ def tests(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "-e", ".[test]")
     # Only for CLIP's real BPE vocabulary file (never imported); its deps would pull a torchvision
     # built for another torch, which breaks `import transformers`.
-    session.install("--no-deps", "open_clip_torch>=2.20")
+    session.install(*CONSTRAINTS, "--no-deps", "open_clip_torch")
     workers = os.environ.get("PYTEST_WORKERS", "2")
     session.run("pytest", "-n", workers, "-q", *session.posargs, env=THREAD_ENV)
 
@@ -27,7 +27,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint + format check."""
-    session.install("ruff>=0.6")
+    session.install(*CONSTRAINTS, "ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from backends.flax.models.clip_text import CLIPTextModel as FlaxCLIPTextModel
 from backends.flax.models.clip_text import CLIPTextModelWithProjection as FlaxCLIPTextModelWithProjection
 from backends.torch.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from tests.config_files import assert_same_config_file
 from tests.torch_models.test_clip_text import LEGACY, _inputs
 
 CFG: dict[str, Any] = {**LEGACY, "num_hidden_layers": 2}
@@ -95,7 +96,7 @@ def test_ours_saved_loads_in_transformers_with_same_config_bytes(tmp_path: Path,
     torch_cls.from_pretrained(tmp_path / "ref").save_pretrained(tmp_path / "torch", max_shard_size="20KB")
     flax_cls.from_pretrained(tmp_path / "ref").save_pretrained(tmp_path / "flax")
     for name in ("torch", "flax"):
-        assert (tmp_path / name / "config.json").read_bytes() == (tmp_path / "ref" / "config.json").read_bytes()
+        assert_same_config_file(tmp_path / name / "config.json", tmp_path / "ref" / "config.json")
         again = ref_cls.from_pretrained(tmp_path / name).eval()
         _same_weights(again.state_dict(), ref.state_dict())
         _check_outputs(ref, again)

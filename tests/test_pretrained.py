@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from backends.flax.models import AutoencoderKL as FlaxVAE
 from backends.flax.models import UNet2DModel as FlaxUNet
 from backends.torch.models import AutoencoderKL, UNet2DModel
+from tests.config_files import assert_same_config_file
 
 UNET: dict[str, Any] = {
     "block_out_channels": (4, 8),
@@ -97,7 +98,7 @@ def test_vae_loads_from_pipeline_subfolder_and_saves_for_diffusers(tmp_path: Pat
     ours.save_pretrained(tmp_path / "ours")
     again = diffusers.AutoencoderKL.from_pretrained(tmp_path / "ours")
     _same_weights(again.state_dict(), ref.state_dict())
-    assert (tmp_path / "ours" / "config.json").read_bytes() == (tmp_path / "pipe" / "vae" / "config.json").read_bytes()
+    assert_same_config_file(tmp_path / "ours" / "config.json", tmp_path / "pipe" / "vae" / "config.json")
 
 
 def test_ours_saved_loads_in_diffusers_with_same_config_bytes(tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ def test_ours_saved_loads_in_diffusers_with_same_config_bytes(tmp_path: Path) ->
     ref.save_pretrained(tmp_path / "ref")
     ours = UNet2DModel.from_pretrained(tmp_path / "ref")
     ours.save_pretrained(tmp_path / "ours", max_shard_size="2KB")
-    assert (tmp_path / "ours" / "config.json").read_bytes() == (tmp_path / "ref" / "config.json").read_bytes()
+    assert_same_config_file(tmp_path / "ours" / "config.json", tmp_path / "ref" / "config.json")
     again = diffusers.UNet2DModel.from_pretrained(tmp_path / "ours")
     _same_weights(again.state_dict(), ref.state_dict())
     ref_config = diffusers.UNet2DModel.from_pretrained(tmp_path / "ref").config
@@ -122,7 +123,7 @@ def test_round_trip_torch_flax_diffusers_is_bit_identical(tmp_path: Path) -> Non
     FlaxUNet.from_pretrained(tmp_path / "torch").save_pretrained(tmp_path / "flax", max_shard_size="3KB")
     back = diffusers.UNet2DModel.from_pretrained(tmp_path / "flax")
     _same_weights(back.state_dict(), ref.state_dict())
-    assert (tmp_path / "flax" / "config.json").read_bytes() == (tmp_path / "torch" / "config.json").read_bytes()
+    assert_same_config_file(tmp_path / "flax" / "config.json", tmp_path / "torch" / "config.json")
 
 
 def test_dtype_casts_weights(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from diffusion_core import schedulers
 from diffusion_core.schedulers import base
+from tests.config_files import assert_same_config_file
 
 NAMES = [cls.__name__ for cls in schedulers.all_scheduler_classes()]
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
@@ -47,8 +48,9 @@ def test_saved_config_is_byte_identical_to_diffusers_and_loads_there(name, tmp_p
     ref.save_config(tmp_path / "ref")
     ours = schedulers.get_scheduler_class(name)()
     ours.save_config(tmp_path / "ours")
-    ours_text = (tmp_path / "ours" / base.SCHEDULER_CONFIG_NAME).read_text()
-    assert ours_text == (tmp_path / "ref" / base.SCHEDULER_CONFIG_NAME).read_text()
+    assert_same_config_file(
+        tmp_path / "ours" / base.SCHEDULER_CONFIG_NAME, tmp_path / "ref" / base.SCHEDULER_CONFIG_NAME
+    )
     back = getattr(diffusers, name).from_pretrained(tmp_path / "ours")
     back.set_timesteps(7)
     assert_same_timesteps(_timesteps(ours, 7), back.timesteps.numpy())
