@@ -80,9 +80,9 @@ def build_models(dtype_name: str):
     import jax.numpy as jnp
     import torch
 
-    from backends.flax.models.loading import load_torch_state_dict
-    from backends.flax.models.unet_2d_condition import UNet2DConditionModel as FlaxUNet
-    from backends.torch.models.unet_2d_condition import UNet2DConditionModel as TorchUNet
+    from diffusion_core.flax.models.loading import load_torch_state_dict
+    from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel as FlaxUNet
+    from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel as TorchUNet
 
     torch.manual_seed(0)
     dtype = _torch_dtype(dtype_name)
@@ -178,14 +178,14 @@ def load_child(impl: str, folder: str) -> None:
 
         load = lambda: diffusers.UNet2DConditionModel.from_pretrained(folder)
     elif impl == "torch":
-        from backends.torch.models.unet_2d_condition import UNet2DConditionModel
+        from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
 
         load = lambda: UNet2DConditionModel.from_pretrained(folder)
     else:
         import jax
         from flax import nnx
 
-        from backends.flax.models.unet_2d_condition import UNet2DConditionModel
+        from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel
 
         load = lambda: jax.block_until_ready(nnx.state(UNet2DConditionModel.from_pretrained(folder)))
     with open("/proc/self/statm") as f:

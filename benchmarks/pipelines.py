@@ -116,8 +116,8 @@ def contenders(name: str, folder: Path, compile_line: list[str]):
     import numpy as np
     import torch
 
-    from backends.flax import DiffusionPipeline as FlaxPipeline
-    from backends.torch import DiffusionPipeline as TorchPipeline
+    from diffusion_core.flax import DiffusionPipeline as FlaxPipeline
+    from diffusion_core.torch import DiffusionPipeline as TorchPipeline
 
     cfg = CONFIGS[name]
     path = folder / name

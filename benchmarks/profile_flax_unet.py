@@ -33,8 +33,8 @@ def flax_forwards(flax_model, latent: int) -> dict:
     import numpy as np
     from flax import nnx
 
-    import backends.flax.models.attention as attention_module
-    import backends.flax.models.layers as layers_module
+    import diffusion_core.flax.models.attention as attention_module
+    import diffusion_core.flax.models.layers as layers_module
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 4, latent, latent)), jnp.float32)

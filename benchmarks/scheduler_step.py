@@ -24,8 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backends.flax import denoise_loop  # noqa: E402
 from diffusion_core import schedulers  # noqa: E402
+from diffusion_core.flax import denoise_loop  # noqa: E402
 
 STEPS = 25
 torch.set_num_threads(1)

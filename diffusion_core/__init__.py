@@ -2,7 +2,7 @@
 
 Nothing here imports torch, jax or flax at import time: scheduler math runs on whatever
 array namespace its inputs come from (numpy, torch or jax), and the backends in
-``backends.flax`` / ``backends.torch`` bind it to their networks and loop drivers.
+``diffusion_core.flax`` / ``diffusion_core.torch`` bind it to their networks and loop drivers.
 """
 
 from diffusion_core import schedulers

@@ -14,9 +14,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from backends.flax.models.clip_text import CLIPTextModel as FlaxCLIPTextModel
-from backends.flax.models.clip_text import CLIPTextModelWithProjection as FlaxCLIPTextModelWithProjection
-from backends.torch.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from diffusion_core.flax.models.clip_text import CLIPTextModel as FlaxCLIPTextModel
+from diffusion_core.flax.models.clip_text import CLIPTextModelWithProjection as FlaxCLIPTextModelWithProjection
+from diffusion_core.torch.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from tests.config_files import assert_same_config_file
 from tests.torch_models.test_clip_text import LEGACY, _inputs
 

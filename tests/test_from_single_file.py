@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from backends.flax.models.clip_text import CLIPTextModel as FlaxCLIPTextModel
-from backends.flax.models.loading import flax_state_to_torch
-from backends.flax.models.modeling import torch_shapes
-from backends.flax.models.unet_2d_condition import UNet2DConditionModel as FlaxUNet
-from backends.flax.models.vae import AutoencoderKL as FlaxAutoencoderKL
-from backends.torch.models.clip_text import CLIPTextModel
-from backends.torch.models.unet_2d import UNet2DModel
-from backends.torch.models.unet_2d_condition import UNet2DConditionModel
-from backends.torch.models.vae import AutoencoderKL
+from diffusion_core.flax.models.clip_text import CLIPTextModel as FlaxCLIPTextModel
+from diffusion_core.flax.models.loading import flax_state_to_torch
+from diffusion_core.flax.models.modeling import torch_shapes
+from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel as FlaxUNet
+from diffusion_core.flax.models.vae import AutoencoderKL as FlaxAutoencoderKL
+from diffusion_core.torch.models.clip_text import CLIPTextModel
+from diffusion_core.torch.models.unet_2d import UNet2DModel
+from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
+from diffusion_core.torch.models.vae import AutoencoderKL
 from diffusion_core.weights import pretrained, read_pickle_state_dict
 from diffusion_core.weights import single_file as sf
 from tests import compvis_layout as cl

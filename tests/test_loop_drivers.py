@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from backends.flax import denoise_loop as flax_loop
-from backends.flax import jit_denoise_loop
-from backends.torch import denoise_loop as torch_loop
 from diffusion_core import schedulers
+from diffusion_core.flax import denoise_loop as flax_loop
+from diffusion_core.flax import jit_denoise_loop
+from diffusion_core.torch import denoise_loop as torch_loop
 from tests.schedulers import parity
 
 STEPS = 5

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from backends.flax.models import AutoencoderKL as FlaxVAE
-from backends.flax.models import UNet2DModel as FlaxUNet
-from backends.torch.models import AutoencoderKL, UNet2DModel
+from diffusion_core.flax.models import AutoencoderKL as FlaxVAE
+from diffusion_core.flax.models import UNet2DModel as FlaxUNet
+from diffusion_core.torch.models import AutoencoderKL, UNet2DModel
 from tests.config_files import assert_same_config_file
 
 UNET: dict[str, Any] = {

@@ -140,7 +140,7 @@ def test_unet_output_matches_diffusers(pipes: dict[str, Pipe], name: str) -> Non
 
 
 def test_vae_output_torch(pipes: dict[str, Pipe]) -> None:
-    from backends.torch.models.vae import AutoencoderKL
+    from diffusion_core.torch.models.vae import AutoencoderKL
 
     pipe = pipes["sd1"]
     image = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -154,8 +154,8 @@ def _flax_vae(pipe: Pipe) -> Any:
     import jax.numpy as jnp
     from flax import nnx
 
-    from backends.flax.models.loading import load_torch_state_dict
-    from backends.flax.models.vae import AutoencoderKL
+    from diffusion_core.flax.models.loading import load_torch_state_dict
+    from diffusion_core.flax.models.vae import AutoencoderKL
 
     model = nnx.eval_shape(lambda: AutoencoderKL.from_config(pipe.configs["vae"], dtype=jnp.float32))
     load_torch_state_dict(model, sf.iter_single_file(pipe.path, "vae", pipe.configs["vae"]))  # streamed, strict
@@ -164,7 +164,7 @@ def _flax_vae(pipe: Pipe) -> Any:
 
 
 def test_vae_loads_into_flax(pipes: dict[str, Pipe]) -> None:
-    from backends.flax.models.loading import flax_state_to_torch
+    from diffusion_core.flax.models.loading import flax_state_to_torch
 
     pipe = pipes["sd1"]
     state = flax_state_to_torch(_flax_vae(pipe))
@@ -187,7 +187,7 @@ def test_vae_output_flax(pipes: dict[str, Pipe]) -> None:
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
 def test_text_encoder_output_matches_transformers(pipes: dict[str, Pipe], name: str) -> None:
-    from backends.torch.models.clip_text import CLIPTextModel
+    from diffusion_core.torch.models.clip_text import CLIPTextModel
 
     pipe = pipes[name]
     model = CLIPTextModel(pipe.text_config).eval()

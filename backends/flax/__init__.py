@@ -1,6 +1,6 @@
 """JAX/Flax backend: diffusion_core's schedulers and pipelines as compiled programs (``lax.scan``, pmap, meshes)."""
 
-from backends.flax.models import (
+from diffusion_core.flax.models import (
     AutoencoderKL,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -8,7 +8,7 @@ from backends.flax.models import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from backends.flax.pipelines import (
+from diffusion_core.flax.pipelines import (
     DDIMPipeline,
     DDPMPipeline,
     DiffusionPipeline,
@@ -20,7 +20,7 @@ from backends.flax.pipelines import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
-from backends.flax.sampling import denoise_loop, jit_denoise_loop
+from diffusion_core.flax.sampling import denoise_loop, jit_denoise_loop
 
 __all__ = [
     "AutoencoderKL",

@@ -1,6 +1,6 @@
 """PyTorch backend: diffusion_core's schedulers and pipelines bound to torch modules (CPU, CUDA, MPS)."""
 
-from backends.torch.models import (
+from diffusion_core.torch.models import (
     AutoencoderKL,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -8,7 +8,7 @@ from backends.torch.models import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from backends.torch.pipelines import (
+from diffusion_core.torch.pipelines import (
     DDIMPipeline,
     DDPMPipeline,
     DiffusionPipeline,
@@ -20,7 +20,7 @@ from backends.torch.pipelines import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
-from backends.torch.sampling import denoise_loop, randn_tensor
+from diffusion_core.torch.sampling import denoise_loop, randn_tensor
 
 __all__ = [
     "AutoencoderKL",

@@ -1,7 +1,7 @@
 """Pipelines, framework-neutral half: folders and ``model_index.json``, component loading, image utils,
 and the pipeline math (guidance, img2img strength, inpaint masks, upscaler conditioning) written once.
 
-Backends (``backends.torch.pipelines``, ``backends.flax.pipelines``) bind it to their networks.
+Backends (``diffusion_core.torch.pipelines``, ``diffusion_core.flax.pipelines``) bind it to their networks.
 """
 
 from diffusion_core.pipelines import conditioning, guidance, image

@@ -135,7 +135,7 @@ _SHARED_CLASSES: dict[str, ComponentClass] = {
 
 def backend_component_table(models_package: str) -> dict[str, ComponentClass]:
     """``{class name: ComponentClass}`` for a backend whose networks live in ``models_package``
-    (``"backends.torch.models"``); modules are imported on first use, so missing ones only fail then."""
+    (``"diffusion_core.torch.models"``); modules are imported on first use, so missing ones only fail then."""
     table = {
         name: ComponentClass(library, f"{models_package}.{module}:{name}")
         for name, (library, module) in _BACKEND_MODELS.items()

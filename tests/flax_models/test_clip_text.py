@@ -12,8 +12,8 @@ import torch
 import transformers
 from flax import nnx
 
-from backends.flax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
-from backends.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
 from tests.torch_models.test_clip_text import CASES, LEGACY, _inputs
 
 REL_TOL = 1e-4

@@ -13,8 +13,8 @@ import pytest
 import torch
 from flax import nnx
 
-from backends.flax.models.controlnet import ControlNetModel
-from backends.flax.models.loading import flax_state_to_torch, load_torch_state_dict
+from diffusion_core.flax.models.controlnet import ControlNetModel
+from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict
 from tests.flax_models.test_unet_2d_condition import SD1, build, rel_l2
 
 REL_TOL = 1e-4

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from backends.flax.models import UNet2DModel, flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models import UNet2DModel, flax_state_to_torch, load_torch_state_dict, weight_shapes
 from tests.torch_models.test_unet_2d import BASE, CASES
 
 REL_TOL = 1e-4

@@ -13,8 +13,8 @@ import pytest
 import torch
 from flax import nnx
 
-from backends.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
-from backends.flax.models.unet_2d_condition import UNet2DConditionModel
+from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel
 
 REL_TOL = 1e-4
 BF16_TOL = 2e-2
@@ -371,7 +371,7 @@ def test_full_size_unet_parity(config: dict[str, Any]) -> None:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_blocked_attention_equals_dense(lengths, with_bias):
     """The query-blocked attention used on CPU equals jax.nn.dot_product_attention (padding, masks, ragged blocks)."""
-    from backends.flax.models.layers import blocked_attention
+    from diffusion_core.flax.models.layers import blocked_attention
 
     q_len, kv_len = lengths
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from backends.flax.models import AutoencoderKL, flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models import AutoencoderKL, flax_state_to_torch, load_torch_state_dict, weight_shapes
 from diffusion_core.models.autoencoder import DiagonalGaussianDistribution
 from tests.torch_models.test_vae import BASE, CASES
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from jax.sharding import Mesh
 
-from backends.flax.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
-from backends.torch.pipelines import DiffusionPipeline as TorchPipeline
 from diffusion_core import schedulers
+from diffusion_core.flax.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
+from diffusion_core.torch.pipelines import DiffusionPipeline as TorchPipeline
 from tests.pipelines import tiny
 from tests.pipelines.tiny import diffusers_reference_loop, swap_config
 

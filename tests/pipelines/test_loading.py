@@ -8,7 +8,6 @@ import huggingface_hub
 import pytest
 import torch
 
-from backends.torch.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from diffusion_core import schedulers
 from diffusion_core.pipelines import (
     ComponentClass,
@@ -18,6 +17,7 @@ from diffusion_core.pipelines import (
 )
 from diffusion_core.pipelines.base import _umask
 from diffusion_core.pipelines.components import canonical_class_name, lookup_component_class
+from diffusion_core.torch.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from tests.pipelines import tiny
 
 REPO = "tiny-org/tiny-ddpm"
@@ -60,7 +60,7 @@ def test_model_index_parses_components_settings_and_absent_entries():
 
 
 def test_registry_resolves_names_and_rejects_unknown_ones():
-    table = {"UNet2DModel": ComponentClass("diffusers", "backends.torch.models.unet_2d:UNet2DModel")}
+    table = {"UNet2DModel": ComponentClass("diffusers", "diffusion_core.torch.models.unet_2d:UNet2DModel")}
     assert canonical_class_name("FlaxUNet2DModel") == "UNet2DModel"
     assert canonical_class_name("Flaxen") == "Flaxen"
     assert lookup_component_class(table, "FlaxDDIMScheduler", component="scheduler").kind == "scheduler"
@@ -201,9 +201,9 @@ def test_optional_components_of_unavailable_classes_load_as_none(ddpm_folder, tm
 
 
 def test_registered_but_missing_pipeline_module_raises_clearly(ddpm_folder, monkeypatch):
-    from backends.torch.pipelines import TORCH_PIPELINES
+    from diffusion_core.torch.pipelines import TORCH_PIPELINES
 
-    monkeypatch.setitem(TORCH_PIPELINES, "DDPMPipeline", "backends.torch.pipelines.no_such_module:DDPMPipeline")
+    monkeypatch.setitem(TORCH_PIPELINES, "DDPMPipeline", "diffusion_core.torch.pipelines.no_such_module:DDPMPipeline")
     with pytest.raises(ValueError, match="not available"):
         DiffusionPipeline.from_pretrained(ddpm_folder)
 

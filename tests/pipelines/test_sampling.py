@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from backends.flax.sampling import ScanProgress, per_example_keys, per_example_normal
-from backends.flax.sampling import denoise_loop as flax_loop
-from backends.torch.sampling import denoise_loop as torch_loop
-from backends.torch.sampling import randn_tensor
 from diffusion_core import schedulers
+from diffusion_core.flax.sampling import ScanProgress, per_example_keys, per_example_normal
+from diffusion_core.flax.sampling import denoise_loop as flax_loop
+from diffusion_core.torch.sampling import denoise_loop as torch_loop
+from diffusion_core.torch.sampling import randn_tensor
 from tests.schedulers import parity
 
 
@@ -93,7 +93,7 @@ def test_scan_progress_counts_each_call_once(capsys):
 def test_run_program_gives_the_same_batch_on_one_device_pmap_and_a_mesh():
     from jax.sharding import Mesh
 
-    from backends.flax.pipelines.pipeline_utils import run_program, scale_out_mode
+    from diffusion_core.flax.pipelines.pipeline_utils import run_program, scale_out_mode
 
     sched = schedulers.DDPMScheduler()  # draws step noise: per-image keys must follow the images
 

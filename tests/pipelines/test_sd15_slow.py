@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from backends.flax import DiffusionPipeline as FlaxPipeline
-from backends.torch import DiffusionPipeline as TorchPipeline
 from benchmarks.pipelines import PROMPT, write_pipeline
+from diffusion_core.flax import DiffusionPipeline as FlaxPipeline
+from diffusion_core.torch import DiffusionPipeline as TorchPipeline
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
-from backends.torch.pipelines.stable_diffusion import StableDiffusionControlNetPipeline
 from diffusion_core import schedulers
 from diffusion_core.pipelines import sd_control
+from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.torch.pipelines.stable_diffusion import StableDiffusionControlNetPipeline
 from tests.pipelines import sd_tiny, tiny
 
 ATOL = 2e-3

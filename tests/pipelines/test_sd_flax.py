@@ -14,10 +14,10 @@ import torch
 from flax import nnx
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.pipeline_utils import DiffusionPipeline
-from backends.flax.pipelines.sd_program import vae_encode_sample
-from backends.flax.pipelines.sd_upscale import LOW_RES_STREAM
-from backends.flax.pipelines.stable_diffusion import (
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.flax.pipelines.sd_program import vae_encode_sample
+from diffusion_core.flax.pipelines.sd_upscale import LOW_RES_STREAM
+from diffusion_core.flax.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -26,7 +26,7 @@ from backends.flax.pipelines.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
-from backends.flax.sampling import per_example_keys, per_example_normal
+from diffusion_core.flax.sampling import per_example_keys, per_example_normal
 from diffusion_core.pipelines import conditioning
 from diffusion_core.pipelines import stable_diffusion as sd
 from tests.pipelines import sd_tiny
@@ -155,7 +155,7 @@ def test_no_guidance_matches_diffusers(ours, ref):
 
 
 def test_backend_swap_torch_and_flax_agree(sd_folder, ours):
-    from backends.torch.pipelines.pipeline_utils import DiffusionPipeline as TorchPipeline
+    from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline as TorchPipeline
 
     torch_pipe = TorchPipeline.from_pretrained(sd_folder)
     torch_pipe.set_progress_bar_config(disable=True)

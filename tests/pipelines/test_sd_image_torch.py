@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
-from backends.torch.pipelines.stable_diffusion import (
+from diffusion_core import schedulers
+from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
 )
-from diffusion_core import schedulers
 from tests.pipelines import sd_tiny, tiny
 
 ATOL = 2e-3

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
-from backends.torch.pipelines.stable_diffusion import StableDiffusionPipeline
+from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.torch.pipelines.stable_diffusion import StableDiffusionPipeline
 from tests.pipelines import sd_tiny, tiny
 
 ATOL = 2e-3

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
-from backends.torch.pipelines.stable_diffusion import (
+from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionLatentUpscalePipeline,
     StableDiffusionUpscalePipeline,
 )

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from backends.torch.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from diffusion_core import schedulers
+from diffusion_core.torch.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from tests.pipelines import tiny
 from tests.pipelines.tiny import diffusers_reference_loop, swap_config
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backends.flax import denoise_loop
 from diffusion_core import schedulers
+from diffusion_core.flax import denoise_loop
 from tests.schedulers import parity
 
 # One stochastic-free and (where it exists) one noisy configuration per scheduler.

@@ -164,7 +164,7 @@ def test_ddpm_learned_range_scan_matches_eager():
     import jax
     import jax.numpy as jnp
 
-    from backends.flax import denoise_loop
+    from diffusion_core.flax import denoise_loop
 
     config = {"variance_type": "learned_range"}
     sched = schedulers.from_config({"_class_name": NAME, **config})

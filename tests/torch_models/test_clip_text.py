@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from backends.torch.models import CLIPTextModel, CLIPTextModelWithProjection
 from diffusion_core.models.text_pooling import eos_token_positions
+from diffusion_core.torch.models import CLIPTextModel, CLIPTextModelWithProjection
 
 REL_TOL = 1e-5
 SEQ_LEN = 12

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from backends.torch.models.controlnet import ControlNetModel
-from backends.torch.models.unet_2d_condition import UNet2DConditionModel
 from diffusion_core.models.model_config import CONTROLNET_DEFAULTS
 from diffusion_core.models.unet_condition_config import controlnet_residual_scales
+from diffusion_core.torch.models.controlnet import ControlNetModel
+from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
 from tests.torch_models import test_unet_2d_condition as unet_tests
 
 # The oracles (diffusers imports them lazily: pay that at collection, not in the first test).

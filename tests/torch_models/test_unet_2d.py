@@ -9,8 +9,8 @@ import diffusers
 import pytest
 import torch
 
-from backends.torch.models import UNet2DModel
 from diffusion_core.configuration import config_to_json_string
+from diffusion_core.torch.models import UNet2DModel
 
 REL_TOL = 1e-5
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from backends.torch.models.attention import BasicTransformerBlock
-from backends.torch.models.unet_2d_condition import UNet2DConditionModel
 from diffusion_core.configuration import config_to_json_string
 from diffusion_core.models.model_config import UNET_2D_CONDITION_DEFAULTS
 from diffusion_core.models.unet_condition_config import attention_mask_bias
+from diffusion_core.torch.models.attention import BasicTransformerBlock
+from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
 
 # The oracles (diffusers imports them lazily: pay that at collection, not in the first test).
 RefUNet2DConditionModel = diffusers.UNet2DConditionModel

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from backends.torch.models import AutoencoderKL, DiagonalGaussianDistribution
 from diffusion_core.arrays import namespace
 from diffusion_core.configuration import config_to_json_string
 from diffusion_core.models.autoencoder import tiled_apply
+from diffusion_core.torch.models import AutoencoderKL, DiagonalGaussianDistribution
 
 REL_TOL = 1e-5
 

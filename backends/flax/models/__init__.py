@@ -1,20 +1,20 @@
 """Flax NNX network modules with diffusers' class names, config fields and parameter names."""
 
-from backends.flax.models.attention import (
+from diffusion_core.flax.models.attention import (
     Attention,
     BasicTransformerBlock,
     FeedForward,
     KAttentionBlock,
     Transformer2DModel,
 )
-from backends.flax.models.clip_text import (
+from diffusion_core.flax.models.clip_text import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTextOutput,
     CLIPTextWithProjectionOutput,
 )
-from backends.flax.models.controlnet import ControlNetConditioningEmbedding, ControlNetModel
-from backends.flax.models.layers import (
+from diffusion_core.flax.models.controlnet import ControlNetConditioningEmbedding, ControlNetModel
+from diffusion_core.flax.models.layers import (
     Downsample2D,
     FrozenWeight,
     GaussianFourierProjection,
@@ -24,9 +24,9 @@ from backends.flax.models.layers import (
     Timesteps,
     Upsample2D,
 )
-from backends.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
-from backends.flax.models.unet_2d import UNet2DModel
-from backends.flax.models.unet_2d_blocks import (
+from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.unet_2d import UNet2DModel
+from diffusion_core.flax.models.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnUpBlock2D,
     DownBlock2D,
@@ -34,8 +34,8 @@ from backends.flax.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
-from backends.flax.models.unet_2d_condition import UNet2DConditionModel
-from backends.flax.models.unet_2d_condition_blocks import (
+from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel
+from diffusion_core.flax.models.unet_2d_condition_blocks import (
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
     KCrossAttnDownBlock2D,
@@ -44,7 +44,7 @@ from backends.flax.models.unet_2d_condition_blocks import (
     KUpBlock2D,
     UNetMidBlock2DCrossAttn,
 )
-from backends.flax.models.vae import AutoencoderKL, Decoder, DownEncoderBlock2D, Encoder, UpDecoderBlock2D
+from diffusion_core.flax.models.vae import AutoencoderKL, Decoder, DownEncoderBlock2D, Encoder, UpDecoderBlock2D
 
 __all__ = [
     "Attention",

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.layers import (
+from diffusion_core.flax.models.layers import (
     AdaGroupNorm,
     conv,
     group_norm,

@@ -1,6 +1,6 @@
 """Flax NNX CLIP text encoders (``CLIPTextModel``, ``CLIPTextModelWithProjection``), transformers 5 layout.
 
-Same config, call and outputs as the PyTorch ones (``backends.torch.models.clip_text``);
+Same config, call and outputs as the PyTorch ones (``diffusion_core.torch.models.clip_text``);
 attribute names mirror transformers 5 (``embeddings.token_embedding``, ``encoder.layers[i].self_attn.q_proj``,
 ``final_layer_norm``, ``text_model``, ``text_projection``), so ``diffusion_core.weights.convert``
 maps its state dict mechanically. Call: ``model(input_ids, attention_mask=None,
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.layers import ParamKeys
-from backends.flax.models.modeling import PretrainedMixin
+from diffusion_core.flax.models.layers import ParamKeys
+from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.models.clip_config import (
     CLIPTextOutput,
     CLIPTextWithProjectionOutput,

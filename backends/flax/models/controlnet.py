@@ -16,10 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from backends.flax.models.layers import conv
-from backends.flax.models.modeling import PretrainedMixin
-from backends.flax.models.unet_2d_condition import ConditionEmbeddings, UNet2DConditionModel, batch_timesteps, to_nhwc
-from backends.flax.models.unet_2d_condition_blocks import CrossAttnDownBlock2D, build_down_block, build_mid_block
+from diffusion_core.flax.models.layers import conv
+from diffusion_core.flax.models.modeling import PretrainedMixin
+from diffusion_core.flax.models.unet_2d_condition import (
+    ConditionEmbeddings,
+    UNet2DConditionModel,
+    batch_timesteps,
+    to_nhwc,
+)
+from diffusion_core.flax.models.unet_2d_condition_blocks import CrossAttnDownBlock2D, build_down_block, build_mid_block
 from diffusion_core.models import unet_condition_config as ucc
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from backends.flax.models.layers import FrozenWeight
+from diffusion_core.flax.models.layers import FrozenWeight
 from diffusion_core.weights import as_numpy
 from diffusion_core.weights.convert import FlaxPath, flax_to_torch, torch_to_flax
 

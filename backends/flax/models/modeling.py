@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.loading import WEIGHTS, flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.loading import WEIGHTS, flax_state_to_torch, load_torch_state_dict, weight_shapes
 from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
 from diffusion_core.weights.convert import match_flax_path, path_to_key
 from diffusion_core.weights.pretrained import CheckpointModel, CheckpointSource

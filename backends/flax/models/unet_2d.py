@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.layers import (
+from diffusion_core.flax.models.layers import (
     GaussianFourierProjection,
     ParamKeys,
     TimestepEmbedding,
@@ -25,8 +25,8 @@ from backends.flax.models.layers import (
     get_activation,
     group_norm,
 )
-from backends.flax.models.modeling import PretrainedMixin
-from backends.flax.models.unet_2d_blocks import (
+from diffusion_core.flax.models.modeling import PretrainedMixin
+from diffusion_core.flax.models.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnUpBlock2D,
     DownBlock2D,

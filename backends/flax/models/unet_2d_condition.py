@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.attention import mask_to_bias
-from backends.flax.models.layers import (
+from diffusion_core.flax.models.attention import mask_to_bias
+from diffusion_core.flax.models.layers import (
     GaussianFourierProjection,
     ParamKeys,
     TimestepEmbedding,
@@ -27,9 +27,9 @@ from backends.flax.models.layers import (
     group_norm,
     linear,
 )
-from backends.flax.models.modeling import PretrainedMixin
-from backends.flax.models.unet_2d import _batch_timesteps as batch_timesteps
-from backends.flax.models.unet_2d_condition_blocks import (
+from diffusion_core.flax.models.modeling import PretrainedMixin
+from diffusion_core.flax.models.unet_2d import _batch_timesteps as batch_timesteps
+from diffusion_core.flax.models.unet_2d_condition_blocks import (
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
     KDownBlock2D,

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.attention import KAttentionBlock, Transformer2DModel
-from backends.flax.models.unet_2d_blocks import (
+from diffusion_core.flax.models.attention import KAttentionBlock, Transformer2DModel
+from diffusion_core.flax.models.unet_2d_blocks import (
     DownBlock2D,
     KDownsample2D,
     KUpsample2D,

@@ -1,7 +1,7 @@
 """Flax NNX ``AutoencoderKL``: the KL-regularised image autoencoder of latent diffusion.
 
 Config fields and attribute names are those of diffusers 0.42.1's ``AutoencoderKL`` (and of
-``backends.torch.models.vae``), so ``load_torch_state_dict`` fills it from a diffusers state
+``diffusion_core.torch.models.vae``), so ``load_torch_state_dict`` fills it from a diffusers state
 dict through the one converter in ``diffusion_core.weights.convert``. ``encode(x)`` returns a
 ``DiagonalGaussianDistribution``; ``decode(z)`` returns the image; posterior noise is passed
 in. Sliced and tiled encode/decode use the framework-neutral math of
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from backends.flax.models.layers import Downsample2D, ParamKeys, Upsample2D, conv, get_activation, group_norm
-from backends.flax.models.modeling import PretrainedMixin
-from backends.flax.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
+from diffusion_core.flax.models.layers import Downsample2D, ParamKeys, Upsample2D, conv, get_activation, group_norm
+from diffusion_core.flax.models.modeling import PretrainedMixin
+from diffusion_core.flax.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
 from diffusion_core.models import model_config
 from diffusion_core.models.autoencoder import AutoencoderTiling
 

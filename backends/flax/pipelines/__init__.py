@@ -1,8 +1,8 @@
 """Flax NNX pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
 
-from backends.flax.pipelines.ddpm import DDIMPipeline, DDPMPipeline
-from backends.flax.pipelines.pipeline_utils import FLAX_COMPONENTS, FLAX_PIPELINES, DiffusionPipeline
-from backends.flax.pipelines.stable_diffusion import (
+from diffusion_core.flax.pipelines.ddpm import DDIMPipeline, DDPMPipeline
+from diffusion_core.flax.pipelines.pipeline_utils import FLAX_COMPONENTS, FLAX_PIPELINES, DiffusionPipeline
+from diffusion_core.flax.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,

@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.pipeline_utils import DiffusionPipeline, Program, run_program, scale_out_mode
-from backends.flax.sampling import denoise_loop, per_example_keys, per_example_normal
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, Program, run_program, scale_out_mode
+from diffusion_core.flax.sampling import denoise_loop, per_example_keys, per_example_normal
 from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines import unconditional as uc
 

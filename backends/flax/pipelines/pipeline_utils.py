@@ -14,16 +14,16 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from backends.flax.sampling import ScanProgress
 from diffusion_core.configuration import config_to_json_string
+from diffusion_core.flax.sampling import ScanProgress
 from diffusion_core.pipelines import ComponentClass, PipelineBase
 from diffusion_core.pipelines.components import backend_component_table, backend_pipeline_registry
 
 # model_index.json class name -> where the Flax class lives (imported only when a pipeline needs it).
-FLAX_COMPONENTS: dict[str, ComponentClass] = backend_component_table("backends.flax.models")
+FLAX_COMPONENTS: dict[str, ComponentClass] = backend_component_table("diffusion_core.flax.models")
 
 # model_index.json "_class_name" -> pipeline class (DDPM/DDIM here, Stable Diffusion in .stable_diffusion).
-FLAX_PIPELINES: dict[str, str] = backend_pipeline_registry("backends.flax.pipelines")
+FLAX_PIPELINES: dict[str, str] = backend_pipeline_registry("diffusion_core.flax.pipelines")
 
 # Program signature: (params, scheduler_state, batch (B, ...), keys (B,)) -> batch output.
 Program = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]

@@ -21,14 +21,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.pipeline_utils import DiffusionPipeline, run_program, scale_out_mode
-from backends.flax.pipelines.sd_program import (
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, run_program, scale_out_mode
+from diffusion_core.flax.pipelines.sd_program import (
     encode_text,
     pack_rows,
     unpack_rows,
     vae_decode,
 )
-from backends.flax.sampling import denoise_loop, per_example_keys, per_example_normal
+from diffusion_core.flax.sampling import denoise_loop, per_example_keys, per_example_normal
 from diffusion_core.pipelines import ImagePipelineOutput, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.image import images_to_output

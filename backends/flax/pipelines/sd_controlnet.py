@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.sd_base import Run, StableDiffusionBase, call_options
+from diffusion_core.flax.pipelines.sd_base import Run, StableDiffusionBase, call_options
 from diffusion_core.pipelines import ImagePipelineOutput, sd_control, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.sd_base import Run, StableDiffusionBase, call_options
-from backends.flax.pipelines.sd_program import vae_encode_mode, vae_encode_sample
+from diffusion_core.flax.pipelines.sd_base import Run, StableDiffusionBase, call_options
+from diffusion_core.flax.pipelines.sd_program import vae_encode_mode, vae_encode_sample
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 

@@ -1,5 +1,5 @@
 """The compiled half of the Flax Stable Diffusion pipelines: jitted text encoding and VAE calls, the per-image
-rows the denoising program (``backends.flax.sampling.denoise_loop`` under ``run_program``) reads.
+rows the denoising program (``diffusion_core.flax.sampling.denoise_loop`` under ``run_program``) reads.
 
 Per-image inputs (start noise, text embeddings, image latents, masks) travel as one flat float32 row per image
 (``ravel_pytree``), so :func:`run_program` splits them over devices together with the image's key and image
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from backends.flax.sampling import per_example_normal
+from diffusion_core.flax.sampling import per_example_normal
 
 # Posterior draws of the VAE (img2img / inpaint encodes) use image b's key folded with a stream id from here
 # on (one per encoded input), far from the model-call indices that the step noise folds in.

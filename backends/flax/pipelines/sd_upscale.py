@@ -16,15 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.sd_base import (
+from diffusion_core.flax.pipelines.sd_base import (
     Run,
     StableDiffusionBase,
     call_options,
     guided_to_rows,
     rows_to_guided,
 )
-from backends.flax.pipelines.sd_program import POSTERIOR_STREAM, encode_text_unnormed, vae_encode_sample
-from backends.flax.sampling import per_example_normal
+from diffusion_core.flax.pipelines.sd_program import POSTERIOR_STREAM, encode_text_unnormed, vae_encode_sample
+from diffusion_core.flax.sampling import per_example_normal
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 

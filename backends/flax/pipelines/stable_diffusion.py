@@ -12,14 +12,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from backends.flax.pipelines.sd_base import StableDiffusionBase, call_options
-from backends.flax.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
-from backends.flax.pipelines.sd_image import (
+from diffusion_core.flax.pipelines.sd_base import StableDiffusionBase, call_options
+from diffusion_core.flax.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
+from diffusion_core.flax.pipelines.sd_image import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
 )
-from backends.flax.pipelines.sd_upscale import StableDiffusionLatentUpscalePipeline, StableDiffusionUpscalePipeline
+from diffusion_core.flax.pipelines.sd_upscale import (
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionUpscalePipeline,
+)
 from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines import stable_diffusion as sd
 

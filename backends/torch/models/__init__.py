@@ -1,14 +1,15 @@
 """PyTorch network modules with diffusers' class names, config fields and state-dict keys."""
 
-from backends.torch.models.attention import Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
-from backends.torch.models.clip_text import (
+from diffusion_core.models.autoencoder import DiagonalGaussianDistribution
+from diffusion_core.torch.models.attention import Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
+from diffusion_core.torch.models.clip_text import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTextOutput,
     CLIPTextWithProjectionOutput,
 )
-from backends.torch.models.controlnet import ControlNetModel
-from backends.torch.models.layers import (
+from diffusion_core.torch.models.controlnet import ControlNetModel
+from diffusion_core.torch.models.layers import (
     Downsample2D,
     GaussianFourierProjection,
     ResnetBlock2D,
@@ -17,8 +18,8 @@ from backends.torch.models.layers import (
     Timesteps,
     Upsample2D,
 )
-from backends.torch.models.unet_2d import UNet2DModel
-from backends.torch.models.unet_2d_blocks import (
+from diffusion_core.torch.models.unet_2d import UNet2DModel
+from diffusion_core.torch.models.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnUpBlock2D,
     DownBlock2D,
@@ -26,8 +27,8 @@ from backends.torch.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
-from backends.torch.models.unet_2d_condition import UNet2DConditionModel
-from backends.torch.models.unet_2d_condition_blocks import (
+from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
+from diffusion_core.torch.models.unet_2d_condition_blocks import (
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
     KCrossAttnDownBlock2D,
@@ -36,14 +37,13 @@ from backends.torch.models.unet_2d_condition_blocks import (
     KUpBlock2D,
     UNetMidBlock2DCrossAttn,
 )
-from backends.torch.models.vae import (
+from diffusion_core.torch.models.vae import (
     AutoencoderKL,
     Decoder,
     DownEncoderBlock2D,
     Encoder,
     UpDecoderBlock2D,
 )
-from diffusion_core.models.autoencoder import DiagonalGaussianDistribution
 
 __all__ = [
     "Attention",

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.torch.models.modeling import PretrainedMixin
 from diffusion_core.models.clip_config import (
     CLIPTextOutput,
     CLIPTextWithProjectionOutput,
@@ -30,6 +29,7 @@ from diffusion_core.models.clip_config import (
     clip_text_config,
 )
 from diffusion_core.models.text_pooling import eos_token_positions
+from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.weights.pretrained import CLIP_TEXT_LAYOUT, CLIP_TEXT_PROJECTION_LAYOUT, CheckpointLayout
 
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.torch.models.modeling import PretrainedMixin
-from backends.torch.models.unet_2d_condition import (
+from diffusion_core.models import unet_condition_config as ucc
+from diffusion_core.torch.models.modeling import PretrainedMixin
+from diffusion_core.torch.models.unet_2d_condition import (
     UNet2DConditionModel,
     batch_timesteps,
     build_stem,
@@ -24,8 +25,7 @@ from backends.torch.models.unet_2d_condition import (
     run_down,
     run_mid,
 )
-from backends.torch.models.unet_2d_condition_blocks import Context, build_down_block, build_mid_block
-from diffusion_core.models import unet_condition_config as ucc
+from diffusion_core.torch.models.unet_2d_condition_blocks import Context, build_down_block, build_mid_block
 
 # UNet config fields a ControlNet copies in ``from_unet`` (diffusers' list).
 _FROM_UNET_FIELDS = (

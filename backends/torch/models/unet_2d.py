@@ -14,14 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from backends.torch.models.layers import (
+from diffusion_core.models import model_config
+from diffusion_core.torch.models.layers import (
     GaussianFourierProjection,
     TimestepEmbedding,
     Timesteps,
     get_activation,
 )
-from backends.torch.models.modeling import PretrainedMixin
-from backends.torch.models.unet_2d_blocks import (
+from diffusion_core.torch.models.modeling import PretrainedMixin
+from diffusion_core.torch.models.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnUpBlock2D,
     DownBlock2D,
@@ -29,7 +30,6 @@ from backends.torch.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
-from diffusion_core.models import model_config
 
 DOWN_BLOCKS: dict[str, type[DownBlock2D]] = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D}
 UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backends.torch.models.layers import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
+from diffusion_core.torch.models.layers import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
 
 RESAMPLE_TYPES = ("conv", "resnet")
 

@@ -14,16 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from backends.torch.models.layers import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
-from backends.torch.models.modeling import PretrainedMixin
-from backends.torch.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
-from backends.torch.models.unet_2d_condition_blocks import (
+from diffusion_core.models import unet_condition_config as ucc
+from diffusion_core.torch.models.layers import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
+from diffusion_core.torch.models.modeling import PretrainedMixin
+from diffusion_core.torch.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
+from diffusion_core.torch.models.unet_2d_condition_blocks import (
     Context,
     build_down_block,
     build_mid_block,
     build_up_block,
 )
-from diffusion_core.models import unet_condition_config as ucc
 
 
 def build_stem(owner: nn.Module, time: ucc.TimePlan, in_channels: int, width: int, kernel: int, hid_proj: Any) -> None:

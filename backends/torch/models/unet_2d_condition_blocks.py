@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backends.torch.models.attention import Attention, Transformer2DModel
-from backends.torch.models.layers import (
+from diffusion_core.models.unet_condition_config import BlockPlan
+from diffusion_core.torch.models.attention import Attention, Transformer2DModel
+from diffusion_core.torch.models.layers import (
     AdaGroupNorm,
     Downsample2D,
     KDownsample2D,
@@ -22,8 +23,7 @@ from backends.torch.models.layers import (
     ResnetBlockCondNorm2D,
     Upsample2D,
 )
-from backends.torch.models.unet_2d_blocks import DownBlock2D, ResnetOptions, UNetMidBlock2D, UpBlock2D
-from diffusion_core.models.unet_condition_config import BlockPlan
+from diffusion_core.torch.models.unet_2d_blocks import DownBlock2D, ResnetOptions, UNetMidBlock2D, UpBlock2D
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from backends.torch.models.layers import Downsample2D, Upsample2D, get_activation
-from backends.torch.models.modeling import PretrainedMixin
-from backends.torch.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
 from diffusion_core.models import model_config
 from diffusion_core.models.autoencoder import AutoencoderTiling
+from diffusion_core.torch.models.layers import Downsample2D, Upsample2D, get_activation
+from diffusion_core.torch.models.modeling import PretrainedMixin
+from diffusion_core.torch.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
 
 VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE norm (diffusers hard-codes it)
 

@@ -1,8 +1,8 @@
 """PyTorch pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
 
-from backends.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
-from backends.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
-from backends.torch.pipelines.stable_diffusion import (
+from diffusion_core.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
+from diffusion_core.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
+from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,

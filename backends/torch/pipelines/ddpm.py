@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
-from backends.torch.sampling import Generators, denoise_loop, randn_tensor
 from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines import unconditional as uc
+from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.torch.sampling import Generators, denoise_loop, randn_tensor
 
 
 class _UnconditionalPipeline(DiffusionPipeline):

@@ -10,10 +10,10 @@ from diffusion_core.pipelines import ComponentClass, PipelineBase
 from diffusion_core.pipelines.components import backend_component_table, backend_pipeline_registry
 
 # model_index.json class name -> where the torch class lives (imported only when a pipeline needs it).
-TORCH_COMPONENTS: dict[str, ComponentClass] = backend_component_table("backends.torch.models")
+TORCH_COMPONENTS: dict[str, ComponentClass] = backend_component_table("diffusion_core.torch.models")
 
 # model_index.json "_class_name" -> pipeline class (DDPM/DDIM here, Stable Diffusion in .stable_diffusion).
-TORCH_PIPELINES: dict[str, str] = backend_pipeline_registry("backends.torch.pipelines")
+TORCH_PIPELINES: dict[str, str] = backend_pipeline_registry("diffusion_core.torch.pipelines")
 
 
 class DiffusionPipeline(PipelineBase):

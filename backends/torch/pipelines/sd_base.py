@@ -2,7 +2,7 @@
 
 The recipe (checks, prompts, guidance batches, latent shapes, output) is
 ``diffusion_core.pipelines.stable_diffusion``; this module binds it to torch modules, generators and the
-Python denoising loop of ``backends.torch.sampling``.
+Python denoising loop of ``diffusion_core.torch.sampling``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.torch.pipelines.pipeline_utils import DiffusionPipeline
-from backends.torch.sampling import Generators, denoise_loop, randn_tensor
 from diffusion_core.pipelines import ImagePipelineOutput, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.image import images_to_output
+from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.torch.sampling import Generators, denoise_loop, randn_tensor
 
 # Callback: ``callback_on_step_end(pipe, i, t, {"latents": x})`` after each model call; as in diffusers, a
 # returned dict's ``"latents"`` replaces the sample.
@@ -113,7 +113,7 @@ class StableDiffusionBase(DiffusionPipeline):
         callback: StepCallback | None,
         scheduler: Any = None,
     ) -> torch.Tensor:
-        """``backends.torch.sampling.denoise_loop`` with the pipeline's scheduler (or ``scheduler``), progress bar
+        """``diffusion_core.torch.sampling.denoise_loop`` with the pipeline's scheduler (or ``scheduler``), progress bar
         and callback."""
         scheduler = self.scheduler if scheduler is None else scheduler
         step_callback = None

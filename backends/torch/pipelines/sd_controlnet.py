@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from backends.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
-from backends.torch.sampling import Generators
 from diffusion_core.pipelines import ImagePipelineOutput, sd_control, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
+from diffusion_core.torch.sampling import Generators
 
 
 class StableDiffusionControlNetPipeline(StableDiffusionBase):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
-from backends.torch.sampling import Generators
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
+from diffusion_core.torch.sampling import Generators
 
 
 class _KeepKnown:

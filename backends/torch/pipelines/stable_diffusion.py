@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
-from backends.torch.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
-from backends.torch.pipelines.sd_img2img import (
+from diffusion_core.pipelines import ImagePipelineOutput
+from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
+from diffusion_core.torch.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
+from diffusion_core.torch.pipelines.sd_img2img import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
 )
-from backends.torch.pipelines.sd_latent_upscale import StableDiffusionLatentUpscalePipeline
-from backends.torch.pipelines.sd_upscale import StableDiffusionUpscalePipeline
-from backends.torch.sampling import Generators
-from diffusion_core.pipelines import ImagePipelineOutput
-from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.torch.pipelines.sd_latent_upscale import StableDiffusionLatentUpscalePipeline
+from diffusion_core.torch.pipelines.sd_upscale import StableDiffusionUpscalePipeline
+from diffusion_core.torch.sampling import Generators
 
 __all__ = [
     "StableDiffusionControlNetPipeline",

@@ -1,1 +1,0 @@
-"""Thin framework bindings of diffusion_core: ``backends.flax`` (JAX/Flax NNX) and ``backends.torch``."""
