@@ -62,6 +62,35 @@ class PipelineBase:
                 raise ValueError(f"{name}: {type(self).__name__} needs this component (got None or nothing)")
             setattr(self, name, value)
         self.settings: dict[str, Any] = {}
+        self.progress_bar_disabled = False
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Show (default) or hide the denoising progress bar, as diffusers' ``set_progress_bar_config``."""
+        if not isinstance(disable, bool):
+            raise ValueError(f"disable must be a bool, got {disable!r}")
+        self.progress_bar_disabled = disable
+
+    def _vae_or_error(self, method: str) -> Any:
+        vae = getattr(self, "vae", None) if "vae" in self._components else None
+        if vae is None:
+            raise ValueError(f"{method}: {type(self).__name__} has no vae component")
+        return vae
+
+    def enable_vae_slicing(self) -> None:
+        """Decode (and encode) the batch one image at a time: less memory, same images."""
+        self._vae_or_error("enable_vae_slicing").enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        """Decode the whole batch at once again (the default)."""
+        self._vae_or_error("disable_vae_slicing").disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode large images in overlapping tiles blended at the seams: bounded memory at any size."""
+        self._vae_or_error("enable_vae_tiling").enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        """Decode in one piece again (the default)."""
+        self._vae_or_error("disable_vae_tiling").disable_tiling()
 
     @property
     def components(self) -> dict[str, Any]:

@@ -162,8 +162,9 @@ def latent_shape(batch: int, channels: int, height: int, width: int, scale: int)
 
 
 def step_kwargs(scheduler: Any, eta: float) -> dict[str, Any]:
-    """Scheduler step options: ``eta`` for DDIM; other schedulers ignore it, as diffusers' SD pipelines do."""
-    return {"eta": float(eta)} if type(scheduler).__name__ == "DDIMScheduler" else {}
+    """Scheduler step options: ``eta`` where the scheduler's ``step_options`` list it (DDIM); other schedulers
+    ignore it, as diffusers' SD pipelines do."""
+    return {"eta": float(eta)} if "eta" in scheduler.step_options else {}
 
 
 # --- prompts --------------------------------------------------------------------------------------

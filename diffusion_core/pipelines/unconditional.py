@@ -48,26 +48,27 @@ def check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def ddim_step_kwargs(scheduler: Scheduler, eta: float, use_clipped_model_output: bool | None) -> dict[str, Any]:
-    """Step options for ``DDIMPipeline``: DDIM takes ``eta``; other schedulers only the default ``eta=0``."""
-    if not (isinstance(eta, (int, float)) and eta >= 0.0):
+    """Step options for ``DDIMPipeline``: ``eta`` / ``use_clipped_model_output`` where the scheduler's
+    ``step_options`` list them (DDIM); other schedulers accept only the defaults."""
+    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and eta >= 0.0):
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-    if type(scheduler).__name__ == "DDIMScheduler":
-        kwargs: dict[str, Any] = {"eta": float(eta)}
-        if use_clipped_model_output is not None:
-            kwargs["use_clipped_model_output"] = bool(use_clipped_model_output)
-        return kwargs
-    if eta != 0.0 or use_clipped_model_output:
+    given = {"eta": float(eta)}
+    if use_clipped_model_output is not None:
+        given["use_clipped_model_output"] = bool(use_clipped_model_output)
+    taken = {name: value for name, value in given.items() if name in scheduler.step_options}
+    if eta != 0.0 and "eta" not in taken or use_clipped_model_output and "use_clipped_model_output" not in taken:
         raise ValueError(
-            f"eta/use_clipped_model_output: only DDIMScheduler takes them, the scheduler is {type(scheduler).__name__}"
+            f"eta/use_clipped_model_output: {type(scheduler).__name__} takes neither (its step options: "
+            f"{sorted(scheduler.step_options)})"
         )
-    return {}
+    return taken
 
 
 def as_ddim(scheduler: Scheduler) -> Scheduler:
     """``DDIMScheduler.from_config(scheduler.config)``: what ``DDIMPipeline`` runs, as in diffusers."""
     from diffusion_core.schedulers import get_scheduler_class
 
-    if type(scheduler).__name__ == "DDIMScheduler":
+    if isinstance(scheduler, get_scheduler_class("DDIMScheduler")):
         return scheduler
     return get_scheduler_class("DDIMScheduler").from_config(dict(scheduler.config))
 

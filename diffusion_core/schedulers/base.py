@@ -62,6 +62,8 @@ class Scheduler(abc.ABC):
     needs_noise: ClassVar[bool] = False  # True where ``step`` consumes a fresh Gaussian draw
     accepts_timesteps: ClassVar[bool] = False  # set_timesteps(timesteps=[...]) supported
     accepts_sigmas: ClassVar[bool] = False  # set_timesteps(sigmas=[...]) supported
+    # keyword options ``step`` takes beyond the sample and noise (DDIM: eta); pipelines pass only these
+    step_options: ClassVar[frozenset[str]] = frozenset()
     # continuous-time schedulers (EDM, flow matching) sample any number of steps
     steps_bounded_by_training: ClassVar[bool] = True
     # multistep solvers warm their order up again from the first executed call: their per-step

@@ -27,6 +27,8 @@ class DDIMState(NamedTuple):
 class DDIMScheduler(AlphaScheduler):
     """Deterministic (eta=0) or stochastic (eta>0) DDIM sampling."""
 
+    step_options = frozenset({"eta", "use_clipped_model_output"})
+
     _defaults = {
         "num_train_timesteps": 1000,
         "beta_start": 0.0001,

@@ -53,6 +53,7 @@ class EDMEulerScheduler(Scheduler):
     }
     # diffusers accepts "sample" in __init__ but precondition_outputs then raises
     _choices = {"sigma_schedule": ("karras", "exponential"), "prediction_type": ("epsilon", "v_prediction")}
+    step_options = frozenset({"s_churn", "s_tmin", "s_tmax", "s_noise", "pred_original_sample"})
     accepts_sigmas = True  # diffusers treats them as ramp points in [0, 1], mapped through the schedule
     steps_bounded_by_training = False
 

@@ -50,6 +50,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         "timestep_type": ("discrete", "continuous"),
     }
     accepts_timesteps = True
+    step_options = frozenset({"s_churn", "s_tmin", "s_tmax", "s_noise"})
     accepts_sigmas = True
 
     def _continuous_v(self) -> bool:

@@ -61,6 +61,8 @@ def lms_table(sigmas: np.ndarray, max_order: int) -> np.ndarray:
 class LMSDiscreteScheduler(SigmaScheduler):
     """x_{i+1} = x_i + sum_j c_ij d_{i-j}: the slope history integrated as a Lagrange polynomial."""
 
+    step_options = frozenset({"order"})
+
     _defaults = {
         "num_train_timesteps": 1000,
         "beta_start": 0.0001,

@@ -70,8 +70,8 @@ def test_prompt_checks_and_negative_texts():
         sd.check_prompt_inputs(None, None, np.zeros((1, 7, 8)), np.zeros((1, 6, 8)))
     with pytest.raises(ValueError, match="prompt must be a str"):
         sd.check_prompt_inputs([], None, None, None)
-    assert sd.step_kwargs(type("DDIMScheduler", (), {})(), 0.3) == {"eta": 0.3}
-    assert sd.step_kwargs(type("EulerDiscreteScheduler", (), {})(), 0.3) == {}
+    assert sd.step_kwargs(schedulers.from_config({"_class_name": "DDIMScheduler"}), 0.3) == {"eta": 0.3}
+    assert sd.step_kwargs(schedulers.from_config({"_class_name": "EulerDiscreteScheduler"}), 0.3) == {}
 
 
 def test_image_and_mask_preprocessing_pil_equals_numpy():

@@ -77,14 +77,9 @@ class DiffusionPipeline(PipelineBase):
 
     def __init__(self, **components: Any) -> None:
         super().__init__(**components)
-        self.progress_bar_disabled = False
         self.trace_count = 0  # times a denoising program was traced (diagnostics: should not grow per call)
         self._programs: dict[Hashable, tuple[Any, Callable]] = {}
         self._progress = ScanProgress()
-
-    def set_progress_bar_config(self, disable: bool = False) -> None:
-        """Show (default) or hide the denoising progress bar."""
-        self.progress_bar_disabled = bool(disable)
 
     def _scheduler_key(self) -> tuple[str, str]:
         return type(self.scheduler).__name__, config_to_json_string(self.scheduler.config)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from diffusion_core.pipelines import ComponentClass, PipelineBase
@@ -22,10 +20,6 @@ class DiffusionPipeline(PipelineBase):
     _component_table = TORCH_COMPONENTS
     _pipeline_registry = TORCH_PIPELINES
 
-    def __init__(self, **components: Any) -> None:
-        super().__init__(**components)
-        self.progress_bar_disabled = False
-
     def _modules(self) -> dict[str, torch.nn.Module]:
         return {n: c for n, c in self.components.items() if isinstance(c, torch.nn.Module)}
 
@@ -37,6 +31,15 @@ class DiffusionPipeline(PipelineBase):
                 return p.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the first network component (float32 when there is none)."""
+        for module in self._modules().values():
+            for p in module.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return torch.float32
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffusionPipeline:
         """Move (and optionally cast) every network component; returns ``self``."""
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -44,7 +47,3 @@ class DiffusionPipeline(PipelineBase):
         for module in self._modules().values():
             module.to(device=device, dtype=dtype)
         return self
-
-    def set_progress_bar_config(self, disable: bool = False) -> None:
-        """Show (default) or hide the denoising progress bar."""
-        self.progress_bar_disabled = bool(disable)
