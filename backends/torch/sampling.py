@@ -58,6 +58,8 @@ def denoise_loop(
     step_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
     callback: Callable[[int, torch.Tensor, Any], torch.Tensor | None] | None = None,
+    index_model_fn: bool = False,
+    post_step: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ):
     """Run every remaining model call of ``state``; returns ``(sample, final_state)``.
 
@@ -65,6 +67,8 @@ def denoise_loop(
     ``generator`` (drawn on the generator's device, moved to ``latents.device``: the same numbers on
     any device). ``callback(i, sample, state)`` runs after each call; a tensor it returns replaces the
     sample. Starts at ``state.step_index``; noise is drawn only at the calls ``scheduler.noise_calls`` names.
+    ``index_model_fn``: call ``model_fn(model_input, t, i)`` with the model-call index ``i``; ``post_step(x, new
+    state)`` rewrites the sample after each step (4-channel inpainting), as in the flax loop.
     """
     step_kwargs = dict(step_kwargs or {})
     draws = scheduler.noise_calls(state, **step_kwargs)  # (num_calls,) host bool: where diffusers draws
@@ -73,11 +77,14 @@ def denoise_loop(
     with torch.inference_mode():
         for i in tqdm(range(first, num_calls), disable=not progress):
             t = scheduler.current_timestep(state)
-            out = model_fn(scheduler.scale_model_input(state, x), t)
+            model_input = scheduler.scale_model_input(state, x)
+            out = model_fn(model_input, t, i) if index_model_fn else model_fn(model_input, t)
             noise = None
             if draws[i]:
                 noise = noise_fn(i) if noise_fn is not None else randn_tensor(x.shape, generator, x.dtype, x.device)
             x, state = scheduler.step(state, out, x, noise=noise, **step_kwargs)
+            if post_step is not None:
+                x = post_step(x, state)
             if callback is not None:
                 replaced = callback(i, x, state)
                 if replaced is not None:  # a callback may hand back a new sample

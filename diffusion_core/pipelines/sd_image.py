@@ -32,7 +32,6 @@ __all__ = [
     "require_image",
     "start_state",
     "strength_start",
-    "upscaler_inputs",
     "upscaler_max_noise_level",
     "upscaler_vae_config",
     "UPSCALER_SCALING_FACTOR",
@@ -191,14 +190,6 @@ def check_unet_channels(unet_config: Any, latent_channels: int, extra_channels: 
             f"unet: {pipeline} needs a UNet with in_channels={want} ({latent_channels} latent + {extra_channels} "
             f"conditioning channels), got in_channels={unet_config['in_channels']}"
         )
-
-
-def upscaler_inputs(noised_image: Any, labels: Any, parts: int, num_images_per_prompt: int) -> tuple[Any, Any]:
-    """The x4 upscaler's extra UNet channels and class labels: the noised low-res images tiled
-    ``parts * num_images_per_prompt`` times (as diffusers), and the noise level for each row."""
-    xp = arrays.namespace(noised_image)
-    extra = xp.concat([noised_image] * (parts * num_images_per_prompt), axis=0)  # (parts * B, 3, H, W)
-    return extra, xp.repeat(labels[:1], extra.shape[0], axis=0)
 
 
 def upscaler_vae_config(vae_config: Mapping[str, Any]) -> dict[str, Any]:

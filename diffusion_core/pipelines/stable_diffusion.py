@@ -1,13 +1,5 @@
-"""The Stable Diffusion recipe, written once for every backend: checks, prompts, guidance batches, latents, output.
-
-A backend binds it with a few hooks: ``encode(ids, clip_skip)`` (the text encoder), the UNet call inside
-its loop, the VAE, and its noise source. The per-call flow (``StableDiffusionPipeline``) is::
-
-    batch = check_prompt_inputs(...); check_call_options(...); g = guidance(...)
-    pos, neg = encode_prompts(encode, tokenizer, ...); embeds = batch_embeddings(pos, neg, n, g)
-    x = start (numpy ``latents=`` or the backend's draw) * init_noise_sigma
-    loop: out = unet(model_input(scale_model_input(x), g, extra), t, embeds); x = step(combine(out, g))
-    images = to_output(vae.decode(unscale_latents(x)), output_type)
+"""Stable Diffusion building blocks written once for every backend: checks, prompts, guidance batches, latents,
+output. The pipelines assemble them into requests and recipes in ``sd_recipe`` / ``sd_recipes``.
 
 Array functions take the caller's namespace (numpy, torch, jax) and have no value branches (jit-safe).
 """

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from diffusion_core import schedulers
-from diffusion_core.pipelines import sd_control, sd_image
+from diffusion_core.pipelines import sd_control, sd_image, sd_recipes
 from diffusion_core.pipelines import stable_diffusion as sd
 from tests.pipelines import sd_tiny
 
@@ -107,8 +107,14 @@ def test_inpaint_pix2pix_and_upscaler_inputs():
     assert a.shape == (4, 5, 2, 2)
     three = sd_image.pix2pix_extra(latents, 3)
     np.testing.assert_array_equal(three[4:], 0.0)
-    extra, labels = sd_image.upscaler_inputs(latents[:1], np.array([20]), 2, 3)
-    assert extra.shape == (6, 4, 2, 2) and labels.tolist() == [20] * 6
+    upscale = sd_recipes.UpscaleRecipe.__new__(sd_recipes.UpscaleRecipe)  # the hooks only, no components
+    g = sd.Guidance(9.0, 0.0, None, 2)
+    extra = upscale._extra({"low_res": latents}, g)
+    labels = upscale._unet_kwargs({"low_res": latents}, g, {"noise_level": 20.0})["class_labels"]
+    assert extra.shape == (4, 4, 2, 2) and labels.tolist() == [20] * 4
+    np.testing.assert_array_equal(extra[2:], latents)
+    a, b = _both(lambda z: upscale._unet_kwargs({"low_res": z}, g, {"noise_level": 20.0})["class_labels"], latents)
+    np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="in_channels=9"):
         sd_image.check_unet_channels({"in_channels": 4}, 4, 5, "StableDiffusionInpaintPipeline")
 

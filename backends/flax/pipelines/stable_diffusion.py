@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_core.flax.pipelines.sd_base import StableDiffusionBase, call_options
+from diffusion_core.flax.pipelines.sd_base import StableDiffusionBase
 from diffusion_core.flax.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
 from diffusion_core.flax.pipelines.sd_image import (
     StableDiffusionImg2ImgPipeline,
@@ -23,25 +22,16 @@ from diffusion_core.flax.pipelines.sd_upscale import (
     StableDiffusionLatentUpscalePipeline,
     StableDiffusionUpscalePipeline,
 )
-from diffusion_core.pipelines import ImagePipelineOutput
+from diffusion_core.pipelines import ImagePipelineOutput, sd_recipe
 from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.pipelines.sd_recipes import TextToImageRecipe
 
 
-def _custom_schedule(timesteps: Any, sigmas: Any) -> tuple:
-    """``("timesteps" | "sigmas", values)`` for a custom schedule, or ``()``; ValueError when both are given."""
-    if timesteps is not None and sigmas is not None:
-        raise ValueError("timesteps, sigmas: pass at most one of them")
-    if timesteps is not None:
-        return ("timesteps", tuple(float(t) for t in np.ravel(timesteps)))
-    if sigmas is not None:
-        return ("sigmas", tuple(float(s) for s in np.ravel(sigmas)))
-    return ()
+class StableDiffusionPipeline(TextToImageRecipe, StableDiffusionBase):
+    """Text-to-image latent diffusion (Rombach et al. 2022); diffusers' ``StableDiffusionPipeline`` for Flax.
 
-
-class StableDiffusionPipeline(StableDiffusionBase):
-    """Text-to-image latent diffusion (Rombach et al. 2022); diffusers' ``StableDiffusionPipeline`` for Flax."""
-
-    _legacy_scheduler_options = ("steps_offset", "clip_sample")
+    The recipe is ``diffusion_core.pipelines.sd_recipe.StableDiffusionRecipe``.
+    """
 
     def __call__(
         self,
@@ -71,20 +61,19 @@ class StableDiffusionPipeline(StableDiffusionBase):
         ``timesteps``/``sigmas``: a custom schedule (replaces ``num_inference_steps``) where the scheduler takes one.
         ``parallel="pmap"`` splits the N images over the local devices, ``mesh=`` shards them on a Mesh.
         """
-        options = call_options(num_inference_steps, num_images_per_prompt, eta, output_type, clip_skip)
-        batch = self._common_checks(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, options)
-        size = sd.resolve_size(height, width, self.unet.config, self.vae.config)
-        g = sd.guidance(guidance_scale, guidance_rescale, self.unet.config)
-        run = self._run(
-            g, size, batch * num_images_per_prompt, num_inference_steps, eta, parallel, mesh,
-            scalars=(("guidance_scale", float(guidance_scale)),), schedule=_custom_schedule(timesteps, sigmas),
+        request = self._request(
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
         )  # fmt: skip
-        if run.schedule:  # validated now (the scheduler raises for what it does not take), before any work
-            self.scheduler.set_timesteps(**{run.schedule[0]: np.asarray(run.schedule[1])})
-        context = self.encode_prompt(
-            prompt, num_images_per_prompt, g, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip
-        )
-        return self._decode(self._denoise(run, context, key, latents, {}), output_type, return_dict)
+        size = sd.resolve_size(height, width, self.unet.config, self.vae.config)
+        custom = sd_recipe.custom_schedule(timesteps, sigmas)
+        run = self._run(
+            request, size, parallel, mesh,
+            opts=(("custom", custom),),
+        )  # fmt: skip
+        return self._generate(run, request, key, latents, {}, return_dict)
 
 
 __all__ = [

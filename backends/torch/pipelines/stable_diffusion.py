@@ -1,17 +1,18 @@
 """PyTorch Stable Diffusion pipelines: ``StableDiffusionPipeline`` (text to image) here, the image-conditioned ones
 in ``sd_*.py`` (re-exported, so ``model_index.json`` names resolve to this module).
 
-The recipe (checks, prompts, guidance batches, latent shapes, output) is
-``diffusion_core.pipelines.stable_diffusion``; ``sd_base.StableDiffusionBase`` binds it to torch.
+The recipe is ``diffusion_core.pipelines.sd_recipe.StableDiffusionRecipe``; ``sd_base.StableDiffusionBase`` binds
+it to torch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from diffusion_core.pipelines import ImagePipelineOutput
+from diffusion_core.pipelines import ImagePipelineOutput, sd_recipe
 from diffusion_core.pipelines import stable_diffusion as sd
-from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback, prompt_args
+from diffusion_core.pipelines.sd_recipes import TextToImageRecipe
+from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback
 from diffusion_core.torch.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
 from diffusion_core.torch.pipelines.sd_img2img import (
     StableDiffusionImg2ImgPipeline,
@@ -33,10 +34,8 @@ __all__ = [
 ]
 
 
-class StableDiffusionPipeline(StableDiffusionBase):
+class StableDiffusionPipeline(TextToImageRecipe, StableDiffusionBase):
     """Text-to-image latent diffusion (Rombach et al. 2022); diffusers' ``StableDiffusionPipeline``."""
-
-    _legacy_scheduler_options = ("steps_offset", "clip_sample")
 
     def __call__(
         self,
@@ -64,28 +63,15 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
         ``timesteps``/``sigmas``: a custom schedule (replaces ``num_inference_steps``) where the scheduler takes one.
         """
-        args = prompt_args(
-            prompt,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            num_images_per_prompt,
-            num_inference_steps,
-            eta,
-            output_type,
-            clip_skip,
-        )
-        batch = self._common_checks(args)
+        request = self._request(
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        )  # fmt: skip
         height, width = sd.resolve_size(height, width, self.unet.config, self.vae.config)
-        g = sd.guidance(guidance_scale, guidance_rescale, self.unet.config)
-        embeds = self._text_embeddings(args, g)
-        shape = sd.latent_shape(
-            batch * num_images_per_prompt, self.unet.config["in_channels"], height, width, self.vae_scale_factor
-        )
-        x = self._start_latents(shape, latents, generator)
-        custom = timesteps is not None or sigmas is not None
-        steps = None if custom else num_inference_steps
-        state = self.scheduler.set_timesteps(steps, like=x, timesteps=timesteps, sigmas=sigmas)
-        x = x * state.init_noise_sigma
-        x = self._denoise(x, state, embeds.to(self.unet.dtype), g, generator, eta, callback_on_step_end)
-        return self._decode(x, output_type, return_dict)
+        context = self._context(request)
+        shape = sd.latent_shape(request.batch, self.unet.config["in_channels"], height, width, self.vae_scale_factor)
+        inputs = {"context": context, "noise": self.prepare_latents(shape, latents, generator)}
+        opts = (("custom", sd_recipe.custom_schedule(timesteps, sigmas)),)
+        return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
