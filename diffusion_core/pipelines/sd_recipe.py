@@ -20,6 +20,7 @@ backend's arrays), ``_vae_decode(z) -> numpy (N, 3, H, W)`` and ``_latent_output
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,10 @@ def sd_request(
     )  # fmt: skip
 
 
+# The ``__call__`` parameters an :class:`SDRequest` is built from (each pipeline has a subset of them).
+REQUEST_ARGUMENTS = tuple(inspect.signature(sd_request).parameters)[2:]
+
+
 def custom_schedule(timesteps: Any, sigmas: Any) -> tuple[tuple[str, tuple[float, ...]], ...]:
     """The given custom schedule as ``(("timesteps" | "sigmas", values), ...)`` (hashable); the scheduler checks it."""
     given = (("timesteps", timesteps), ("sigmas", sigmas))
@@ -132,9 +137,11 @@ class StableDiffusionRecipe:
     def _latent_channels(self) -> int:
         return int(self.vae.config["latent_channels"])
 
-    def _request(self, **arguments: Any) -> SDRequest:
-        """The call's shared arguments, checked (see :func:`sd_request`)."""
-        return sd_request(self.text_encoder.config, self.unet.config, **arguments)
+    def _request(self, arguments: Mapping[str, Any]) -> SDRequest:
+        """The call's shared arguments, checked (:func:`sd_request`); ``arguments`` is the call's ``locals()``
+        taken first thing in ``__call__`` (its parameters), of which the names in ``REQUEST_ARGUMENTS`` are used."""
+        given = {name: arguments[name] for name in REQUEST_ARGUMENTS if name in arguments}
+        return sd_request(self.text_encoder.config, self.unet.config, **given)
 
     # --- text -------------------------------------------------------------------------------------------
 

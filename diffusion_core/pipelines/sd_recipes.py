@@ -204,18 +204,23 @@ class LatentUpscaleRecipe(StableDiffusionRecipe):
     _components = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
     _optional_components = ()
 
-    def _latent_upscale_request(
-        self, prompt: Any, negative_prompt: Any, embeds: tuple[Any, Any, Any, Any], image: Any, guidance_scale: float,
-        num_inference_steps: int, output_type: str,
-    ) -> SDRequest:  # fmt: skip
-        """The x2 upscaler's checks (``embeds``: prompt, pooled, negative, negative pooled embeddings)."""
+    def _latent_upscale_request(self, arguments: Mapping[str, Any]) -> tuple[SDRequest, tuple[Any, Any, Any, Any]]:
+        """The x2 upscaler's checks on its ``__call__``'s ``locals()``: ``(request, (prompt, pooled, negative,
+        negative pooled) embeddings)``."""
+        a = arguments
+        embeds = (
+            a["prompt_embeds"], a["pooled_prompt_embeds"], a["negative_prompt_embeds"],
+            a["negative_pooled_prompt_embeds"],
+        )  # fmt: skip
+        steps, output_type = a["num_inference_steps"], a["output_type"]
         batch, prompt, g = sd_image.check_latent_upscaler_call(
-            prompt, negative_prompt, embeds, image, guidance_scale, num_inference_steps, output_type,
+            a["prompt"], a["negative_prompt"], embeds, a["image"], a["guidance_scale"], steps, output_type,
             self.text_encoder.config,
         )  # fmt: skip
-        return SDRequest(
-            prompt, negative_prompt, embeds[0], embeds[2], 1, int(num_inference_steps), 0.0, output_type, None, g, batch
+        request = SDRequest(
+            prompt, a["negative_prompt"], embeds[0], embeds[2], 1, int(steps), 0.0, output_type, None, g, batch
         )
+        return request, embeds
 
     def _low_res_input(self, image: Any, batch: int) -> tuple[Any, np.ndarray | None, tuple[int, int, int]]:
         """``(latents as given or None, images to VAE-encode or None, (C, h, w) low-res latent shape)``."""

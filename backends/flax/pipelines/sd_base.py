@@ -82,10 +82,14 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
     def _latent_output(self, latents: Any) -> np.ndarray:
         return np.asarray(jax.device_get(latents))
 
+    def prepare_latents(self, shape: tuple[int, ...], latents: Any = None, keys: jax.Array | None = None) -> jax.Array:
+        """The starting Gaussian draw of ``shape``: ``latents=`` (numpy, checked) or row ``b`` from ``keys[b]``."""
+        start = sd.check_latents(latents, shape)
+        return per_example_normal(keys, tuple(shape[1:])) if start is None else jnp.asarray(start, jnp.float32)
+
     def _inputs(self, run: Run, keys: jax.Array, start: np.ndarray | None, options: dict) -> dict[str, Any]:
         """Per-image inputs besides the text context, each (N, ...): here the starting Gaussian draw."""
-        noise = per_example_normal(keys, run.latent_shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
-        return {"noise": noise}
+        return {"noise": self.prepare_latents(run.latent_shape, start, keys)}
 
     def _needs_key(self, options: dict) -> bool:
         """Whether the call draws randomness besides the start/step noise (VAE posterior samples)."""

@@ -47,12 +47,7 @@ class StableDiffusionControlNetPipeline(ControlNetRecipe, StableDiffusionBase):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images for ``prompt`` following the control ``image`` (edges, depth, pose, ...)."""
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
-            guidance_scale=guidance_scale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         control, size, opts, scalars = self._control_inputs(
             request, image, (height, width), guess_mode, controlnet_conditioning_scale,
             (control_guidance_start, control_guidance_end),

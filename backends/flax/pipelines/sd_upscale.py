@@ -49,12 +49,7 @@ class StableDiffusionUpscalePipeline(UpscaleRecipe, StableDiffusionBase):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (one per prompt) guided by ``prompt``; ``noise_level`` in [0, max_noise_level]."""
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
-            guidance_scale=guidance_scale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         pixels, size = self._low_res_pixels(request, image, noise_level)
         scalars = (*request.scalars, ("noise_level", float(noise_level)))
         run = self._run(request, size, parallel, mesh, channels=self._latent_channels(), scalars=scalars)
@@ -95,10 +90,7 @@ class StableDiffusionLatentUpscalePipeline(LatentUpscaleRecipe, StableDiffusionB
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (latents (B, 4, h, w) from an SD run with ``output_type="latent"``, or images) 2x."""
-        embeds = (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
-        request = self._latent_upscale_request(
-            prompt, negative_prompt, embeds, image, guidance_scale, num_inference_steps, output_type
-        )
+        request, embeds = self._latent_upscale_request(locals())  # first: the call's parameters
         given, pixels, (channels, h, w) = self._low_res_input(image, request.prompts)
         hidden, time_cond = self._pooled_context(request, embeds)
         scale = self.vae_scale_factor

@@ -61,12 +61,7 @@ class StableDiffusionPipeline(TextToImageRecipe, StableDiffusionBase):
         ``timesteps``/``sigmas``: a custom schedule (replaces ``num_inference_steps``) where the scheduler takes one.
         ``parallel="pmap"`` splits the N images over the local devices, ``mesh=`` shards them on a Mesh.
         """
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         size = sd.resolve_size(height, width, self.unet.config, self.vae.config)
         custom = sd_recipe.custom_schedule(timesteps, sigmas)
         run = self._run(

@@ -40,12 +40,7 @@ class StableDiffusionImg2ImgPipeline(Img2ImgRecipe, StableDiffusionBase):
         clip_skip: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Repaint ``image`` toward ``prompt``; ``strength`` in [0, 1] is how much of the schedule runs."""
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
-            guidance_scale=guidance_scale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
         sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checks before the work
         context = self._context(request)
@@ -83,12 +78,7 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, StableDiffusionBase):
         clip_skip: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``."""
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
-            guidance_scale=guidance_scale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         # blend: a text-to-image (4-channel) UNet keeps the known region after each step
         blend, (height, width), pixels, mask = sd_image.inpaint_inputs(
             self.unet.config, self.vae.config, image, mask_image, (height, width),
@@ -133,12 +123,7 @@ class StableDiffusionInstructPix2PixPipeline(Pix2PixRecipe, StableDiffusionBase)
         callback_on_step_end: StepCallback | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Edit ``image`` as ``prompt`` says; ``image_guidance_scale`` pulls toward the input image."""
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type,
-            guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         channels = self._latent_channels()
         sd_image.check_unet_channels(self.unet.config, channels, channels, type(self).__name__)
         pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)

@@ -45,10 +45,7 @@ class StableDiffusionLatentUpscalePipeline(LatentUpscaleRecipe, StableDiffusionB
         callback_on_step_end: StepCallback | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (latents (B, 4, h, w) from an SD run with ``output_type="latent"``, or images) 2x."""
-        embeds = (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
-        request = self._latent_upscale_request(
-            prompt, negative_prompt, embeds, image, guidance_scale, num_inference_steps, output_type
-        )
+        request, embeds = self._latent_upscale_request(locals())  # first: the call's parameters
         hidden, time_cond = self._pooled_context(request, embeds)
         given, pixels, (channels, h, w) = self._low_res_input(image, request.prompts)
         if given is None:

@@ -38,12 +38,7 @@ class StableDiffusionUpscalePipeline(UpscaleRecipe, StableDiffusionBase):
         clip_skip: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (one per prompt) guided by ``prompt``; ``noise_level`` in [0, max_noise_level]."""
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
-            guidance_scale=guidance_scale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         pixels, (height, width) = self._low_res_pixels(request, image, noise_level)
         context = self._context(request)
         low_res = self._as_tensor(pixels)

@@ -63,12 +63,7 @@ class StableDiffusionPipeline(TextToImageRecipe, StableDiffusionBase):
 
         ``timesteps``/``sigmas``: a custom schedule (replaces ``num_inference_steps``) where the scheduler takes one.
         """
-        request = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, clip_skip=clip_skip,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-        )  # fmt: skip
+        request = self._request(locals())  # first: the call's parameters
         height, width = sd.resolve_size(height, width, self.unet.config, self.vae.config)
         context = self._context(request)
         shape = sd.latent_shape(request.batch, self.unet.config["in_channels"], height, width, self.vae_scale_factor)
