@@ -1,12 +1,14 @@
-"""The DDPM/DDIM (unconditional, pixel-space) pipeline recipe: argument checks, shapes, step options.
+"""The DDPM/DDIM (unconditional, pixel-space) pipeline recipe: the validated request, shapes, step options.
 
 Backends bind it to their UNet, noise source and loop driver; the call flow is
-``x = latents * init_noise_sigma`` -> denoise loop -> ``images_to_output``.
+``request = unconditional_request(...)``; ``x = (latents or noise) * init_noise_sigma`` -> denoise loop ->
+:func:`finish`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,35 @@ def check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     if arr.shape != tuple(shape):
         raise ValueError(f"latents must have shape {tuple(shape)} (batch, channels, height, width), got {arr.shape}")
     return arr
+
+
+@dataclass(frozen=True, eq=False)
+class UnconditionalRequest:
+    """A DDPM/DDIM call's arguments, checked once (:func:`unconditional_request`)."""
+
+    shape: tuple[int, int, int, int]  # (B, C, H, W) of the generated images
+    num_inference_steps: int
+    latents: np.ndarray | None  # the starting draw, or None: the backend draws it
+    step_kwargs: Mapping[str, Any]  # scheduler step options (DDIM: eta, use_clipped_model_output)
+    output_type: str
+
+
+def unconditional_request(
+    unet_config: Mapping[str, Any],
+    scheduler: Scheduler,
+    *,
+    batch_size: int,
+    num_inference_steps: int,
+    latents: Any = None,
+    output_type: str = "pil",
+    eta: float | None = None,
+    use_clipped_model_output: bool | None = None,
+) -> UnconditionalRequest:
+    """Check a DDPM (``eta`` None) or DDIM call's arguments."""
+    check_call(batch_size, num_inference_steps, output_type)
+    shape = sample_shape(unet_config, batch_size)
+    step = {} if eta is None else ddim_step_kwargs(scheduler, eta, use_clipped_model_output)
+    return UnconditionalRequest(shape, int(num_inference_steps), check_latents(latents, shape), step, output_type)
 
 
 def ddim_step_kwargs(scheduler: Scheduler, eta: float, use_clipped_model_output: bool | None) -> dict[str, Any]:

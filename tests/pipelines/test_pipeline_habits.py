@@ -151,3 +151,35 @@ def test_step_options_drive_pipeline_step_kwargs():
     with pytest.raises(ValueError, match="EulerDiscreteScheduler takes neither"):
         uc.ddim_step_kwargs(euler, 0.5, None)
     assert uc.as_ddim(ddim) is ddim and type(uc.as_ddim(euler)) is type(ddim)
+
+
+# --- each pipeline is defined once: the core recipe, bound by thin backend classes ------------------------------
+
+SD_PIPELINES = [
+    ("StableDiffusionPipeline", "TextToImageRecipe"),
+    ("StableDiffusionImg2ImgPipeline", "Img2ImgRecipe"),
+    ("StableDiffusionInpaintPipeline", "InpaintRecipe"),
+    ("StableDiffusionInstructPix2PixPipeline", "Pix2PixRecipe"),
+    ("StableDiffusionControlNetPipeline", "ControlNetRecipe"),
+    ("StableDiffusionUpscalePipeline", "UpscaleRecipe"),
+    ("StableDiffusionLatentUpscalePipeline", "LatentUpscaleRecipe"),
+]
+RECIPE_PARTS = ("_request", "_schedule", "_start", "_extra", "_unet_kwargs", "_model_fn", "_post_step", "_decode")
+
+
+@pytest.mark.parametrize("name, recipe", SD_PIPELINES)
+def test_both_backends_bind_the_same_core_recipe(name, recipe):
+    from diffusion_core.pipelines import sd_recipes
+
+    core = getattr(sd_recipes, recipe)
+    classes = [getattr(_pipelines(b), name) for b in ("torch", "flax")]
+    for cls in classes:
+        assert issubclass(cls, core)
+        backend_classes = [
+            k for k in cls.__mro__ if k.__module__.startswith(("diffusion_core.torch", "diffusion_core.flax"))
+        ]
+        for part in (*RECIPE_PARTS, "encode_prompt", "_legacy_scheduler_options", "_components"):
+            assert not any(part in vars(k) for k in backend_classes), f"{cls.__module__}.{name} redefines {part}"
+    assert classes[0]._components == classes[1]._components
+    for method in ("encode_prompt", "prepare_latents", "enable_vae_tiling", "set_progress_bar_config"):
+        assert all(callable(getattr(cls, method, None)) for cls in classes), method

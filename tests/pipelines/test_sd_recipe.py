@@ -179,3 +179,59 @@ def test_upscaler_and_inpaint_argument_checks():
     nine = {**unet, "in_channels": 9}
     blend, size, pixels, mask_out = sd_image.inpaint_inputs(nine, vae, image, mask, (None, None), (ddim, 2, 1.0), "P")
     assert not blend and size == (16, 16) and pixels.shape == (1, 3, 16, 16) and mask_out.shape == (1, 1, 16, 16)
+
+
+def test_sd_request_checks_once_and_is_frozen():
+    import dataclasses
+
+    from diffusion_core.pipelines import sd_recipe
+
+    text, unet = {"num_hidden_layers": 2}, {"time_cond_proj_dim": None}
+    req = sd_recipe.sd_request(
+        text, unet, prompt=["a", "b"], num_images_per_prompt=3, num_inference_steps=4, guidance_scale=7.0
+    )
+    assert req.prompts == 2 and req.batch == 6 and req.guidance.parts == 2 and req.scalars == (("guidance_scale", 7.0),)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.eta = 1.0
+    for bad, match in [
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive int"),
+        (dict(clip_skip=2), "clip_skip must be None or an int in"),
+        (dict(guidance_rescale=2.0), "guidance_rescale must be in"),
+        (dict(output_type="jpg"), "output_type"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sd_recipe.sd_request(text, unet, **{"prompt": "a", "num_inference_steps": 2, "guidance_scale": 7.0, **bad})
+    pix = sd_recipe.sd_request(
+        text, unet, prompt="a", num_inference_steps=2, guidance_scale=7.0, image_guidance_scale=1.5
+    )
+    assert pix.guidance.parts == 3 and dict(pix.scalars) == {"guidance_scale": 7.0, "image_guidance_scale": 1.5}
+    assert "generator" not in sd_recipe.REQUEST_ARGUMENTS and "image_guidance_scale" in sd_recipe.REQUEST_ARGUMENTS
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_inpaint_hooks_agree_across_namespaces(strength):
+    """The start and the 4-channel blend hook on numpy and torch: what both loop drivers run."""
+    recipe = sd_recipes.InpaintRecipe.__new__(sd_recipes.InpaintRecipe)  # the hooks only, no components
+    recipe.scheduler = schedulers.from_config({"_class_name": "DDIMScheduler"})
+    shape = (2, 4, 3, 3)
+    arrays_np = {k: RNG.standard_normal(shape).astype(np.float32) for k in ("noise", "image_latents")}
+    arrays_np["mask"] = (RNG.random((2, 1, 3, 3)) > 0.5).astype(np.float32)
+    x = RNG.standard_normal(shape).astype(np.float32)
+    results = []
+    for wrap in (np.asarray, torch.from_numpy):
+        inputs = {k: wrap(v) for k, v in arrays_np.items()}
+        state, first = recipe._schedule(4, inputs["noise"], {"strength": strength})
+        opts = {"strength": strength, "first": first}
+        start = recipe._start(inputs, state, opts)
+        stepped, state = recipe.scheduler.step(state, wrap(x), start)
+        blended = recipe._post_step(inputs, opts)(stepped, state)
+        results.append([np.asarray(start), np.asarray(stepped), np.asarray(blended)])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    start, stepped, blended = results[0]
+    if strength == 1.0:  # pure noise, as diffusers
+        np.testing.assert_allclose(start, arrays_np["noise"] * float(state.init_noise_sigma), rtol=1e-6)
+    repaint = np.broadcast_to(arrays_np["mask"] == 1, shape)
+    np.testing.assert_array_equal(blended[repaint], stepped[repaint])  # the new sample inside the mask
+    assert np.abs(blended[~repaint] - stepped[~repaint]).min() > 0  # the re-noised original outside it
+    assert recipe._extra(arrays_np, sd.Guidance(7.0, parts=2)) is None  # 4-channel UNet: no extra channels

@@ -45,31 +45,28 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
         return program
 
-    def _sample(
-        self, batch_size, key, num_inference_steps, latents, output_type, return_dict, step_kwargs, parallel, mesh
-    ):
-        uc.check_call(batch_size, num_inference_steps, output_type)
+    def _sample(self, request: uc.UnconditionalRequest, key, return_dict: bool, parallel, mesh):
         mode = scale_out_mode(parallel, mesh)
-        shape = uc.sample_shape(self.unet.config, batch_size)
-        start = uc.check_latents(latents, shape)
-        if key is None and (start is None or self.scheduler.needs_noise_for(**step_kwargs)):
+        step_kwargs = dict(request.step_kwargs)
+        if key is None and (request.latents is None or self.scheduler.needs_noise_for(**step_kwargs)):
             raise ValueError("key: pass key=jax.random.key(seed) (needed to draw the starting or step noise)")
-        keys = per_example_keys(key if key is not None else jax.random.key(0), batch_size)
-        x = per_example_normal(keys, shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
+        keys = per_example_keys(key if key is not None else jax.random.key(0), request.shape[0])
+        start = request.latents
+        x = per_example_normal(keys, request.shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
         graphdef, params = nnx.split(self.unet)
         static = (self._scheduler_key(), tuple(sorted(step_kwargs.items())), not self.progress_bar_disabled)
         fn = self.compiled(mode, mesh, static, lambda: self._build(graphdef, step_kwargs))
 
         def make_state(like):
-            return self.scheduler.set_timesteps(num_inference_steps, like=like)
+            return self.scheduler.set_timesteps(request.num_inference_steps, like=like)
 
-        self._progress.start(num_inference_steps, disable=self.progress_bar_disabled)
+        self._progress.start(request.num_inference_steps, disable=self.progress_bar_disabled)
         try:
             out = run_program(fn, mode, mesh, params, make_state, x, keys)
             out = np.asarray(jax.device_get(out))
         finally:
             self._progress.close()
-        return uc.finish(out, output_type, return_dict)
+        return uc.finish(out, request.output_type, return_dict)
 
 
 class DDPMPipeline(_UnconditionalPipeline):
@@ -87,8 +84,11 @@ class DDPMPipeline(_UnconditionalPipeline):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
-        args = (batch_size, key, num_inference_steps, latents, output_type, return_dict)
-        return self._sample(*args, {}, parallel, mesh)
+        request = uc.unconditional_request(
+            self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
+            latents=latents, output_type=output_type,
+        )  # fmt: skip
+        return self._sample(request, key, return_dict, parallel, mesh)
 
 
 class DDIMPipeline(_UnconditionalPipeline):
@@ -111,6 +111,8 @@ class DDIMPipeline(_UnconditionalPipeline):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
-        kwargs = uc.ddim_step_kwargs(self.scheduler, eta, use_clipped_model_output)
-        args = (batch_size, key, num_inference_steps, latents, output_type, return_dict)
-        return self._sample(*args, kwargs, parallel, mesh)
+        request = uc.unconditional_request(
+            self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
+            latents=latents, output_type=output_type, eta=eta, use_clipped_model_output=use_clipped_model_output,
+        )  # fmt: skip
+        return self._sample(request, key, return_dict, parallel, mesh)

@@ -17,25 +17,13 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
     _components = ("unet", "scheduler")
 
-    def _sample(
-        self,
-        batch_size: int,
-        generator: Generators,
-        num_inference_steps: int,
-        latents: Any,
-        output_type: str,
-        return_dict: bool,
-        step_kwargs: dict[str, Any],
-    ) -> ImagePipelineOutput | tuple:
-        uc.check_call(batch_size, num_inference_steps, output_type)
-        shape = uc.sample_shape(self.unet.config, batch_size)
-        start = uc.check_latents(latents, shape)
+    def _sample(self, request: uc.UnconditionalRequest, generator: Generators, return_dict: bool):
         device, dtype = self.device, self.unet.dtype
-        if start is None:
-            x = randn_tensor(shape, generator, dtype=dtype, device=device)
+        if request.latents is None:
+            x = randn_tensor(request.shape, generator, dtype=dtype, device=device)
         else:
-            x = torch.from_numpy(start).to(device=device, dtype=dtype)
-        state = self.scheduler.set_timesteps(num_inference_steps, like=x)
+            x = torch.from_numpy(request.latents).to(device=device, dtype=dtype)
+        state = self.scheduler.set_timesteps(request.num_inference_steps, like=x)
         x = x * state.init_noise_sigma
         x, _ = denoise_loop(
             self.scheduler,
@@ -43,10 +31,10 @@ class _UnconditionalPipeline(DiffusionPipeline):
             x,
             state,
             generator=generator,
-            step_kwargs=step_kwargs,
+            step_kwargs=request.step_kwargs,
             progress=not self.progress_bar_disabled,
         )
-        return uc.finish(x.float().cpu().numpy(), output_type, return_dict)
+        return uc.finish(x.float().cpu().numpy(), request.output_type, return_dict)
 
 
 class DDPMPipeline(_UnconditionalPipeline):
@@ -62,7 +50,11 @@ class DDPMPipeline(_UnconditionalPipeline):
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
-        return self._sample(batch_size, generator, num_inference_steps, latents, output_type, return_dict, {})
+        request = uc.unconditional_request(
+            self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
+            latents=latents, output_type=output_type,
+        )  # fmt: skip
+        return self._sample(request, generator, return_dict)
 
 
 class DDIMPipeline(_UnconditionalPipeline):
@@ -83,5 +75,8 @@ class DDIMPipeline(_UnconditionalPipeline):
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
-        kwargs = uc.ddim_step_kwargs(self.scheduler, eta, use_clipped_model_output)
-        return self._sample(batch_size, generator, num_inference_steps, latents, output_type, return_dict, kwargs)
+        request = uc.unconditional_request(
+            self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
+            latents=latents, output_type=output_type, eta=eta, use_clipped_model_output=use_clipped_model_output,
+        )  # fmt: skip
+        return self._sample(request, generator, return_dict)
