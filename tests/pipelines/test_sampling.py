@@ -117,3 +117,34 @@ def test_run_program_gives_the_same_batch_on_one_device_pmap_and_a_mesh():
         run_program(jax.jit(program), "mesh", mesh, jnp.float32(0.5), make_state, x[:6], keys[:6])
     with pytest.raises(ValueError, match="mesh"):
         scale_out_mode(None, "mesh")
+
+
+def test_both_loops_pass_the_call_index_and_run_the_post_step_hook():
+    """``index_model_fn`` and ``post_step`` mean the same in torch's Python loop and flax's scan."""
+    import array_api_compat.torch as txp
+
+    sched = schedulers.from_config({"_class_name": "DDIMScheduler"})
+    x = parity.make_sample()
+    weights = np.linspace(0.5, 1.5, 4).astype(np.float32)  # a per-call weight, indexed by i
+    seen = []
+
+    def run(xp, wrap, loop, **extra):
+        w = wrap(weights)
+
+        def model_fn(sample, t, i):
+            return parity.dummy_model(xp, sample, t) * w[i]
+
+        def post_step(sample, state):
+            seen.append(type(sample).__module__)
+            return sample * 0.9  # any rewrite after each step
+
+        state = sched.set_timesteps(4, like=wrap(x))
+        out, _ = loop(sched, model_fn, wrap(x), state, index_model_fn=True, post_step=post_step, **extra)
+        return np.asarray(out)
+
+    a = run(txp, torch.from_numpy, torch_loop)
+    b = run(jnp, jnp.asarray, flax_loop)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert seen.count("torch") == 4  # the Python loop calls the hook after each of the 4 steps
+    plain = run(txp, torch.from_numpy, lambda *args, post_step, **kw: torch_loop(*args, **kw))
+    assert np.abs(plain - a).max() > 1e-2  # the hook changed the result
