@@ -1,7 +1,9 @@
 """Pipelines, framework-neutral half: folders and ``model_index.json``, component loading, image utils,
-and the pipeline math (guidance, img2img strength, inpaint masks, upscaler conditioning) written once.
+and every pipeline defined once: its validated request and recipe (``sd_recipe``, ``sd_recipes``,
+``unconditional``) over the shared math (guidance, img2img strength, inpaint masks, upscaler conditioning).
 
-Backends (``diffusion_core.torch.pipelines``, ``diffusion_core.flax.pipelines``) bind it to their networks.
+Backends (``diffusion_core.torch.pipelines``, ``diffusion_core.flax.pipelines``) bind it to their networks,
+RNG and loop driver.
 """
 
 from diffusion_core.pipelines import conditioning, guidance, image
