@@ -17,6 +17,16 @@ UNET_2D_MID_BLOCKS = ("UNetMidBlock2D", None)
 TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
 CLASS_EMBED_TYPES = (None, "timestep", "identity")
 TIME_SCALE_SHIFTS = ("default", "scale_shift")
+# diffusers' ``get_activation`` names; "swish" is another name of "silu".
+ACTIVATIONS = ("gelu", "mish", "relu", "silu", "swish")
+_ACTIVATION_ALIASES = {"swish": "silu"}
+
+
+def activation_name(name: Any, field: str = "act_fn") -> str:
+    """The canonical name of a diffusers activation ("swish" -> "silu"); ValueError naming ``field`` otherwise."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"{field}: unsupported activation {name!r}; accepted: {sorted(ACTIVATIONS)}")
+    return _ACTIVATION_ALIASES.get(name, name)
 
 
 def check_choice(name: str, value: Any, accepted: Iterable) -> None:
@@ -32,10 +42,8 @@ def block_name(name: str) -> str:
 
 
 def validate_unet_2d_config(cfg: Mapping[str, Any]) -> None:
-    """Check every UNet2DModel option the backends interpret; ValueError names the bad one.
-
-    (The activation name is checked by each backend's ``get_activation``.)
-    """
+    """Check every UNet2DModel option the backends interpret; ValueError names the bad one."""
+    activation_name(cfg["act_fn"])
     n = len(cfg["block_out_channels"])
     if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
         raise ValueError(
@@ -62,10 +70,8 @@ VAE_UP_BLOCKS = ("UpDecoderBlock2D",)
 
 
 def validate_autoencoder_kl_config(cfg: Mapping[str, Any]) -> None:
-    """Check every AutoencoderKL option the backends interpret; ValueError names the bad one.
-
-    (The activation name is checked by each backend's ``get_activation``.)
-    """
+    """Check every AutoencoderKL option the backends interpret; ValueError names the bad one."""
+    activation_name(cfg["act_fn"])
     n = len(cfg["block_out_channels"])
     if n < 1 or len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
         raise ValueError(
@@ -243,6 +249,7 @@ def check_int(name: str, value: Any, minimum: int = 1) -> None:
 
 def _check_common(cfg: Mapping[str, Any], n: int) -> None:
     """Options shared by UNet2DConditionModel and ControlNetModel."""
+    activation_name(cfg["act_fn"])
     if n < 1:
         raise ValueError("block_out_channels: expected at least one block")
     for c in cfg["block_out_channels"]:
@@ -283,8 +290,11 @@ def transformer_layers(cfg: Mapping[str, Any], n: int) -> list[Any]:
 def validate_unet_2d_condition_config(cfg: Mapping[str, Any]) -> None:
     """Check every UNet2DConditionModel option the backends interpret; ValueError names the bad one.
 
-    ``cfg`` is a full config (see ``resolve_config``). Activation names are checked by the backends.
+    ``cfg`` is a full config (see ``resolve_config``).
     """
+    for field in ("time_embedding_act_fn", "timestep_post_act"):
+        if cfg[field] is not None:
+            activation_name(cfg[field], field)
     n = len(cfg["block_out_channels"])
     if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
         raise ValueError(

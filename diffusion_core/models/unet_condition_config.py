@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_core.arrays import namespace
+from diffusion_core.models.attention import attention_mask_bias
 from diffusion_core.models.model_config import (
     CONTROLNET_DEFAULTS,
     CROSS_ATTN_BLOCKS,
@@ -383,19 +383,3 @@ def controlnet_residual_scales(num_down: int, conditioning_scale: float, guess_m
     if guess_mode:
         return np.logspace(-1, 0, num_down + 1, dtype=np.float32) * np.float32(conditioning_scale)
     return np.full(num_down + 1, conditioning_scale, dtype=np.float32)
-
-
-MASK_BIAS = -10000.0  # what diffusers adds to the attention scores of a discarded key
-
-
-def attention_mask_bias(mask: Any, like: Any) -> Any:
-    """(B, S) keep(1)/discard(0) mask -> (B, 1, S) additive bias (0 or -10000) in ``like``'s dtype, or None.
-
-    Array-API: runs on numpy, torch or jax arrays. ``like`` is the model input whose dtype the bias takes.
-    """
-    if mask is None:
-        return None
-    if getattr(mask, "ndim", None) != 2:
-        raise ValueError(f"attention mask: expected a (B, S) array, got shape {tuple(np.shape(mask))}")
-    xp = namespace(mask)
-    return ((1 - xp.astype(mask, like.dtype)) * MASK_BIAS)[:, None, :]  # (B, 1, S)

@@ -26,7 +26,7 @@ from diffusion_core.configuration import (
     to_json_value,
     write_json_atomic,
 )
-from diffusion_core.schedulers import schedule
+from diffusion_core.schedulers import common, schedule
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ class Scheduler(abc.ABC):
     # values diffusers silently rewrites on load (e.g. DPM maps algorithm_type "deis" to "dpmsolver++")
     _aliases: ClassVar[Mapping[str, Mapping[Any, Any]]] = {}
     order: ClassVar[int] = 1  # model calls per solver step (Heun/KDPM2: 2), as in diffusers
-    needs_noise: ClassVar[bool] = False  # True where ``step`` consumes a fresh Gaussian draw
     accepts_timesteps: ClassVar[bool] = False  # set_timesteps(timesteps=[...]) supported
     accepts_sigmas: ClassVar[bool] = False  # set_timesteps(sigmas=[...]) supported
     # keyword options ``step`` takes beyond the sample and noise (DDIM: eta); pipelines pass only these
@@ -67,8 +66,8 @@ class Scheduler(abc.ABC):
     # continuous-time schedulers (EDM, flow matching) sample any number of steps
     steps_bounded_by_training: ClassVar[bool] = True
     # multistep solvers warm their order up again from the first executed call: their per-step
-    # tables depend on it, and their ``_make_state`` takes ``begin=`` (the first call's index)
-    tables_depend_on_begin: ClassVar[bool] = False
+    # tables depend on it, and their ``_make_state`` takes ``begin_index=`` (the first call's index)
+    tables_depend_on_begin_index: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self._defaults))
@@ -204,12 +203,12 @@ class Scheduler(abc.ABC):
 
     def _build_state(self, n: int, like: Any, begin_index: Any, **make_kwargs: Any):
         """``_make_state(n, like, **make_kwargs)`` for a run starting at model call ``begin_index``."""
-        begin = check_begin_index(begin_index)
-        if self.tables_depend_on_begin:
-            make_kwargs["begin"] = begin
+        begin_index = check_begin_index(begin_index)
+        if self.tables_depend_on_begin_index:
+            make_kwargs["begin_index"] = begin_index
         state = self._make_state(n, like, **make_kwargs)
-        check_begin_index(begin, int(state.timesteps.shape[0]), self.order)
-        return state._replace(step_index=arrays.counter_like(like, begin)) if begin else state
+        check_begin_index(begin_index, int(state.timesteps.shape[0]), self.order)
+        return state._replace(step_index=arrays.counter_like(like, begin_index)) if begin_index else state
 
     def noise_calls(self, state, **step_kwargs: Any) -> np.ndarray:
         """(num_calls,) bool, host-side: True at the model calls where diffusers' ``step`` draws noise.
@@ -272,6 +271,11 @@ class Scheduler(abc.ABC):
     def add_noise(self, original_samples, noise, timesteps, state=None):
         """Forward-diffuse ``original_samples`` to ``timesteps`` with the given ``noise``."""
 
+    @property
+    def needs_noise(self) -> bool:
+        """True where ``step`` (default keywords) consumes a fresh Gaussian draw; a property on every scheduler."""
+        return False
+
     def needs_noise_for(self, **step_kwargs: Any) -> bool:
         """Whether ``step(..., **step_kwargs)`` consumes ``noise`` (e.g. DDIM only with eta > 0)."""
         return self.needs_noise
@@ -302,12 +306,12 @@ def check_begin_index(begin_index: Any, num_calls: int | None = None, order: int
     """
     if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
         raise ValueError(f"begin_index: must be an int >= 0, got {begin_index!r}")
-    begin = int(begin_index)
-    if num_calls is not None and begin >= num_calls:
-        raise ValueError(f"begin_index: must be < the number of model calls ({num_calls}), got {begin}")
-    if begin % order:
-        raise ValueError(f"begin_index: must be a multiple of the scheduler's order ({order}), got {begin}")
-    return begin
+    begin_index = int(begin_index)
+    if num_calls is not None and begin_index >= num_calls:
+        raise ValueError(f"begin_index: must be < the number of model calls ({num_calls}), got {begin_index}")
+    if begin_index % order:
+        raise ValueError(f"begin_index: must be a multiple of the scheduler's order ({order}), got {begin_index}")
+    return begin_index
 
 
 def host_values(values: Any) -> np.ndarray:
@@ -364,3 +368,18 @@ class AlphaScheduler(Scheduler):
         alpha, sigma = self._alpha_sigma_at(timesteps, sample)
         nd = sample.ndim
         return arrays.broadcast_left(alpha, nd) * noise - arrays.broadcast_left(sigma, nd) * sample
+
+
+class LevelAlphaScheduler(AlphaScheduler):
+    """Abstract: alpha-table solvers whose state holds their own noise levels (DPM-Solver, UniPC, DEIS)."""
+
+    def add_noise(self, original_samples, noise, timesteps, state=None):
+        """alpha_t x_0 + sigma_t noise; with ``state``, at the scheduled noise level of the nearest timestep.
+
+        Without a state, VP models use the training table (``AlphaScheduler.add_noise``), flow models the level t / T.
+        """
+        flow = bool(self.options["use_flow_sigmas"])
+        if state is None and not flow:
+            return super().add_noise(original_samples, noise, timesteps)
+        T = self.options["num_train_timesteps"]
+        return common.level_add_noise(original_samples, noise, timesteps, state, flow, T)

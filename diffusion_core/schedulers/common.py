@@ -76,11 +76,6 @@ def clamp_x0(config: Any, x0):
     return x0
 
 
-def churn_noise_calls(sigmas, s_churn: float, s_tmin: float, s_tmax: float):
-    """(n,) bool: the calls whose noise level gets churned (Karras et al. 2022, EDM, Alg. 2), i.e. draw noise."""
-    return (s_churn > 0) & (sigmas >= s_tmin) & (sigmas <= s_tmax)
-
-
 def push_history(history, new):
     """Shift a fixed-size (K, ...) history buffer left by one and append ``new`` (oldest first)."""
     xp = arrays.namespace(history)

@@ -71,8 +71,13 @@ class DDPMScheduler(AlphaScheduler):
         ),
     }
     _extra_beta_schedules = schedule.DDPM_EXTRA_BETA_SCHEDULES
-    needs_noise = True
+
     accepts_timesteps = True
+
+    @property
+    def needs_noise(self) -> bool:
+        """DDPM adds posterior noise at every step but the last."""
+        return True
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> DDPMState:
         cfg = self.options

@@ -18,7 +18,7 @@ import numpy as np
 
 from diffusion_core import arrays
 from diffusion_core.schedulers import common, schedule
-from diffusion_core.schedulers.base import AlphaScheduler
+from diffusion_core.schedulers.base import LevelAlphaScheduler
 
 
 class MultistepState(NamedTuple):
@@ -34,11 +34,11 @@ class MultistepState(NamedTuple):
     init_noise_sigma: Any  # () 1.0
 
 
-class VPMultistepScheduler(AlphaScheduler):
+class VPMultistepScheduler(LevelAlphaScheduler):
     """Abstract: exponential-integrator multistep solvers on a VP schedule (DPM-Solver, DEIS)."""
 
     _floors_zero_snr = True
-    tables_depend_on_begin = True  # the order warm-up restarts at the first executed step
+    tables_depend_on_begin_index = True  # the order warm-up restarts at the first executed step
 
     def _setup(self) -> None:
         super()._setup()
@@ -83,12 +83,12 @@ class VPMultistepScheduler(AlphaScheduler):
         n, timesteps, sigmas = self._resolve_request(num_inference_steps, timesteps, sigmas)
         return self._build_state(n, like, begin_index, timesteps=timesteps, sigmas=sigmas, mu=mu)
 
-    def _make_state(self, n, like, *, timesteps=None, sigmas=None, mu=None, begin: int = 0) -> MultistepState:
+    def _make_state(self, n, like, *, timesteps=None, sigmas=None, mu=None, begin_index: int = 0) -> MultistepState:
         cfg = self.options if mu is None else {**self.options, "flow_shift": float(np.exp(mu))}
         ts, levels = self._levels(n, timesteps, cfg)
         levels = levels.astype(np.float32).astype(np.float64)  # diffusers keeps float32 levels
         m, K = ts.shape[0], self.options["solver_order"]
-        orders = schedule.multistep_orders(m, K, *self._lower_order(m), begin=begin)
+        orders = schedule.multistep_orders(m, K, *self._lower_order(m), begin_index=begin_index)
         sample_coef, weights, noise_coef = self._coefficients(levels, orders)
         alpha, sigma = common.vp_alpha_sigma(levels[:-1], bool(self.options["use_flow_sigmas"]))
         return MultistepState(
@@ -126,56 +126,59 @@ class VPMultistepScheduler(AlphaScheduler):
             prev_sample = prev_sample + state.noise_coef[i] * self._require_noise(noise, "SDE variant")
         return prev_sample, state._replace(history=history, step_index=i + 1)
 
-    def add_noise(self, original_samples, noise, timesteps, state: MultistepState | None = None):
-        """alpha_t x_0 + sigma_t noise; with ``state``, at the scheduled level of the nearest timestep."""
-        flow = bool(self.options["use_flow_sigmas"])
-        if state is None and not flow:
-            return super().add_noise(original_samples, noise, timesteps)
-        xp = arrays.namespace(original_samples)
-        t = xp.astype(arrays.as_index_array(timesteps, original_samples), original_samples.dtype)
-        if state is None:
-            level = t / self.options["num_train_timesteps"]
-        else:
-            sched_t = xp.astype(state.timesteps, original_samples.dtype)
-            flat = xp.reshape(t, (-1,))
-            idx = xp.argmin(xp.abs(flat[:, None] - sched_t[None, :]), axis=1)
-            level = xp.reshape(xp.take(state.sigmas, idx, axis=0), t.shape)
-        alpha, sigma = common.vp_alpha_sigma(level, flow)
-        nd = original_samples.ndim
-        return arrays.broadcast_left(alpha, nd) * original_samples + arrays.broadcast_left(sigma, nd) * noise
+
+# ----- DPM-Solver coefficients, per variant -----
+class DPMCoefficients(NamedTuple):
+    """Host (n,) weights of one DPM-Solver update x_t = sample * x_s + d0 D0 + d1 D1 + d2 D2 (+ noise * z).
+
+    D0 is the newest converted output, D1 / D2 its first / second divided differences in lambda.
+    Each variant maps h = lambda_t - lambda_s and the VP (alpha, sigma) at t and s to these weights;
+    e.g. DPM-Solver++ (ODE): sample = sigma_t / sigma_s, d0 = alpha_t (1 - e^-h), d1_midpoint = d0 / 2,
+    d1_heun = alpha_t ((e^-h - 1) / h + 1), d2 = alpha_t (1/2 - (e^-h - 1 + h) / h^2), computed with expm1.
+    """
+
+    sample: np.ndarray  # weight of x_s
+    d0: np.ndarray  # weight of D0
+    d1_midpoint: np.ndarray  # weight of D1, solver_type "midpoint"
+    d1_heun: np.ndarray  # weight of D1, solver_type "heun" (and the third-order update)
+    d2: np.ndarray  # weight of D2 (third order only)
+    noise: np.ndarray  # weight of the Gaussian draw z (0 for ODE variants)
 
 
-# ----- DPM-Solver coefficients: x_t = cx x_s + c0 D0 + c1 D1 + c2 D2 (+ cz z), per variant -----
-# Each takes h = lambda_t - lambda_s and the VP (alpha, sigma) at t and s; returns
-# (cx, c0, c1 midpoint, c1 heun / order 3, c2, cz).
-def _dpmpp_ode(h, a_t, s_t, a_s, s_s):
+def _dpmpp_ode(h, a_t, s_t, a_s, s_s) -> DPMCoefficients:
     """DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095, eqs. 9-10 and Alg. 2)."""
     em = np.expm1(-h)
     c0 = -a_t * em
-    return s_t / s_s, c0, 0.5 * c0, a_t * (em / h + 1.0), -a_t * ((em + h) / h**2 - 0.5), np.zeros_like(h)
+    return DPMCoefficients(
+        s_t / s_s, c0, 0.5 * c0, a_t * (em / h + 1.0), -a_t * ((em + h) / h**2 - 0.5), np.zeros_like(h)
+    )
 
 
-def _dpmpp_sde(h, a_t, s_t, a_s, s_s):
+def _dpmpp_sde(h, a_t, s_t, a_s, s_s) -> DPMCoefficients:
     """SDE-DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095, app. B; Gonzalez et al. 2023, arXiv 2305.14267)."""
     e2 = np.expm1(-2.0 * h)
     c0 = -a_t * e2
     c2 = a_t * ((-e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
-    return s_t / s_s * np.exp(-h), c0, 0.5 * c0, a_t * (e2 / (2.0 * h) + 1.0), c2, s_t * np.sqrt(-e2)
+    return DPMCoefficients(s_t / s_s * np.exp(-h), c0, 0.5 * c0, a_t * (e2 / (2.0 * h) + 1.0), c2, s_t * np.sqrt(-e2))
 
 
-def _dpm_ode(h, a_t, s_t, a_s, s_s):
+def _dpm_ode(h, a_t, s_t, a_s, s_s) -> DPMCoefficients:
     """DPM-Solver (Lu et al. 2022, arXiv 2206.00927, eq. 3.7 and multistep Alg.)."""
     ep = np.expm1(h)
     c0 = -s_t * ep
-    return a_t / a_s, c0, 0.5 * c0, -s_t * (ep / h - 1.0), -s_t * ((ep - h) / h**2 - 0.5), np.zeros_like(h)
+    return DPMCoefficients(
+        a_t / a_s, c0, 0.5 * c0, -s_t * (ep / h - 1.0), -s_t * ((ep - h) / h**2 - 0.5), np.zeros_like(h)
+    )
 
 
-def _dpm_sde(h, a_t, s_t, a_s, s_s):
+def _dpm_sde(h, a_t, s_t, a_s, s_s) -> DPMCoefficients:
     """SDE-DPM-Solver (Lu et al. 2022, arXiv 2211.01095, app. B); it has no third order."""
     ep = np.expm1(h)
     c0 = -2.0 * s_t * ep
     no_c2 = np.full_like(h, np.nan)
-    return a_t / a_s, c0, 0.5 * c0, -2.0 * s_t * (ep / h - 1.0), no_c2, s_t * np.sqrt(np.expm1(2.0 * h))
+    return DPMCoefficients(
+        a_t / a_s, c0, 0.5 * c0, -2.0 * s_t * (ep / h - 1.0), no_c2, s_t * np.sqrt(np.expm1(2.0 * h))
+    )
 
 
 _VARIANTS = {"dpmsolver++": _dpmpp_ode, "sde-dpmsolver++": _dpmpp_sde, "dpmsolver": _dpm_ode, "sde-dpmsolver": _dpm_sde}
@@ -191,12 +194,13 @@ def dpm_coefficients(config, levels: np.ndarray, orders: np.ndarray):
     alpha, sigma = common.vp_alpha_sigma(levels, bool(config["use_flow_sigmas"]))
     variant = _VARIANTS[config["algorithm_type"]]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lam = np.log(alpha) - np.log(sigma)  # (n + 1,) half log-SNR; +inf at a zero terminal level
+        lam = schedule.half_log_snr(alpha, sigma)  # (n + 1,); +inf at a zero terminal level
         h = lam[1:] - lam[:-1]
         lam1, lam2 = schedule.lagged(lam, n, 1), schedule.lagged(lam, n, 2)
         r0, r1 = (lam[:-1] - lam1) / h, (lam1 - lam2) / h
-        cx, c0, c1_mid, c1_heun, c2, cz = variant(h, alpha[1:], sigma[1:], alpha[:-1], sigma[:-1])
-        c1 = c1_mid if config["solver_type"] == "midpoint" else c1_heun
+        co = variant(h, alpha[1:], sigma[1:], alpha[:-1], sigma[:-1])
+        c0, c1_heun, c2 = co.d0, co.d1_heun, co.d2
+        c1 = co.d1_midpoint if config["solver_type"] == "midpoint" else c1_heun
         zeros = np.zeros(n)
         second = np.stack([c0 + c1 / r0, -c1 / r0, zeros], axis=1)
         k, q = r0 / (r0 + r1), 1.0 / (r0 + r1)  # D1 = (1 + k) D1_0 - k D1_1, D2 = q (D1_0 - D1_1)
@@ -204,7 +208,7 @@ def dpm_coefficients(config, levels: np.ndarray, orders: np.ndarray):
         third = np.stack([c0 + a / r0, -a / r0 - b / r1, b / r1], axis=1)
     first = np.stack([c0, zeros, zeros], axis=1)
     weights = np.select([orders[:, None] == 1, orders[:, None] == 2], [first, second], third)
-    return cx, weights, cz
+    return co.sample, weights, co.noise
 
 
 class DPMSolverMultistepScheduler(VPMultistepScheduler):
@@ -271,16 +275,9 @@ class DPMSolverMultistepScheduler(VPMultistepScheduler):
                 )
 
     @property
-    def needs_noise(self) -> bool:  # type: ignore[override]
+    def needs_noise(self) -> bool:
         """The SDE variants consume one Gaussian draw per step."""
         return self.options["algorithm_type"].startswith("sde-")
-
-    def _last_timestep(self) -> int:
-        """Upper end of the timestep grid: drop the steps whose log-SNR is below lambda_min_clipped."""
-        acp = self.alphas_cumprod
-        lam = 0.5 * (np.log(acp) - np.log1p(-acp))  # (T,) decreasing in t
-        T = self.options["num_train_timesteps"]
-        return T - int(np.searchsorted(lam[::-1], self.options["lambda_min_clipped"]))
 
     def _levels(self, n, timesteps, cfg):
         if timesteps is not None:
@@ -294,7 +291,8 @@ class DPMSolverMultistepScheduler(VPMultistepScheduler):
         else:
             rounded = cfg["beta_schedule"] != "squaredcos_cap_v2"
             round_ladder = rounded and (cfg["use_karras_sigmas"] or cfg["use_lu_lambdas"])
-            ts, levels = self._ladder_or_spaced(n, cfg, round_ladder, self._last_timestep())
+            last_t = schedule.clipped_last_timestep(cfg, self.alphas_cumprod)
+            ts, levels = self._ladder_or_spaced(n, cfg, round_ladder, last_t)
         last = self.train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         return ts, np.concatenate([levels, [last]])
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from diffusion_core import arrays
 from diffusion_core.schedulers import common, schedule
-from diffusion_core.schedulers.base import AlphaScheduler
+from diffusion_core.schedulers.base import LevelAlphaScheduler
 
 
 class DPMSinglestepState(NamedTuple):
@@ -111,7 +111,7 @@ def _chain_through_sample(steps, orders, K: int):
     return a, w, z, z_prev
 
 
-class DPMSolverSinglestepScheduler(AlphaScheduler):
+class DPMSolverSinglestepScheduler(LevelAlphaScheduler):
     """Singlestep DPM-Solver(++) of order 1-3, ODE or SDE (sde-dpmsolver++)."""
 
     _defaults = {
@@ -152,7 +152,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
         "solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},
     }
     accepts_timesteps = True
-    tables_depend_on_begin = True
+    tables_depend_on_begin_index = True
 
     def _init_from(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         # diffusers checks final_sigmas_type against the algorithm_type as given, before its alias
@@ -177,7 +177,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
             )
 
     @property
-    def needs_noise(self) -> bool:  # type: ignore[override]
+    def needs_noise(self) -> bool:
         """sde-dpmsolver++ consumes one Gaussian draw per step."""
         return self.options["algorithm_type"] == "sde-dpmsolver++"
 
@@ -193,9 +193,8 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
                 raise ValueError(f"timesteps: custom timesteps cannot be combined with {ladder}=True")
             ts = schedule.integer_timesteps(timesteps, T)
         else:
-            lam = schedule.half_log_snr(np.sqrt(self.alphas_cumprod), np.sqrt(1 - self.alphas_cumprod))
-            clipped = int(np.searchsorted(lam[::-1], cfg["lambda_min_clipped"]))
-            ts = schedule.multistep_timesteps("linspace", T, n, last_timestep=T - clipped)
+            last = schedule.clipped_last_timestep(cfg, self.alphas_cumprod)
+            ts = schedule.multistep_timesteps("linspace", T, n, last_timestep=last)
         ladder = schedule.multistep_ladder(cfg, train_sigmas, n)
         if ladder is None:
             sigmas = np.interp(ts, np.arange(T), train_sigmas)
@@ -208,7 +207,7 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
             last = schedule.sigmas_from_alphas_cumprod_f32(self.alphas_cumprod[:1])[0]
         return ts, np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)  # diffusers: float32
 
-    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin: int = 0) -> DPMSinglestepState:
+    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin_index: int = 0) -> DPMSinglestepState:
         cfg = self.options
         ts, sig = self._schedule(n, timesteps)
         flow = bool(cfg["use_flow_sigmas"])
@@ -217,9 +216,9 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
         K, final_zero = cfg["solver_order"], cfg["final_sigmas_type"] == "zero"
         # diffusers switches lower_order_final on for uneven step counts and for a zero final sigma
         lower_final = cfg["lower_order_final"] or n % K != 0 or final_zero
-        # a run starting at step `begin` has no outputs before it: the first group is cut short
+        # a run starting at step `begin_index` has no outputs before it: the first group is cut short
         # there (diffusers lowers the order while model_outputs[-order] is None)
-        orders = np.minimum(order_list(n, K, lower_final, final_zero), np.arange(n) - begin + 1).clip(1).tolist()
+        orders = np.minimum(order_list(n, K, lower_final, final_zero), np.arange(n) - begin_index + 1).clip(1).tolist()
         heun = cfg["solver_type"] == "heun"
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             steps = [
@@ -275,11 +274,3 @@ class DPMSolverSinglestepScheduler(AlphaScheduler):
             prev_noise = self._require_noise(noise, "sde-dpmsolver++")
             prev_sample = prev_sample + state.noise_coef[i] * prev_noise - state.prev_noise_coef[i] * state.prev_noise
         return prev_sample, state._replace(history=history, prev_noise=prev_noise, step_index=i + 1)
-
-    def add_noise(self, original_samples, noise, timesteps, state: Any = None):
-        """alpha_t x_0 + sigma_t noise; with ``state``, at the scheduled noise level of each timestep."""
-        flow = bool(self.options["use_flow_sigmas"])
-        if state is None and not flow:
-            return super().add_noise(original_samples, noise, timesteps)
-        T = self.options["num_train_timesteps"]
-        return common.level_add_noise(original_samples, noise, timesteps, state, flow, T)

@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from diffusion_core import arrays
-from diffusion_core.schedulers import common, schedule
-from diffusion_core.schedulers.base import Scheduler, host_values
+from diffusion_core.schedulers import schedule
+from diffusion_core.schedulers.base import Scheduler
+from diffusion_core.schedulers.churn import ChurnMixin
 
 
 class EDMEulerState(NamedTuple):
@@ -38,7 +39,7 @@ def euler_coefs(sigma, sigma_next, sigma_data: float, sign: float):
     return 1 + ratio * (1 - c_skip), -ratio * c_out
 
 
-class EDMEulerScheduler(Scheduler):
+class EDMEulerScheduler(ChurnMixin, Scheduler):
     """x_{i+1} = x_i + (sigma_{i+1} - sigma_hat) (x_i - D(x_i)) / sigma_hat (EDM, Alg. 2 without the Heun step)."""
 
     _defaults = {
@@ -102,16 +103,6 @@ class EDMEulerScheduler(Scheduler):
         """c_in(sigma) x = x / sqrt(sigma^2 + sigma_data^2) (EDM, Table 1)."""
         return sample * state.c_in[state.step_index]
 
-    def needs_noise_for(self, *, s_churn: float = 0.0, **_: Any) -> bool:
-        return s_churn > 0
-
-    def noise_calls(
-        self, state: EDMEulerState, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), **_: Any
-    ) -> np.ndarray:
-        """Churned calls only (sigma in [s_tmin, s_tmax]): diffusers draws where gamma > 0."""
-        sigmas = host_values(state.sigmas)[: state.timesteps.shape[0]]
-        return common.churn_noise_calls(sigmas, s_churn, s_tmin, s_tmax)
-
     def step(
         self,
         state: EDMEulerState,
@@ -129,19 +120,14 @@ class EDMEulerScheduler(Scheduler):
 
         ``pred_original_sample``: a denoised D(x) to use instead of preconditioning ``model_output``.
         """
-        xp = arrays.namespace(sample)
         i = state.step_index
         if s_churn <= 0 and pred_original_sample is None:
             return state.sample_coef[i] * sample + state.output_coef[i] * model_output, state._replace(step_index=i + 1)
         sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
         sigma_hat = sigma
         if s_churn > 0:
-            gamma = min(s_churn / (state.sigmas.shape[0] - 1), 2**0.5 - 1)
-            churned = xp.astype((sigma >= s_tmin) & (sigma <= s_tmax), sigma.dtype)
-            sigma_hat = sigma * (1 + gamma * churned)
-            # noise=None is accepted outside [s_tmin, s_tmax], where sigma_hat = sigma (noise_calls is False)
-            if self._noise_unless_unused(noise, churned, "s_churn > 0") is not None:
-                sample = sample + noise * (s_noise * xp.sqrt(sigma_hat**2 - sigma**2))
+            sample, g = self._churn(state, sample, noise, s_churn, s_tmin, s_tmax, s_noise)
+            sigma_hat = sigma * (1 + g)
         if pred_original_sample is not None:
             prev_sample = sample + (sample - pred_original_sample) * ((sigma_next - sigma_hat) / sigma_hat)
         else:

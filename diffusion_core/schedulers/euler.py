@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from diffusion_core import arrays
-from diffusion_core.schedulers import common, sigma_base
-from diffusion_core.schedulers.base import host_values
+from diffusion_core.schedulers import sigma_base
+from diffusion_core.schedulers.churn import ChurnMixin
 from diffusion_core.schedulers.sigma_base import SigmaScheduler
 
 # columns of EulerState.coefs
@@ -23,7 +23,7 @@ class EulerState(NamedTuple):
     init_noise_sigma: Any  # () scale of the starting Gaussian draw
 
 
-class EulerDiscreteScheduler(SigmaScheduler):
+class EulerDiscreteScheduler(ChurnMixin, SigmaScheduler):
     """x_{i+1} = x_i + (sigma_{i+1} - sigma_hat) d_i, d_i = (x_i - D(x_i)) / sigma_hat."""
 
     _defaults = {
@@ -74,16 +74,6 @@ class EulerDiscreteScheduler(SigmaScheduler):
             init_noise_sigma=arrays.host_to_like(sigma_base.init_noise_sigma_for(self.options, sig), like),
         )
 
-    def needs_noise_for(self, *, s_churn: float = 0.0, **_: Any) -> bool:
-        return s_churn > 0
-
-    def noise_calls(
-        self, state: EulerState, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), **_: Any
-    ) -> np.ndarray:
-        """Churned calls only (sigma in [s_tmin, s_tmax]): diffusers draws where gamma > 0."""
-        sigmas = host_values(state.sigmas)[: state.timesteps.shape[0]]
-        return common.churn_noise_calls(sigmas, s_churn, s_tmin, s_tmax)
-
     def step(
         self,
         state: EulerState,
@@ -101,14 +91,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
         c = state.coefs[i]  # (4,)
         inv_sigma, dt = c[_INV_SIGMA], c[_DT]
         if s_churn > 0:
-            xp = arrays.namespace(sample)
-            sigma = state.sigmas[i]
-            gamma = min(s_churn / (state.sigmas.shape[0] - 1), 2**0.5 - 1)
-            churn = gamma * xp.astype((sigma >= s_tmin) & (sigma <= s_tmax), sigma.dtype)  # () gamma or 0
-            # noise=None is accepted outside [s_tmin, s_tmax], where churn is 0 (noise_calls is False)
-            if self._noise_unless_unused(noise, churn, "s_churn > 0") is not None:
-                sample = sample + noise * (s_noise * sigma * xp.sqrt(churn * (churn + 2)))  # sqrt(s_hat^2 - s^2)
-            inv_sigma, dt = inv_sigma / (1 + churn), dt - sigma * churn
+            sample, g = self._churn(state, sample, noise, s_churn, s_tmin, s_tmax, s_noise)
+            inv_sigma, dt = inv_sigma / (1 + g), dt - state.sigmas[i] * g  # 1 / sigma_hat, sigma_next - sigma_hat
         # x0 = c_skip x + c_out out uses the un-churned sigma (as diffusers), the slope divides by sigma_hat
         d = sigma_base.ode_slope(self.options, c[_C_SKIP], c[_C_OUT], inv_sigma, model_output, sample)
         return sample + d * dt, state._replace(step_index=i + 1)

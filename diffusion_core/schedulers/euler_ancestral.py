@@ -38,7 +38,11 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     }
     # diffusers accepts "sample" in the config but raises NotImplementedError at the first step
     _choices = {"prediction_type": ("epsilon", "v_prediction")}
-    needs_noise = True
+
+    @property
+    def needs_noise(self) -> bool:
+        """Every ancestral step re-noises with a fresh Gaussian draw."""
+        return True
 
     def _make_state(self, n, like, *, timesteps=None, sigmas=None) -> EulerAncestralState:
         ts, sig = sigma_base.sigma_schedule(self.options, self.train_sigmas, n)

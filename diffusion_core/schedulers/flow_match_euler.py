@@ -58,7 +58,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
             raise ValueError(f"{type(self).__name__}: shift_terminal must be None or in (0, 1), got {terminal!r}")
 
     @property
-    def needs_noise(self) -> bool:  # type: ignore[override]
+    def needs_noise(self) -> bool:
         """stochastic_sampling re-noises every step with a fresh Gaussian draw."""
         return bool(self.options["stochastic_sampling"])
 

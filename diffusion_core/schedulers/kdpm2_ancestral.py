@@ -13,7 +13,10 @@ from diffusion_core.schedulers.kdpm2 import KDPM2Base
 class KDPM2AncestralDiscreteScheduler(KDPM2Base):
     """Stochastic DPM-Solver-2: midpoint sqrt(s_i sigma_down); the second call adds sigma_up * noise."""
 
-    needs_noise = True
+    @property
+    def needs_noise(self) -> bool:
+        """The ancestral second stage re-noises with a fresh Gaussian draw."""
+        return True
 
     def noise_calls(self, state, **_: Any) -> np.ndarray:
         """The second-stage calls (odd indices): diffusers draws only there."""

@@ -49,8 +49,13 @@ class LCMScheduler(AlphaScheduler):
         "timestep_scaling": 10.0,
         "rescale_betas_zero_snr": False,
     }
-    needs_noise = True
+
     accepts_timesteps = True
+
+    @property
+    def needs_noise(self) -> bool:
+        """Every multistep LCM step re-noises the denoised sample."""
+        return True
 
     def _check_config(self, config: dict[str, Any]) -> None:
         super()._check_config(config)

@@ -125,7 +125,7 @@ class PNDMScheduler(AlphaScheduler):
         "timestep_spacing": "leading",
         "steps_offset": 0,
     }
-    tables_depend_on_begin = True  # diffusers' call counter restarts at the first executed call
+    tables_depend_on_begin_index = True  # diffusers' call counter restarts at the first executed call
     # diffusers accepts "sample" in __init__ but every step then raises
     _choices = {"prediction_type": ("epsilon", "v_prediction")}
 
@@ -163,28 +163,28 @@ class PNDMScheduler(AlphaScheduler):
             return sample_coef + eps_coef * np.sqrt(1 - a_t), eps_coef * np.sqrt(a_t)
         return sample_coef, eps_coef
 
-    def _host_tables(self, n: int, begin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def _host_tables(self, n: int, begin_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Call timesteps and weight rows (with the push weights) for n steps; config-only, so cached.
 
-        A run starting at call ``begin`` replays diffusers' counter from 0 over ``timesteps[begin:]``
-        (diffusers' PNDM has no begin index: img2img loops over the slice). For begin >= 2 that
+        A run starting at call ``begin_index`` replays diffusers' counter from 0 over ``timesteps[begin_index:]``
+        (diffusers' PNDM has no set_begin_index: img2img loops over the slice). For begin_index >= 2 that
         slice lacks the repeated timestep the counter-1 correction relies on, so, as in diffusers,
         the PLMS steps after it treat the sample as one grid step lower than it is.
         """
         cache = self.__dict__.setdefault("_tables_by_steps", {})
-        if (n, begin) not in cache:
+        if (n, begin_index) not in cache:
             ts, n_prk = self._timesteps(n)
-            if begin and n_prk:
+            if begin_index and n_prk:
                 raise ValueError(
                     "begin_index: PNDMScheduler with skip_prk_steps=False cannot start mid-schedule (diffusers' "
                     "Runge-Kutta stages follow its own call counter, not the timesteps); use skip_prk_steps=True"
                 )
-            check_begin_index(begin, ts.shape[0])
-            rows = self._call_table(ts[begin:], n_prk, n)
-            if begin:
-                rows = np.concatenate([self._host_tables(n)[1][:begin], rows])
-            cache[n, begin] = ts, rows
-        return cache[n, begin]
+            check_begin_index(begin_index, ts.shape[0])
+            rows = self._call_table(ts[begin_index:], n_prk, n)
+            if begin_index:
+                rows = np.concatenate([self._host_tables(n)[1][:begin_index], rows])
+            cache[n, begin_index] = ts, rows
+        return cache[n, begin_index]
 
     def _call_table(self, ts: np.ndarray, n_prk: int, n: int) -> np.ndarray:
         """Weight rows (with the push weights) of a run over the call timesteps ``ts`` from a fresh counter."""
@@ -196,8 +196,8 @@ class PNDMScheduler(AlphaScheduler):
         push = np.array([c["push"] for c in calls], dtype=np.float64)
         return np.column_stack([rows, push, 1.0 - push])
 
-    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin: int = 0) -> PNDMState:
-        ts, coefs = self._host_tables(n, begin)
+    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin_index: int = 0) -> PNDMState:
+        ts, coefs = self._host_tables(n, begin_index)
         zero = arrays.zeros_like_shape(like)  # never written to, so every empty slot can share it
         return PNDMState(
             timesteps=arrays.host_to_like(ts, like, integer=True),

@@ -265,15 +265,23 @@ def half_log_snr(alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         return np.log(np.asarray(alpha, dtype=np.float64)) - np.log(np.asarray(sigma, dtype=np.float64))
 
 
-def multistep_orders(n: int, solver_order: int, lower_final: bool, lower_second: bool, begin: int = 0) -> np.ndarray:
+def clipped_last_timestep(config: Mapping[str, Any], alphas_cumprod: np.ndarray) -> int:
+    """Upper end of DPM-Solver's timestep grid: drop the training steps whose lambda_t < lambda_min_clipped."""
+    lam = half_log_snr(np.sqrt(alphas_cumprod), np.sqrt(1.0 - alphas_cumprod))  # (T,) decreasing in t
+    return config["num_train_timesteps"] - int(np.searchsorted(lam[::-1], config["lambda_min_clipped"]))
+
+
+def multistep_orders(
+    n: int, solver_order: int, lower_final: bool, lower_second: bool, begin_index: int = 0
+) -> np.ndarray:
     """Solver order at each of n steps: warm up 1, 2, ... and (optionally) step down at the end.
 
-    The warm-up counts from step ``begin``, the first one executed (img2img: no history before it);
+    The warm-up counts from step ``begin_index``, the first one executed (img2img: no history before it);
     ``lower_final``: the last step is first order; ``lower_second``: the second-to-last is at
     most second order (diffusers' lower_order_final for short schedules). Both count in absolute
     steps of the whole schedule.
     """
-    orders = np.clip(np.arange(n) - begin + 1, 1, solver_order)
+    orders = np.clip(np.arange(n) - begin_index + 1, 1, solver_order)
     if lower_second and n >= 2:
         orders[-2] = min(orders[-2], 2)
     if lower_final and n >= 1:

@@ -15,7 +15,7 @@ import numpy as np
 
 from diffusion_core import arrays
 from diffusion_core.schedulers import common, schedule
-from diffusion_core.schedulers.base import AlphaScheduler
+from diffusion_core.schedulers.base import LevelAlphaScheduler
 
 
 class UniPCState(NamedTuple):
@@ -94,7 +94,7 @@ def _fold_corrector(corr_sample, corr_last, corr_out, pred_sample, pred_out):
     return a, w
 
 
-class UniPCMultistepScheduler(AlphaScheduler):
+class UniPCMultistepScheduler(LevelAlphaScheduler):
     """UniPC (bh1/bh2 B(h), data or noise prediction) of any order, with per-step corrector switches."""
 
     _defaults = {
@@ -155,7 +155,7 @@ class UniPCMultistepScheduler(AlphaScheduler):
             )
 
     _floors_zero_snr = True
-    tables_depend_on_begin = True  # warm-up restarts, and the first executed step has no corrector
+    tables_depend_on_begin_index = True  # warm-up restarts, and the first executed step has no corrector
 
     # ----- host-side schedule -----------------------------------------------------------
     def _flow_levels(self, n: int, sigmas):
@@ -205,30 +205,30 @@ class UniPCMultistepScheduler(AlphaScheduler):
         levels = np.concatenate([levels, [last]]).astype(np.float32).astype(np.float64)  # diffusers: float32
         return ts, levels
 
-    def _orders(self, m: int, begin: int) -> np.ndarray:
-        """Order of each step's predictor: warm-up 1, 2, ... from step ``begin`` (the first executed),
+    def _orders(self, m: int, begin_index: int) -> np.ndarray:
+        """Order of each step's predictor: warm-up 1, 2, ... from step ``begin_index`` (the first executed),
         and (lower_order_final) none past the end of the whole schedule."""
         K = self.options["solver_order"]
         i = np.arange(m)
-        orders = np.clip(i - begin + 1, 1, K)
+        orders = np.clip(i - begin_index + 1, 1, K)
         if self.options["lower_order_final"]:
             orders = np.minimum(orders, m - i)
         return orders
 
-    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin: int = 0) -> UniPCState:
+    def _make_state(self, n, like, *, timesteps=None, sigmas=None, begin_index: int = 0) -> UniPCState:
         cfg = self.options
         ts, levels = self._schedule(n, sigmas)
         m, K = ts.shape[0], cfg["solver_order"]
         alpha, sigma = common.vp_alpha_sigma(levels, flow=bool(cfg["use_flow_sigmas"]))
         lam = schedule.half_log_snr(alpha, sigma)
-        orders = self._orders(m, begin)
+        orders = self._orders(m, begin_index)
         x0, bh1 = bool(cfg["predict_x0"]), cfg["solver_type"] == "bh1"
         corr_sample, corr_last, corr_out = np.ones(m), np.zeros(m), np.zeros((m, K + 1))
         pred_sample, pred_out = np.zeros(m), np.zeros((m, K + 1))
         disabled = set(cfg["disable_corrector"])
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for i in range(m):
-                if i > begin and (i - 1) not in disabled:  # UniC from step i - 1 (its order) onto level i
+                if i > begin_index and (i - 1) not in disabled:  # UniC from step i - 1 (its order) onto level i
                     c = orders[i - 1]
                     hist = [i - 1 - k for k in range(1, c)]
                     cx, w0, wh, wn = _update_weights(lam, alpha, sigma, i - 1, i, hist, x0, bh1, True)
@@ -275,11 +275,3 @@ class UniPCMultistepScheduler(AlphaScheduler):
         prev_sample = prev_sample + state.output_coef[i] * m
         history = m[None, ...] if self.options["solver_order"] == 1 else common.push_history(state.history, m)
         return prev_sample, state._replace(history=history, step_index=i + 1)
-
-    def add_noise(self, original_samples, noise, timesteps, state: Any = None):
-        """alpha_t x_0 + sigma_t noise; with ``state``, at the scheduled noise level of each timestep."""
-        flow = bool(self.options["use_flow_sigmas"])
-        if state is None and not flow:
-            return super().add_noise(original_samples, noise, timesteps)
-        T = self.options["num_train_timesteps"]
-        return common.level_add_noise(original_samples, noise, timesteps, state, flow, T)

@@ -114,7 +114,7 @@ def test_begin_sets_counter_and_restarts_warm_up():
 
 
 def test_multistep_orders_begin():
-    np.testing.assert_array_equal(schedule.multistep_orders(8, 3, True, True, begin=3), [1, 1, 1, 1, 2, 3, 2, 1])
+    np.testing.assert_array_equal(schedule.multistep_orders(8, 3, True, True, begin_index=3), [1, 1, 1, 1, 2, 3, 2, 1])
     np.testing.assert_array_equal(schedule.multistep_orders(8, 3, False, False), [1, 2, 3, 3, 3, 3, 3, 3])
 
 

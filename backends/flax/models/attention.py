@@ -21,18 +21,7 @@ from diffusion_core.flax.models.layers import (
     make_dropout,
     scaled_dot_product_attention,
 )
-
-MASK_BIAS = -10000.0  # diffusers turns a keep(1)/discard(0) mask into this additive bias
-
-
-def mask_to_bias(mask: jax.Array | None, dtype: jnp.dtype) -> jax.Array | None:
-    """(B, S) keep/discard mask -> (B, 1, 1, S) additive attention bias (0 or -10000), or None."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"encoder_attention_mask: expected a (B, S) array, got shape {tuple(mask.shape)}")
-    return ((1 - mask.astype(dtype)) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, S)
+from diffusion_core.models.attention import K_GROUP_SIZE, AttentionContext, attention_norm_groups
 
 
 class Attention(nnx.Module):
@@ -74,9 +63,12 @@ class Attention(nnx.Module):
         self,
         hidden_states: jax.Array,
         encoder_hidden_states: jax.Array | None = None,
-        attention_bias: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """(B, L, C) queries attend to the context (B, S, C_ctx) or to themselves; bias broadcasts to (B, N, L, S)."""
+        """(B, L, C) queries attend to the context (B, S, C_ctx) or to themselves.
+
+        ``attention_mask``: a (B, 1 or L, S) additive bias (``attention_mask_bias``), or None.
+        """
         if encoder_hidden_states is None:
             context = hidden_states
         else:
@@ -87,9 +79,8 @@ class Attention(nnx.Module):
         dtype = q.dtype
         if self.upcast_attention:
             q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-        if attention_bias is not None:
-            attention_bias = attention_bias.astype(q.dtype)
-        out = scaled_dot_product_attention(q, k, v, attention_bias).astype(dtype)  # (B, L, heads, head_dim)
+        bias = None if attention_mask is None else jnp.asarray(attention_mask)[:, None].astype(q.dtype)  # (B,1,*,S)
+        out = scaled_dot_product_attention(q, k, v, bias).astype(dtype)  # (B, L, heads, head_dim)
         out = out.reshape(out.shape[0], out.shape[1], -1)  # (B, L, inner_dim)
         return self.to_out[1](self.to_out[0](out))  # (B, L, query_dim)
 
@@ -152,6 +143,7 @@ class BasicTransformerBlock(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
     ) -> None:
         self.only_cross_attention = only_cross_attention
+        self.double_self_attention = double_self_attention
 
         def attention(context_dim: int | None) -> Attention:
             return Attention(
@@ -171,18 +163,14 @@ class BasicTransformerBlock(nnx.Module):
         self,
         hidden_states: jax.Array,
         encoder_hidden_states: jax.Array | None = None,
-        encoder_attention_bias: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        encoder_attention_mask: jax.Array | None = None,
     ) -> jax.Array:
-        if self.only_cross_attention:
-            hidden_states = hidden_states + self.attn1(
-                self.norm1(hidden_states), encoder_hidden_states, encoder_attention_bias
-            )
-        else:
-            hidden_states = hidden_states + self.attn1(self.norm1(hidden_states))
+        context = encoder_hidden_states if self.only_cross_attention else None
+        hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), context, attention_mask)
         if self.attn2 is not None:
-            hidden_states = hidden_states + self.attn2(
-                self.norm2(hidden_states), encoder_hidden_states, encoder_attention_bias
-            )
+            context = None if self.double_self_attention else encoder_hidden_states
+            hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), context, encoder_attention_mask)
         return hidden_states + self.ff(self.norm3(hidden_states))
 
 
@@ -235,7 +223,8 @@ class Transformer2DModel(nnx.Module):
         self,
         hidden_states: jax.Array,
         encoder_hidden_states: jax.Array | None = None,
-        encoder_attention_bias: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        encoder_attention_mask: jax.Array | None = None,
     ) -> jax.Array:
         residual = hidden_states
         batch, height, width, _ = hidden_states.shape
@@ -246,7 +235,7 @@ class Transformer2DModel(nnx.Module):
         if self.use_linear_projection:
             tokens = self.proj_in(tokens)  # (B, HW, inner)
         for block in self.transformer_blocks:
-            tokens = block(tokens, encoder_hidden_states, encoder_attention_bias)
+            tokens = block(tokens, encoder_hidden_states, attention_mask, encoder_attention_mask)
         if self.use_linear_projection:
             tokens = self.proj_out(tokens)  # (B, HW, C)
             return tokens.reshape(batch, height, width, -1) + residual  # (B, H, W, C)
@@ -257,48 +246,46 @@ class Transformer2DModel(nnx.Module):
 class KAttentionBlock(nnx.Module):
     """Feed-forward-free transformer block of the K-UNet: AdaGroupNorm'd [self-attention,] cross-attention.
 
-    Both attentions have biased projections; the cross-attention LayerNorms its context (``norm_cross``).
+    Both attentions have biased projections and ``dim // attention_head_dim`` heads; the cross-attention
+    LayerNorms its context (``norm_cross``). Each is residual.
     """
 
     def __init__(
         self,
         dim: int,
-        num_attention_heads: int,
         attention_head_dim: int,
         cross_attention_dim: int | None,
         temb_channels: int,
         add_self_attention: bool = False,
         upcast_attention: bool = False,
-        group_size: int = 32,
+        group_size: int = K_GROUP_SIZE,
         *,
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
     ) -> None:
-        groups = max(1, dim // group_size)
+        groups, heads = attention_norm_groups(dim, group_size), dim // attention_head_dim
         self.norm1 = AdaGroupNorm(temb_channels, dim, groups, rngs=rngs, dtype=dtype) if add_self_attention else None
         self.attn1 = (
-            Attention(dim, None, num_attention_heads, attention_head_dim, bias=True, rngs=rngs, dtype=dtype)
+            Attention(dim, None, heads, attention_head_dim, bias=True, rngs=rngs, dtype=dtype)
             if add_self_attention
             else None
         )
         self.norm2 = AdaGroupNorm(temb_channels, dim, groups, rngs=rngs, dtype=dtype)
         self.attn2 = Attention(
-            dim, cross_attention_dim, num_attention_heads, attention_head_dim, bias=True,
+            dim, cross_attention_dim, heads, attention_head_dim, bias=True,
             upcast_attention=upcast_attention, cross_attention_norm="layer_norm", rngs=rngs, dtype=dtype,
         )  # fmt: skip
 
-    def __call__(
-        self,
-        hidden_states: jax.Array,
-        encoder_hidden_states: jax.Array | None,
-        emb: jax.Array,
-        encoder_attention_bias: jax.Array | None = None,
-    ) -> jax.Array:
-        batch, height, width, channels = hidden_states.shape
+    def __call__(self, hidden_states: jax.Array, emb: jax.Array, ctx: AttentionContext) -> jax.Array:
         if self.attn1 is not None:
-            tokens = self.norm1(hidden_states, emb).reshape(batch, height * width, channels)  # (B, HW, C)
-            hidden_states = hidden_states + self.attn1(tokens).reshape(batch, height, width, channels)
-        tokens = self.norm2(hidden_states, emb).reshape(batch, height * width, channels)  # (B, HW, C)
-        bias = encoder_attention_bias if encoder_hidden_states is not None else None
-        out = self.attn2(tokens, encoder_hidden_states, bias)  # (B, HW, C)
-        return hidden_states + out.reshape(batch, height, width, channels)
+            out = self._run(self.attn1, self.norm1(hidden_states, emb), None, ctx.attention_mask)
+            hidden_states = hidden_states + out
+        cross_mask = ctx.attention_mask if ctx.encoder_hidden_states is None else ctx.encoder_attention_mask
+        out = self._run(self.attn2, self.norm2(hidden_states, emb), ctx.encoder_hidden_states, cross_mask)
+        return hidden_states + out
+
+    @staticmethod
+    def _run(attn: Attention, x: jax.Array, context: jax.Array | None, mask: jax.Array | None) -> jax.Array:
+        batch, height, width, channels = x.shape
+        out = attn(x.reshape(batch, height * width, channels), context, mask)  # (B, HW, C)
+        return out.reshape(batch, height, width, channels)  # (B, H, W, C)

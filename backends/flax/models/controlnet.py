@@ -22,10 +22,13 @@ from diffusion_core.flax.models.unet_2d_condition import (
     ConditionEmbeddings,
     UNet2DConditionModel,
     batch_timesteps,
+    run_down,
+    run_mid,
     to_nhwc,
 )
-from diffusion_core.flax.models.unet_2d_condition_blocks import CrossAttnDownBlock2D, build_down_block, build_mid_block
+from diffusion_core.flax.models.unet_2d_condition_blocks import build_down_block, build_mid_block
 from diffusion_core.models import unet_condition_config as ucc
+from diffusion_core.models.attention import AttentionContext, attention_mask_bias
 
 
 class ControlNetConditioningEmbedding(nnx.Module):
@@ -131,41 +134,38 @@ class ControlNetModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         conditioning_scale: Any = 1.0,
         class_labels: Any = None,
         timestep_cond: Any = None,
+        attention_mask: Any = None,
         guess_mode: bool = False,
     ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """Residuals for the UNet: (one NCHW array per down skip, the NCHW mid residual).
 
         ``controlnet_cond``: the (B, conditioning_channels, 8H, 8W) control image. ``guess_mode``
         (static) scales residual i by ``10**(i/n - 1)``, shallow ones least; ``conditioning_scale``
-        may be a traced scalar.
+        may be a traced scalar. ``attention_mask``: (B, HW) keep(1)/discard(0) self-attention mask, as diffusers.
         """
         x = to_nhwc(sample, "sample", self.dtype)  # (B, H, W, C)
         cond = to_nhwc(controlnet_cond, "controlnet_cond", self.dtype)  # (B, 8H, 8W, C_cond)
         if self.plan.flip_channels:
             cond = cond[..., ::-1]  # bgr checkpoints
         emb = self._embed(batch_timesteps(timestep, x.shape[0]), class_labels, timestep_cond)  # (B, D)
-        context = self._context(encoder_hidden_states, project=False)  # diffusers never applies encoder_hid_proj here
+        # diffusers never applies encoder_hid_proj here
+        ctx = AttentionContext(
+            self._context(encoder_hidden_states, project=False), attention_mask=attention_mask_bias(attention_mask, x)
+        )
         x = self.conv_in(x) + self.controlnet_cond_embedding(cond)
-        skips: tuple[jax.Array, ...] = (x,)
-        for block in self.down_blocks:
-            x, outputs = block(x, emb, context) if isinstance(block, CrossAttnDownBlock2D) else block(x, emb)
-            skips += outputs
-        x = self.mid_block(x, emb, context) if self.plan.mid.has_cross_attention else self.mid_block(x, emb)
+        x, skips = run_down(self.down_blocks, x, emb, ctx)
+        x = run_mid(self.mid_block, x, emb, ctx)
         down = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         mid = self.controlnet_mid_block(x)
-        factors = [jnp.asarray(s * conditioning_scale).astype(self.dtype) for s in self._scales(len(down), guess_mode)]
+        guess = guess_mode and not self.plan.global_pool_conditions
+        scales = ucc.controlnet_residual_scales(len(down), 1.0, guess)  # conditioning_scale may be traced
+        factors = [jnp.asarray(f * conditioning_scale).astype(self.dtype) for f in scales]
         down = [d * f for d, f in zip(down, factors[:-1], strict=True)]
         mid = mid * factors[-1]
         if self.plan.global_pool_conditions:
             down = [d.mean(axis=(1, 2), keepdims=True) for d in down]
             mid = mid.mean(axis=(1, 2), keepdims=True)
         return tuple(_to_nchw(d, self.dtype) for d in down), _to_nchw(mid, self.dtype)
-
-    def _scales(self, count: int, guess_mode: bool) -> np.ndarray:
-        """Per-residual factors (down..., mid): log-spaced 0.1 -> 1 in guess mode (unless pooled), else ones."""
-        if guess_mode and not self.plan.global_pool_conditions:
-            return np.logspace(-1, 0, count + 1, dtype=np.float32)
-        return np.ones(count + 1, np.float32)
 
 
 def _to_nchw(x: jax.Array, dtype: Any) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_core.models import timestep_embedding
-from diffusion_core.models.model_config import TIME_SCALE_SHIFTS
+from diffusion_core.models.model_config import TIME_SCALE_SHIFTS, activation_name
 
 Activation = Callable[[jax.Array], jax.Array]
 Padding = int | tuple[tuple[int, int], tuple[int, int]]  # symmetric, or ((top, bottom), (left, right))
@@ -26,9 +26,8 @@ def _mish(x: jax.Array) -> jax.Array:
     return x * jnp.tanh(jax.nn.softplus(x))
 
 
-# diffusers' ``get_activation`` names ("swish" and "silu" are the same function).
+# diffusers' activations by canonical name (``model_config.activation_name`` checks and maps aliases)
 _ACTIVATIONS: dict[str, Activation] = {
-    "swish": jax.nn.silu,
     "silu": jax.nn.silu,
     "mish": _mish,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -38,9 +37,7 @@ _ACTIVATIONS: dict[str, Activation] = {
 
 def get_activation(name: str) -> Activation:
     """Return the activation function for a diffusers activation name."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"act_fn: unsupported activation {name!r}; accepted: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+    return _ACTIVATIONS[activation_name(name)]
 
 
 ATTENTION_QUERY_CHUNK = 128  # queries per step: a (chunk, S) score block per head stays in cache

@@ -8,7 +8,6 @@ NCHW at the boundary, NHWC inside.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,6 @@ from diffusion_core.flax.models.layers import (
     TimestepEmbedding,
     Timesteps,
     conv,
-    get_activation,
     group_norm,
 )
 from diffusion_core.flax.models.modeling import PretrainedMixin
@@ -34,7 +32,7 @@ from diffusion_core.flax.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
-from diffusion_core.models import model_config
+from diffusion_core.models import model_config, unet_2d_config
 
 DOWN_BLOCKS: dict[str, type[DownBlock2D]] = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D}
 UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
@@ -43,70 +41,29 @@ UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D"
 class UNet2DModel(PretrainedMixin, nnx.Module):
     """Unconditional 2D UNet (Ho et al. 2020) with diffusers' config and parameter names."""
 
-    def __init__(
-        self,
-        sample_size: int | tuple[int, int] | None = None,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        center_input_sample: bool = False,
-        time_embedding_type: str = "positional",
-        time_embedding_dim: int | None = None,
-        freq_shift: int = 0,
-        flip_sin_to_cos: bool = True,
-        down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        mid_block_type: str | None = "UNetMidBlock2D",
-        up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
-        layers_per_block: int = 2,
-        mid_block_scale_factor: float = 1,
-        downsample_padding: int = 1,
-        downsample_type: str = "conv",
-        upsample_type: str = "conv",
-        dropout: float = 0.0,
-        act_fn: str = "silu",
-        attention_head_dim: int | None = 8,
-        norm_num_groups: int = 32,
-        attn_norm_num_groups: int | None = None,
-        norm_eps: float = 1e-5,
-        resnet_time_scale_shift: str = "default",
-        add_attention: bool = True,
-        class_embed_type: str | None = None,
-        num_class_embeds: int | None = None,
-        num_train_timesteps: int | None = None,
-        *,
-        rngs: nnx.Rngs | None = None,
-        dtype: Any = jnp.float32,
-    ) -> None:
-        cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
+    def __init__(self, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32, **config: Any) -> None:
+        """Keyword arguments: diffusers' ``UNet2DModel`` config fields (``unet_2d_config.UNET_2D_DEFAULTS``);
+        ``rngs`` seeds the random init and ``dtype`` is the parameter/computation dtype."""
+        cfg = model_config.resolve_config(config, unet_2d_config.UNET_2D_DEFAULTS, "UNet2DModel")
         model_config.validate_unet_2d_config(cfg)
-        get_activation(act_fn)
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.config: dict[str, Any] = cfg
         self.dtype = dtype
-        channels = list(block_out_channels)
-        time_dim = time_embedding_dim or channels[0] * 4
-        self.conv_in = conv(in_channels, channels[0], 3, rngs, dtype)
-        self.time_proj, proj_dim = self._time_projection(cfg, rngs, dtype)
+        channels = list(cfg["block_out_channels"])
+        proj_dim, time_dim = unet_2d_config.unet_2d_time_dims(cfg)
+        self.conv_in = conv(cfg["in_channels"], channels[0], 3, rngs, dtype)
+        self.time_proj = self._time_projection(cfg, rngs, dtype)
         self.time_embedding = TimestepEmbedding(proj_dim, time_dim, rngs=rngs, dtype=dtype)
         self.class_embedding = self._class_embedding(cfg, proj_dim, time_dim, rngs, dtype)
-        opts = ResnetOptions(time_dim, norm_num_groups, norm_eps, act_fn, resnet_time_scale_shift, dropout, dtype)
-        self.down_blocks = self._down_blocks(cfg, opts, rngs)
-        self.up_blocks = self._up_blocks(cfg, opts, rngs)
-        self.mid_block = (
-            UNetMidBlock2D(
-                channels[-1],
-                opts,
-                attention_head_dim=attention_head_dim or channels[-1],
-                attn_groups=attn_norm_num_groups,
-                add_attention=add_attention,
-                output_scale_factor=mid_block_scale_factor,
-                rngs=rngs,
-            )
-            if mid_block_type is not None
-            else None
-        )
-        self.conv_norm_out = group_norm(channels[0], norm_num_groups, norm_eps, rngs, dtype)
-        self.conv_out = conv(channels[0], out_channels, 3, rngs, dtype)
+        norm = (cfg["norm_num_groups"], cfg["norm_eps"])
+        opts = ResnetOptions(time_dim, *norm, cfg["act_fn"], cfg["resnet_time_scale_shift"], cfg["dropout"], dtype)
+        down, up = unet_2d_config.unet_2d_down_blocks(cfg), unet_2d_config.unet_2d_up_blocks(cfg)
+        self.down_blocks = nnx.List([DOWN_BLOCKS[kind](opts=opts, **kwargs, rngs=rngs) for kind, kwargs in down])
+        self.up_blocks = nnx.List([UP_BLOCKS[kind](opts=opts, **kwargs, rngs=rngs) for kind, kwargs in up])
+        mid = unet_2d_config.unet_2d_mid_block(cfg)
+        self.mid_block = None if mid is None else UNetMidBlock2D(channels[-1], opts, **mid, rngs=rngs)
+        self.conv_norm_out = group_norm(channels[0], *norm, rngs, dtype)
+        self.conv_out = conv(channels[0], cfg["out_channels"], 3, rngs, dtype)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> UNet2DModel:
@@ -114,18 +71,18 @@ class UNet2DModel(PretrainedMixin, nnx.Module):
 
         ``kwargs`` (``rngs``, ``dtype``) go to the constructor.
         """
-        return cls(**model_config.init_kwargs_from_config(config, _CONFIG_FIELDS, "UNet2DModel"), **kwargs)
+        fields = unet_2d_config.UNET_2D_DEFAULTS
+        return cls(**model_config.init_kwargs_from_config(config, fields, "UNet2DModel"), **kwargs)
 
     @staticmethod
-    def _time_projection(cfg: Mapping[str, Any], rngs: nnx.Rngs, dtype: Any) -> tuple[nnx.Module, int]:
-        """Timestep -> feature projection and its width."""
+    def _time_projection(cfg: Mapping[str, Any], rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
+        """Timestep -> feature projection (``unet_2d_time_dims`` gives its width)."""
         width = cfg["block_out_channels"][0]
         if cfg["time_embedding_type"] == "fourier":
-            return GaussianFourierProjection(embedding_size=width, scale=16, rngs=rngs, dtype=dtype), 2 * width
+            return GaussianFourierProjection(embedding_size=width, scale=16, rngs=rngs, dtype=dtype)
         if cfg["time_embedding_type"] == "learned":
-            embed = nnx.Embed(cfg["num_train_timesteps"], width, dtype=dtype, param_dtype=dtype, rngs=rngs)
-            return embed, width
-        return Timesteps(width, cfg["flip_sin_to_cos"], cfg["freq_shift"]), width
+            return nnx.Embed(cfg["num_train_timesteps"], width, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        return Timesteps(width, cfg["flip_sin_to_cos"], cfg["freq_shift"])
 
     @staticmethod
     def _class_embedding(
@@ -138,48 +95,6 @@ class UNet2DModel(PretrainedMixin, nnx.Module):
         if kind == "timestep":
             return TimestepEmbedding(proj_dim, time_dim, rngs=rngs, dtype=dtype)
         return None
-
-    @staticmethod
-    def _down_blocks(cfg: Mapping[str, Any], opts: ResnetOptions, rngs: nnx.Rngs) -> nnx.List:
-        channels = list(cfg["block_out_channels"])
-        blocks = []
-        for i, name in enumerate(cfg["down_block_types"]):
-            block_cls = DOWN_BLOCKS[model_config.block_name(name)]
-            blocks.append(
-                block_cls(
-                    channels[max(i - 1, 0)],
-                    channels[i],
-                    opts,
-                    num_layers=cfg["layers_per_block"],
-                    add_downsample=i < len(channels) - 1,
-                    downsample_padding=cfg["downsample_padding"],
-                    downsample_type=cfg["downsample_type"] if block_cls.has_attention else "conv",
-                    attention_head_dim=cfg["attention_head_dim"] or channels[i],
-                    rngs=rngs,
-                )
-            )
-        return nnx.List(blocks)
-
-    @staticmethod
-    def _up_blocks(cfg: Mapping[str, Any], opts: ResnetOptions, rngs: nnx.Rngs) -> nnx.List:
-        rev = list(reversed(cfg["block_out_channels"]))
-        blocks = []
-        for i, name in enumerate(cfg["up_block_types"]):
-            block_cls = UP_BLOCKS[model_config.block_name(name)]
-            blocks.append(
-                block_cls(
-                    rev[min(i + 1, len(rev) - 1)],
-                    rev[max(i - 1, 0)],
-                    rev[i],
-                    opts,
-                    num_layers=cfg["layers_per_block"] + 1,
-                    add_upsample=i < len(rev) - 1,
-                    upsample_type=cfg["upsample_type"] if block_cls.has_attention else "conv",
-                    attention_head_dim=cfg["attention_head_dim"] or rev[i],
-                    rngs=rngs,
-                )
-            )
-        return nnx.List(blocks)
 
     def __call__(self, sample: jax.Array, timestep: Any, class_labels: jax.Array | None = None) -> jax.Array:
         """Predict the model output for ``sample`` (B, C, H, W) at ``timestep`` (scalar or (B,))."""
@@ -230,8 +145,3 @@ def _batch_timesteps(timestep: Any, batch: int) -> jax.Array:
     if timestep.ndim > 1 or timestep.size not in (1, batch):
         raise ValueError(f"timestep: expected a scalar or a ({batch},) array, got shape {tuple(timestep.shape)}")
     return jnp.broadcast_to(timestep.reshape(-1), (batch,))  # (B,)
-
-
-_CONFIG_FIELDS = tuple(
-    p for p in inspect.signature(UNet2DModel.__init__).parameters if p not in ("self", "rngs", "dtype")
-)

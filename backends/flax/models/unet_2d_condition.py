@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_core.flax.models.attention import mask_to_bias
 from diffusion_core.flax.models.layers import (
     GaussianFourierProjection,
     ParamKeys,
@@ -29,20 +28,10 @@ from diffusion_core.flax.models.layers import (
 )
 from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.flax.models.unet_2d import _batch_timesteps as batch_timesteps
-from diffusion_core.flax.models.unet_2d_condition_blocks import (
-    CrossAttnDownBlock2D,
-    CrossAttnUpBlock2D,
-    KDownBlock2D,
-    KUpBlock2D,
-    build_down_block,
-    build_mid_block,
-    build_up_block,
-)
+from diffusion_core.flax.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
+from diffusion_core.flax.models.unet_2d_condition_blocks import build_down_block, build_mid_block, build_up_block
 from diffusion_core.models import unet_condition_config as ucc
-
-# blocks whose call takes the text context (K blocks always do)
-_CROSS_DOWN = (CrossAttnDownBlock2D, KDownBlock2D)
-_CROSS_UP = (CrossAttnUpBlock2D, KUpBlock2D)
+from diffusion_core.models.attention import AttentionContext, attention_mask_bias
 
 
 def to_nhwc(x: Any, name: str, dtype: Any) -> jax.Array:
@@ -63,7 +52,6 @@ class ConditionEmbeddings:
 
     def _setup(self, cfg: dict[str, Any], plan: Any, rngs: nnx.Rngs | None, dtype: Any) -> ParamKeys:
         """Keep the resolved config and plan; the init keys (linear-time abstract construction, see ParamKeys)."""
-        get_activation(cfg["act_fn"])
         self.config = cfg
         self.dtype = dtype
         self.plan = plan
@@ -169,41 +157,38 @@ class UNet2DConditionModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         encoder_hidden_states: Any,
         class_labels: Any = None,
         timestep_cond: Any = None,
-        encoder_attention_mask: Any = None,
+        attention_mask: Any = None,
         down_block_additional_residuals: Sequence[Any] | None = None,
         mid_block_additional_residual: Any = None,
+        encoder_attention_mask: Any = None,
     ) -> jax.Array:
         """Predict the model output for ``sample`` (B, C, H, W) at ``timestep`` given the text context (B, S, D).
 
-        ``encoder_attention_mask``: (B, S) keep(1)/discard(0). ControlNet residuals are NCHW arrays.
+        ``attention_mask``/``encoder_attention_mask``: (B, tokens) keep(1)/discard(0) masks for self-/cross-attention
+        keys, as diffusers applies them. ControlNet residuals (NCHW): pass both or neither.
         """
         x = to_nhwc(sample, "sample", self.dtype)  # (B, H, W, C)
         if self.plan.center_input_sample:
             x = 2 * x - 1.0
-        context = self._context(encoder_hidden_states)  # (B, S, D_ctx)
+        ctx = AttentionContext(
+            self._context(encoder_hidden_states),  # (B, S, D_ctx)
+            attention_mask=attention_mask_bias(attention_mask, x),  # (B, 1, HW) or None
+            encoder_attention_mask=attention_mask_bias(encoder_attention_mask, x),  # (B, 1, S) or None
+        )
         emb = self._embed(batch_timesteps(timestep, x.shape[0]), class_labels, timestep_cond)  # (B, D)
-        bias = mask_to_bias(encoder_attention_mask, self.dtype)  # (B, 1, 1, S) or None
-        x = self.conv_in(x)
-        skips: tuple[jax.Array | None, ...] = (x,)
-        for block in self.down_blocks:
-            if isinstance(block, _CROSS_DOWN):
-                x, outputs = block(x, emb, context, bias)
-            else:
-                x, outputs = block(x, emb)
-            skips += outputs
+        x, skips = run_down(self.down_blocks, self.conv_in(x), emb, ctx)
         skips = self._add_down_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)
-        if self.mid_block is not None:
-            x = self.mid_block(x, emb, context, bias) if self.plan.mid.has_cross_attention else self.mid_block(x, emb)
+        x = run_mid(self.mid_block, x, emb, ctx)
         if mid_block_additional_residual is not None:
             x = x + to_nhwc(mid_block_additional_residual, "mid_block_additional_residual", self.dtype)
         for block in self.up_blocks:
             n = len(block.resnets)
             res, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[1:3]) if skips and skips[-1] is not None else None
-            if isinstance(block, _CROSS_UP):
-                x = block(x, res, emb, context, bias, upsample_size=size)
-            else:
+            if type(block) is UpBlock2D:  # the cross-attention up blocks subclass it
                 x = block(x, res, emb, upsample_size=size)
+            else:
+                x = block(x, res, emb, ctx, upsample_size=size)
         if self.conv_norm_out is not None:
             x = self.conv_act(self.conv_norm_out(x))
         return jnp.transpose(self.conv_out(x), (0, 3, 1, 2))  # (B, C_out, H, W)
@@ -225,3 +210,20 @@ class UNet2DConditionModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         return tuple(
             s + to_nhwc(r, "down_block_additional_residuals", self.dtype) for s, r in zip(skips, residuals, strict=True)
         )
+
+
+def run_down(
+    blocks: nnx.List, x: jax.Array, emb: jax.Array, ctx: AttentionContext
+) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
+    """Down path from the ``conv_in`` output; returns the lowest-resolution state and every skip."""
+    skips: tuple[jax.Array | None, ...] = (x,)
+    for block in blocks:
+        x, outputs = block(x, emb) if type(block) is DownBlock2D else block(x, emb, ctx)  # cross blocks subclass it
+        skips += outputs
+    return x, skips
+
+
+def run_mid(mid: nnx.Module | None, x: jax.Array, emb: jax.Array, ctx: AttentionContext) -> jax.Array:
+    if mid is None:
+        return x
+    return mid(x, emb) if isinstance(mid, UNetMidBlock2D) else mid(x, emb, ctx)

@@ -1,14 +1,14 @@
-"""Cross-attention blocks of UNet2DConditionModel in Flax NNX: SD blocks and the K-UNet blocks.
+"""Cross-attention and K-diffusion blocks of UNet2DConditionModel / ControlNetModel, in Flax NNX.
 
-SD blocks (``CrossAttnDownBlock2D``, ``CrossAttnUpBlock2D``, ``UNetMidBlock2DCrossAttn``) put a
-``Transformer2DModel`` (``attentions[i]``) after every resnet. The K-blocks of the x2 latent
-upscaler use ``ResnetBlockCondNorm2D`` and ``KAttentionBlock`` and fixed-filter resamplers.
-Names follow diffusers 0.42.1; tensors are NHWC.
+Every block is built from a ``BlockPlan`` (diffusion_core.models.unet_condition_config), which
+already resolved diffusers' per-block channel and head bookkeeping; the per-layer arguments come
+from ``diffusion_core.models.block_layout``, as in the torch backend. Module and parameter names
+follow diffusers 0.42.1 (``resnets[i]``, ``attentions[i]``, ``downsamplers[0]``, ``upsamplers[0]``).
+Cross-attention blocks take ``(hidden, temb, ctx)``; the others ``(hidden, temb)``. Tensors are NHWC.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -25,68 +25,45 @@ from diffusion_core.flax.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
+from diffusion_core.models import block_layout
+from diffusion_core.models.attention import AttentionContext
 from diffusion_core.models.unet_condition_config import BlockPlan
 
-K_GROUP_SIZE = 32  # channels per GroupNorm group in the K-UNet blocks (diffusers' fixed resnet_group_size)
+
+def resnet_options(plan: BlockPlan, dtype: Any) -> ResnetOptions:
+    """Settings of the standard ResnetBlock2D stack of a block."""
+    if plan.norm_groups is None:
+        raise ValueError(f"norm_num_groups: {plan.block_type} needs an int group count")
+    return ResnetOptions(
+        plan.temb_channels, plan.norm_groups, plan.norm_eps, plan.act_fn, plan.time_scale_shift, plan.dropout, dtype
+    )
 
 
-@dataclass(frozen=True)
-class TransformerOptions:
-    """Settings of the Transformer2DModels of one UNet block."""
+def _transformers(plan: BlockPlan, rngs: nnx.Rngs, dtype: Any) -> nnx.List:
+    kwargs = [block_layout.transformer_kwargs(plan, n) for n in plan.transformer_layers]
+    return nnx.List([Transformer2DModel(**kw, rngs=rngs, dtype=dtype) for kw in kwargs])
 
-    num_attention_heads: int
-    attention_head_dim: int  # channels per head (heads x head dim may be below the block width)
-    cross_attention_dim: int  # width of encoder_hidden_states
-    layers: tuple[int, ...]  # transformer layers after each resnet of the block
-    use_linear_projection: bool = False
-    only_cross_attention: bool = False
-    upcast_attention: bool = False
 
-    def build(self, channels: int, index: int, opts: ResnetOptions, rngs: nnx.Rngs) -> Transformer2DModel:
-        return Transformer2DModel(
-            self.num_attention_heads,
-            self.attention_head_dim,
-            channels,
-            num_layers=self.layers[index],
-            cross_attention_dim=self.cross_attention_dim,
-            norm_num_groups=opts.groups,
-            use_linear_projection=self.use_linear_projection,
-            only_cross_attention=self.only_cross_attention,
-            upcast_attention=self.upcast_attention,
-            rngs=rngs,
-            dtype=opts.dtype,
-        )
+def _attend(attn: Transformer2DModel, hidden_states: jax.Array, ctx: AttentionContext) -> jax.Array:
+    return attn(hidden_states, ctx.encoder_hidden_states, ctx.attention_mask, ctx.encoder_attention_mask)
 
 
 class CrossAttnDownBlock2D(DownBlock2D):
-    """DownBlock2D with a Transformer2DModel after every resnet."""
+    """``num_layers`` x (resnet, Transformer2DModel), then a stride-2 conv; every state is a skip."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        opts: ResnetOptions,
-        transformer: TransformerOptions,
-        num_layers: int = 1,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
-        *,
-        rngs: nnx.Rngs,
-    ) -> None:
-        super().__init__(in_channels, out_channels, opts, num_layers, add_downsample, downsample_padding, rngs=rngs)
-        attentions = nnx.List([transformer.build(out_channels, i, opts, rngs) for i in range(num_layers)])
-        self.attentions = nnx.data(attentions)  # the base class set it to (static) None
+    def __init__(self, plan: BlockPlan, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+        super().__init__(
+            plan.in_channels, plan.out_channels, resnet_options(plan, dtype), plan.num_layers, plan.add_downsample,
+            plan.downsample_padding, rngs=rngs,
+        )  # fmt: skip
+        self.attentions = nnx.data(_transformers(plan, rngs, dtype))  # the base class set it to (static) None
 
     def __call__(
-        self,
-        hidden_states: jax.Array,
-        temb: jax.Array,
-        encoder_hidden_states: jax.Array | None = None,
-        encoder_attention_bias: jax.Array | None = None,
+        self, hidden_states: jax.Array, temb: jax.Array, ctx: AttentionContext
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         outputs: tuple[jax.Array, ...] = ()
         for resnet, attn in zip(self.resnets, self.attentions, strict=True):
-            hidden_states = attn(resnet(hidden_states, temb), encoder_hidden_states, encoder_attention_bias)
+            hidden_states = _attend(attn, resnet(hidden_states, temb), ctx)
             outputs += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)
@@ -95,37 +72,27 @@ class CrossAttnDownBlock2D(DownBlock2D):
 
 
 class CrossAttnUpBlock2D(UpBlock2D):
-    """UpBlock2D with a Transformer2DModel after every resnet."""
+    """``num_layers`` x (concat one skip, resnet, Transformer2DModel), then 2x nearest + conv."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        prev_output_channel: int,
-        out_channels: int,
-        opts: ResnetOptions,
-        transformer: TransformerOptions,
-        num_layers: int = 1,
-        add_upsample: bool = True,
-        *,
-        rngs: nnx.Rngs,
-    ) -> None:
-        super().__init__(in_channels, prev_output_channel, out_channels, opts, num_layers, add_upsample, rngs=rngs)
-        attentions = nnx.List([transformer.build(out_channels, i, opts, rngs) for i in range(num_layers)])
-        self.attentions = nnx.data(attentions)  # the base class set it to (static) None
+    def __init__(self, plan: BlockPlan, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+        super().__init__(
+            plan.in_channels, plan.prev_output_channel, plan.out_channels, resnet_options(plan, dtype),
+            plan.num_layers, plan.add_upsample, rngs=rngs,
+        )  # fmt: skip
+        self.attentions = nnx.data(_transformers(plan, rngs, dtype))  # the base class set it to (static) None
 
     def __call__(
         self,
         hidden_states: jax.Array,
         res_hidden_states: tuple[jax.Array, ...],
         temb: jax.Array,
-        encoder_hidden_states: jax.Array | None = None,
-        encoder_attention_bias: jax.Array | None = None,
+        ctx: AttentionContext,
         upsample_size: tuple[int, int] | None = None,
     ) -> jax.Array:
         skips = list(res_hidden_states)
         for resnet, attn in zip(self.resnets, self.attentions, strict=True):
             hidden_states = jnp.concatenate([hidden_states, skips.pop()], axis=-1)  # (B, H, W, C + C_skip)
-            hidden_states = attn(resnet(hidden_states, temb), encoder_hidden_states, encoder_attention_bias)
+            hidden_states = _attend(attn, resnet(hidden_states, temb), ctx)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)
         return hidden_states
@@ -134,118 +101,52 @@ class CrossAttnUpBlock2D(UpBlock2D):
 class UNetMidBlock2DCrossAttn(nnx.Module):
     """resnet, then ``num_layers`` x (Transformer2DModel, resnet) at the lowest resolution."""
 
-    def __init__(
-        self,
-        channels: int,
-        opts: ResnetOptions,
-        transformer: TransformerOptions,
-        num_layers: int = 1,
-        output_scale_factor: float = 1.0,
-        *,
-        rngs: nnx.Rngs,
-    ) -> None:
-        self.attentions = nnx.List([transformer.build(channels, i, opts, rngs) for i in range(num_layers)])
+    def __init__(self, plan: BlockPlan, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+        opts, channels = resnet_options(plan, dtype), plan.out_channels
+        self.attentions = _transformers(plan, rngs, dtype)
         self.resnets = nnx.List(
             [
-                opts.resnet(channels, channels, rngs, output_scale_factor=output_scale_factor)
-                for _ in range(num_layers + 1)
+                opts.resnet(channels, channels, rngs, output_scale_factor=plan.output_scale_factor)
+                for _ in range(plan.num_layers + 1)
             ]
         )
 
-    def __call__(
-        self,
-        hidden_states: jax.Array,
-        temb: jax.Array,
-        encoder_hidden_states: jax.Array | None = None,
-        encoder_attention_bias: jax.Array | None = None,
-    ) -> jax.Array:
+    def __call__(self, hidden_states: jax.Array, temb: jax.Array, ctx: AttentionContext) -> jax.Array:
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, list(self.resnets)[1:], strict=True):
-            hidden_states = resnet(attn(hidden_states, encoder_hidden_states, encoder_attention_bias), temb)
+            hidden_states = resnet(_attend(attn, hidden_states, ctx), temb)
         return hidden_states
 
 
-@dataclass(frozen=True)
-class KOptions:
-    """Settings every K-UNet block shares."""
-
-    temb_channels: int  # width of the time embedding
-    eps: float = 1e-5  # AdaGroupNorm epsilon of the resnets (config ``norm_eps``)
-    act_fn: str = "gelu"
-    cross_attention_dim: int | None = None
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-
-    def resnet(self, in_ch: int, out_ch: int, rngs: nnx.Rngs, conv_out: int | None = None) -> ResnetBlockCondNorm2D:
-        return ResnetBlockCondNorm2D(
-            in_channels=in_ch,
-            out_channels=out_ch,
-            temb_channels=self.temb_channels,
-            groups=in_ch // K_GROUP_SIZE,
-            groups_out=out_ch // K_GROUP_SIZE,
-            eps=self.eps,
-            non_linearity=self.act_fn,
-            conv_2d_out_channels=conv_out,
-            dropout=self.dropout,
-            rngs=rngs,
-            dtype=self.dtype,
-        )
-
-    def attention(
-        self, dim: int, head_dim: int, add_self_attention: bool, upcast: bool, rngs: nnx.Rngs
-    ) -> KAttentionBlock:
-        return KAttentionBlock(
-            dim, dim // head_dim, head_dim, self.cross_attention_dim, self.temb_channels,
-            add_self_attention=add_self_attention, upcast_attention=upcast, group_size=K_GROUP_SIZE,
-            rngs=rngs, dtype=self.dtype,
-        )  # fmt: skip
+def _k_layers(layers: list, has_attention: bool, rngs: nnx.Rngs, dtype: Any) -> tuple[nnx.List, nnx.List | None]:
+    """(resnets, attentions or None) from ``block_layout``'s per-layer keyword dicts."""
+    resnets = nnx.List([ResnetBlockCondNorm2D(**resnet, rngs=rngs, dtype=dtype) for resnet, _ in layers])
+    if not has_attention:
+        return resnets, None
+    return resnets, nnx.List([KAttentionBlock(**attn, rngs=rngs, dtype=dtype) for _, attn in layers])
 
 
 class KDownBlock2D(nnx.Module):
-    """``num_layers`` K resnets (each output kept as a skip), then an optional fixed-filter 2x downsample."""
+    """K-diffusion down block: ``num_layers`` AdaGroupNorm resnets (optional cross-attention), blur down.
 
-    has_cross_attention = False
+    Skips are the resnet (attention) outputs; a cross block without a downsampler hands on None skips.
+    """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        opts: KOptions,
-        num_layers: int = 4,
-        add_downsample: bool = False,
-        attention_head_dim: int = 64,
-        add_self_attention: bool = False,
-        *,
-        rngs: nnx.Rngs,
-    ) -> None:
-        self.resnets = nnx.List(
-            [opts.resnet(in_channels if i == 0 else out_channels, out_channels, rngs) for i in range(num_layers)]
-        )
-        self.attentions = (
-            nnx.List(
-                [
-                    opts.attention(out_channels, attention_head_dim, add_self_attention, False, rngs)
-                    for _ in range(num_layers)
-                ]
-            )
-            if self.has_cross_attention
-            else None
-        )
-        self.downsamplers = nnx.List([KDownsample2D()]) if add_downsample else None
+    has_attention = False
+
+    def __init__(self, plan: BlockPlan, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+        layers = block_layout.k_down_layers(plan, self.has_attention)
+        self.resnets, self.attentions = _k_layers(layers, self.has_attention, rngs, dtype)
+        self.downsamplers = nnx.List([KDownsample2D()]) if plan.add_downsample else None
 
     def __call__(
-        self,
-        hidden_states: jax.Array,
-        temb: jax.Array,
-        encoder_hidden_states: jax.Array | None = None,
-        encoder_attention_bias: jax.Array | None = None,
+        self, hidden_states: jax.Array, temb: jax.Array, ctx: AttentionContext | None = None
     ) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
         outputs: tuple[jax.Array | None, ...] = ()
         for i, resnet in enumerate(self.resnets):
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states, temb, encoder_attention_bias)
-                # the cross-attention block without a downsampler feeds no skip (the first K up block takes none)
+                hidden_states = self.attentions[i](hidden_states, temb, ctx)
                 outputs += (hidden_states if self.downsamplers is not None else None,)
             else:
                 outputs += (hidden_states,)
@@ -257,57 +158,28 @@ class KDownBlock2D(nnx.Module):
 class KCrossAttnDownBlock2D(KDownBlock2D):
     """KDownBlock2D with a KAttentionBlock after every resnet (self-attention too in the last block)."""
 
-    has_cross_attention = True
+    has_attention = True
 
 
 class KUpBlock2D(nnx.Module):
-    """Concat the last skip (if any), ``num_layers - 1`` K resnets [+ KAttentionBlocks], optional 2x upsample.
+    """K-diffusion up block: concat the last skip (if any), ``num_layers - 1`` resnets [+ attention], blur up.
 
-    The first cross block (``add_self_attention``) takes no skip and self-attends too; a block
-    whose ``in != out`` ends with a conv to ``in_channels`` (the K-UNet's channel bookkeeping).
+    The last resnet (and attention) narrows to ``in_channels``, the next block's width.
     """
 
-    has_cross_attention = False
+    has_attention = False
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        opts: KOptions,
-        num_layers: int = 5,
-        add_upsample: bool = True,
-        attention_head_dim: int = 1,
-        upcast_attention: bool = False,
-        add_self_attention: bool = False,
-        *,
-        rngs: nnx.Rngs,
-    ) -> None:
-        first = add_self_attention  # the first cross block (in == out == temb channels) takes no skip
-        k_in = out_channels if first else 2 * out_channels
-        count = num_layers - 1
-        resnets, attentions = [], []
-        for i in range(count):
-            last = i == count - 1
-            if self.has_cross_attention:
-                conv_out = in_channels if last and in_channels != out_channels else None
-                resnets.append(opts.resnet(k_in if i == 0 else out_channels, out_channels, rngs, conv_out))
-                dim = in_channels if last else out_channels
-                attentions.append(opts.attention(dim, attention_head_dim, first, upcast_attention, rngs))
-            else:
-                resnets.append(
-                    opts.resnet(k_in if i == 0 else out_channels, in_channels if last else out_channels, rngs)
-                )
-        self.resnets = nnx.List(resnets)
-        self.attentions = nnx.List(attentions) if self.has_cross_attention else None
-        self.upsamplers = nnx.List([KUpsample2D()]) if add_upsample else None
+    def __init__(self, plan: BlockPlan, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+        layers = block_layout.k_up_layers(plan, self.has_attention)
+        self.resnets, self.attentions = _k_layers(layers, self.has_attention, rngs, dtype)
+        self.upsamplers = nnx.List([KUpsample2D()]) if plan.add_upsample else None
 
     def __call__(
         self,
         hidden_states: jax.Array,
         res_hidden_states: tuple[jax.Array | None, ...],
         temb: jax.Array,
-        encoder_hidden_states: jax.Array | None = None,
-        encoder_attention_bias: jax.Array | None = None,
+        ctx: AttentionContext | None = None,
         upsample_size: tuple[int, int] | None = None,
     ) -> jax.Array:
         skip = res_hidden_states[-1]
@@ -316,7 +188,7 @@ class KUpBlock2D(nnx.Module):
         for i, resnet in enumerate(self.resnets):
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states, temb, encoder_attention_bias)
+                hidden_states = self.attentions[i](hidden_states, temb, ctx)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states)
         return hidden_states
@@ -325,78 +197,48 @@ class KUpBlock2D(nnx.Module):
 class KCrossAttnUpBlock2D(KUpBlock2D):
     """KUpBlock2D with a KAttentionBlock after every resnet."""
 
-    has_cross_attention = True
+    has_attention = True
 
 
-def _resnet_options(plan: BlockPlan, dtype: Any) -> ResnetOptions:
-    return ResnetOptions(
-        plan.temb_channels, plan.norm_groups, plan.norm_eps, plan.act_fn, plan.time_scale_shift, plan.dropout, dtype
-    )
-
-
-def _transformer_options(plan: BlockPlan) -> TransformerOptions:
-    return TransformerOptions(
-        plan.num_attention_heads,
-        plan.attention_head_dim,
-        plan.cross_attention_dim,
-        tuple(plan.transformer_layers),
-        plan.use_linear_projection,
-        plan.only_cross_attention,
-        plan.upcast_attention,
-    )
-
-
-def _k_options(plan: BlockPlan, dtype: Any) -> KOptions:
-    return KOptions(plan.temb_channels, plan.norm_eps, plan.act_fn, plan.cross_attention_dim, plan.dropout, dtype)
+DOWN_BLOCKS = {
+    "CrossAttnDownBlock2D": CrossAttnDownBlock2D,
+    "KDownBlock2D": KDownBlock2D,
+    "KCrossAttnDownBlock2D": KCrossAttnDownBlock2D,
+}
+UP_BLOCKS = {
+    "CrossAttnUpBlock2D": CrossAttnUpBlock2D,
+    "KUpBlock2D": KUpBlock2D,
+    "KCrossAttnUpBlock2D": KCrossAttnUpBlock2D,
+}
 
 
 def build_down_block(plan: BlockPlan, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
     """The down block a resolved plan describes."""
-    kind, layers = plan.block_type, plan.num_layers
-    if kind in ("KDownBlock2D", "KCrossAttnDownBlock2D"):
-        block_cls = KCrossAttnDownBlock2D if kind == "KCrossAttnDownBlock2D" else KDownBlock2D
-        return block_cls(
-            plan.in_channels, plan.out_channels, _k_options(plan, dtype), layers, plan.add_downsample,
-            plan.attention_head_dim or 1, plan.add_self_attention, rngs=rngs,
-        )  # fmt: skip
-    opts = _resnet_options(plan, dtype)
-    if kind == "CrossAttnDownBlock2D":
-        return CrossAttnDownBlock2D(
-            plan.in_channels, plan.out_channels, opts, _transformer_options(plan), layers, plan.add_downsample,
+    if plan.block_type == "DownBlock2D":
+        return DownBlock2D(
+            plan.in_channels, plan.out_channels, resnet_options(plan, dtype), plan.num_layers, plan.add_downsample,
             plan.downsample_padding, rngs=rngs,
         )  # fmt: skip
-    return DownBlock2D(
-        plan.in_channels, plan.out_channels, opts, layers, plan.add_downsample, plan.downsample_padding, rngs=rngs
-    )
+    return DOWN_BLOCKS[plan.block_type](plan, rngs=rngs, dtype=dtype)
 
 
 def build_up_block(plan: BlockPlan, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
     """The up block a resolved plan describes (``num_layers`` counts the skips it consumes)."""
-    kind, layers = plan.block_type, plan.num_layers
-    if kind in ("KUpBlock2D", "KCrossAttnUpBlock2D"):
-        block_cls = KCrossAttnUpBlock2D if kind == "KCrossAttnUpBlock2D" else KUpBlock2D
-        return block_cls(
-            plan.in_channels, plan.out_channels, _k_options(plan, dtype), layers, plan.add_upsample,
-            plan.attention_head_dim or 1, plan.upcast_attention, plan.add_self_attention, rngs=rngs,
+    if plan.block_type == "UpBlock2D":
+        return UpBlock2D(
+            plan.in_channels, plan.prev_output_channel, plan.out_channels, resnet_options(plan, dtype),
+            plan.num_layers, plan.add_upsample, rngs=rngs,
         )  # fmt: skip
-    opts = _resnet_options(plan, dtype)
-    prev = plan.prev_output_channel
-    if kind == "CrossAttnUpBlock2D":
-        return CrossAttnUpBlock2D(
-            plan.in_channels, prev, plan.out_channels, opts, _transformer_options(plan), layers, plan.add_upsample,
-            rngs=rngs,
-        )  # fmt: skip
-    return UpBlock2D(plan.in_channels, prev, plan.out_channels, opts, layers, plan.add_upsample, rngs=rngs)
+    return UP_BLOCKS[plan.block_type](plan, rngs=rngs, dtype=dtype)
 
 
-def build_mid_block(plan: BlockPlan, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
+def build_mid_block(plan: BlockPlan | None, rngs: nnx.Rngs, dtype: Any) -> nnx.Module | None:
     """``UNetMidBlock2DCrossAttn``, or the single-resnet ``UNetMidBlock2D`` diffusers builds for conditional UNets."""
-    opts = _resnet_options(plan, dtype)
-    if plan.block_type == "UNetMidBlock2DCrossAttn":
-        return UNetMidBlock2DCrossAttn(
-            plan.in_channels, opts, _transformer_options(plan), plan.num_layers, plan.output_scale_factor, rngs=rngs
-        )
-    return UNetMidBlock2D(
-        plan.in_channels, opts, num_layers=0, add_attention=False, output_scale_factor=plan.output_scale_factor,
-        rngs=rngs,
-    )  # fmt: skip
+    if plan is None:
+        return None
+    if plan.block_type == "UNetMidBlock2D":
+        return UNetMidBlock2D(
+            plan.out_channels, resnet_options(plan, dtype), num_layers=0, add_attention=False,
+            output_scale_factor=plan.output_scale_factor, rngs=rngs,
+        )  # fmt: skip
+    return UNetMidBlock2DCrossAttn(plan, rngs=rngs, dtype=dtype)

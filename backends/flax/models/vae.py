@@ -10,7 +10,6 @@ in. Sliced and tiled encode/decode use the framework-neutral math of
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,13 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_core.flax.models.layers import Downsample2D, ParamKeys, Upsample2D, conv, get_activation, group_norm
+from diffusion_core.flax.models.layers import Downsample2D, ParamKeys, Upsample2D, conv, group_norm
 from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.flax.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
-from diffusion_core.models import model_config
+from diffusion_core.models import model_config, unet_2d_config
 from diffusion_core.models.autoencoder import AutoencoderTiling
-
-VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE norm (diffusers hard-codes it)
+from diffusion_core.models.unet_2d_config import AUTOENCODER_KL_DEFAULTS as _DEFAULTS
+from diffusion_core.models.unet_2d_config import VAE_EPS
 
 
 def _to_nhwc(x: jax.Array) -> jax.Array:
@@ -101,12 +100,12 @@ class Encoder(nnx.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        act_fn: str = "silu",
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        act_fn: str,
         double_z: bool = True,
         mid_block_add_attention: bool = True,
         *,
@@ -118,10 +117,10 @@ class Encoder(nnx.Module):
         self.conv_in = conv(in_channels, ch[0], 3, rngs, dtype)
         self.down_blocks = nnx.List(
             [
-                DownEncoderBlock2D(
-                    ch[max(i - 1, 0)], ch[i], opts, layers_per_block, add_downsample=i < len(ch) - 1, rngs=rngs
+                DownEncoderBlock2D(c_in, c_out, opts, n, add_downsample=resample, rngs=rngs)
+                for c_in, c_out, n, resample in unet_2d_config.vae_block_specs(
+                    block_out_channels, layers_per_block, up=False
                 )
-                for i in range(len(ch))
             ]
         )
         self.mid_block = UNetMidBlock2D(ch[-1], opts, add_attention=mid_block_add_attention, rngs=rngs)
@@ -141,12 +140,12 @@ class Decoder(nnx.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        act_fn: str = "silu",
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        act_fn: str,
         mid_block_add_attention: bool = True,
         *,
         rngs: nnx.Rngs,
@@ -158,10 +157,10 @@ class Decoder(nnx.Module):
         self.mid_block = UNetMidBlock2D(rev[0], opts, add_attention=mid_block_add_attention, rngs=rngs)
         self.up_blocks = nnx.List(
             [
-                UpDecoderBlock2D(
-                    rev[max(i - 1, 0)], rev[i], opts, layers_per_block + 1, add_upsample=i < len(rev) - 1, rngs=rngs
+                UpDecoderBlock2D(c_in, c_out, opts, n, add_upsample=resample, rngs=rngs)
+                for c_in, c_out, n, resample in unet_2d_config.vae_block_specs(
+                    block_out_channels, layers_per_block, up=True
                 )
-                for i in range(len(rev))
             ]
         )
         self.conv_norm_out = group_norm(rev[-1], norm_num_groups, VAE_EPS, rngs, dtype)
@@ -177,53 +176,21 @@ class Decoder(nnx.Module):
 class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nnx.Module):
     """VAE with a diagonal-Gaussian latent (Kingma & Welling 2014; Rombach et al. 2022)."""
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
-        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 1,
-        act_fn: str = "silu",
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        sample_size: int = 32,
-        scaling_factor: float = 0.18215,
-        shift_factor: float | None = None,
-        latents_mean: tuple[float, ...] | None = None,
-        latents_std: tuple[float, ...] | None = None,
-        force_upcast: bool = True,
-        use_quant_conv: bool = True,
-        use_post_quant_conv: bool = True,
-        mid_block_add_attention: bool = True,
-        *,
-        rngs: nnx.Rngs | None = None,
-        dtype: Any = jnp.float32,
-    ) -> None:
-        cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
+    def __init__(self, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32, **config: Any) -> None:
+        """Keyword arguments: diffusers' ``AutoencoderKL`` config fields (defaults: ``AUTOENCODER_KL_DEFAULTS``);
+        ``rngs`` seeds the random init and ``dtype`` is the parameter/computation dtype."""
+        cfg = model_config.resolve_config(config, _DEFAULTS, "AutoencoderKL")
         model_config.validate_autoencoder_kl_config(cfg)
-        get_activation(act_fn)
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.config: dict[str, Any] = cfg
         self.dtype = dtype
-        shared = {
-            "block_out_channels": block_out_channels,
-            "layers_per_block": layers_per_block,
-            "norm_num_groups": norm_num_groups,
-            "act_fn": act_fn,
-            "mid_block_add_attention": mid_block_add_attention,
-            "rngs": rngs,
-            "dtype": dtype,
-        }
-        self.encoder = Encoder(in_channels, latent_channels, double_z=True, **shared)
-        self.decoder = Decoder(latent_channels, out_channels, **shared)
-        moments = 2 * latent_channels
-        self.quant_conv = conv(moments, moments, 1, rngs, dtype, padding=0) if use_quant_conv else None
-        self.post_quant_conv = (
-            conv(latent_channels, latent_channels, 1, rngs, dtype, padding=0) if use_post_quant_conv else None
-        )
-        self._init_tiling(sample_size, len(block_out_channels))
+        shared = {**unet_2d_config.vae_coder_kwargs(cfg), "rngs": rngs, "dtype": dtype}
+        self.encoder = Encoder(cfg["in_channels"], cfg["latent_channels"], double_z=True, **shared)
+        self.decoder = Decoder(cfg["latent_channels"], cfg["out_channels"], **shared)
+        latent = cfg["latent_channels"]
+        self.quant_conv = conv(2 * latent, 2 * latent, 1, rngs, dtype, padding=0) if cfg["use_quant_conv"] else None
+        self.post_quant_conv = conv(latent, latent, 1, rngs, dtype, padding=0) if cfg["use_post_quant_conv"] else None
+        self._init_tiling(cfg["sample_size"], len(cfg["block_out_channels"]))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> AutoencoderKL:
@@ -231,7 +198,10 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nnx.Module):
 
         ``kwargs`` (``rngs``, ``dtype``) go to the constructor.
         """
-        return cls(**model_config.init_kwargs_from_config(config, _CONFIG_FIELDS, "AutoencoderKL"), **kwargs)
+        return cls(
+            **model_config.init_kwargs_from_config(config, _DEFAULTS, "AutoencoderKL"),
+            **kwargs,
+        )
 
     def __call__(self, sample: jax.Array, sample_posterior: bool = False, noise: jax.Array | None = None) -> jax.Array:
         """Reconstruct ``sample``: decode the posterior mode, or ``mean + std * noise`` if ``sample_posterior``."""
@@ -256,8 +226,3 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nnx.Module):
         if len(shape) != 4 or shape[1] != channels:
             raise ValueError(f"{name}: expected a (B, {channels}, H, W) array, got {shape or type(value).__name__}")
         return jnp.asarray(value)
-
-
-_CONFIG_FIELDS = tuple(
-    p for p in inspect.signature(AutoencoderKL.__init__).parameters if p not in ("self", "rngs", "dtype")
-)

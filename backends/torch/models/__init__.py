@@ -1,7 +1,13 @@
 """PyTorch network modules with diffusers' class names, config fields and state-dict keys."""
 
 from diffusion_core.models.autoencoder import DiagonalGaussianDistribution
-from diffusion_core.torch.models.attention import Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
+from diffusion_core.torch.models.attention import (
+    Attention,
+    BasicTransformerBlock,
+    FeedForward,
+    KAttentionBlock,
+    Transformer2DModel,
+)
 from diffusion_core.torch.models.clip_text import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -66,6 +72,7 @@ __all__ = [
     "Encoder",
     "FeedForward",
     "GaussianFourierProjection",
+    "KAttentionBlock",
     "KCrossAttnDownBlock2D",
     "KCrossAttnUpBlock2D",
     "KDownBlock2D",

@@ -3,8 +3,9 @@
 ``Attention`` (``to_q``/``to_k``/``to_v``/``to_out.0``, optional ``norm_cross``), ``FeedForward``
 with GEGLU (``ff.net.0.proj``, ``ff.net.2``), ``BasicTransformerBlock`` (``norm1``/``attn1``/
 ``norm2``/``attn2``/``norm3``/``ff``) and ``Transformer2DModel`` (``norm``, ``proj_in``,
-``transformer_blocks``, ``proj_out``) as in diffusers 0.42.1. Masks are additive biases of shape
-(B, 1, S) over the key tokens (the UNet turns 0/1 masks into -10000 biases once).
+``transformer_blocks``, ``proj_out``) as in diffusers 0.42.1, and the K-UNet's ``KAttentionBlock``.
+Masks are additive biases of shape (B, 1, S) over the key tokens (the UNet turns 0/1 masks into
+biases once, with ``diffusion_core.models.attention.attention_mask_bias``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffusion_core.models.attention import K_GROUP_SIZE, AttentionContext, attention_norm_groups
+from diffusion_core.torch.models.layers import AdaGroupNorm
 
 
 class Attention(nn.Module):
@@ -215,3 +219,44 @@ class Transformer2DModel(nn.Module):
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)  # (B, C, H, W)
         return hidden_states + residual
+
+
+class KAttentionBlock(nn.Module):
+    """AdaGroupNorm-conditioned (optional self-) and cross-attention on a feature map, each residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        attention_head_dim: int,
+        cross_attention_dim: int | None,
+        temb_channels: int,
+        add_self_attention: bool = False,
+        upcast_attention: bool = False,
+        group_size: int = K_GROUP_SIZE,
+    ) -> None:
+        super().__init__()
+        groups, heads = attention_norm_groups(dim, group_size), dim // attention_head_dim
+        self.norm1 = self.attn1 = None
+        if add_self_attention:
+            self.norm1 = AdaGroupNorm(temb_channels, dim, groups)
+            self.attn1 = Attention(dim, None, heads=heads, dim_head=attention_head_dim, bias=True)
+        self.norm2 = AdaGroupNorm(temb_channels, dim, groups)
+        self.attn2 = Attention(
+            dim, cross_attention_dim, heads=heads, dim_head=attention_head_dim, bias=True,
+            upcast_attention=upcast_attention, cross_attention_norm="layer_norm",
+        )  # fmt: skip
+
+    def forward(self, hidden_states: torch.Tensor, emb: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.attn1 is not None:
+            out = self._run(self.attn1, self.norm1(hidden_states, emb), None, ctx.attention_mask)
+            hidden_states = out + hidden_states
+        cross_mask = ctx.attention_mask if ctx.encoder_hidden_states is None else ctx.encoder_attention_mask
+        out = self._run(self.attn2, self.norm2(hidden_states, emb), ctx.encoder_hidden_states, cross_mask)
+        return out + hidden_states
+
+    @staticmethod
+    def _run(attn: Attention, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, C)
+        out = attn(tokens, context, mask)  # (B, HW, C)
+        return out.permute(0, 2, 1).reshape(batch, channels, height, width)  # (B, C, H, W)

@@ -14,18 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_core.models import unet_condition_config as ucc
+from diffusion_core.models.attention import AttentionContext, attention_mask_bias
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_condition import (
     UNet2DConditionModel,
     batch_timesteps,
     build_stem,
-    check_activations,
     embed_time,
     encode_context,
     run_down,
     run_mid,
 )
-from diffusion_core.torch.models.unet_2d_condition_blocks import Context, build_down_block, build_mid_block
+from diffusion_core.torch.models.unet_2d_condition_blocks import build_down_block, build_mid_block
 
 # UNet config fields a ControlNet copies in ``from_unet`` (diffusers' list).
 _FROM_UNET_FIELDS = (
@@ -79,7 +79,6 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         super().__init__()
         cfg = ucc.resolve_config(config, ucc.CONTROLNET_DEFAULTS, "ControlNetModel")
         plan = ucc.controlnet_plan(cfg)
-        check_activations(cfg, ("act_fn",))
         self.config: dict[str, Any] = cfg
         self.plan = plan
         channels = plan.block_out_channels
@@ -152,7 +151,7 @@ class ControlNetModel(PretrainedMixin, nn.Module):
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])  # bgr -> rgb
         # diffusers' ControlNet holds encoder_hid_proj (so checkpoints load) but never applies it: neither do we.
         context = encode_context(None, encoder_hidden_states)
-        ctx = Context(context, attention_mask=ucc.attention_mask_bias(attention_mask, sample))
+        ctx = AttentionContext(context, attention_mask=attention_mask_bias(attention_mask, sample))
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)  # (B,)
         emb = embed_time(self, self.plan.time, timesteps, sample.dtype, class_labels, None)
         sample = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)

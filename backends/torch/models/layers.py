@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_core.models import timestep_embedding
-from diffusion_core.models.model_config import TIME_SCALE_SHIFTS
+from diffusion_core.models.model_config import TIME_SCALE_SHIFTS, activation_name
 
-# diffusers' ``get_activation`` names ("swish" and "silu" are the same function).
+# diffusers' activations by canonical name (``model_config.activation_name`` checks and maps aliases)
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "swish": nn.SiLU,
     "silu": nn.SiLU,
     "mish": nn.Mish,
     "gelu": nn.GELU,
@@ -28,9 +27,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 def get_activation(name: str) -> nn.Module:
     """Return a fresh activation module for a diffusers activation name."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"act_fn: unsupported activation {name!r}; accepted: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    return _ACTIVATIONS[activation_name(name)]()
 
 
 class Timesteps(nn.Module):

@@ -7,19 +7,17 @@ Call: ``model(sample_nchw, timestep, class_labels=None) -> tensor`` (NCHW).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffusion_core.models import model_config
+from diffusion_core.models import model_config, unet_2d_config
 from diffusion_core.torch.models.layers import (
     GaussianFourierProjection,
     TimestepEmbedding,
     Timesteps,
-    get_activation,
 )
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_blocks import (
@@ -38,84 +36,55 @@ UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D"
 class UNet2DModel(PretrainedMixin, nn.Module):
     """Unconditional 2D UNet (Ho et al. 2020) with diffusers' config and parameter names."""
 
-    def __init__(
-        self,
-        sample_size: int | tuple[int, int] | None = None,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        center_input_sample: bool = False,
-        time_embedding_type: str = "positional",
-        time_embedding_dim: int | None = None,
-        freq_shift: int = 0,
-        flip_sin_to_cos: bool = True,
-        down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        mid_block_type: str | None = "UNetMidBlock2D",
-        up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
-        layers_per_block: int = 2,
-        mid_block_scale_factor: float = 1,
-        downsample_padding: int = 1,
-        downsample_type: str = "conv",
-        upsample_type: str = "conv",
-        dropout: float = 0.0,
-        act_fn: str = "silu",
-        attention_head_dim: int | None = 8,
-        norm_num_groups: int = 32,
-        attn_norm_num_groups: int | None = None,
-        norm_eps: float = 1e-5,
-        resnet_time_scale_shift: str = "default",
-        add_attention: bool = True,
-        class_embed_type: str | None = None,
-        num_class_embeds: int | None = None,
-        num_train_timesteps: int | None = None,
-    ) -> None:
+    def __init__(self, **config: Any) -> None:
+        """Keyword arguments: diffusers' ``UNet2DModel`` config fields (``unet_2d_config.UNET_2D_DEFAULTS``)."""
         super().__init__()
-        cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
+        cfg = model_config.resolve_config(config, unet_2d_config.UNET_2D_DEFAULTS, "UNet2DModel")
         model_config.validate_unet_2d_config(cfg)
-        get_activation(act_fn)
         self.config: dict[str, Any] = cfg
-        self.sample_size = sample_size
-        channels = list(block_out_channels)
-        time_dim = time_embedding_dim or channels[0] * 4
-        self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
-        self.time_proj, proj_dim = self._time_projection(cfg)
+        self.sample_size = cfg["sample_size"]
+        channels = list(cfg["block_out_channels"])
+        proj_dim, time_dim = unet_2d_config.unet_2d_time_dims(cfg)
+        self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], kernel_size=3, padding=1)
+        self.time_proj = self._time_projection(cfg)
         self.time_embedding = TimestepEmbedding(proj_dim, time_dim)
         self.class_embedding = self._class_embedding(cfg, proj_dim, time_dim)
-        opts = ResnetOptions(time_dim, norm_num_groups, norm_eps, act_fn, resnet_time_scale_shift, dropout)
-        self.down_blocks = self._down_blocks(cfg, opts)
-        self.up_blocks = self._up_blocks(cfg, opts)  # before mid_block: diffusers' state-dict order
-        self.mid_block = None
-        if mid_block_type is not None:
-            self.mid_block = UNetMidBlock2D(
-                channels[-1],
-                opts,
-                attention_head_dim=attention_head_dim or channels[-1],
-                attn_groups=attn_norm_num_groups,
-                add_attention=add_attention,
-                output_scale_factor=mid_block_scale_factor,
-            )
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps)
-        self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1)
+        opts = ResnetOptions(
+            time_dim,
+            cfg["norm_num_groups"],
+            cfg["norm_eps"],
+            cfg["act_fn"],
+            cfg["resnet_time_scale_shift"],
+            cfg["dropout"],
+        )
+        down, up = unet_2d_config.unet_2d_down_blocks(cfg), unet_2d_config.unet_2d_up_blocks(cfg)
+        self.down_blocks = nn.ModuleList(DOWN_BLOCKS[kind](opts=opts, **kwargs) for kind, kwargs in down)
+        self.up_blocks = nn.ModuleList(UP_BLOCKS[kind](opts=opts, **kwargs) for kind, kwargs in up)  # before mid
+        mid = unet_2d_config.unet_2d_mid_block(cfg)
+        self.mid_block = None if mid is None else UNetMidBlock2D(channels[-1], opts, **mid)
+        self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], channels[0], eps=cfg["norm_eps"])
+        self.conv_act = nn.SiLU()  # diffusers' fixed output activation, whatever act_fn
+        self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], kernel_size=3, padding=1)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> UNet2DModel:
         """Build from a diffusers ``config.json`` mapping; ``_``-prefixed keys are ignored."""
-        return cls(**model_config.init_kwargs_from_config(config, _CONFIG_FIELDS, "UNet2DModel"))
+        fields = unet_2d_config.UNET_2D_DEFAULTS
+        return cls(**model_config.init_kwargs_from_config(config, fields, "UNet2DModel"))
 
     @property
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
     @staticmethod
-    def _time_projection(cfg: Mapping[str, Any]) -> tuple[nn.Module, int]:
-        """Timestep -> feature projection and its width."""
+    def _time_projection(cfg: Mapping[str, Any]) -> nn.Module:
+        """Timestep -> feature projection (``unet_2d_time_dims`` gives its width)."""
         width = cfg["block_out_channels"][0]
         if cfg["time_embedding_type"] == "fourier":
-            return GaussianFourierProjection(embedding_size=width, scale=16), 2 * width
+            return GaussianFourierProjection(embedding_size=width, scale=16)
         if cfg["time_embedding_type"] == "learned":
-            return nn.Embedding(cfg["num_train_timesteps"], width), width
-        return Timesteps(width, cfg["flip_sin_to_cos"], cfg["freq_shift"]), width
+            return nn.Embedding(cfg["num_train_timesteps"], width)
+        return Timesteps(width, cfg["flip_sin_to_cos"], cfg["freq_shift"])
 
     @staticmethod
     def _class_embedding(cfg: Mapping[str, Any], proj_dim: int, time_dim: int) -> nn.Module | None:
@@ -128,46 +97,6 @@ class UNet2DModel(PretrainedMixin, nn.Module):
         if kind == "identity":
             return nn.Identity()
         return None
-
-    @staticmethod
-    def _down_blocks(cfg: Mapping[str, Any], opts: ResnetOptions) -> nn.ModuleList:
-        channels = list(cfg["block_out_channels"])
-        blocks = []
-        for i, name in enumerate(cfg["down_block_types"]):
-            block_cls = DOWN_BLOCKS[model_config.block_name(name)]
-            blocks.append(
-                block_cls(
-                    channels[max(i - 1, 0)],
-                    channels[i],
-                    opts,
-                    num_layers=cfg["layers_per_block"],
-                    add_downsample=i < len(channels) - 1,
-                    downsample_padding=cfg["downsample_padding"],
-                    downsample_type=cfg["downsample_type"] if block_cls.has_attention else "conv",
-                    attention_head_dim=cfg["attention_head_dim"] or channels[i],
-                )
-            )
-        return nn.ModuleList(blocks)
-
-    @staticmethod
-    def _up_blocks(cfg: Mapping[str, Any], opts: ResnetOptions) -> nn.ModuleList:
-        rev = list(reversed(cfg["block_out_channels"]))
-        blocks = []
-        for i, name in enumerate(cfg["up_block_types"]):
-            block_cls = UP_BLOCKS[model_config.block_name(name)]
-            blocks.append(
-                block_cls(
-                    rev[min(i + 1, len(rev) - 1)],
-                    rev[max(i - 1, 0)],
-                    rev[i],
-                    opts,
-                    num_layers=cfg["layers_per_block"] + 1,
-                    add_upsample=i < len(rev) - 1,
-                    upsample_type=cfg["upsample_type"] if block_cls.has_attention else "conv",
-                    attention_head_dim=cfg["attention_head_dim"] or rev[i],
-                )
-            )
-        return nn.ModuleList(blocks)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None
@@ -222,6 +151,3 @@ def _batch_timesteps(timestep: torch.Tensor | float | int, batch: int, device: t
     if timestep.ndim > 1 or timestep.numel() not in (1, batch):
         raise ValueError(f"timestep: expected a scalar or a ({batch},) tensor, got shape {tuple(timestep.shape)}")
     return timestep.reshape(-1).expand(batch)  # (B,)
-
-
-_CONFIG_FIELDS = tuple(p for p in inspect.signature(UNet2DModel.__init__).parameters if p != "self")

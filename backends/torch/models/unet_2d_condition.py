@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from diffusion_core.models import unet_condition_config as ucc
+from diffusion_core.models.attention import AttentionContext, attention_mask_bias
 from diffusion_core.torch.models.layers import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 from diffusion_core.torch.models.unet_2d_condition_blocks import (
-    Context,
     build_down_block,
     build_mid_block,
     build_up_block,
@@ -91,16 +91,6 @@ def embed_time(
     return emb
 
 
-def check_activations(cfg: dict[str, Any], fields: tuple[str, ...]) -> None:
-    """ValueError naming the config field whose activation name is not supported."""
-    for field in fields:
-        if cfg[field] is not None:
-            try:
-                get_activation(cfg[field])
-            except ValueError as err:
-                raise ValueError(f"{field}: {err}") from None
-
-
 class UNet2DConditionModel(PretrainedMixin, nn.Module):
     """Conditional 2D UNet (Rombach et al. 2022) with diffusers' config and parameter names.
 
@@ -112,7 +102,6 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         super().__init__()
         cfg = ucc.resolve_config(config, ucc.UNET_2D_CONDITION_DEFAULTS, "UNet2DConditionModel")
         plan = ucc.unet_2d_condition_plan(cfg)
-        check_activations(cfg, ("act_fn", "time_embedding_act_fn", "timestep_post_act"))
         self.config: dict[str, Any] = cfg
         self.plan = plan
         self.sample_size = cfg["sample_size"]
@@ -163,10 +152,10 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
             raise ValueError(
                 "down_block_additional_residuals, mid_block_additional_residual: pass both (ControlNet) or neither"
             )
-        ctx = Context(
+        ctx = AttentionContext(
             encoder_hidden_states=encode_context(self.encoder_hid_proj, encoder_hidden_states),
-            attention_mask=ucc.attention_mask_bias(attention_mask, sample),
-            encoder_attention_mask=ucc.attention_mask_bias(encoder_attention_mask, sample),
+            attention_mask=attention_mask_bias(attention_mask, sample),
+            encoder_attention_mask=attention_mask_bias(encoder_attention_mask, sample),
         )
         upsample_sizes = any(dim % 2**self.plan.num_upsamplers for dim in sample.shape[-2:])
         if self.plan.center_input_sample:
@@ -187,7 +176,12 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         return self.conv_out(sample)
 
     def _up(
-        self, sample: torch.Tensor, skips: tuple[torch.Tensor | None, ...], emb: torch.Tensor, ctx: Context, sizes: bool
+        self,
+        sample: torch.Tensor,
+        skips: tuple[torch.Tensor | None, ...],
+        emb: torch.Tensor,
+        ctx: AttentionContext,
+        sizes: bool,
     ) -> torch.Tensor:
         """Up path; each block takes its resnets' count of skips. ``sizes``: upsample to the skip sizes."""
         for i, block in enumerate(self.up_blocks):
@@ -210,7 +204,7 @@ def encode_context(hid_proj: nn.Module | None, encoder_hidden_states: torch.Tens
 
 
 def run_down(
-    blocks: nn.ModuleList, sample: torch.Tensor, emb: torch.Tensor, ctx: Context
+    blocks: nn.ModuleList, sample: torch.Tensor, emb: torch.Tensor, ctx: AttentionContext
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Down path from the ``conv_in`` output; returns the lowest-resolution state and every skip."""
     skips: tuple[torch.Tensor | None, ...] = (sample,)
@@ -220,7 +214,7 @@ def run_down(
     return sample, skips
 
 
-def run_mid(mid: nn.Module | None, sample: torch.Tensor, emb: torch.Tensor, ctx: Context) -> torch.Tensor:
+def run_mid(mid: nn.Module | None, sample: torch.Tensor, emb: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     if mid is None:
         return sample
     return mid(sample, emb) if isinstance(mid, UNetMidBlock2D) else mid(sample, emb, ctx)

@@ -8,15 +8,14 @@ Cross-attention blocks take ``(hidden, temb, context)``; the others ``(hidden, t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from diffusion_core.models import block_layout
+from diffusion_core.models.attention import AttentionContext
 from diffusion_core.models.unet_condition_config import BlockPlan
-from diffusion_core.torch.models.attention import Attention, Transformer2DModel
+from diffusion_core.torch.models.attention import KAttentionBlock, Transformer2DModel
 from diffusion_core.torch.models.layers import (
-    AdaGroupNorm,
     Downsample2D,
     KDownsample2D,
     KUpsample2D,
@@ -24,15 +23,6 @@ from diffusion_core.torch.models.layers import (
     Upsample2D,
 )
 from diffusion_core.torch.models.unet_2d_blocks import DownBlock2D, ResnetOptions, UNetMidBlock2D, UpBlock2D
-
-
-@dataclass(frozen=True)
-class Context:
-    """What cross-attention blocks attend to: encoder states and optional (B, 1, S) additive masks."""
-
-    encoder_hidden_states: torch.Tensor | None
-    attention_mask: torch.Tensor | None = None
-    encoder_attention_mask: torch.Tensor | None = None
 
 
 def resnet_options(plan: BlockPlan) -> ResnetOptions:
@@ -45,20 +35,10 @@ def resnet_options(plan: BlockPlan) -> ResnetOptions:
 
 
 def _transformer(plan: BlockPlan, num_layers: int) -> Transformer2DModel:
-    return Transformer2DModel(
-        plan.num_attention_heads,
-        plan.attention_head_dim,
-        in_channels=plan.out_channels,
-        num_layers=num_layers,
-        norm_num_groups=plan.norm_groups,
-        cross_attention_dim=plan.cross_attention_dim,
-        use_linear_projection=plan.use_linear_projection,
-        only_cross_attention=plan.only_cross_attention,
-        upcast_attention=plan.upcast_attention,
-    )
+    return Transformer2DModel(**block_layout.transformer_kwargs(plan, num_layers))
 
 
-def _attend(attn: Transformer2DModel, hidden_states: torch.Tensor, ctx: Context) -> torch.Tensor:
+def _attend(attn: Transformer2DModel, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     return attn(hidden_states, ctx.encoder_hidden_states, ctx.attention_mask, ctx.encoder_attention_mask)
 
 
@@ -79,7 +59,7 @@ class CrossAttnDownBlock2D(nn.Module):
             self.downsamplers = nn.ModuleList([conv])
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: Context
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: AttentionContext
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         outputs: tuple[torch.Tensor, ...] = ()
         for resnet, attn in zip(self.resnets, self.attentions, strict=True):
@@ -113,7 +93,7 @@ class CrossAttnUpBlock2D(nn.Module):
         hidden_states: torch.Tensor,
         res_hidden_states: tuple[torch.Tensor, ...],
         temb: torch.Tensor,
-        ctx: Context,
+        ctx: AttentionContext,
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         skips = list(res_hidden_states)
@@ -137,62 +117,11 @@ class UNetMidBlock2DCrossAttn(nn.Module):
             for _ in range(plan.num_layers + 1)
         )
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
             hidden_states = resnet(_attend(attn, hidden_states, ctx), temb)
         return hidden_states
-
-
-class KAttentionBlock(nn.Module):
-    """AdaGroupNorm-conditioned (optional self-) and cross-attention on a feature map, each residual."""
-
-    def __init__(self, dim: int, head_dim: int, cross_attention_dim: int, temb_channels: int, self_attn: bool):
-        super().__init__()
-        groups = max(1, dim // 32)
-        self.norm1 = self.attn1 = None
-        if self_attn:
-            self.norm1 = AdaGroupNorm(temb_channels, dim, groups)
-            self.attn1 = Attention(dim, None, heads=dim // head_dim, dim_head=head_dim, bias=True)
-        self.norm2 = AdaGroupNorm(temb_channels, dim, groups)
-        self.attn2 = Attention(
-            dim,
-            cross_attention_dim,
-            heads=dim // head_dim,
-            dim_head=head_dim,
-            bias=True,
-            cross_attention_norm="layer_norm",
-        )
-
-    def forward(self, hidden_states: torch.Tensor, emb: torch.Tensor, ctx: Context) -> torch.Tensor:
-        if self.attn1 is not None:
-            out = self._run(self.attn1, self.norm1(hidden_states, emb), None, ctx.attention_mask)
-            hidden_states = out + hidden_states
-        cross_mask = ctx.attention_mask if ctx.encoder_hidden_states is None else ctx.encoder_attention_mask
-        out = self._run(self.attn2, self.norm2(hidden_states, emb), ctx.encoder_hidden_states, cross_mask)
-        return out + hidden_states
-
-    @staticmethod
-    def _run(attn: Attention, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, C)
-        out = attn(tokens, context, mask)  # (B, HW, C)
-        return out.permute(0, 2, 1).reshape(batch, channels, height, width)  # (B, C, H, W)
-
-
-def _k_resnet(plan: BlockPlan, in_ch: int, out_ch: int, conv_out: int | None = None) -> ResnetBlockCondNorm2D:
-    """K resnet; GroupNorm groups come from the input width and the block width (diffusers' rule)."""
-    return ResnetBlockCondNorm2D(
-        in_channels=in_ch,
-        out_channels=out_ch,
-        temb_channels=plan.temb_channels,
-        groups=in_ch // plan.group_size,
-        groups_out=plan.out_channels // plan.group_size,
-        eps=plan.norm_eps,
-        dropout=plan.dropout,
-        non_linearity=plan.act_fn,
-        conv_2d_out_channels=conv_out,
-    )
 
 
 class KDownBlock2D(nn.Module):
@@ -205,22 +134,13 @@ class KDownBlock2D(nn.Module):
 
     def __init__(self, plan: BlockPlan) -> None:
         super().__init__()
-        out = plan.out_channels
-        self.resnets = nn.ModuleList(
-            _k_resnet(plan, plan.in_channels if i == 0 else out, out) for i in range(plan.num_layers)
-        )
-        self.attentions = None
-        if self.has_attention:
-            self.attentions = nn.ModuleList(
-                KAttentionBlock(
-                    out, plan.attention_head_dim, plan.cross_attention_dim, plan.temb_channels, plan.add_self_attention
-                )
-                for _ in range(plan.num_layers)
-            )
+        layers = block_layout.k_down_layers(plan, self.has_attention)
+        self.resnets = nn.ModuleList(ResnetBlockCondNorm2D(**resnet) for resnet, _ in layers)
+        self.attentions = nn.ModuleList(KAttentionBlock(**attn) for _, attn in layers) if self.has_attention else None
         self.downsamplers = nn.ModuleList([KDownsample2D()]) if plan.add_downsample else None
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: Context | None = None
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, ctx: AttentionContext | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         outputs: tuple[torch.Tensor | None, ...] = ()
         for i, resnet in enumerate(self.resnets):
@@ -251,26 +171,9 @@ class KUpBlock2D(nn.Module):
 
     def __init__(self, plan: BlockPlan) -> None:
         super().__init__()
-        out = plan.out_channels
-        first = self.has_attention and plan.in_channels == out == plan.temb_channels  # no skip to concat
-        middle = plan.in_channels != out
-        k_in = out if first else 2 * out
-        n = plan.num_layers - 1
-        resnets, attentions = [], []
-        for i in range(n):
-            last = i == n - 1
-            in_ch = k_in if i == 0 else out
-            if self.has_attention:
-                resnets.append(_k_resnet(plan, in_ch, out, plan.in_channels if middle and last else None))
-                dim = plan.in_channels if last else out
-                attn = KAttentionBlock(
-                    dim, plan.attention_head_dim, plan.cross_attention_dim, plan.temb_channels, first
-                )
-                attentions.append(attn)
-            else:
-                resnets.append(_k_resnet(plan, in_ch, plan.in_channels if last else out))
-        self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(attentions) if self.has_attention else None
+        layers = block_layout.k_up_layers(plan, self.has_attention)
+        self.resnets = nn.ModuleList(ResnetBlockCondNorm2D(**resnet) for resnet, _ in layers)
+        self.attentions = nn.ModuleList(KAttentionBlock(**attn) for _, attn in layers) if self.has_attention else None
         self.upsamplers = nn.ModuleList([KUpsample2D()]) if plan.add_upsample else None
 
     def forward(
@@ -278,7 +181,7 @@ class KUpBlock2D(nn.Module):
         hidden_states: torch.Tensor,
         res_hidden_states: tuple[torch.Tensor | None, ...],
         temb: torch.Tensor,
-        ctx: Context | None = None,
+        ctx: AttentionContext | None = None,
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         skip = res_hidden_states[-1]

@@ -11,20 +11,19 @@ and the tile blending are framework-neutral and live in ``diffusion_core.models.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffusion_core.models import model_config
+from diffusion_core.models import model_config, unet_2d_config
 from diffusion_core.models.autoencoder import AutoencoderTiling
-from diffusion_core.torch.models.layers import Downsample2D, Upsample2D, get_activation
+from diffusion_core.models.unet_2d_config import AUTOENCODER_KL_DEFAULTS as _DEFAULTS
+from diffusion_core.models.unet_2d_config import VAE_EPS
+from diffusion_core.torch.models.layers import Downsample2D, Upsample2D
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
-
-VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE norm (diffusers hard-codes it)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -83,12 +82,12 @@ class Encoder(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        act_fn: str = "silu",
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        act_fn: str,
         double_z: bool = True,
         mid_block_add_attention: bool = True,
     ) -> None:
@@ -97,10 +96,10 @@ class Encoder(nn.Module):
         opts = ResnetOptions(temb_channels=None, groups=norm_num_groups, eps=VAE_EPS, act_fn=act_fn)
         self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock2D(
-                channels[max(i - 1, 0)], channels[i], opts, layers_per_block, add_downsample=i < len(channels) - 1
+            DownEncoderBlock2D(c_in, c_out, opts, n, add_downsample=resample)
+            for c_in, c_out, n, resample in unet_2d_config.vae_block_specs(
+                block_out_channels, layers_per_block, up=False
             )
-            for i in range(len(channels))
         )
         self.mid_block = UNetMidBlock2D(channels[-1], opts, add_attention=mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[-1], eps=VAE_EPS)
@@ -120,12 +119,12 @@ class Decoder(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        act_fn: str = "silu",
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        act_fn: str,
         mid_block_add_attention: bool = True,
     ) -> None:
         super().__init__()
@@ -133,8 +132,10 @@ class Decoder(nn.Module):
         opts = ResnetOptions(temb_channels=None, groups=norm_num_groups, eps=VAE_EPS, act_fn=act_fn)
         self.conv_in = nn.Conv2d(in_channels, rev[0], kernel_size=3, padding=1)
         self.up_blocks = nn.ModuleList(  # before mid_block: diffusers' state-dict order
-            UpDecoderBlock2D(rev[max(i - 1, 0)], rev[i], opts, layers_per_block + 1, add_upsample=i < len(rev) - 1)
-            for i in range(len(rev))
+            UpDecoderBlock2D(c_in, c_out, opts, n, add_upsample=resample)
+            for c_in, c_out, n, resample in unet_2d_config.vae_block_specs(
+                block_out_channels, layers_per_block, up=True
+            )
         )
         self.mid_block = UNetMidBlock2D(rev[0], opts, add_attention=mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, rev[-1], eps=VAE_EPS)
@@ -151,49 +152,24 @@ class Decoder(nn.Module):
 class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nn.Module):
     """VAE with a diagonal-Gaussian latent (Kingma & Welling 2014; Rombach et al. 2022)."""
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
-        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 1,
-        act_fn: str = "silu",
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        sample_size: int = 32,
-        scaling_factor: float = 0.18215,
-        shift_factor: float | None = None,
-        latents_mean: tuple[float, ...] | None = None,
-        latents_std: tuple[float, ...] | None = None,
-        force_upcast: bool = True,
-        use_quant_conv: bool = True,
-        use_post_quant_conv: bool = True,
-        mid_block_add_attention: bool = True,
-    ) -> None:
+    def __init__(self, **config: Any) -> None:
+        """Keyword arguments: diffusers' ``AutoencoderKL`` config fields (defaults: ``AUTOENCODER_KL_DEFAULTS``)."""
         super().__init__()
-        cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
+        cfg = model_config.resolve_config(config, _DEFAULTS, "AutoencoderKL")
         model_config.validate_autoencoder_kl_config(cfg)
-        get_activation(act_fn)
         self.config: dict[str, Any] = cfg
-        shared = {
-            "block_out_channels": block_out_channels,
-            "layers_per_block": layers_per_block,
-            "norm_num_groups": norm_num_groups,
-            "act_fn": act_fn,
-            "mid_block_add_attention": mid_block_add_attention,
-        }
-        self.encoder = Encoder(in_channels, latent_channels, double_z=True, **shared)
-        self.decoder = Decoder(latent_channels, out_channels, **shared)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
-        self._init_tiling(sample_size, len(block_out_channels))
+        shared = unet_2d_config.vae_coder_kwargs(cfg)
+        self.encoder = Encoder(cfg["in_channels"], cfg["latent_channels"], double_z=True, **shared)
+        self.decoder = Decoder(cfg["latent_channels"], cfg["out_channels"], **shared)
+        latent = cfg["latent_channels"]
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if cfg["use_quant_conv"] else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if cfg["use_post_quant_conv"] else None
+        self._init_tiling(cfg["sample_size"], len(cfg["block_out_channels"]))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> AutoencoderKL:
         """Build from a diffusers ``config.json`` mapping; ``_``-prefixed keys are ignored."""
-        return cls(**model_config.init_kwargs_from_config(config, _CONFIG_FIELDS, "AutoencoderKL"))
+        return cls(**model_config.init_kwargs_from_config(config, _DEFAULTS, "AutoencoderKL"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -221,6 +197,3 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nn.Module):
             shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             raise ValueError(f"{name}: expected a (B, {channels}, H, W) tensor, got {shape}")
         return value
-
-
-_CONFIG_FIELDS = tuple(p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self")
