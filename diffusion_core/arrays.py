@@ -89,12 +89,18 @@ def quantile_last_axis(values: Any, q: float) -> Any:
 
 
 def interp_table(table: Any, t: Any, like: Any) -> Any:
-    """Host table (T,) linearly interpolated at fractional indices ``t`` (clamped to [0, T-1])."""
+    """Host table (T,) linearly interpolated at fractional indices ``t`` (clamped to [0, T-1]), in ``like``'s dtype.
+
+    The index arithmetic runs in at least float32: bfloat16 cannot hold 999 (it rounds to 1000, out of
+    the table) and float16 keeps only halves of a timestep above 512.
+    """
     xp = namespace(like)
-    values = host_to_like(table, like)
-    t = xp.astype(as_index_array(t, like), like.dtype)
+    work = like if xp.finfo(like.dtype).bits >= 32 else xp.astype(like, xp.float32)
+    values = host_to_like(table, work)
+    t = xp.astype(as_index_array(t, work), work.dtype)
     top = np.shape(table)[0] - 1
     lo = xp.clip(xp.floor(t), 0, top)
     hi = xp.clip(lo + 1, 0, top)
     w = t - lo
-    return values[xp.astype(lo, xp.int32)] * (1 - w) + values[xp.astype(hi, xp.int32)] * w
+    out = values[xp.astype(lo, xp.int32)] * (1 - w) + values[xp.astype(hi, xp.int32)] * w
+    return xp.astype(out, like.dtype)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.flax.models.layers import (
     GaussianFourierProjection,
     ParamKeys,
@@ -47,7 +48,7 @@ class UNet2DModel(PretrainedMixin, nnx.Module):
         cfg = model_config.resolve_config(config, unet_2d_config.UNET_2D_DEFAULTS, "UNet2DModel")
         model_config.validate_unet_2d_config(cfg)
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.dtype = dtype
         channels = list(cfg["block_out_channels"])
         proj_dim, time_dim = unet_2d_config.unet_2d_time_dims(cfg)

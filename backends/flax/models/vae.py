@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.flax.models.layers import Downsample2D, ParamKeys, Upsample2D, conv, group_norm
 from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.flax.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
@@ -182,7 +183,7 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nnx.Module):
         cfg = model_config.resolve_config(config, _DEFAULTS, "AutoencoderKL")
         model_config.validate_autoencoder_kl_config(cfg)
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.dtype = dtype
         shared = {**unet_2d_config.vae_coder_kwargs(cfg), "rngs": rngs, "dtype": dtype}
         self.encoder = Encoder(cfg["in_channels"], cfg["latent_channels"], double_z=True, **shared)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import model_config, unet_2d_config
 from diffusion_core.torch.models.layers import (
     GaussianFourierProjection,
@@ -41,7 +42,7 @@ class UNet2DModel(PretrainedMixin, nn.Module):
         super().__init__()
         cfg = model_config.resolve_config(config, unet_2d_config.UNET_2D_DEFAULTS, "UNet2DModel")
         model_config.validate_unet_2d_config(cfg)
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.sample_size = cfg["sample_size"]
         channels = list(cfg["block_out_channels"])
         proj_dim, time_dim = unet_2d_config.unet_2d_time_dims(cfg)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import model_config, unet_2d_config
 from diffusion_core.models.autoencoder import AutoencoderTiling
 from diffusion_core.models.unet_2d_config import AUTOENCODER_KL_DEFAULTS as _DEFAULTS
@@ -157,7 +158,7 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nn.Module):
         super().__init__()
         cfg = model_config.resolve_config(config, _DEFAULTS, "AutoencoderKL")
         model_config.validate_autoencoder_kl_config(cfg)
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         shared = unet_2d_config.vae_coder_kwargs(cfg)
         self.encoder = Encoder(cfg["in_channels"], cfg["latent_channels"], double_z=True, **shared)
         self.decoder = Decoder(cfg["latent_channels"], cfg["out_channels"], **shared)
