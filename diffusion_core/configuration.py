@@ -2,21 +2,94 @@
 
 A config is a plain mapping of JSON values. diffusers writes every ``__init__`` argument,
 sorted, plus ``_class_name`` and ``_diffusers_version``; we read and write the same bytes.
+In memory, a model's or scheduler's ``.config`` is a ``FrozenConfig``: read-only, with
+attribute access (``unet.config.sample_size``) beside item access (``unet.config["sample_size"]``).
+Files are written atomically with the permissions of a normally created file (umask applies).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 # The diffusers release whose on-disk format we write (and test against).
 DIFFUSERS_FORMAT_VERSION = "0.42.1"
+
+T = TypeVar("T")
+
+
+class FrozenConfig(Mapping[str, Any]):
+    """A read-only config mapping with attribute access: ``cfg.sample_size`` is ``cfg["sample_size"]``.
+
+    Equal to a dict with the same items; ``dict(cfg)``, ``{**cfg, "k": v}``, ``cfg.get(k)`` and
+    ``copy``/``pickle`` work as for a dict. Values are kept as given (a tuple stays a tuple), so
+    ``json.dumps(dict(cfg))`` serialises it. Hashable on its keys (equal configs have equal keys),
+    so a model holding one can be a static value under ``jax.jit``. Changing a value means
+    building a new object: ``Model.from_config({**model.config, "sample_size": 64})``.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        if data is not None and not isinstance(data, Mapping):
+            raise ValueError(f"FrozenConfig: expected a mapping of option -> value, got {type(data).__name__}")
+        object.__setattr__(self, "_data", dict(data or {}))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails; dunders (copy's __deepcopy__ probe) are never keys
+        if name.startswith("__") or name == "_data":
+            raise AttributeError(name)
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(f"config has no option {name!r}; options: {sorted(self._data)}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(_read_only(f"set config.{name}"))
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(_read_only(f"delete config.{name}"))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError(_read_only(f"set config[{key!r}]"))
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(_read_only(f"delete config[{key!r}]"))
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self._data,)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *(k for k in self._data if k.isidentifier())})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+
+def _read_only(action: str) -> str:
+    return (
+        f"cannot {action}: a config is read-only; build a new object instead, "
+        "e.g. type(obj).from_config({**obj.config, key: value})"
+    )
 
 
 def to_json_value(value: Any) -> Any:
@@ -58,11 +131,57 @@ def config_to_json_string(config: Mapping[str, Any]) -> str:
     return json.dumps(to_json_value(dict(config)), indent=2, sort_keys=True) + "\n"
 
 
+def _create_beside(target: Path, create: Callable[[Path], T]) -> tuple[T, Path]:
+    """``create(tmp)`` for a fresh hidden name ``tmp`` next to ``target`` (retried on a name clash)."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            return create(tmp), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {str(target)!r}")
+
+
+def make_temp_dir_beside(target: str | os.PathLike) -> Path:
+    """A new empty hidden folder next to ``target`` (to fill, then rename into place).
+
+    Unlike ``tempfile.mkdtemp`` (always 0700) it is created as any folder is, so the umask (and
+    a default ACL) decides its permissions: 0755 under umask 022, as diffusers' output folders.
+    """
+    return _create_beside(Path(target), os.mkdir)[1]
+
+
+def _open_temp_file_beside(path: Path) -> tuple[int, Path]:
+    """A new hidden file next to ``path``, mode 0666 less the umask (``mkstemp`` would force 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return _create_beside(path, lambda tmp: os.open(tmp, flags, 0o666))
+
+
+def set_created_file_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions a file newly created beside it gets (umask and default ACL applied).
+
+    For files another library writes privately (safetensors' writer renames a 0600 temporary file
+    into place). The mode is read from a probe file, not from ``os.umask``, which is process-wide
+    and cannot be read without being set.
+    """
+    path = Path(path)
+    fd, probe = _open_temp_file_beside(path)
+    try:
+        mode = os.fstat(fd).st_mode & 0o7777
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    os.chmod(path, mode)
+
+
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename.
+
+    The file gets the permissions of a normally created one (0644 under umask 022).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _open_temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

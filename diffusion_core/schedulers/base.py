@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from diffusion_core import arrays
 from diffusion_core.configuration import (
     DIFFUSERS_FORMAT_VERSION,
+    FrozenConfig,
     config_to_json_string,
     read_json_config,
     to_json_value,
@@ -85,18 +85,18 @@ class Scheduler(abc.ABC):
         # class (from_config) lets that class apply its own defaults; never saved to JSON
         defaulted = sorted(set(self._defaults) - set(config))
         marker = {USE_DEFAULT_VALUES: defaulted} if defaulted else {}
-        self._config = MappingProxyType({**extra, **full, **marker})
-        self._options = MappingProxyType(full)  # this class's options only: what the math reads
+        self._config = FrozenConfig({**extra, **full, **marker})
+        self._options = FrozenConfig(full)  # this class's options only: what the math reads
         self._setup()
 
     # ----- config ---------------------------------------------------------------------
     @property
-    def config(self) -> Mapping[str, Any]:
+    def config(self) -> FrozenConfig:
         """The frozen config: every option of this class plus keys kept from a swapped config."""
         return self._config
 
     @property
-    def options(self) -> Mapping[str, Any]:
+    def options(self) -> FrozenConfig:
         """This class's own options (``config`` less the keys kept from a swapped config).
 
         The math reads only these, so a foreign key (DDPM's ``clip_sample`` carried into

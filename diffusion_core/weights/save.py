@@ -14,7 +14,6 @@ import ctypes
 import errno
 import json
 import os
-import secrets
 import shutil
 import sys
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from diffusion_core.configuration import write_json_atomic
+from diffusion_core.configuration import make_temp_dir_beside, set_created_file_mode, write_json_atomic
 from diffusion_core.weights.io import as_numpy
 from diffusion_core.weights.layout import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -67,6 +66,7 @@ def plan_shards(sizes: Mapping[str, int], max_shard_size: int | str = DEFAULT_MA
 def _write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Write one safetensors file and flush it to disk (tests replace this to simulate failures)."""
     save_file(tensors, str(path), metadata=metadata)
+    set_created_file_mode(path)  # safetensors writes 0600
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -204,8 +204,7 @@ def save_state_dict(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"folder must be a directory path, got the file {str(folder)!r}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{secrets.token_hex(6)}")
-    os.mkdir(tmp)  # unlike mkdtemp, honours the umask: the saved folder gets normal permissions
+    tmp = make_temp_dir_beside(folder)  # umask-honouring, unlike mkdtemp's 0700
     old = None
     try:
         if folder.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_config_is_a_complete_dict() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = CLIPTextModel.from_config(ref_config)
-    assert isinstance(model.config, dict)
+    assert isinstance(model.config, Mapping) and dict(model.config) == model.config
     for key, value in model.config.items():
         assert ref_config[key] == value, key
     assert CLIPTextModelWithProjection(LEGACY).config["projection_dim"] == 16

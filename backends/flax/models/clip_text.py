@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.flax.models.layers import ParamKeys
 from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.models.clip_config import (
@@ -170,7 +171,7 @@ class CLIPTextModel(PretrainedMixin, nnx.Module):
     def __init__(
         self, config: Mapping[str, Any] | None = None, *, rngs: nnx.Rngs | None = None, dtype: Any = jnp.float32
     ) -> None:
-        self.config: dict[str, Any] = clip_text_config(config)
+        self.config = FrozenConfig(clip_text_config(config))
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.dtype = dtype
         self.embeddings = CLIPTextEmbeddings(self.config, rngs, dtype)
@@ -215,7 +216,7 @@ class CLIPTextModelWithProjection(PretrainedMixin, nnx.Module):
     ) -> None:
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
         self.text_model = CLIPTextModel(config, rngs=rngs, dtype=dtype)
-        self.config: dict[str, Any] = self.text_model.config
+        self.config = self.text_model.config
         self.dtype = dtype
         projection_dim = check_projection_dim(self.config)
         self.text_projection = _linear(self.config["hidden_size"], projection_dim, rngs, dtype, use_bias=False)

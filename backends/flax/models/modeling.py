@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.flax.models.loading import WEIGHTS, flax_state_to_torch, load_torch_state_dict, weight_shapes
 from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
 from diffusion_core.weights.convert import match_flax_path, path_to_key
@@ -69,7 +70,7 @@ def torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 class PretrainedMixin(CheckpointModel):
     """Adds ``from_pretrained``/``from_single_file``/``save_pretrained`` (PyTorch-layout files) to an NNX module."""
 
-    config: dict[str, Any]
+    config: FrozenConfig
 
     @classmethod
     def _from_source(cls: type[M], source: CheckpointSource, dtype: Any) -> M:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.flax.models.layers import (
     GaussianFourierProjection,
     ParamKeys,
@@ -81,7 +82,7 @@ class UNet2DModel(PretrainedMixin, nnx.Module):
         model_config.validate_unet_2d_config(cfg)
         get_activation(act_fn)
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.dtype = dtype
         channels = list(block_out_channels)
         time_dim = time_embedding_dim or channels[0] * 4

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.flax.models.attention import mask_to_bias
 from diffusion_core.flax.models.layers import (
     GaussianFourierProjection,
@@ -58,13 +59,13 @@ class ConditionEmbeddings:
     Shared by UNet2DConditionModel and ControlNetModel (same attribute names in both).
     """
 
-    config: dict[str, Any]
+    config: FrozenConfig
     dtype: Any
 
     def _setup(self, cfg: dict[str, Any], plan: Any, rngs: nnx.Rngs | None, dtype: Any) -> ParamKeys:
         """Keep the resolved config and plan; the init keys (linear-time abstract construction, see ParamKeys)."""
         get_activation(cfg["act_fn"])
-        self.config = cfg
+        self.config = FrozenConfig(cfg)
         self.dtype = dtype
         self.plan = plan
         return ParamKeys(nnx.Rngs(0) if rngs is None else rngs)

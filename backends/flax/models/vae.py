@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.flax.models.layers import Downsample2D, ParamKeys, Upsample2D, conv, get_activation, group_norm
 from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.flax.models.unet_2d_blocks import ResnetOptions, UNetMidBlock2D
@@ -205,7 +206,7 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nnx.Module):
         model_config.validate_autoencoder_kl_config(cfg)
         get_activation(act_fn)
         rngs = ParamKeys(nnx.Rngs(0) if rngs is None else rngs)  # linear-time abstract builds
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.dtype = dtype
         shared = {
             "block_out_channels": block_out_channels,

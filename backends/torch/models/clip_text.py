@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models.clip_config import (
     CLIPTextOutput,
     CLIPTextWithProjectionOutput,
@@ -157,7 +158,7 @@ class CLIPTextModel(PretrainedMixin, nn.Module):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.config: dict[str, Any] = clip_text_config(config)
+        self.config = FrozenConfig(clip_text_config(config))
         self.embeddings = CLIPTextEmbeddings(self.config)
         self.encoder = CLIPEncoder(self.config)
         self.final_layer_norm = nn.LayerNorm(self.config["hidden_size"], eps=self.config["layer_norm_eps"])
@@ -199,7 +200,7 @@ class CLIPTextModelWithProjection(PretrainedMixin, nn.Module):
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.text_model = CLIPTextModel(config)
-        self.config: dict[str, Any] = self.text_model.config
+        self.config = self.text_model.config
         projection_dim = check_projection_dim(self.config)
         self.text_projection = nn.Linear(self.config["hidden_size"], projection_dim, bias=False)
 

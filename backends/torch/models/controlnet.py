@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import unet_condition_config as ucc
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_condition import (
@@ -80,7 +81,7 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         cfg = ucc.resolve_config(config, ucc.CONTROLNET_DEFAULTS, "ControlNetModel")
         plan = ucc.controlnet_plan(cfg)
         check_activations(cfg, ("act_fn",))
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.plan = plan
         channels = plan.block_out_channels
         build_stem(self, plan.time, plan.in_channels, channels[0], 3, plan.encoder_hid_proj)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
 from diffusion_core.weights.pretrained import CheckpointModel, CheckpointSource
 
@@ -34,7 +35,7 @@ def _dtype_name(dtype: Any) -> str:
 class PretrainedMixin(CheckpointModel):
     """Adds ``from_pretrained``/``from_single_file``/``save_pretrained`` to a module with ``from_config``."""
 
-    config: dict[str, Any]
+    config: FrozenConfig
 
     @classmethod
     def _from_source(cls: type[M], source: CheckpointSource, dtype: torch.dtype | None) -> M:

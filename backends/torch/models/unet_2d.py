@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import model_config
 from diffusion_core.torch.models.layers import (
     GaussianFourierProjection,
@@ -73,7 +74,7 @@ class UNet2DModel(PretrainedMixin, nn.Module):
         cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         model_config.validate_unet_2d_config(cfg)
         get_activation(act_fn)
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.sample_size = sample_size
         channels = list(block_out_channels)
         time_dim = time_embedding_dim or channels[0] * 4

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import unet_condition_config as ucc
 from diffusion_core.torch.models.layers import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from diffusion_core.torch.models.modeling import PretrainedMixin
@@ -113,7 +114,7 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         cfg = ucc.resolve_config(config, ucc.UNET_2D_CONDITION_DEFAULTS, "UNet2DConditionModel")
         plan = ucc.unet_2d_condition_plan(cfg)
         check_activations(cfg, ("act_fn", "time_embedding_act_fn", "timestep_post_act"))
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         self.plan = plan
         self.sample_size = cfg["sample_size"]
         channels = plan.block_out_channels

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import model_config
 from diffusion_core.models.autoencoder import AutoencoderTiling
 from diffusion_core.torch.models.layers import Downsample2D, Upsample2D, get_activation
@@ -176,7 +177,7 @@ class AutoencoderKL(PretrainedMixin, AutoencoderTiling, nn.Module):
         cfg = {name: value for name, value in locals().items() if name in _CONFIG_FIELDS}
         model_config.validate_autoencoder_kl_config(cfg)
         get_activation(act_fn)
-        self.config: dict[str, Any] = cfg
+        self.config = FrozenConfig(cfg)
         shared = {
             "block_out_channels": block_out_channels,
             "layers_per_block": layers_per_block,
