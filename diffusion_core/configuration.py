@@ -9,10 +9,13 @@ Files are written atomically with the permissions of a normally created file (um
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -131,15 +134,46 @@ def config_to_json_string(config: Mapping[str, Any]) -> str:
     return json.dumps(to_json_value(dict(config)), indent=2, sort_keys=True) + "\n"
 
 
+_TEMP_HEX_BYTES = 6
+
+
+def temp_name_pattern(name: str) -> str:
+    """A regex matching the temporary names :func:`_create_beside` gives for ``name`` (see diffusion_core.atomic)."""
+    return rf"\.{re.escape(name)}\.tmp-[0-9a-f]{{{2 * _TEMP_HEX_BYTES}}}"
+
+
 def _create_beside(target: Path, create: Callable[[Path], T]) -> tuple[T, Path]:
     """``create(tmp)`` for a fresh hidden name ``tmp`` next to ``target`` (retried on a name clash)."""
     for _ in range(100):
-        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(_TEMP_HEX_BYTES)}")
         try:
             return create(tmp), tmp
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, f"no free temporary name beside {str(target)!r}")
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries an interrupted save of ``target`` left beside it; returns what was removed.
+
+    Only names this library creates are touched: ``.<name>.tmp-<12 hex>`` (files or folders) and
+    ``.<name>.tmp-<12 hex>.old`` (an old folder moved aside).
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(temp_name_pattern(target.name) + r"(\.old)?")
+    removed = []
+    for entry in target.parent.iterdir():
+        if not pattern.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 def make_temp_dir_beside(target: str | os.PathLike) -> Path:
@@ -181,6 +215,7 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)  # left by a writer that was killed
     fd, tmp = _open_temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -13,7 +13,7 @@ import pytest
 
 from diffusion_core.tokenizers import CLIPTokenizer
 from diffusion_core.tokenizers.text import WHITESPACE
-from diffusion_core.weights import pretrained
+from diffusion_core.weights import hub
 from tests.tokenizer_fixtures import random_prompts, write_clip_vocab
 
 transformers = pytest.importorskip("transformers")
@@ -254,7 +254,7 @@ def test_hub_ids_fetch_only_tokenizer_files(monkeypatch, vocab_folder, tmp_path)
         calls.append((repo_id, patterns, revision, local_files_only))
         return tmp_path
 
-    monkeypatch.setattr(pretrained, "download_snapshot", fake_download)
+    monkeypatch.setattr(hub, "download_snapshot", fake_download)
     tok = CLIPTokenizer.from_pretrained("org/model", subfolder="tokenizer", revision="main", local_files_only=True)
     assert tok.encode("a cat") == [49406, 320, 2368, 49407]
     repo_id, patterns, revision, local_only = calls[0]

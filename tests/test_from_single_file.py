@@ -25,7 +25,7 @@ from diffusion_core.torch.models.clip_text import CLIPTextModel
 from diffusion_core.torch.models.unet_2d import UNet2DModel
 from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
 from diffusion_core.torch.models.vae import AutoencoderKL
-from diffusion_core.weights import pretrained, read_pickle_state_dict
+from diffusion_core.weights import hub, read_pickle_state_dict
 from diffusion_core.weights import single_file as sf
 from tests import compvis_layout as cl
 from tests.compvis_layout import UNET_CASES, Pipe
@@ -232,11 +232,11 @@ def test_resolve_folder_fetches_only_the_patterns(monkeypatch: pytest.MonkeyPatc
         calls.append((repo_id, patterns, revision, local_files_only))
         return tmp_path
 
-    monkeypatch.setattr(pretrained, "download_snapshot", fake_download)
-    folder = pretrained.resolve_folder("org/model", ["unet/config.json"], subfolder="unet", revision="r1")
+    monkeypatch.setattr(hub, "download_snapshot", fake_download)
+    folder = hub.resolve_folder("org/model", ["unet/config.json"], subfolder="unet", revision="r1")
     assert folder == tmp_path / "unet" and calls == [("org/model", ["unet/config.json"], "r1", False)]
-    assert pretrained.resolve_folder(tmp_path, ["x"]) == tmp_path and len(calls) == 1  # local: no download
+    assert hub.resolve_folder(tmp_path, ["x"]) == tmp_path and len(calls) == 1  # local: no download
     with pytest.raises(FileNotFoundError, match="subfolder"):
-        pretrained.resolve_folder(tmp_path, ["x"], subfolder="vae")
+        hub.resolve_folder(tmp_path, ["x"], subfolder="vae")
     with pytest.raises(ValueError, match="subfolder"):
-        pretrained.resolve_folder(tmp_path, ["x"], subfolder="../up")
+        hub.resolve_folder(tmp_path, ["x"], subfolder="../up")

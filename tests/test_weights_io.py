@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from diffusion_core import weights
+from diffusion_core import atomic, weights
 from diffusion_core.weights import save as save_module
 
 diffusers = pytest.importorskip("diffusers")
@@ -162,7 +162,7 @@ def test_swap_without_renameat2(tmp_path, models, monkeypatch):
     folder = tmp_path / "unet"
     state = numpy_state(models["fp32"])
     weights.save_state_dict(state, folder, max_shard_size=SHARD)
-    monkeypatch.setattr(save_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     weights.save_state_dict({k: v + 1 for k, v in state.items()}, folder)
     assert sorted(os.listdir(tmp_path)) == ["unet"]
     assert sorted(os.listdir(folder)) == ["diffusion_pytorch_model.safetensors"]

@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from diffusion_core.atomic import atomic_folder
 from diffusion_core.pipelines.components import (
     ComponentClass,
     canonical_class_name,
@@ -188,32 +187,8 @@ class PipelineBase:
         if target.exists() and not target.is_dir():
             raise ValueError(f"folder: {str(target)!r} exists and is not a folder")
         kinds = {n: component_kind(obj, self._component_table) for n, obj in self.components.items() if obj is not None}
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        try:
+        with atomic_folder(target) as tmp:
             for name, kind in kinds.items():
                 save_component(getattr(self, name), tmp / name, variant, kind)
             write_model_index(self._model_index(), tmp)
-            _replace_folder(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

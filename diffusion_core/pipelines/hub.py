@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from diffusion_core.pipelines.model_index import MODEL_INDEX_NAME, ModelIndex, read_model_index
+from diffusion_core.weights.hub import download_snapshot, hub_allow_patterns, hub_fetch, local_or_repo_id
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, check_variant
-from diffusion_core.weights.pretrained import download_snapshot, hub_allow_patterns, hub_fetch
 
 # Non-weight files a component folder may need: configs, tokenizer vocabularies and merges.
 _CONFIG_PATTERNS = ("*.json", "*.txt")
@@ -33,11 +33,11 @@ def pipeline_allow_patterns(component_names: Iterable[str], variant: str | None)
 
 
 def _fetch_model_index(repo_id: str, revision: str | None, local_files_only: bool) -> Path:
-    def fetch() -> str:
+    def fetch(local_only: bool) -> str:
         import huggingface_hub
 
         return huggingface_hub.hf_hub_download(
-            repo_id, MODEL_INDEX_NAME, revision=revision, local_files_only=local_files_only
+            repo_id, MODEL_INDEX_NAME, revision=revision, local_files_only=local_only
         )
 
     return hub_fetch(repo_id, revision, local_files_only, fetch)
@@ -56,15 +56,10 @@ def resolve_pipeline_folder(
     ``select(index)`` names the component folders to fetch from the Hub (default: every component
     present); components the caller supplies itself or cannot load are left out.
     """
-    if not isinstance(path_or_repo_id, (str, os.PathLike)):
-        raise ValueError(f"path_or_repo_id must be a str or path, got {type(path_or_repo_id).__name__}")
     check_variant(variant)
-    local = Path(path_or_repo_id)
-    if local.is_dir():
-        return local, read_model_index(local)
-    if isinstance(path_or_repo_id, os.PathLike) or local.is_absolute() or str(path_or_repo_id).startswith("."):
-        raise FileNotFoundError(f"path_or_repo_id: no such folder {str(path_or_repo_id)!r}")
-    repo_id = str(path_or_repo_id)
+    repo_id = local_or_repo_id(path_or_repo_id)
+    if isinstance(repo_id, Path):
+        return repo_id, read_model_index(repo_id)
     index_file = _fetch_model_index(repo_id, revision, local_files_only)
     commit = index_file.parent.name  # .../snapshots/<commit>/model_index.json: the revision, resolved once
     index = read_model_index(index_file.parent)

@@ -156,6 +156,8 @@ class Scheduler(abc.ABC):
 
     def _check_config(self, config: dict[str, Any]) -> None:
         """Raise ValueError for invalid option values (subclasses extend, calling super)."""
+        for key, default in self._defaults.items():
+            _check_option_type(type(self).__name__, key, config.get(key, default), default)
         choices = {**COMMON_CHOICES, **self._choices}
         for key, accepted in choices.items():
             if key in config and config[key] not in accepted:
@@ -297,6 +299,32 @@ class Scheduler(abc.ABC):
         if not unused:
             self._require_noise(noise, f"{why}; see noise_calls(state) for the calls that draw")
         return None
+
+
+def _check_option_type(owner: str, key: str, value: Any, default: Any) -> None:
+    """An option keeps the kind of its default: bool, int, number (int or float, not NaN) or str; options
+    whose default is None take anything their class checks itself, except ``trained_betas`` (numbers)."""
+    if default is None:
+        if key == "trained_betas" and value is not None:
+            is_numbers = isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0
+            if not is_numbers or not all(
+                isinstance(b, (int, float, np.number)) and not isinstance(b, bool) for b in value
+            ):
+                raise ValueError(f"{owner}: trained_betas must be None or a non-empty list of numbers, got {value!r}")
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "a bool"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an int"
+    elif isinstance(default, float):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok, kind = number and value == value, "a number"  # value == value: not NaN
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a str"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{owner}: {key} must be {kind}, got {value!r}")
 
 
 def check_begin_index(begin_index: Any, num_calls: int | None = None, order: int = 1) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_core.configuration import config_to_json_string, write_json_atomic
-from diffusion_core.weights.pretrained import resolve_folder
+from diffusion_core.weights.hub import resolve_folder
 
 VOCAB_NAME = "vocab.json"
 MERGES_NAME = "merges.txt"

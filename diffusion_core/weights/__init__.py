@@ -32,6 +32,7 @@ from diffusion_core.weights.layout import (
     resolve_weight_files,
     shard_name,
 )
+from diffusion_core.weights.safetensors_header import InvalidCheckpointError, read_header
 from diffusion_core.weights.save import plan_shards, save_state_dict
 from diffusion_core.weights.single_file import (
     SINGLE_FILE_COMPONENTS,
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "DIFFUSERS_WEIGHTS_NAME",
     "FRAMEWORKS",
+    "InvalidCheckpointError",
     "SINGLE_FILE_COMPONENTS",
     "SingleFileComponent",
     "TRANSFORMERS_WEIGHTS_NAME",
@@ -71,6 +73,7 @@ __all__ = [
     "plan_shards",
     "read_component_config",
     "read_index",
+    "read_header",
     "read_pickle_state_dict",
     "resolve_weight_files",
     "save_state_dict",

@@ -6,8 +6,8 @@ Only numpy and safetensors are imported here; torch (``framework="pt"``), jax
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,25 +16,9 @@ import numpy as np
 from safetensors import safe_open
 
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, WeightFiles, resolve_weight_files
+from diffusion_core.weights.safetensors_header import InvalidCheckpointError, read_header
 
 FRAMEWORKS = {"numpy": "numpy", "np": "numpy", "pt": "pt", "torch": "pt", "flax": "flax", "jax": "flax"}
-_ST_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 TensorInfo = tuple[str, tuple[int, ...]]
 Source = str | os.PathLike | WeightFiles
@@ -86,7 +70,12 @@ def read_pickle_state_dict(path: str | os.PathLike, *, unwrap_lightning: bool = 
     path = Path(path)
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 6):
         raise RuntimeError(f"reading pickle file {str(path)!r} needs torch >= 2.6 (CVE-2025-32434)")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        # weights_only refuses anything but tensors and plain containers: code in the file never runs
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidCheckpointError(f"pickle file {str(path)!r} cannot be loaded safely: {reason}") from None
     if unwrap_lightning and isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         return {k: v for k, v in state["state_dict"].items() if isinstance(v, torch.Tensor)}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -105,13 +94,7 @@ def file_infos(
     if is_pickle:
         state = read_pickle_state_dict(path, unwrap_lightning=unwrap_lightning)
         return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}
-    infos = {}
-    with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-            view = f.get_slice(key)
-            tag = view.get_dtype()
-            infos[key] = (_ST_DTYPES.get(tag, tag.lower()), tuple(view.get_shape()))
-    return infos
+    return {key: (entry.dtype, entry.shape) for key, entry in read_header(path).tensors.items()}
 
 
 def capped(items: Sequence[str], limit: int) -> str:
@@ -226,6 +209,7 @@ def _generate(files: WeightFiles, framework: str, target: np.dtype | None) -> It
                 yield key, cast_tensor(from_torch(tensor, framework), target, framework)
             continue
         if framework == "pt":  # memory-mapped: torch assigns the mapped tensors, so the pages are the weights
+            read_header(path)  # validated before safetensors maps it
             with safe_open(path, framework=framework) as f:
                 for key in f.keys():
                     yield key, cast_tensor(f.get_tensor(key), target, framework)
@@ -241,17 +225,14 @@ def read_safetensors_plain(path: str | os.PathLike) -> Iterator[tuple[str, np.nd
     holds one model plus one tensor, not a model plus the mapped file's resident pages.
     Keys come in ``safe_open``'s order (sorted).
     """
+    header = read_header(path)
     with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        for key in sorted(header):
-            meta = header[key]
-            dtype = numpy_dtype(_ST_DTYPES[meta["dtype"]])
-            start, end = meta["data_offsets"]
-            f.seek(8 + size + start)
-            array = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize)
-            yield key, array.reshape(meta["shape"])
+        for key in sorted(header.tensors):
+            entry = header.tensors[key]
+            dtype = numpy_dtype(entry.dtype)
+            f.seek(header.data_start + entry.start)
+            array = np.fromfile(f, dtype=dtype, count=(entry.end - entry.start) // dtype.itemsize)
+            yield key, array.reshape(entry.shape)
 
 
 def load_tensors(source: Source, **kwargs: Any) -> dict[str, Any]:

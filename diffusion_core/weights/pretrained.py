@@ -25,15 +25,12 @@ from diffusion_core.configuration import (
     read_json_config,
     write_json_atomic,
 )
+from diffusion_core.weights.hub import CONFIG_NAME, resolve_pretrained_folder
 from diffusion_core.weights.io import TensorInfo, iter_tensors, tensor_infos
 from diffusion_core.weights.layout import (
     DIFFUSERS_WEIGHTS_NAME,
     TRANSFORMERS_WEIGHTS_NAME,
     WeightFiles,
-    add_variant,
-    check_variant,
-    index_name,
-    pickle_weights_name,
     resolve_weight_files,
 )
 from diffusion_core.weights.single_file import (
@@ -43,125 +40,9 @@ from diffusion_core.weights.single_file import (
     read_component_config,
 )
 
-CONFIG_NAME = "config.json"
 # The transformers release whose config.json we write (and test against).
 TRANSFORMERS_FORMAT_VERSION = "5.24.0"
 V = TypeVar("V")
-
-
-def hub_allow_patterns(
-    subfolder: str | None, weights_name: str, variant: str | None, allow_pickle: bool = False
-) -> list[str]:
-    """Snapshot patterns: ``config.json``, the single file, its shards and index, of ``variant`` only.
-
-    With ``allow_pickle``, the same patterns for the matching ``.bin`` name are added.
-    """
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    patterns = [prefix + CONFIG_NAME]
-    for name in (weights_name, pickle_weights_name(weights_name)) if allow_pickle else (weights_name,):
-        stem, ext = add_variant(name, variant).rsplit(".", 1)
-        patterns += [
-            prefix + add_variant(name, variant),
-            prefix + index_name(name, variant),
-            f"{prefix}{stem}-[0-9]*-of-[0-9]*.{ext}",
-        ]
-    return patterns
-
-
-def hub_fetch(repo_id: str, revision: str | None, local_files_only: bool, fetch: Callable[[], str]) -> Path:
-    """Run one huggingface_hub download ``fetch()`` for ``repo_id``; a failure becomes a FileNotFoundError
-    naming the repo, the revision and the cause."""
-    try:
-        import huggingface_hub
-        from huggingface_hub.errors import HFValidationError
-    except ImportError as e:  # pragma: no cover - huggingface_hub ships with safetensors users
-        raise FileNotFoundError(f"path_or_repo_id: {repo_id!r} is not a folder and huggingface_hub is missing") from e
-    try:
-        return Path(fetch())
-    except HFValidationError as e:
-        raise FileNotFoundError(
-            f"path_or_repo_id: {repo_id!r} is neither a local folder nor a valid Hub repo id"
-        ) from e
-    except (OSError, ValueError) as e:  # LocalEntryNotFoundError, offline mode, HTTP errors
-        offline = "; HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
-        raise FileNotFoundError(
-            f"path_or_repo_id: {repo_id!r} is not a local folder and could not be fetched from the Hub "
-            f"(revision={revision!r}, local_files_only={local_files_only}{offline}): {e}"
-        ) from e
-
-
-def download_snapshot(
-    repo_id: str, allow_patterns: list[str], revision: str | None = None, local_files_only: bool = False
-) -> Path:
-    """``huggingface_hub.snapshot_download`` of only ``allow_patterns``; FileNotFoundError naming the cause."""
-
-    def fetch() -> str:
-        import huggingface_hub
-
-        return huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=local_files_only
-        )
-
-    return hub_fetch(repo_id, revision, local_files_only, fetch)
-
-
-def _check_subfolder(subfolder: str | None) -> None:
-    if subfolder is not None and (
-        not isinstance(subfolder, str) or Path(subfolder).is_absolute() or ".." in Path(subfolder).parts
-    ):
-        raise ValueError(f"subfolder must be a relative folder name, got {subfolder!r}")
-
-
-def resolve_folder(
-    path_or_repo_id: str | os.PathLike,
-    allow_patterns: list[str],
-    *,
-    subfolder: str | None = None,
-    revision: str | None = None,
-    local_files_only: bool = False,
-) -> Path:
-    """A local folder as is, or the Hub snapshot of ``allow_patterns`` of a repo id; then ``subfolder`` inside it.
-
-    ``allow_patterns`` are relative to the repo root (``subfolder`` included, e.g. ``"unet/config.json"``).
-    A path that does not exist and cannot be a repo id (absolute, ``./``-relative, a ``PathLike``)
-    raises FileNotFoundError, as does a missing subfolder.
-    """
-    if not isinstance(path_or_repo_id, (str, os.PathLike)):
-        raise ValueError(f"path_or_repo_id must be a str or path, got {type(path_or_repo_id).__name__}")
-    _check_subfolder(subfolder)
-    local = Path(path_or_repo_id)
-    if local.is_dir():
-        root = local
-    elif isinstance(path_or_repo_id, os.PathLike) or local.is_absolute() or str(path_or_repo_id).startswith("."):
-        raise FileNotFoundError(f"path_or_repo_id: no such folder {str(path_or_repo_id)!r}")
-    else:
-        root = download_snapshot(str(path_or_repo_id), list(allow_patterns), revision, local_files_only)
-    folder = root / subfolder if subfolder else root
-    if not folder.is_dir():
-        raise FileNotFoundError(f"subfolder: no such folder {str(folder)!r}")
-    return folder
-
-
-def resolve_pretrained_folder(
-    path_or_repo_id: str | os.PathLike,
-    *,
-    subfolder: str | None = None,
-    variant: str | None = None,
-    revision: str | None = None,
-    local_files_only: bool = False,
-    weights_name: str = DIFFUSERS_WEIGHTS_NAME,
-    allow_pickle: bool = False,
-) -> Path:
-    """The local folder holding ``config.json`` and the weights (a local folder, or a Hub snapshot)."""
-    _check_subfolder(subfolder)
-    check_variant(variant)
-    return resolve_folder(
-        path_or_repo_id,
-        hub_allow_patterns(subfolder, weights_name, variant, allow_pickle),
-        subfolder=subfolder,
-        revision=revision,
-        local_files_only=local_files_only,
-    )
 
 
 def load_model_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -2,20 +2,14 @@
 
 The new folder is built beside the target (other files of the target are hard-linked or
 copied in, the old files of the same checkpoint are left out), then swapped in with one
-rename. On Linux the swap is ``renameat2(RENAME_EXCHANGE)``, so readers see either the old
-folder or the new one; elsewhere the old folder is renamed aside first (a crash between the
-two renames leaves it, complete, beside the target). A failure before the swap leaves the
-target untouched and removes the temporary folder.
+rename by :func:`diffusion_core.atomic.atomic_folder` (which also removes what a killed save left).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +17,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from diffusion_core.configuration import make_temp_dir_beside, set_created_file_mode, write_json_atomic
+from diffusion_core.atomic import atomic_folder
+from diffusion_core.configuration import set_created_file_mode, write_json_atomic
 from diffusion_core.weights.io import as_numpy
 from diffusion_core.weights.layout import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -101,54 +96,6 @@ def _carry_over(folder: Path, tmp: Path, drop: set[str]) -> None:
             _link_or_copy(str(src), str(dst))
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"could not swap {str(a)!r} and {str(b)!r}: {os.strerror(err)}")
-
-
-def _swap_into_place(tmp: Path, folder: Path) -> Path | None:
-    """Make ``tmp`` the new ``folder``; return where the old folder now lies (to delete), if any."""
-    if not folder.exists():
-        os.rename(tmp, folder)
-        return None
-    if _exchange(tmp, folder):
-        return tmp
-    aside = tmp.with_name(tmp.name + ".old")
-    os.rename(folder, aside)
-    try:
-        os.rename(tmp, folder)
-    except BaseException:
-        os.rename(aside, folder)
-        raise
-    return aside
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_files(
     tmp: Path,
     arrays: dict[str, np.ndarray],
@@ -203,20 +150,9 @@ def save_state_dict(
     folder = Path(folder).absolute()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"folder must be a directory path, got the file {str(folder)!r}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir_beside(folder)  # umask-honouring, unlike mkdtemp's 0700
-    old = None
-    try:
+    with atomic_folder(folder) as tmp:
         if folder.is_dir():
             shutil.copymode(folder, tmp)
             _carry_over(folder, tmp, set(family_names(folder, weights_name, variant)))
         names = _write_files(tmp, arrays, weights_name, variant, shards, meta)
-        _fsync_dir(tmp)
-        old = _swap_into_place(tmp, folder)
-        _fsync_dir(folder.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return [folder / name for name in names]
