@@ -260,8 +260,12 @@ def guidance(
     With ``image_guidance_scale`` (InstructPix2Pix) the 3-way batch runs when also ``image_guidance_scale >= 1``.
     """
     for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise ValueError(f"{name} must be a number, got {value!r}")
+        if not 0.0 <= float(value) < float("inf"):  # also refuses NaN
+            raise ValueError(f"{name} must be a finite number >= 0 (values in [0, 1] turn guidance off), got {value!r}")
     if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
         raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
     if not 0.0 <= guidance_rescale <= 1.0:

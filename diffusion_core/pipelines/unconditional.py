@@ -24,7 +24,12 @@ DDIM_DEFAULT_STEPS = 50
 def check_call(batch_size: int, num_inference_steps: int, output_type: str) -> None:
     """Validate the common call arguments."""
     check_output_type(output_type, ("pil", "np"))
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if isinstance(batch_size, (str, list, tuple)):
+        raise ValueError(
+            f"an unconditional pipeline takes no prompt: its first argument is batch_size (a positive int), "
+            f"got {batch_size!r}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
