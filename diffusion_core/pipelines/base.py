@@ -62,12 +62,20 @@ class PipelineBase:
             setattr(self, name, value)
         self.settings: dict[str, Any] = {}
         self.progress_bar_disabled = False
+        self.finite_check = False
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         """Show (default) or hide the denoising progress bar, as diffusers' ``set_progress_bar_config``."""
         if not isinstance(disable, bool):
             raise ValueError(f"disable must be a bool, got {disable!r}")
         self.progress_bar_disabled = disable
+
+    def enable_finite_check(self, enabled: bool = True) -> None:
+        """Opt in (or out) of checking the final latents and decoded images for NaN/inf: a ``FloatingPointError``
+        naming the likely cause instead of black or noise images. Costs one pass over the outputs per call."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {enabled!r}")
+        self.finite_check = enabled
 
     def _vae_or_error(self, method: str) -> Any:
         vae = getattr(self, "vae", None) if "vae" in self._components else None

@@ -32,6 +32,7 @@ from diffusion_core.pipelines import sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.base import ImagePipelineOutput
 from diffusion_core.pipelines.image import images_to_output
+from diffusion_core.weights.io import as_numpy
 
 __all__ = ["SDRequest", "StableDiffusionRecipe", "sd_request"]
 
@@ -212,12 +213,35 @@ class StableDiffusionRecipe:
 
     def _decode(self, latents: Any, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
         """Final latents -> images of ``output_type`` (``"latent"``: the latents themselves)."""
+        if self.finite_check:
+            check_finite(latents, "the denoised latents", LATENTS_HINT)
         if output_type == "latent":
             images = self._latent_output(latents)
         else:
             decoded = self._vae_decode(sd.unscale_latents(latents, self._vae_config()))  # (N, 3, H, W) numpy
+            if self.finite_check:
+                check_finite(decoded, "the VAE's decoded images", VAE_HINT)
             images = images_to_output(decoded, output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
+
+
+LATENTS_HINT = (
+    "the UNet or the scheduler overflowed: run the UNet in float32 (or bfloat16 rather than float16), "
+    "or lower guidance_scale"
+)
+VAE_HINT = (
+    "the usual cause is a float16 VAE overflowing: load the VAE in float32, or keep its config's "
+    "force_upcast=True (SDXL's VAE needs it)"
+)
+
+
+def check_finite(values: Any, what: str, hint: str) -> None:
+    """FloatingPointError naming ``what`` and the likely cause when ``values`` hold NaN or inf."""
+    array = as_numpy(values)
+    bad = ~np.isfinite(array.astype(np.float32, copy=False))
+    if bad.any():
+        images = sorted({int(i) for i in np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0]})
+        raise FloatingPointError(f"NaN or inf in {what} (images {images} of {bad.shape[0]}): {hint}")
 
 
 def repeat_parts(x: Any, parts: int) -> Any:
