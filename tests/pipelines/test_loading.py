@@ -15,7 +15,6 @@ from diffusion_core.pipelines import (
     pipeline_allow_patterns,
     read_model_index,
 )
-from diffusion_core.pipelines.base import _umask
 from diffusion_core.pipelines.components import canonical_class_name, lookup_component_class
 from diffusion_core.torch.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from tests.pipelines import tiny
@@ -168,7 +167,8 @@ def test_save_pretrained_round_trip_and_dtype(ddpm_folder, tmp_path):
     assert index["_class_name"] == "DDPMPipeline"
     assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDIMScheduler"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no temporary folders left
-    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())
+    (tmp_path / "probe").mkdir()  # a folder created the ordinary way: the mode the saved one must have
+    assert (out.stat().st_mode & 0o777) == ((tmp_path / "probe").stat().st_mode & 0o777)
     again = DiffusionPipeline.from_pretrained(out)
     for name, value in pipe.unet.state_dict().items():
         torch.testing.assert_close(again.unet.state_dict()[name], value, rtol=0, atol=0)
