@@ -47,6 +47,29 @@ def check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     return arr
 
 
+def check_class_labels(class_labels: Any, batch_size: int, unet_config: Mapping[str, Any]) -> np.ndarray | None:
+    """``class_labels`` as (B,) int64 in ``[0, num_class_embeds)``; required exactly for class-conditional UNets.
+
+    One int applies to the whole batch.
+    """
+    classes = unet_config.get("num_class_embeds")
+    if class_labels is None:
+        if classes:
+            raise ValueError(f"class_labels: the UNet is class-conditional ({classes} classes); pass class_labels")
+        return None
+    if not classes:
+        raise ValueError("class_labels: the UNet is not class-conditional (no num_class_embeds)")
+    labels = np.asarray(class_labels)
+    if labels.dtype.kind not in "iu" or labels.ndim > 1:
+        raise ValueError(f"class_labels must be an int or a 1-D sequence of ints, got {class_labels!r}")
+    labels = np.broadcast_to(labels, (batch_size,)) if labels.ndim == 0 else labels
+    if labels.shape != (batch_size,):
+        raise ValueError(f"class_labels: expected {batch_size} labels (one per image), got {labels.shape[0]}")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"class_labels must lie in [0, {classes}), got {labels.tolist()}")
+    return labels.astype(np.int64)
+
+
 def ddim_step_kwargs(scheduler: Scheduler, eta: float, use_clipped_model_output: bool | None) -> dict[str, Any]:
     """Step options for ``DDIMPipeline``: DDIM takes ``eta``; other schedulers only the default ``eta=0``."""
     if not (isinstance(eta, (int, float)) and eta >= 0.0):

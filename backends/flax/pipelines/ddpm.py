@@ -26,7 +26,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
     _components = ("unet", "scheduler")
 
-    def _build(self, graphdef: Any, step_kwargs: dict[str, Any]) -> Program:
+    def _build(self, graphdef: Any, step_kwargs: dict[str, Any], labels: np.ndarray | None) -> Program:
         scheduler, progress = self.scheduler, self.progress_for_trace()
 
         def program(params, state, x, keys):
@@ -34,7 +34,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
             unet = nnx.merge(graphdef, params)
             x, _ = denoise_loop(
                 scheduler,
-                lambda sample, t: unet(sample, t),
+                lambda sample, t: unet(sample, t, class_labels=None if labels is None else jnp.asarray(labels)),
                 x * state.init_noise_sigma,
                 state,
                 keys=keys,
@@ -46,19 +46,33 @@ class _UnconditionalPipeline(DiffusionPipeline):
         return program
 
     def _sample(
-        self, batch_size, key, num_inference_steps, latents, output_type, return_dict, step_kwargs, parallel, mesh
+        self,
+        batch_size,
+        key,
+        num_inference_steps,
+        latents,
+        output_type,
+        return_dict,
+        step_kwargs,
+        parallel,
+        mesh,
+        class_labels=None,
     ):
         uc.check_call(batch_size, num_inference_steps, output_type)
         mode = scale_out_mode(parallel, mesh)
         shape = uc.sample_shape(self.unet.config, batch_size)
         start = uc.check_latents(latents, shape)
+        labels = uc.check_class_labels(class_labels, batch_size, self.unet.config)
+        if labels is not None and mode != "single":
+            raise ValueError("class_labels: not supported with parallel= or mesh= yet")
         if key is None and (start is None or self.scheduler.needs_noise_for(**step_kwargs)):
             raise ValueError("key: pass key=jax.random.key(seed) (needed to draw the starting or step noise)")
         keys = per_example_keys(key if key is not None else jax.random.key(0), batch_size)
         x = per_example_normal(keys, shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
         graphdef, params = nnx.split(self.unet)
-        static = (self._scheduler_key(), tuple(sorted(step_kwargs.items())), not self.progress_bar_disabled)
-        fn = self.compiled(mode, mesh, static, lambda: self._build(graphdef, step_kwargs))
+        label_key = None if labels is None else tuple(labels.tolist())  # labels are baked into the program
+        static = (self._scheduler_key(), tuple(sorted(step_kwargs.items())), not self.progress_bar_disabled, label_key)
+        fn = self.compiled(mode, mesh, static, lambda: self._build(graphdef, step_kwargs, labels))
 
         def make_state(like):
             return self.scheduler.set_timesteps(num_inference_steps, like=like)
@@ -85,10 +99,14 @@ class DDPMPipeline(_UnconditionalPipeline):
         return_dict: bool = True,
         parallel: str | None = None,
         mesh: Mesh | None = None,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
+        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise.
+
+        ``class_labels`` (int or one per image) picks the classes of a class-conditional UNet.
+        """
         args = (batch_size, key, num_inference_steps, latents, output_type, return_dict)
-        return self._sample(*args, {}, parallel, mesh)
+        return self._sample(*args, {}, parallel, mesh, class_labels)
 
 
 class DDIMPipeline(_UnconditionalPipeline):
@@ -109,8 +127,9 @@ class DDIMPipeline(_UnconditionalPipeline):
         return_dict: bool = True,
         parallel: str | None = None,
         mesh: Mesh | None = None,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
         kwargs = uc.ddim_step_kwargs(self.scheduler, eta, use_clipped_model_output)
         args = (batch_size, key, num_inference_steps, latents, output_type, return_dict)
-        return self._sample(*args, kwargs, parallel, mesh)
+        return self._sample(*args, kwargs, parallel, mesh, class_labels)

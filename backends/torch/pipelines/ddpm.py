@@ -26,11 +26,14 @@ class _UnconditionalPipeline(DiffusionPipeline):
         output_type: str,
         return_dict: bool,
         step_kwargs: dict[str, Any],
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
         uc.check_call(batch_size, num_inference_steps, output_type)
         shape = uc.sample_shape(self.unet.config, batch_size)
         start = uc.check_latents(latents, shape)
+        labels = uc.check_class_labels(class_labels, batch_size, self.unet.config)
         device, dtype = self.device, self.unet.dtype
+        y = None if labels is None else torch.from_numpy(labels).to(device)
         if start is None:
             x = randn_tensor(shape, generator, dtype=dtype, device=device)
         else:
@@ -39,7 +42,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
         x = x * state.init_noise_sigma
         x, _ = denoise_loop(
             self.scheduler,
-            lambda sample, t: self.unet(sample, t),
+            lambda sample, t: self.unet(sample, t, class_labels=y),
             x,
             state,
             generator=generator,
@@ -60,9 +63,14 @@ class DDPMPipeline(_UnconditionalPipeline):
         latents: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
-        return self._sample(batch_size, generator, num_inference_steps, latents, output_type, return_dict, {})
+        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise.
+
+        ``class_labels`` (int or one per image) picks the classes of a class-conditional UNet.
+        """
+        args = (batch_size, generator, num_inference_steps, latents, output_type, return_dict)
+        return self._sample(*args, {}, class_labels)
 
 
 class DDIMPipeline(_UnconditionalPipeline):
@@ -81,7 +89,9 @@ class DDIMPipeline(_UnconditionalPipeline):
         latents: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
         kwargs = uc.ddim_step_kwargs(self.scheduler, eta, use_clipped_model_output)
-        return self._sample(batch_size, generator, num_inference_steps, latents, output_type, return_dict, kwargs)
+        args = (batch_size, generator, num_inference_steps, latents, output_type, return_dict)
+        return self._sample(*args, kwargs, class_labels)
