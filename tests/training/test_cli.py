@@ -145,3 +145,14 @@ def test_bad_class_and_scheduler(trained, capsys):
 def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "diffusion_core", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout and "Examples" in out.stdout
+
+
+@pytest.mark.slow  # a flax compile of the sampling loop
+def test_generate_on_flax_and_torch_give_images_of_one_shape(trained, tmp_path):
+    common = ["--model", str(trained), "--class", "1", "--num-images", "2", "--steps", "2"]
+    images = {}
+    for backend in ("torch", "flax"):
+        out = tmp_path / backend
+        assert cli.main(["generate", *common, "--backend", backend, "--output-dir", str(out)]) == 0
+        images[backend] = np.stack([np.asarray(Image.open(p)) for p in sorted(out.iterdir())])
+    assert images["torch"].shape == images["flax"].shape == (2, 8, 8, 3)

@@ -87,3 +87,20 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, tmp_path):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
     rows = (out / "loss.csv").read_text().splitlines()
     assert rows == (tmp_path / "straight" / "loss.csv").read_text().splitlines()
+
+
+def test_bf16_autocast_and_accumulation_run_and_stay_close_to_float32():
+    import dataclasses
+
+    from tests.training.harness import CONFIG
+
+    batch = training.step_batch(tiny.dataset(), 0, 6, 0, 100)
+    losses = {}
+    for name, cfg in {
+        "fp32": CONFIG,
+        "bf16": dataclasses.replace(CONFIG, mixed_precision="bf16"),
+        "accum": dataclasses.replace(CONFIG, gradient_accumulation_steps=3),
+    }.items():
+        losses[name] = make_trainer("torch", cfg).train_step(batch, 1e-3, 0.0)
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
+    assert abs(losses["accum"] - losses["fp32"]) < 1e-5 * losses["fp32"]  # same batch, mean of equal parts
