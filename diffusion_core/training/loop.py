@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.data import ImageDataset, StepBatch, step_batch
+from diffusion_core.training.plots import write_loss_curve
 from diffusion_core.training.schedules import ema_decay, learning_rate
 
 LOSS_FILE = "loss.csv"
@@ -119,6 +120,7 @@ def fit(
         bar.close()
         log_file.close()
     export_pipeline(trainer, out)
+    write_loss_curve(out, log=progress)
     return losses
 
 
