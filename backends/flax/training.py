@@ -51,7 +51,7 @@ class Trainer:
         self.tx = make_optimizer(self.config)
         self.opt_state = self.tx.init(self.params)
         self.ema = jax.tree.map(jnp.copy, self.params) if self.config.ema is not None else None
-        self._step = jax.jit(self._step_fn, donate_argnums=(0, 1, 2))
+        self._step = jax.jit(self._step_fn)  # no donation: restored optimiser leaves may share buffers
 
     def _loss_fn(self, params, x0, noise, timesteps, labels):
         """Scalar loss of one micro-batch as a function of the trainable parameters."""
@@ -122,8 +122,9 @@ class Trainer:
         self.model().save_pretrained(folder / ckpt.UNET)
         if self.ema is not None:
             self.model(ema=True).save_pretrained(folder / ckpt.UNET_EMA)
-        leaves = jax.tree.leaves(self.opt_state)
-        ckpt.save_arrays(folder / ckpt.OPTIMIZER_FILE, {str(i): np.asarray(x) for i, x in enumerate(leaves)})
+        leaves = jax.tree_util.tree_flatten_with_path(self.opt_state)[0]
+        arrays = {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}  # named by path, not position
+        ckpt.save_arrays(folder / ckpt.OPTIMIZER_FILE, arrays)
 
     def _load_params(self, path: Path) -> nnx.State:
         model = self.model()
@@ -135,8 +136,13 @@ class Trainer:
         if self.ema is not None:
             self.ema = self._load_params(folder / ckpt.UNET_EMA / WEIGHTS_FILE)
         saved = ckpt.load_arrays(folder / ckpt.OPTIMIZER_FILE)
-        leaves, treedef = jax.tree.flatten(self.opt_state)
-        restored = [jnp.asarray(saved[str(i)], dtype=leaf.dtype) for i, leaf in enumerate(leaves)]
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
+        restored = []
+        for path, leaf in leaves:
+            value = saved[jax.tree_util.keystr(path)]
+            if value.shape != leaf.shape:
+                raise ValueError(f"resume: optimizer state {jax.tree_util.keystr(path)} has shape {value.shape}")
+            restored.append(jnp.asarray(value, dtype=leaf.dtype))
         self.opt_state = jax.tree.unflatten(treedef, restored)
         self._replicated = False
 

@@ -86,7 +86,7 @@ def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+    save_file({k: np.array(v, order="C") for k, v in arrays.items()}, str(path))  # keeps 0-d arrays 0-d
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
