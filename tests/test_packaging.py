@@ -76,6 +76,7 @@ def test_wheel_holds_one_top_level_package_with_the_backends_inside(wheel):
     sources = {"/".join((*pkg.split("."), py.name)) for pkg in _source_packages() for py in _folder(pkg).glob("*.py")}
     assert sources and sources <= set(names)
     assert "diffusion_core/torch/__init__.py" in names and "diffusion_core/flax/pipelines/__init__.py" in names
+    assert "diffusion_core/assets/digits/unet/diffusion_pytorch_model.safetensors" in names  # the shipped model
     assert not any(n.startswith(("backends/", "tests/")) for n in names)
 
 

@@ -63,6 +63,7 @@ class UnconditionalRequest:
     latents: np.ndarray | None  # the starting draw, or None: the backend draws it
     step_kwargs: Mapping[str, Any]  # scheduler step options (DDIM: eta, use_clipped_model_output)
     output_type: str
+    class_labels: np.ndarray | None = None  # (B,) int64 for a class-conditional UNet
 
 
 def unconditional_request(
@@ -75,12 +76,38 @@ def unconditional_request(
     output_type: str = "pil",
     eta: float | None = None,
     use_clipped_model_output: bool | None = None,
+    class_labels: Any = None,
 ) -> UnconditionalRequest:
     """Check a DDPM (``eta`` None) or DDIM call's arguments."""
     check_call(batch_size, num_inference_steps, output_type)
     shape = sample_shape(unet_config, batch_size)
     step = {} if eta is None else ddim_step_kwargs(scheduler, eta, use_clipped_model_output)
-    return UnconditionalRequest(shape, int(num_inference_steps), check_latents(latents, shape), step, output_type)
+    labels = check_class_labels(class_labels, batch_size, unet_config)
+    latents = check_latents(latents, shape)
+    return UnconditionalRequest(shape, int(num_inference_steps), latents, step, output_type, labels)
+
+
+def check_class_labels(class_labels: Any, batch_size: int, unet_config: Mapping[str, Any]) -> np.ndarray | None:
+    """``class_labels`` as (B,) int64 in ``[0, num_class_embeds)``; required exactly for class-conditional UNets.
+
+    One int applies to the whole batch.
+    """
+    classes = unet_config.get("num_class_embeds")
+    if class_labels is None:
+        if classes:
+            raise ValueError(f"class_labels: the UNet is class-conditional ({classes} classes); pass class_labels")
+        return None
+    if not classes:
+        raise ValueError("class_labels: the UNet is not class-conditional (no num_class_embeds)")
+    labels = np.asarray(class_labels)
+    if labels.dtype.kind not in "iu" or labels.ndim > 1:
+        raise ValueError(f"class_labels must be an int or a 1-D sequence of ints, got {class_labels!r}")
+    labels = np.broadcast_to(labels, (batch_size,)) if labels.ndim == 0 else labels
+    if labels.shape != (batch_size,):
+        raise ValueError(f"class_labels: expected {batch_size} labels (one per image), got {labels.shape[0]}")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"class_labels must lie in [0, {classes}), got {labels.tolist()}")
+    return labels.astype(np.int64)
 
 
 def ddim_step_kwargs(scheduler: Scheduler, eta: float, use_clipped_model_output: bool | None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
     _components = ("unet", "scheduler")
 
-    def _build(self, graphdef: Any, step_kwargs: dict[str, Any]) -> Program:
+    def _build(self, graphdef: Any, step_kwargs: dict[str, Any], labels: np.ndarray | None) -> Program:
         scheduler, progress = self.scheduler, self.progress_for_trace()
 
         def program(params, state, x, keys):
@@ -34,7 +34,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
             unet = nnx.merge(graphdef, params)
             x, _ = denoise_loop(
                 scheduler,
-                lambda sample, t: unet(sample, t),
+                lambda sample, t: unet(sample, t, class_labels=None if labels is None else jnp.asarray(labels)),
                 x * state.init_noise_sigma,
                 state,
                 keys=keys,
@@ -48,14 +48,18 @@ class _UnconditionalPipeline(DiffusionPipeline):
     def _sample(self, request: uc.UnconditionalRequest, key, return_dict: bool, parallel, mesh):
         mode = scale_out_mode(parallel, mesh)
         step_kwargs = dict(request.step_kwargs)
+        labels = request.class_labels
+        if labels is not None and mode != "single":
+            raise ValueError("class_labels: not supported with parallel= or mesh= yet")
         if key is None and (request.latents is None or self.scheduler.needs_noise_for(**step_kwargs)):
             raise ValueError("key: pass key=jax.random.key(seed) (needed to draw the starting or step noise)")
         keys = per_example_keys(key if key is not None else jax.random.key(0), request.shape[0])
         start = request.latents
         x = per_example_normal(keys, request.shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
         graphdef, params = nnx.split(self.unet)
-        static = (self._scheduler_key(), tuple(sorted(step_kwargs.items())), not self.progress_bar_disabled)
-        fn = self.compiled(mode, mesh, static, lambda: self._build(graphdef, step_kwargs))
+        label_key = None if labels is None else tuple(labels.tolist())  # labels are baked into the program
+        static = (self._scheduler_key(), tuple(sorted(step_kwargs.items())), not self.progress_bar_disabled, label_key)
+        fn = self.compiled(mode, mesh, static, lambda: self._build(graphdef, step_kwargs, labels))
 
         def make_state(like):
             return self.scheduler.set_timesteps(request.num_inference_steps, like=like)
@@ -82,11 +86,15 @@ class DDPMPipeline(_UnconditionalPipeline):
         return_dict: bool = True,
         parallel: str | None = None,
         mesh: Mesh | None = None,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
+        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise.
+
+        ``class_labels`` (int or one per image) picks the classes of a class-conditional UNet.
+        """
         request = uc.unconditional_request(
             self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
-            latents=latents, output_type=output_type,
+            latents=latents, output_type=output_type, class_labels=class_labels,
         )  # fmt: skip
         return self._sample(request, key, return_dict, parallel, mesh)
 
@@ -109,10 +117,12 @@ class DDIMPipeline(_UnconditionalPipeline):
         return_dict: bool = True,
         parallel: str | None = None,
         mesh: Mesh | None = None,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
         request = uc.unconditional_request(
             self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
             latents=latents, output_type=output_type, eta=eta, use_clipped_model_output=use_clipped_model_output,
+            class_labels=class_labels,
         )  # fmt: skip
         return self._sample(request, key, return_dict, parallel, mesh)

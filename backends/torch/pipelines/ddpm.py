@@ -19,6 +19,8 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
     def _sample(self, request: uc.UnconditionalRequest, generator: Generators, return_dict: bool):
         device, dtype = self.device, self.unet.dtype
+        labels = request.class_labels
+        y = None if labels is None else torch.from_numpy(labels).to(device)
         if request.latents is None:
             x = randn_tensor(request.shape, generator, dtype=dtype, device=device)
         else:
@@ -27,7 +29,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
         x = x * state.init_noise_sigma
         x, _ = denoise_loop(
             self.scheduler,
-            lambda sample, t: self.unet(sample, t),
+            lambda sample, t: self.unet(sample, t, class_labels=y),
             x,
             state,
             generator=generator,
@@ -48,11 +50,15 @@ class DDPMPipeline(_UnconditionalPipeline):
         latents: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise."""
+        """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise.
+
+        ``class_labels`` (int or one per image) picks the classes of a class-conditional UNet.
+        """
         request = uc.unconditional_request(
             self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
-            latents=latents, output_type=output_type,
+            latents=latents, output_type=output_type, class_labels=class_labels,
         )  # fmt: skip
         return self._sample(request, generator, return_dict)
 
@@ -73,10 +79,12 @@ class DDIMPipeline(_UnconditionalPipeline):
         latents: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: Any = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
         request = uc.unconditional_request(
             self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
             latents=latents, output_type=output_type, eta=eta, use_clipped_model_output=use_clipped_model_output,
+            class_labels=class_labels,
         )  # fmt: skip
         return self._sample(request, generator, return_dict)

@@ -1,0 +1,164 @@
+"""Flax NNX trainer: one jitted optax step (clipping, AdamW, gradient accumulation, EMA), data parallel on a Mesh.
+
+The losses, rates, decays, data order and checkpoint layout come from ``diffusion_core.training``; this
+module binds them to optax and an ``nnx`` UNet. Parameters and optimiser state are float32 master
+copies; ``mixed_precision="bf16"`` runs the network in bfloat16. With ``mesh=`` the batch is sharded
+over the mesh's first axis and the parameters are replicated: the same program on one device or eight.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors.numpy import load_file
+
+from diffusion_core import training as core
+from diffusion_core.flax.models.loading import load_torch_state_dict
+from diffusion_core.training import checkpoint as ckpt
+from diffusion_core.training.config import TrainConfig
+from diffusion_core.training.data import ImageDataset, StepBatch
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Clipping then AdamW's direction; the step multiplies by ``-lr`` itself (the rate is a step argument)."""
+    parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm is not None else []
+    parts.append(optax.scale_by_adam(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon))
+    if cfg.weight_decay:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+class Trainer:
+    """``Trainer(unet, noise_scheduler, config, mesh=None).fit(dataset, steps=..., output_dir=...)``."""
+
+    def __init__(
+        self, unet: nnx.Module, noise_scheduler: Any, config: TrainConfig | None = None, mesh: Mesh | None = None
+    ) -> None:
+        self.unet, self.noise_scheduler, self.mesh = unet, noise_scheduler, mesh
+        self.config = config if config is not None else TrainConfig()
+        self.prediction_type = self.config.prediction_type or core.scheduler_prediction_type(noise_scheduler)
+        self.graphdef, self.params, self.rest = nnx.split(unet, nnx.Param, ...)
+        self.tx = make_optimizer(self.config)
+        self.opt_state = self.tx.init(self.params)
+        self.ema = jax.tree.map(jnp.copy, self.params) if self.config.ema is not None else None
+        self._step = jax.jit(self._step_fn)  # no donation: restored optimiser leaves may share buffers
+
+    def _loss_fn(self, params, x0, noise, timesteps, labels):
+        """Scalar loss of one micro-batch as a function of the trainable parameters."""
+        compute = params
+        if self.config.mixed_precision == "bf16":
+            compute = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        model = nnx.merge(self.graphdef, compute, self.rest)
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        dtype = jnp.bfloat16 if self.config.mixed_precision == "bf16" else x0.dtype
+        out = model(noisy.astype(dtype), timesteps, class_labels=labels).astype(jnp.float32)
+        return core.diffusion_loss(
+            self.noise_scheduler, out, x0, noise, timesteps, self.prediction_type, self.config.snr_gamma
+        )
+
+    def loss_and_grads(self, images, noise, timesteps, labels=None):
+        """(loss, grads) of one batch at the current parameters (grads: an ``nnx.State`` like the params)."""
+        args = (
+            jnp.asarray(images),
+            jnp.asarray(noise),
+            jnp.asarray(timesteps),
+            None if labels is None else jnp.asarray(labels),
+        )
+        return jax.jit(jax.value_and_grad(self._loss_fn))(self.params, *args)
+
+    def _step_fn(self, params, opt_state, ema, batch, lr, decay):
+        accum = self.config.gradient_accumulation_steps
+        micro = jax.tree.map(lambda a: a.reshape((accum, a.shape[0] // accum, *a.shape[1:])), batch)  # (A, B/A, ...)
+
+        def add(carry, mb):
+            loss, grads = jax.value_and_grad(self._loss_fn)(params, *mb)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zero, micro)
+        loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    def _place(self, batch: StepBatch) -> tuple:
+        arrays = (batch.images, batch.noise, batch.timesteps.astype(np.int32))
+        arrays += (None if batch.labels is None else batch.labels.astype(np.int32),)
+        if self.mesh is None:
+            return tuple(None if a is None else jnp.asarray(a) for a in arrays)
+        spec = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+        return tuple(None if a is None else jax.device_put(a, spec) for a in arrays)
+
+    def train_step(self, batch: StepBatch, lr: float, decay: float) -> float:
+        """One optimisation step; returns the mean loss over the batch."""
+        if self.mesh is not None and not getattr(self, "_replicated", False):
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            self.params, self.opt_state, self.ema = jax.device_put((self.params, self.opt_state, self.ema), rep)
+            self._replicated = True
+        lr32, decay32 = np.float32(lr), np.float32(decay)
+        self.params, self.opt_state, self.ema, loss = self._step(
+            self.params, self.opt_state, self.ema, self._place(batch), lr32, decay32
+        )
+        return float(loss)
+
+    def model(self, ema: bool = False) -> nnx.Module:
+        """The UNet with the current (or the EMA) weights."""
+        params = self.ema if ema and self.ema is not None else self.params
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def write_state(self, folder: Path) -> None:
+        self.model().save_pretrained(folder / ckpt.UNET)
+        if self.ema is not None:
+            self.model(ema=True).save_pretrained(folder / ckpt.UNET_EMA)
+        leaves = jax.tree_util.tree_flatten_with_path(self.opt_state)[0]
+        arrays = {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}  # named by path, not position
+        ckpt.save_arrays(folder / ckpt.OPTIMIZER_FILE, arrays)
+
+    def _load_params(self, path: Path) -> nnx.State:
+        model = self.model()
+        load_torch_state_dict(model, load_file(str(path)))
+        return nnx.split(model, nnx.Param, ...)[1]
+
+    def read_state(self, folder: Path) -> None:
+        self.params = self._load_params(folder / ckpt.UNET / WEIGHTS_FILE)
+        if self.ema is not None:
+            self.ema = self._load_params(folder / ckpt.UNET_EMA / WEIGHTS_FILE)
+        saved = ckpt.load_arrays(folder / ckpt.OPTIMIZER_FILE)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
+        restored = []
+        for path, leaf in leaves:
+            value = saved[jax.tree_util.keystr(path)]
+            if value.shape != leaf.shape:
+                raise ValueError(f"resume: optimizer state {jax.tree_util.keystr(path)} has shape {value.shape}")
+            restored.append(jnp.asarray(value, dtype=leaf.dtype))
+        self.opt_state = jax.tree.unflatten(treedef, restored)
+        self._replicated = False
+
+    def export_pipeline(self, folder: Path) -> None:
+        from diffusion_core.flax import DDPMPipeline
+
+        DDPMPipeline(unet=self.model(ema=True), scheduler=self.noise_scheduler).save_pretrained(folder)
+
+    def fit(
+        self,
+        dataset: ImageDataset,
+        steps: int,
+        output_dir: str | os.PathLike,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> list[float]:
+        """Train (see ``diffusion_core.training.fit``); returns this call's per-step losses."""
+        return core.fit(self, dataset, steps, output_dir, checkpoint_every, resume, progress)

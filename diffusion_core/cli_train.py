@@ -1,0 +1,124 @@
+"""The ``train`` and ``info`` subcommands of ``diffusion-core`` (the parser lives in ``diffusion_core.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from diffusion_core import schedulers, training
+from diffusion_core.training.presets import DEFAULT_SCHEDULER_CONFIG, unet_config_for
+
+
+def load_data(data: str, size: int) -> training.ImageDataset:
+    if data == "digits":
+        return training.load_digits(size)
+    if not Path(data).is_dir():
+        raise ValueError(f"--data: expected 'digits' or a folder of images, got {data!r}")
+    return training.load_image_folder(data, size, channels=3)
+
+
+def _unet_config(args: argparse.Namespace, dataset: training.ImageDataset) -> dict[str, Any]:
+    if args.config is None:
+        channels = dataset.images.shape[1]
+        return unet_config_for(channels, args.size, len(dataset.class_names))
+    path = Path(args.config)
+    if not path.is_file():
+        raise ValueError(f"--config: no such file {args.config!r}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config: {args.config!r} is not valid JSON ({err})") from err
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_trainer(backend: str, unet_config: dict[str, Any], config: training.TrainConfig) -> Any:
+    """A backend trainer around a freshly initialised UNet2DModel (weights seeded by ``config.seed``)."""
+    scheduler = schedulers.from_config(dict(DEFAULT_SCHEDULER_CONFIG))
+    if backend == "torch":
+        import torch
+
+        from diffusion_core.torch import UNet2DModel
+        from diffusion_core.torch.training import Trainer
+
+        torch.manual_seed(config.seed)
+        return Trainer(UNet2DModel(**unet_config), scheduler, config)
+    from flax import nnx
+
+    from diffusion_core.flax import UNet2DModel
+    from diffusion_core.flax.training import Trainer
+
+    return Trainer(UNet2DModel(**unet_config, rngs=nnx.Rngs(config.seed)), scheduler, config)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    dataset = load_data(args.data, args.size)
+    config = training.TrainConfig(
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_schedule=args.lr_schedule,
+        lr_warmup_steps=args.warmup_steps,
+        snr_gamma=args.snr_gamma,
+        seed=args.seed,
+    )
+    trainer = build_trainer(args.backend, _unet_config(args, dataset), config)
+    start = time.perf_counter()
+    losses = trainer.fit(
+        dataset, args.steps, args.output_dir, args.checkpoint_every, args.resume, progress=not args.no_progress
+    )
+    seconds = time.perf_counter() - start
+    tail = losses[-50:]
+    mean = sum(tail) / len(tail) if tail else float("nan")
+    print(f"trained {len(losses)} steps in {seconds:.1f} s; mean loss of the last {len(tail)}: {mean:.4f}")
+    print(f"pipeline folder: {args.output_dir}")
+    return 0
+
+
+def _weights_summary(folder: Path) -> dict[str, Any]:
+    """Parameter count, dtypes and bytes of the safetensors files in ``folder`` (headers only)."""
+    from safetensors import safe_open
+
+    count, dtypes, size = 0, set(), 0
+    for path in sorted(folder.glob("*.safetensors")):
+        size += path.stat().st_size
+        with safe_open(str(path), "np") as f:
+            for key in f.keys():
+                info = f.get_slice(key)
+                shape = info.get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                count += n
+                dtypes.add(info.get_dtype())
+    return {"parameters": count, "dtypes": sorted(dtypes), "bytes": size}
+
+
+def describe(model: str) -> dict[str, Any]:
+    """What a local pipeline folder holds: pipeline class, components, classes, parameters, dtypes, size."""
+    root = Path(model)
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"model: no model_index.json in {model!r} (a local diffusers pipeline folder)")
+    index = json.loads(index_path.read_text())
+    out: dict[str, Any] = {"pipeline": index.get("_class_name"), "components": {}}
+    total = 0
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list):
+            continue
+        entry: dict[str, Any] = {"class": spec[1]}
+        sub = root / name
+        for cfg_name in ("config.json", "scheduler_config.json"):
+            if (sub / cfg_name).is_file():
+                cfg = json.loads((sub / cfg_name).read_text())
+                if cfg.get("num_class_embeds"):
+                    entry["classes"] = cfg["num_class_embeds"]
+                if cfg.get("sample_size"):
+                    entry["sample_size"] = cfg["sample_size"]
+        if sub.is_dir():
+            entry.update(_weights_summary(sub))
+            total += entry["bytes"]
+        out["components"][name] = entry
+    out["total_bytes"] = total
+    return out

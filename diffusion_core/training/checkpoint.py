@@ -1,0 +1,114 @@
+"""Resumable checkpoint layout and atomic writes.
+
+``output_dir/checkpoints/checkpoint-<step>/`` holds ``unet/`` (diffusers layout), ``unet_ema/`` (the EMA
+weights, same layout), ``optimizer.safetensors`` (the optimiser state as flat arrays) and
+``trainer_state.json`` (step, seed, config, data position). A checkpoint is written in a hidden folder
+beside its final name, fsynced, then renamed, so one that exists is complete. The output folder
+itself is a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+UNET, UNET_EMA = "unet", "unet_ema"
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_steps(output_dir: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints under ``output_dir``, ascending."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir())
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    steps = checkpoint_steps(output_dir)
+    return Path(output_dir) / CHECKPOINTS / f"checkpoint-{steps[-1]}" if steps else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder``, deepest first, then ``folder``."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def write_checkpoint(
+    output_dir: str | os.PathLike, step: int, state: Mapping[str, Any], write: Callable[[Path], None], keep: int = 2
+) -> Path:
+    """Write checkpoint ``step`` atomically: ``write(folder)`` fills it, then ``trainer_state.json``; keeps ``keep``."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=root))
+    try:
+        write(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_steps(output_dir)[:-keep]:
+        shutil.rmtree(root / f"checkpoint-{old}", ignore_errors=True)
+    return final
+
+
+def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.array(v, order="C") for k, v in arrays.items()}, str(path))  # keeps 0-d arrays 0-d
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def install_pipeline_folder(saved: Path, output_dir: str | os.PathLike) -> None:
+    """Move a pipeline folder written by ``save_pretrained`` into ``output_dir``, entry by entry.
+
+    ``output_dir`` keeps its other contents (checkpoints, logs); each component is replaced by rename.
+    """
+    target = Path(output_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(saved.iterdir(), key=lambda p: p.name == "model_index.json"):  # the index last
+        dest = target / entry.name
+        if dest.is_dir():
+            aside = Path(tempfile.mkdtemp(prefix=f".{entry.name}.old.", dir=target))
+            os.replace(dest, aside / entry.name)
+            os.replace(entry, dest)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(entry, dest)
+    shutil.rmtree(saved, ignore_errors=True)

@@ -1,0 +1,132 @@
+"""The training loop both backends run: data order, rates, decays, logging, checkpoints and resume.
+
+A backend trainer supplies the framework work (see :class:`BackendTrainer`); everything that decides
+*what* a step sees lives here, so the Flax and PyTorch runs consume identical batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+from diffusion_core.training import checkpoint as ckpt
+from diffusion_core.training.config import TrainConfig
+from diffusion_core.training.data import ImageDataset, StepBatch, step_batch
+from diffusion_core.training.plots import write_loss_curve
+from diffusion_core.training.schedules import ema_decay, learning_rate
+
+LOSS_FILE = "loss.csv"
+
+
+class BackendTrainer(Protocol):
+    config: TrainConfig
+    noise_scheduler: Any
+
+    def train_step(self, batch: StepBatch, lr: float, decay: float) -> float: ...
+
+    def write_state(self, folder: Path) -> None: ...
+
+    def read_state(self, folder: Path) -> None: ...
+
+    def export_pipeline(self, folder: Path) -> None: ...
+
+
+def _check_fit_args(steps: int, checkpoint_every: int | None) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+
+
+def _resume(trainer: BackendTrainer, output_dir: Path) -> int:
+    """Restore the newest checkpoint; the step it holds (0 when there is none)."""
+    latest = ckpt.latest_checkpoint(output_dir)
+    if latest is None:
+        return 0
+    state = ckpt.read_state(latest)
+    if state["config"] != trainer.config.to_dict():
+        raise ValueError(f"resume: {latest} was written with a different training config")
+    trainer.read_state(latest)
+    return int(state["step"])
+
+
+def _loss_log(output_dir: Path, start: int) -> Any:
+    """``loss.csv`` opened for appending, with rows past ``start`` (written after the last checkpoint) dropped."""
+    path = output_dir / LOSS_FILE
+    rows = []
+    if path.exists() and start > 0:
+        with path.open(newline="") as f:
+            rows = [r for r in csv.reader(f) if r and r[0] != "step" and int(r[0]) <= start]
+    f = path.open("w", newline="")
+    writer = csv.writer(f)
+    writer.writerow(["step", "loss", "lr"])
+    writer.writerows(rows)
+    return f, writer
+
+
+def _state(trainer: BackendTrainer, step: int, dataset: ImageDataset) -> dict[str, Any]:
+    batch = trainer.config.batch_size
+    return {
+        "config": trainer.config.to_dict(),
+        "seed": trainer.config.seed,
+        "examples_seen": step * batch,
+        "epoch": step * batch // len(dataset.images),
+        "class_names": list(dataset.class_names),
+    }
+
+
+def fit(
+    trainer: BackendTrainer,
+    dataset: ImageDataset,
+    steps: int,
+    output_dir: str | os.PathLike,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """Train to ``steps`` optimisation steps; write checkpoints and, at the end, the pipeline folder.
+
+    With ``resume`` the newest checkpoint under ``output_dir`` is restored first and the run continues
+    exactly as if it had never stopped. Returns the losses of the steps run by this call.
+    """
+    from tqdm.auto import tqdm
+
+    _check_fit_args(steps, checkpoint_every)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = _resume(trainer, out) if resume else 0
+    cfg, num_t = trainer.config, int(trainer.noise_scheduler.config["num_train_timesteps"])
+    log_file, log = _loss_log(out, start)
+    losses: list[float] = []
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step")
+    try:
+        for step in range(start, steps):
+            batch = step_batch(dataset, step, cfg.batch_size, cfg.seed, num_t)
+            lr = learning_rate(step, cfg.learning_rate, cfg.lr_schedule, cfg.lr_warmup_steps, steps)
+            decay = ema_decay(step + 1, cfg.ema) if cfg.ema is not None else 0.0
+            loss = trainer.train_step(batch, lr, decay)
+            losses.append(loss)
+            log.writerow([step + 1, f"{loss:.6g}", f"{lr:.6g}"])
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+            done = step + 1
+            if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
+                log_file.flush()
+                ckpt.write_checkpoint(out, done, _state(trainer, done, dataset), trainer.write_state)
+    finally:
+        bar.close()
+        log_file.close()
+    export_pipeline(trainer, out)
+    write_loss_curve(out, log=progress)
+    return losses
+
+
+def export_pipeline(trainer: BackendTrainer, output_dir: Path) -> None:
+    """Write the pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) into ``output_dir``."""
+    staged = Path(tempfile.mkdtemp(prefix=".pipeline.", dir=output_dir)) / "pipeline"
+    trainer.export_pipeline(staged)
+    ckpt.install_pipeline_folder(staged, output_dir)
+    staged.parent.rmdir()

@@ -1,0 +1,158 @@
+"""``diffusion-core`` end to end on tiny inputs, and its one-line errors (exit status 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_core import cli
+from tests.training import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of 8x8 images in sub-folders."""
+    root = tmp_path_factory.mktemp("imgs")
+    ds = tiny.dataset(8)
+    for i, (im, label) in enumerate(zip(ds.images, ds.labels, strict=True)):
+        folder = root / f"class{label % 2}"
+        folder.mkdir(exist_ok=True)
+        rgb = np.repeat(((im[0] + 1) * 127.5).astype(np.uint8)[..., None], 3, axis=-1)
+        Image.fromarray(rgb).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    config = tmp_path_factory.mktemp("cfg") / "unet.json"
+    config.write_text(json.dumps({**tiny.TINY_UNET, "in_channels": 3, "out_channels": 3, "num_class_embeds": 2}))
+    args = [
+        "train",
+        "--data",
+        str(image_folder),
+        "--output-dir",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--size",
+        "8",
+        "--config",
+        str(config),
+        "--checkpoint-every",
+        "2",
+        "--no-progress",
+    ]
+    assert cli.main(args) == 0
+    return out
+
+
+def test_train_writes_a_pipeline_folder_with_checkpoints(trained):
+    assert (trained / "model_index.json").is_file()
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_generate_grid_and_output_dir(trained, tmp_path):
+    grid = tmp_path / "grid.png"
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                str(trained),
+                "--class",
+                "1",
+                "--num-images",
+                "4",
+                "--steps",
+                "2",
+                "--grid",
+                str(grid),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(grid).size == (16, 16)
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                str(trained),
+                "--class",
+                "0",
+                "--class",
+                "1",
+                "--num-images",
+                "3",
+                "--steps",
+                "2",
+                "--scheduler",
+                "EulerDiscreteScheduler",
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+
+
+def test_info(trained, capsys):
+    assert cli.main(["info", str(trained)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["pipeline"] == "DDPMPipeline"
+    assert info["components"]["unet"]["classes"] == 2 and info["components"]["unet"]["parameters"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["generate", "--steps", "0", "--grid", "x.png"], "--steps"),
+        (["generate", "--num-images", "-2", "--grid", "x.png"], "--num-images"),
+        (["generate", "--backend", "jax", "--grid", "x.png"], "--backend"),
+        (["generate"], "--grid"),
+        (["train", "--output-dir", "o"], "--data"),
+        (["train", "--data", "no/such/folder", "--output-dir", "o"], "--data"),
+        (["train", "--data", "digits", "--output-dir", "o", "--batch-size", "x"], "--batch-size"),
+        (["info", "no/such/folder"], "model"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_status_2(args, names, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and names in err and "Traceback" not in err
+
+
+def test_bad_class_and_scheduler(trained, capsys):
+    for extra, name in ((["--class", "7"], "class_labels"), (["--class", "0", "--scheduler", "Nope"], "--scheduler")):
+        assert cli.main(["generate", "--model", str(trained), "--grid", "g.png", "--steps", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err
+
+
+def test_python_dash_m_help():
+    out = subprocess.run([sys.executable, "-m", "diffusion_core", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout and "Examples" in out.stdout
+
+
+@pytest.mark.slow  # a flax compile of the sampling loop
+def test_generate_on_flax_and_torch_give_images_of_one_shape(trained, tmp_path):
+    common = ["--model", str(trained), "--class", "1", "--num-images", "2", "--steps", "2"]
+    images = {}
+    for backend in ("torch", "flax"):
+        out = tmp_path / backend
+        assert cli.main(["generate", *common, "--backend", backend, "--output-dir", str(out)]) == 0
+        images[backend] = np.stack([np.asarray(Image.open(p)) for p in sorted(out.iterdir())])
+    assert images["torch"].shape == images["flax"].shape == (2, 8, 8, 3)
