@@ -127,7 +127,8 @@ class Trainer:
         ckpt.save_arrays(folder / ckpt.OPTIMIZER_FILE, arrays)
 
     def _load_params(self, path: Path) -> nnx.State:
-        model = self.model()
+        # a clone: merge can hand back the very Variables of self.params, which loading would overwrite
+        model = nnx.clone(self.model())
         load_torch_state_dict(model, load_file(str(path)))
         return nnx.split(model, nnx.Param, ...)[1]
 
