@@ -99,7 +99,7 @@ def test_inpaint_paths_agree(ours):
     pipe.set_progress_bar_config(disable=True)
     _paths_agree(
         pipe, prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(), mask_image=sd_tiny.sample_mask(),
-        strength=0.8, num_inference_steps=3,
+        height=SIZE, width=SIZE, strength=0.8, num_inference_steps=3,
     )  # fmt: skip
 
 

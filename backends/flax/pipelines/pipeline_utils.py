@@ -3,7 +3,10 @@
 A pipeline's denoising program is traced once per (shapes, static options): programs are cached by
 mode, mesh, network graph, scheduler config and step options, and jax caches each per input shapes.
 ``parallel="pmap"`` splits the batch over ``jax.local_devices()``; ``mesh=`` shards it with
-``NamedSharding`` under ``jax.jit``. Per-image keys make the images independent of either.
+``NamedSharding`` under ``jax.jit``. Per-image keys make the images independent of either. A batch that does not
+divide the devices is padded with copies of its last image and trimmed. Across processes (``jax.distributed``,
+see :func:`diffusion_core.flax.initialize_distributed`), every process makes the same call with a mesh over
+``jax.devices()``, feeds its own devices, and gets the whole batch back (write the images on process 0 only).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from diffusion_core.configuration import config_to_json_string
@@ -72,11 +76,26 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
+def put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree``'s arrays placed with ``sharding``. Across processes (``jax.distributed``) every process holds the
+    same whole arrays and fills the shards of its own devices (typed keys travel as their raw key data)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(a):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
 def _replicate(params: Any, mode: str, mesh: Mesh | None) -> Any:
     """Network weights placed for ``mode``: a (devices, ...) stack over ``jax.local_devices()`` for ``pmap``
     (one transfer per device), a replicated ``NamedSharding`` on ``mesh``."""
     if mode == "mesh":
-        return jax.device_put(params, NamedSharding(auto_mesh(mesh), PartitionSpec()))
+        return put_global(params, NamedSharding(auto_mesh(mesh), PartitionSpec()))
     devices = jax.local_devices()
     stacked = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
 
@@ -157,9 +176,11 @@ class DiffusionPipeline(PipelineBase):
                 mesh = auto_mesh(mesh)
                 x, keys = pad_batch(x, mesh.shape[DATA_AXIS]), pad_batch(keys, mesh.shape[DATA_AXIS])
                 rows, whole = NamedSharding(mesh, PartitionSpec(DATA_AXIS)), NamedSharding(mesh, PartitionSpec())
-                x, keys = jax.device_put(x, rows), jax.device_put(keys, rows)
-                state = jax.device_put(make_state(x), whole)
-                out = fn((placed, jax.device_put(scalars, whole)), state, x, keys)
+                state = put_global(make_state(x), whole)
+                x, keys = put_global(x, rows), put_global(keys, rows)
+                out = fn((placed, put_global(scalars, whole)), state, x, keys)
+                if jax.process_count() > 1:  # every process gets the whole batch
+                    out = multihost_utils.process_allgather(out, tiled=True)
             else:
                 out = fn((placed, scalars), make_state(x), x, keys)
             out = jax.block_until_ready(out)
