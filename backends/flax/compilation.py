@@ -58,13 +58,14 @@ def enable_compilation_cache(cache_dir: str | os.PathLike, min_compile_time_secs
     """Keep compiled programs in ``cache_dir`` (JAX's persistent compilation cache) and reuse them across processes.
 
     Programs that took at least ``min_compile_time_secs`` to compile are written (0 writes every program). Call it
-    before the first pipeline call; the folder is created if missing.
+    before the first pipeline call; the folder (``~`` expanded) is created if missing.
     """
     if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
         raise ValueError(f"cache_dir must be a folder path, got {cache_dir!r}")
     if not isinstance(min_compile_time_secs, (int, float)) or min_compile_time_secs < 0:
         raise ValueError(f"min_compile_time_secs must be a number >= 0, got {min_compile_time_secs!r}")
+    cache_dir = os.path.expanduser(os.fspath(cache_dir))
     os.makedirs(cache_dir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.fspath(cache_dir))
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
