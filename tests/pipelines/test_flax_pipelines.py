@@ -121,8 +121,8 @@ def test_bad_arguments_raise_clear_errors(ddpm):
             ddpm(batch_size=1, key=bad, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match=r"mesh: .*axes \{'batch': 8\}"):
         ddpm(batch_size=8, key=jax.random.key(0), num_inference_steps=STEPS, mesh=jax.make_mesh((8,), ("batch",)))
-    with pytest.raises(ValueError, match=r"mesh: .*axes \{'data': 4, 'model': 2\}"):
-        ddpm(batch_size=8, key=jax.random.key(0), mesh=jax.make_mesh((4, 2), ("data", "model")))
+    with pytest.raises(ValueError, match=r"mesh: .*axes \{'data': 4, 'x': 2\}"):
+        ddpm(batch_size=8, key=jax.random.key(0), mesh=jax.make_mesh((4, 2), ("data", "x")))
     mesh = Mesh(np.array(jax.devices()), ("data",))
     with pytest.raises(ValueError, match="not both"):
         ddpm(batch_size=8, key=jax.random.key(0), num_inference_steps=STEPS, parallel="pmap", mesh=mesh)

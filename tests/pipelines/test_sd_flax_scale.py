@@ -88,6 +88,24 @@ def test_compile_time_is_reported_and_new_options_do_not_recompile(ours, caplog)
         assert first == 0.0
 
 
+@pytest.mark.slow  # one more program (~30 s)
+def test_model_axis_splits_the_weights_and_gives_the_same_images(ours):
+    """A (data 4, model 2) mesh: weights split over "model" (FSDP-style), batch over "data"; same images."""
+    common = dict(
+        prompt=sd_tiny.PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=6.0,
+        num_images_per_prompt=BATCH, key=jax.random.PRNGKey(7), output_type="np",
+    )  # fmt: skip
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    single = ours(**common).images
+    sharded = ours(mesh=mesh, **common).images
+    np.testing.assert_allclose(sharded, single, atol=1e-5)
+    placed = jax.tree.leaves(ours._placed[("mesh", mesh)][1])
+    split = [w for w in placed if "model" in w.sharding.spec]
+    assert len(split) > len(placed) // 2  # most weights are split (a few, e.g. odd-sized, stay replicated)
+    w = max(split, key=lambda a: a.size)
+    assert w.addressable_shards[0].data.size * 2 == w.size  # each device holds half of it
+
+
 @pytest.mark.slow
 def test_img2img_paths_agree(ours):
     pipe = StableDiffusionImg2ImgPipeline(**ours.components)
@@ -122,7 +140,7 @@ def test_bad_key_parallel_and_mesh_raise(ours):
             ours(key=bad, **common)
     with pytest.raises(ValueError, match="parallel must be None or 'pmap'"):
         ours(key=jax.random.key(0), parallel="shard_map", **common)
-    with pytest.raises(ValueError, match=r"mesh: .*axes \{'x': 2, 'y': 4\}"):
+    with pytest.raises(ValueError, match=r"mesh: axes must be \('data',\) .* got a mesh with axes \{'x': 2, 'y': 4\}"):
         ours(key=jax.random.key(0), mesh=jax.make_mesh((2, 4), ("x", "y")), **common)
 
 

@@ -2,11 +2,13 @@
 
 A pipeline's denoising program is traced once per (shapes, static options): programs are cached by
 mode, mesh, network graph, scheduler config and step options, and jax caches each per input shapes.
-``parallel="pmap"`` splits the batch over ``jax.local_devices()``; ``mesh=`` shards it with
-``NamedSharding`` under ``jax.jit``. Per-image keys make the images independent of either. A batch that does not
-divide the devices is padded with copies of its last image and trimmed. Across processes (``jax.distributed``,
-see :func:`diffusion_core.flax.initialize_distributed`), every process makes the same call with a mesh over
-``jax.devices()``, feeds its own devices, and gets the whole batch back (write the images on process 0 only).
+``parallel="pmap"`` splits the batch over ``jax.local_devices()``; ``mesh=`` shards it with ``NamedSharding``
+under ``jax.jit`` over the mesh's ``"data"`` axis, and with a ``"model"`` axis also splits the network weights
+(FSDP-style, for networks larger than one device's memory). Per-image keys make the images independent of either.
+A batch that does not divide the devices is padded with copies of its last image and trimmed. Across processes
+(``jax.distributed``, see :func:`diffusion_core.flax.initialize_distributed`), every process makes the same call
+with a mesh over ``jax.devices()``, feeds its own devices, and gets the whole batch back (write the images on
+process 0 only).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ FLAX_PIPELINES: dict[str, str] = backend_pipeline_registry("diffusion_core.flax.
 Program = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
 
 DATA_AXIS = "data"  # the mesh axis a batch is split over
+PARAM_AXIS = "model"  # optional mesh axis the network weights are split over (FSDP-style), batch replicated on it
+MESH_AXES = ((DATA_AXIS,), (DATA_AXIS, PARAM_AXIS))
 
 
 def scale_out_mode(parallel: str | None, mesh: Mesh | None) -> str:
@@ -50,10 +54,11 @@ def scale_out_mode(parallel: str | None, mesh: Mesh | None) -> str:
         raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     if parallel is not None and mesh is not None:
         raise ValueError("parallel/mesh: pass one of parallel='pmap' or mesh=, not both")
-    if mesh is not None and tuple(mesh.axis_names) != (DATA_AXIS,):
+    if mesh is not None and tuple(mesh.axis_names) not in MESH_AXES:
         raise ValueError(
-            f"mesh: the batch is split over one mesh axis named {DATA_AXIS!r} "
-            f"(jax.make_mesh((n,), ({DATA_AXIS!r},))); got a mesh with axes {dict(mesh.shape)}"
+            f"mesh: axes must be {MESH_AXES[0]} (the batch split over {DATA_AXIS!r}) or {MESH_AXES[1]} (the weights "
+            f"also split over {PARAM_AXIS!r}), e.g. jax.make_mesh((n,), ({DATA_AXIS!r},)); "
+            f"got a mesh with axes {dict(mesh.shape)}"
         )
     return "pmap" if parallel == "pmap" else ("mesh" if mesh is not None else "single")
 
@@ -76,26 +81,40 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def put_global(tree: Any, sharding: NamedSharding) -> Any:
-    """``tree``'s arrays placed with ``sharding``. Across processes (``jax.distributed``) every process holds the
-    same whole arrays and fills the shards of its own devices (typed keys travel as their raw key data)."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+def weight_sharding(mesh: Mesh, weight: Any) -> NamedSharding:
+    """A weight's placement on ``mesh``: its largest dimension divisible by the ``"model"`` axis split over it
+    (FSDP-style: each device holds a slice, XLA gathers it where used); replicated without that axis."""
+    spec = [None] * len(weight.shape)
+    parts = dict(mesh.shape).get(PARAM_AXIS, 1)
+    fits = [d for d in range(len(weight.shape)) if weight.shape[d] % parts == 0 and weight.shape[d] >= parts]
+    if parts > 1 and fits:
+        spec[max(fits, key=lambda d: weight.shape[d])] = PARAM_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def put_global(tree: Any, sharding: NamedSharding | Callable[[Any], NamedSharding]) -> Any:
+    """``tree``'s arrays placed with ``sharding`` (or ``sharding(array)`` per array). Across processes
+    (``jax.distributed``) every process holds the same whole arrays and fills the shards of its own devices (typed
+    keys travel as their raw key data)."""
+    where = sharding if callable(sharding) else (lambda a: sharding)
 
     def put(a):
+        if jax.process_count() == 1:
+            return jax.device_put(a, where(a))
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=jax.random.key_impl(a))
         host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.make_array_from_callback(host.shape, where(a), lambda index: host[index])
 
     return jax.tree.map(put, tree)
 
 
 def _replicate(params: Any, mode: str, mesh: Mesh | None) -> Any:
     """Network weights placed for ``mode``: a (devices, ...) stack over ``jax.local_devices()`` for ``pmap``
-    (one transfer per device), a replicated ``NamedSharding`` on ``mesh``."""
+    (one transfer per device); on ``mesh``, :func:`weight_sharding` (replicated unless it has a ``"model"`` axis)."""
     if mode == "mesh":
-        return put_global(params, NamedSharding(auto_mesh(mesh), PartitionSpec()))
+        mesh = auto_mesh(mesh)
+        return put_global(params, lambda a: weight_sharding(mesh, a))
     devices = jax.local_devices()
     stacked = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
 
