@@ -39,6 +39,11 @@ CHILD = textwrap.dedent(
     pipe.scheduler = schedulers.DDPMScheduler()
     pipe.set_progress_bar_config(disable=True)
     batch, steps = int(sys.argv[3]), int(sys.argv[4])
+    try:
+        pipe(batch_size=batch, key=jax.random.PRNGKey(3), parallel="pmap")
+        raise AssertionError("pmap across processes must be refused")
+    except ValueError as error:
+        assert "mesh=" in str(error)
     out = pipe(batch_size=batch, key=jax.random.PRNGKey(3), num_inference_steps=steps, output_type="np",
                mesh=jax.make_mesh((4,), ("data",)))
     np.save(sys.argv[2], out.images)  # each process: the whole batch

@@ -54,6 +54,11 @@ def scale_out_mode(parallel: str | None, mesh: Mesh | None) -> str:
         raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     if parallel is not None and mesh is not None:
         raise ValueError("parallel/mesh: pass one of parallel='pmap' or mesh=, not both")
+    if parallel == "pmap" and jax.process_count() > 1:
+        raise ValueError(
+            f"parallel: 'pmap' spreads a batch over one process's devices; with {jax.process_count()} processes "
+            f"pass mesh=jax.make_mesh((jax.device_count(),), ({DATA_AXIS!r},)) instead"
+        )
     if mesh is not None and tuple(mesh.axis_names) not in MESH_AXES:
         raise ValueError(
             f"mesh: axes must be {MESH_AXES[0]} (the batch split over {DATA_AXIS!r}) or {MESH_AXES[1]} (the weights "
