@@ -1,5 +1,7 @@
 """JAX/Flax backend: diffusion_core's schedulers and pipelines as compiled programs (``lax.scan``, pmap, meshes)."""
 
+from diffusion_core.flax.compilation import enable_compilation_cache
+from diffusion_core.flax.distributed import initialize_distributed
 from diffusion_core.flax.models import (
     AutoencoderKL,
     CLIPTextModel,
@@ -40,5 +42,7 @@ __all__ = [
     "UNet2DConditionModel",
     "UNet2DModel",
     "denoise_loop",
+    "enable_compilation_cache",
+    "initialize_distributed",
     "jit_denoise_loop",
 ]

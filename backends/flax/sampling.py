@@ -13,15 +13,47 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion_core.schedulers import Scheduler
 
 
-def per_example_keys(key: jax.Array, batch_size: int, offset: int = 0) -> jax.Array:
-    """(B,) keys ``fold_in(key, offset + b)``: image ``b`` of a call always draws from its own key."""
-    if not isinstance(key, jax.Array):
-        raise ValueError(f"key must be a jax PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+def as_key(key: Any, name: str = "key", batched: bool = False) -> jax.Array:
+    """A PRNG key as a typed key array (``key<impl>`` dtype), the only form the loops and programs see.
+
+    Accepts a typed key (``jax.random.key(seed)``) and a raw key (``jax.random.PRNGKey(seed)``: ``uint32[2]`` for
+    the default threefry implementation), jax or numpy; the same seed gives the same key either way.
+    ``batched``: a (B,) vector of keys (raw: ``uint32[B, 2]``) instead of one key.
+    """
+    lead = 1 if batched else 0
+    what = "a (B,) vector of PRNG keys" if batched else "one PRNG key"
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.ndim == lead:
+                return key
+        elif key.dtype == np.uint32 and key.ndim == lead + 1 and key.shape[lead:] == _raw_key_shape():
+            return jax.random.wrap_key_data(jnp.asarray(key))
+        desc = f"an array of shape {key.shape} and dtype {key.dtype}"
+    else:
+        desc = type(key).__name__
+    raise ValueError(
+        f"{name} must be {what}: jax.random.key(seed) or jax.random.PRNGKey(seed) "
+        f"(raw uint32{list(_raw_key_shape())}), got {desc}"
+    )
+
+
+def _raw_key_shape() -> tuple[int, ...]:
+    """The raw key shape of the default PRNG implementation ((2,) for threefry)."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+
+
+def per_example_keys(key: Any, batch_size: int, offset: int = 0) -> jax.Array:
+    """(B,) typed keys ``fold_in(key, offset + b)``: image ``b`` of a call always draws from its own key.
+
+    ``key`` is a typed or raw key (see :func:`as_key`).
+    """
+    key = as_key(key)
     return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch_size) + offset)
 
 
@@ -96,6 +128,8 @@ def denoise_loop(
     keeps the known region).
     """
     step_kwargs = dict(step_kwargs or {})
+    key = None if key is None else as_key(key)
+    keys = None if keys is None else as_key(keys, "keys", batched=True)
     num_calls = state.timesteps.shape[0]
     if not isinstance(first, int) or not 0 <= first < num_calls:
         raise ValueError(f"first must be an int in [0, {num_calls}) (the schedule's model calls), got {first!r}")

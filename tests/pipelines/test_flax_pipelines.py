@@ -2,6 +2,7 @@
 
 import diffusers
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -87,18 +88,26 @@ def test_second_call_does_not_retrace_and_progress_is_reported(folders, capsys):
     assert pipe.trace_count == traced + 1  # a new scheduler is a new program
 
 
+KEYS = {"typed": jax.random.key, "raw": jax.random.PRNGKey}  # jax.random.PRNGKey: raw uint32[2], diffusers-Flax's
+
+
 @pytest.mark.slow
-def test_pmap_and_mesh_give_the_single_device_images(ddpm):
+@pytest.mark.parametrize("kind", sorted(KEYS))
+def test_pmap_and_mesh_give_the_single_device_images(ddpm, kind):
+    """Typed and raw keys on every path; 5 images on 8 devices are padded and trimmed (pmap and mesh)."""
     assert jax.local_device_count() == 8
     ddpm.scheduler = schedulers.DDPMScheduler()  # stochastic: per-image keys must line up across devices
-    key = jax.random.key(42)
-    single = ddpm(batch_size=8, key=key, num_inference_steps=STEPS, output_type="np").images
-    pmapped = ddpm(batch_size=8, key=key, num_inference_steps=STEPS, output_type="np", parallel="pmap").images
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharded = ddpm(batch_size=8, key=key, num_inference_steps=STEPS, output_type="np", mesh=mesh).images
-    np.testing.assert_allclose(pmapped, single, atol=1e-5)
-    np.testing.assert_allclose(sharded, single, atol=1e-5)
-    alone = ddpm(batch_size=1, key=key, num_inference_steps=STEPS, output_type="np").images
+    key = KEYS[kind](42)
+    common = dict(key=key, num_inference_steps=STEPS, output_type="np")
+    single = ddpm(batch_size=8, **common).images
+    np.testing.assert_array_equal(single, ddpm(batch_size=8, **{**common, "key": jax.random.key(42)}).images)
+    for batch in (8, 5):
+        pmapped = ddpm(batch_size=batch, parallel="pmap", **common).images
+        sharded = ddpm(batch_size=batch, mesh=jax.make_mesh((8,), ("data",)), **common).images
+        assert pmapped.shape == sharded.shape == (batch,) + single.shape[1:]
+        np.testing.assert_allclose(pmapped, single[:batch], atol=1e-5)
+        np.testing.assert_allclose(sharded, single[:batch], atol=1e-5)
+    alone = ddpm(batch_size=1, **common).images
     np.testing.assert_allclose(alone[0], single[0], atol=1e-5)  # image i depends only on fold_in(key, i)
 
 
@@ -107,8 +116,13 @@ def test_bad_arguments_raise_clear_errors(ddpm):
         ddpm(batch_size=1, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="parallel"):
         ddpm(batch_size=1, key=jax.random.key(0), num_inference_steps=STEPS, parallel="vmap")
-    with pytest.raises(ValueError, match="batch_size"):
-        ddpm(batch_size=3, key=jax.random.key(0), num_inference_steps=STEPS, parallel="pmap")
+    for bad in (jnp.zeros(3, jnp.uint32), jnp.zeros(2, jnp.int32), jax.random.split(jax.random.key(0)), 7):
+        with pytest.raises(ValueError, match="key must be one PRNG key"):
+            ddpm(batch_size=1, key=bad, num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match=r"mesh: .*axes \{'batch': 8\}"):
+        ddpm(batch_size=8, key=jax.random.key(0), num_inference_steps=STEPS, mesh=jax.make_mesh((8,), ("batch",)))
+    with pytest.raises(ValueError, match=r"mesh: .*axes \{'data': 4, 'x': 2\}"):
+        ddpm(batch_size=8, key=jax.random.key(0), mesh=jax.make_mesh((4, 2), ("data", "x")))
     mesh = Mesh(np.array(jax.devices()), ("data",))
     with pytest.raises(ValueError, match="not both"):
         ddpm(batch_size=8, key=jax.random.key(0), num_inference_steps=STEPS, parallel="pmap", mesh=mesh)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusion_core import schedulers
-from diffusion_core.flax.sampling import ScanProgress, per_example_keys, per_example_normal
+from diffusion_core.flax.sampling import ScanProgress, as_key, per_example_keys, per_example_normal
 from diffusion_core.flax.sampling import denoise_loop as flax_loop
 from diffusion_core.torch.sampling import denoise_loop as torch_loop
 from diffusion_core.torch.sampling import randn_tensor
@@ -79,6 +79,28 @@ def test_per_example_keys_make_images_independent_of_the_batch():
         per_example_keys(3, 2)
 
 
+def test_typed_and_raw_keys_are_one_key():
+    """jax.random.key(s) and jax.random.PRNGKey(s) (raw uint32[2], jax or numpy) draw the same noise everywhere."""
+    typed = per_example_keys(jax.random.key(7), 4)
+    for raw in (jax.random.PRNGKey(7), np.asarray(jax.random.PRNGKey(7))):
+        np.testing.assert_array_equal(jax.random.key_data(per_example_keys(raw, 4)), jax.random.key_data(typed))
+    np.testing.assert_array_equal(jax.random.key_data(as_key(jax.random.key_data(typed), batched=True)),
+                                  jax.random.key_data(typed))  # fmt: skip
+    sched = schedulers.DDPMScheduler()
+    x = jnp.ones((2, 1, 2, 2))
+    state = sched.set_timesteps(2, like=x)
+    runs = [
+        flax_loop(sched, lambda a, t: a * 0.1, x, state, key=k)[0] for k in (jax.random.key(1), jax.random.PRNGKey(1))
+    ]
+    np.testing.assert_array_equal(np.asarray(runs[0]), np.asarray(runs[1]))
+    bad = [jnp.zeros(3, jnp.uint32), jnp.zeros(2, jnp.int32), jnp.zeros((1, 2), jnp.uint32), typed, "seed", 7]
+    for value in bad:
+        with pytest.raises(ValueError, match="key must be one PRNG key"):
+            as_key(value)
+    with pytest.raises(ValueError, match="keys must be a \\(B,\\) vector"):
+        flax_loop(sched, lambda a, t: a, x, state, keys=jax.random.key(0))
+
+
 def test_scan_progress_counts_each_call_once(capsys):
     progress = ScanProgress()
     progress.start(total=5, initial=2)
@@ -91,30 +113,28 @@ def test_scan_progress_counts_each_call_once(capsys):
 
 @pytest.mark.slow  # ~35 s here: compiling for 8 fake devices twice (pmap, mesh)
 def test_run_program_gives_the_same_batch_on_one_device_pmap_and_a_mesh():
-    from jax.sharding import Mesh
-
-    from diffusion_core.flax.pipelines.pipeline_utils import run_program, scale_out_mode
+    from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, scale_out_mode
 
     sched = schedulers.DDPMScheduler()  # draws step noise: per-image keys must follow the images
 
     def program(params, state, x, keys):
-        model = lambda a, t: parity.dummy_model(jnp, a, t) * params  # noqa: E731
+        model = lambda a, t: parity.dummy_model(jnp, a, t) * params[0] * params[1]  # noqa: E731
         return flax_loop(sched, model, x, state, keys=keys)[0]
 
-    keys = per_example_keys(jax.random.key(0), 8)
+    keys = per_example_keys(jax.random.PRNGKey(0), 8)  # a raw key: per-image keys come out typed
+    assert jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     x = per_example_normal(keys, (2, 4, 4))
     make_state = lambda like: sched.set_timesteps(3, like=like)  # noqa: E731
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-    single = run_program(jax.jit(program), "single", None, jnp.float32(0.5), make_state, x, keys)
-    pmapped = run_program(
-        jax.pmap(program, in_axes=(None, None, 0, 0)), "pmap", None, jnp.float32(0.5), make_state, x, keys
-    )
-    sharded = run_program(jax.jit(program), "mesh", mesh, jnp.float32(0.5), make_state, x, keys)
-    np.testing.assert_allclose(np.asarray(pmapped), np.asarray(single), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
+    mesh = jax.make_mesh((8,), ("data",))
+    pipe, weight, scale = DiffusionPipeline(), jnp.float32(0.5), jnp.float32(2.0)
+    single = pipe.run_program(jax.jit(program), "single", None, weight, scale, make_state, x, keys)
+    pmap = jax.pmap(program, in_axes=((0, None), None, 0, 0))
+    for batch in (8, 5):  # 5 on 8 devices: padded, trimmed
+        pmapped = pipe.run_program(pmap, "pmap", None, weight, scale, make_state, x[:batch], keys[:batch])
+        sharded = pipe.run_program(jax.jit(program), "mesh", mesh, weight, scale, make_state, x[:batch], keys[:batch])
+        np.testing.assert_allclose(np.asarray(pmapped), np.asarray(single[:batch]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(sharded), np.asarray(single[:batch]), atol=1e-6)
     assert scale_out_mode("pmap", None) == "pmap" and scale_out_mode(None, mesh) == "mesh"
-    with pytest.raises(ValueError, match="batch_size"):
-        run_program(jax.jit(program), "mesh", mesh, jnp.float32(0.5), make_state, x[:6], keys[:6])
     with pytest.raises(ValueError, match="mesh"):
         scale_out_mode(None, "mesh")
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, Program, run_program, scale_out_mode
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, Program, scale_out_mode
 from diffusion_core.flax.sampling import denoise_loop, per_example_keys, per_example_normal
 from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines import unconditional as uc
@@ -31,7 +31,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
         def program(params, state, x, keys):
             self.trace_count += 1  # runs at trace time only
-            unet = nnx.merge(graphdef, params)
+            unet = nnx.merge(graphdef, params[0])
             x, _ = denoise_loop(
                 scheduler,
                 lambda sample, t: unet(sample, t, class_labels=None if labels is None else jnp.asarray(labels)),
@@ -66,7 +66,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
         self._progress.start(request.num_inference_steps, disable=self.progress_bar_disabled)
         try:
-            out = run_program(fn, mode, mesh, params, make_state, x, keys)
+            out = self.run_program(fn, mode, mesh, params, {}, make_state, x, keys)
             out = np.asarray(jax.device_get(out))
         finally:
             self._progress.close()

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, run_program, scale_out_mode
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, scale_out_mode
 from diffusion_core.flax.pipelines.sd_program import encode_text, pack_rows, unpack_rows, vae_decode
 from diffusion_core.flax.sampling import denoise_loop, per_example_keys, per_example_normal
 from diffusion_core.pipelines import stable_diffusion as sd
@@ -160,7 +160,7 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
 
         self._progress.start(run.num_calls, disable=self.progress_bar_disabled, initial=run.first)
         try:
-            return jax.block_until_ready(run_program(fn, run.mode, run.mesh, (params, scalars), make_state, rows, keys))
+            return self.run_program(fn, run.mode, run.mesh, params, scalars, make_state, rows, keys)
         finally:
             self._progress.close()
 

@@ -2,8 +2,8 @@
 rows the denoising program (``diffusion_core.flax.sampling.denoise_loop`` under ``run_program``) reads.
 
 Per-image inputs (start noise, text embeddings, image latents, masks) travel as one flat float32 row per image
-(``ravel_pytree``), so :func:`run_program` splits them over devices together with the image's key and image
-``b`` sees the same inputs whichever device computes it. Scalars shared by the batch (guidance scales) travel
+(``ravel_pytree``), so ``DiffusionPipeline.run_program`` splits them over devices together with the image's key
+and image ``b`` sees the same inputs whichever device computes it. Scalars shared by the batch (guidance scales) travel
 with the network parameters, so changing them does not recompile.
 """
 
