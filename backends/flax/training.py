@@ -8,7 +8,6 @@ over the mesh's first axis and the parameters are replicated: the same program o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ from diffusion_core import training as core
 from diffusion_core.flax.models.loading import load_torch_state_dict
 from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
-from diffusion_core.training.data import ImageDataset, StepBatch
+from diffusion_core.training.data import StepBatch
+from diffusion_core.training.loop import FitMixin
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -38,7 +38,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-class Trainer:
+class Trainer(FitMixin):
     """``Trainer(unet, noise_scheduler, config, mesh=None).fit(dataset, steps=..., output_dir=...)``."""
 
     def __init__(
@@ -151,15 +151,3 @@ class Trainer:
         from diffusion_core.flax import DDPMPipeline
 
         DDPMPipeline(unet=self.model(ema=True), scheduler=self.noise_scheduler).save_pretrained(folder)
-
-    def fit(
-        self,
-        dataset: ImageDataset,
-        steps: int,
-        output_dir: str | os.PathLike,
-        checkpoint_every: int | None = None,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> list[float]:
-        """Train (see ``diffusion_core.training.fit``); returns this call's per-step losses."""
-        return core.fit(self, dataset, steps, output_dir, checkpoint_every, resume, progress)

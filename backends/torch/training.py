@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,13 @@ from safetensors.torch import load_file
 from diffusion_core import training as core
 from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
-from diffusion_core.training.data import ImageDataset, StepBatch
+from diffusion_core.training.data import StepBatch
+from diffusion_core.training.loop import FitMixin
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
-class Trainer:
+class Trainer(FitMixin):
     """``Trainer(unet, noise_scheduler, config).fit(dataset, steps=..., output_dir=...)``; see ``training.fit``."""
 
     def __init__(self, unet: torch.nn.Module, noise_scheduler: Any, config: TrainConfig | None = None) -> None:
@@ -118,15 +118,3 @@ class Trainer:
         from diffusion_core.torch import DDPMPipeline
 
         DDPMPipeline(unet=self.ema_model(), scheduler=self.noise_scheduler).save_pretrained(folder)
-
-    def fit(
-        self,
-        dataset: ImageDataset,
-        steps: int,
-        output_dir: str | os.PathLike,
-        checkpoint_every: int | None = None,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> list[float]:
-        """Train (see ``diffusion_core.training.fit``); returns this call's per-step losses."""
-        return core.fit(self, dataset, steps, output_dir, checkpoint_every, resume, progress)

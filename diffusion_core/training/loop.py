@@ -130,3 +130,19 @@ def export_pipeline(trainer: BackendTrainer, output_dir: Path) -> None:
     trainer.export_pipeline(staged)
     ckpt.install_pipeline_folder(staged, output_dir)
     staged.parent.rmdir()
+
+
+class FitMixin:
+    """``trainer.fit(dataset, steps=..., output_dir=...)`` for the backends' trainers: the one training loop."""
+
+    def fit(
+        self,
+        dataset: ImageDataset,
+        steps: int,
+        output_dir: str | os.PathLike,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> list[float]:
+        """Train (see :func:`fit`); returns this call's per-step losses."""
+        return fit(self, dataset, steps, output_dir, checkpoint_every, resume, progress)
