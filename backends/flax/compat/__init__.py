@@ -1,0 +1,29 @@
+"""diffusers 0.39's Flax API as a thin layer over ``diffusion_core.flax``: change one import line.
+
+    # from diffusers import FlaxStableDiffusionPipeline, FlaxDDIMScheduler
+    from diffusion_core.flax.compat import FlaxStableDiffusionPipeline, FlaxDDIMScheduler
+
+Nothing here re-implements a model, scheduler or pipeline: every class wraps the native one.
+"""
+
+from diffusion_core.flax.compat.schedulers import (
+    FlaxDDIMScheduler,
+    FlaxDDPMScheduler,
+    FlaxDPMSolverMultistepScheduler,
+    FlaxEulerDiscreteScheduler,
+    FlaxLMSDiscreteScheduler,
+    FlaxPNDMScheduler,
+    FlaxSchedulerOutput,
+    FlaxSchedulerState,
+)
+
+__all__ = [
+    "FlaxDDIMScheduler",
+    "FlaxDDPMScheduler",
+    "FlaxDPMSolverMultistepScheduler",
+    "FlaxEulerDiscreteScheduler",
+    "FlaxLMSDiscreteScheduler",
+    "FlaxPNDMScheduler",
+    "FlaxSchedulerOutput",
+    "FlaxSchedulerState",
+]
