@@ -6,6 +6,12 @@
 Nothing here re-implements a model, scheduler or pipeline: every class wraps the native one.
 """
 
+from diffusion_core.flax.compat.models import (
+    FlaxAutoencoderKL,
+    FlaxCLIPTextModel,
+    FlaxControlNetModel,
+    FlaxUNet2DConditionModel,
+)
 from diffusion_core.flax.compat.schedulers import (
     FlaxDDIMScheduler,
     FlaxDDPMScheduler,
@@ -18,6 +24,10 @@ from diffusion_core.flax.compat.schedulers import (
 )
 
 __all__ = [
+    "FlaxAutoencoderKL",
+    "FlaxCLIPTextModel",
+    "FlaxControlNetModel",
+    "FlaxUNet2DConditionModel",
     "FlaxDDIMScheduler",
     "FlaxDDPMScheduler",
     "FlaxDPMSolverMultistepScheduler",
