@@ -12,6 +12,11 @@ from diffusion_core.flax.compat.models import (
     FlaxControlNetModel,
     FlaxUNet2DConditionModel,
 )
+from diffusion_core.flax.compat.pipelines import (
+    FlaxDiffusionPipeline,
+    FlaxStableDiffusionPipeline,
+    FlaxStableDiffusionPipelineOutput,
+)
 from diffusion_core.flax.compat.schedulers import (
     FlaxDDIMScheduler,
     FlaxDDPMScheduler,
@@ -28,6 +33,9 @@ __all__ = [
     "FlaxCLIPTextModel",
     "FlaxControlNetModel",
     "FlaxUNet2DConditionModel",
+    "FlaxDiffusionPipeline",
+    "FlaxStableDiffusionPipeline",
+    "FlaxStableDiffusionPipelineOutput",
     "FlaxDDIMScheduler",
     "FlaxDDPMScheduler",
     "FlaxDPMSolverMultistepScheduler",
