@@ -45,6 +45,9 @@ class FlaxStableDiffusionPipelineOutput:
     images: np.ndarray
     nsfw_content_detected: Any = False
 
+    def __getitem__(self, index: int) -> Any:  # 0.39 scripts wrote ``pipeline(...)[0]``
+        return (self.images, self.nsfw_content_detected)[index]
+
 
 def compat_scheduler(native: Any) -> compat_schedulers.FlaxSchedulerCompat:
     """The 0.39 scheduler class wrapping ``native``; ValueError where 0.39 had no Flax twin."""
