@@ -82,3 +82,23 @@ def test_bad_inputs(loaded):
         pipeline(ids, params, jax.random.key(0), STEPS, guidance_scale=np.asarray([1.0, 2.0]))
     with pytest.raises(ValueError, match="prompt_ids"):
         pipeline(ids[0], params, jax.random.key(0), STEPS, jit=True)
+
+
+def test_controlnet_call_equals_native(tmp_path):
+    folder = sd_tiny.save_sd_pipeline(tmp_path / "cn", "StableDiffusionControlNetPipeline")
+    pipeline, params = compat.FlaxStableDiffusionControlNetPipeline.from_pretrained(folder, safety_checker=None)
+    assert "controlnet" in params and isinstance(pipeline.controlnet, compat.FlaxControlNetModel)
+    image = sd_tiny.sample_image()  # (1, 32, 32, 3) in [0, 1]
+    from PIL import Image
+
+    control = pipeline.prepare_image_inputs(Image.fromarray((image[0] * 255).round().astype(np.uint8)))
+    assert control.shape == (1, 3, 32, 32)
+    key = jax.random.key(3)
+    ids = pipeline.prepare_text_inputs([sd_tiny.PROMPT])
+    out = pipeline(ids, control, params, key, num_inference_steps=STEPS, controlnet_conditioning_scale=0.7)
+    start = np.asarray(jax.random.normal(key, (1, 4, 16, 16)))
+    ref = pipeline.native(
+        sd_tiny.PROMPT, image=control.transpose(0, 2, 3, 1), num_inference_steps=STEPS, latents=start,
+        controlnet_conditioning_scale=0.7, output_type="np",
+    ).images  # fmt: skip
+    np.testing.assert_allclose(out.images, ref, atol=ATOL)

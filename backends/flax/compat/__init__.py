@@ -14,6 +14,7 @@ from diffusion_core.flax.compat.models import (
 )
 from diffusion_core.flax.compat.pipelines import (
     FlaxDiffusionPipeline,
+    FlaxStableDiffusionControlNetPipeline,
     FlaxStableDiffusionPipeline,
     FlaxStableDiffusionPipelineOutput,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "FlaxControlNetModel",
     "FlaxUNet2DConditionModel",
     "FlaxDiffusionPipeline",
+    "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionPipelineOutput",
     "FlaxDDIMScheduler",

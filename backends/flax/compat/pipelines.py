@@ -181,6 +181,11 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
         jit: bool = False,
     ):
         """Generate (B, H, W, 3) images, or (n_devices, B / n, H, W, 3) with ``jit=True`` (inputs sharded)."""
+        calls = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents)
+        return self._generate(prompt_ids, params, prng_seed, (height, width), neg_prompt_ids, jit, return_dict, calls)
+
+    def _generate(self, prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls, **native_kwargs):
+        """0.39's call flow onto the native ``__call__``: text embeddings from ids, 0.39's start draw, pmap."""
         ids, devices = _unshard(prompt_ids, "prompt_ids", jit)
         self._load_params(params, jit)
         text_params = nnx.state(self.native.text_encoder)
@@ -190,21 +195,23 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
         else:
             neg_ids = _unshard(neg_prompt_ids, "neg_prompt_ids", jit)[0]
         neg = self._embed(neg_ids, text_params)
-        size = sd.resolve_size(height, width, self.native.unet.config, self.native.vae.config)
+        size = sd.resolve_size(size[0], size[1], self.native.unet.config, self.native.vae.config)
         shape = sd.latent_shape(
             ids.shape[0], self.native.unet.config["in_channels"], *size, self.native.vae_scale_factor
         )
+        latents = calls["latents"]
         start = self._start_latents(prng_seed, shape, jit) if latents is None else _unshard(latents, "latents", jit)[0]
         out = self.native(
             prompt_embeds=np.asarray(pos),  # host arrays: the native pmap path places them itself
             negative_prompt_embeds=np.asarray(neg),
             height=size[0],
             width=size[1],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=_guidance_value(guidance_scale),
+            num_inference_steps=calls["num_inference_steps"],
+            guidance_scale=_guidance_value(calls["guidance_scale"]),
             latents=np.asarray(start, dtype=np.float32),
             output_type="np",
             parallel="pmap" if jit else None,
+            **native_kwargs,
         )
         images = np.asarray(out.images)
         if jit:
@@ -212,6 +219,48 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
         if not return_dict:
             return images, False
         return FlaxStableDiffusionPipelineOutput(images=images, nsfw_content_detected=False)
+
+
+class FlaxStableDiffusionControlNetPipeline(FlaxStableDiffusionPipeline):
+    """0.39's ``FlaxStableDiffusionControlNetPipeline`` over the native ``StableDiffusionControlNetPipeline``."""
+
+    _native_class = native_pipelines.StableDiffusionControlNetPipeline
+
+    def prepare_text_inputs(self, prompt: str | list[str]) -> np.ndarray:
+        """(B, 77) token ids (0.39's ``prepare_text_inputs``)."""
+        return self.prepare_inputs(prompt)
+
+    def prepare_image_inputs(self, image: Any) -> np.ndarray:
+        """PIL image(s) -> (B, 3, H, W) float32 in [0, 1] (0.39's ``prepare_image_inputs``)."""
+        images = image if isinstance(image, list) else [image]
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]  # (H, W, 3) each
+        return np.stack(arrays).transpose(0, 3, 1, 2)
+
+    def __call__(
+        self,
+        prompt_ids: Any,
+        image: Any,
+        params: dict,
+        prng_seed: Any,
+        num_inference_steps: int = 50,
+        guidance_scale: float | Any = 7.5,
+        latents: Any = None,
+        neg_prompt_ids: Any = None,
+        controlnet_conditioning_scale: float | Any = 1.0,
+        return_dict: bool = True,
+        jit: bool = False,
+    ):
+        """Generate images following the (B, 3, H, W) control ``image`` (sharded under ``jit=True``)."""
+        control = _unshard(image, "image", jit)[0]
+        if control.ndim != 4 or control.shape[1] != 3:
+            raise ValueError(f"image: expected (B, 3, H, W) from prepare_image_inputs, got shape {control.shape}")
+        calls = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents)
+        size = (int(control.shape[2]), int(control.shape[3]))
+        scale = _guidance_value(controlnet_conditioning_scale, "controlnet_conditioning_scale")
+        return self._generate(
+            prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls,
+            image=np.ascontiguousarray(control.transpose(0, 2, 3, 1)), controlnet_conditioning_scale=scale,
+        )  # fmt: skip
 
 
 def _unshard(value: Any, name: str, jit: bool) -> tuple[np.ndarray, int]:
@@ -226,15 +275,16 @@ def _unshard(value: Any, name: str, jit: bool) -> tuple[np.ndarray, int]:
     return array.reshape(-1, *array.shape[2:]), int(array.shape[0])
 
 
-def _guidance_value(guidance_scale: Any) -> float:
+def _guidance_value(value: Any, name: str = "guidance_scale") -> float:
     """A float; 0.39 also took one value per image (or per device): they must all be equal here."""
-    values = np.unique(np.asarray(guidance_scale, dtype=np.float64))
+    values = np.unique(np.asarray(value, dtype=np.float64))
     if values.size != 1:
-        raise ValueError(f"guidance_scale: one value for the whole batch is supported, got {values.tolist()}")
+        raise ValueError(f"{name}: one value for the whole batch is supported, got {values.tolist()}")
     return float(values[0])
 
 
 # native pipeline class name -> compat class, for FlaxDiffusionPipeline.from_pretrained's dispatch
 _COMPAT_PIPELINES: dict[str, type[FlaxDiffusionPipeline]] = {
     "StableDiffusionPipeline": FlaxStableDiffusionPipeline,
+    "StableDiffusionControlNetPipeline": FlaxStableDiffusionControlNetPipeline,
 }
