@@ -102,3 +102,23 @@ def test_controlnet_call_equals_native(tmp_path):
         controlnet_conditioning_scale=0.7, output_type="np",
     ).images  # fmt: skip
     np.testing.assert_allclose(out.images, ref, atol=ATOL)
+
+
+def test_img2img_call_equals_native(tmp_path):
+    folder = sd_tiny.save_sd_pipeline(tmp_path / "i2i", "StableDiffusionImg2ImgPipeline")
+    pipeline, params = compat.FlaxStableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None)
+    from PIL import Image
+
+    picture = Image.fromarray((sd_tiny.sample_image()[0] * 255).round().astype(np.uint8))
+    ids, image = pipeline.prepare_inputs([sd_tiny.PROMPT], [picture])
+    assert ids.shape == (1, 77) and image.shape == (1, 3, 32, 32) and image.min() >= -1 and image.max() <= 1
+    key = jax.random.key(5)
+    out = pipeline(ids, image, params, key, strength=0.6, num_inference_steps=4).images
+    start = np.asarray(jax.random.normal(key, (1, 4, 16, 16)))  # 0.39's noise draw
+    ref = pipeline.native(
+        sd_tiny.PROMPT, image=(image.transpose(0, 2, 3, 1) + 1) / 2, strength=0.6, num_inference_steps=4,
+        key=key, latents=start, output_type="np",
+    ).images  # fmt: skip
+    np.testing.assert_allclose(out, ref, atol=ATOL)
+    with pytest.raises(ValueError, match="height"):
+        pipeline(ids, image, params, key, height=64)

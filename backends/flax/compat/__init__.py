@@ -15,6 +15,7 @@ from diffusion_core.flax.compat.models import (
 from diffusion_core.flax.compat.pipelines import (
     FlaxDiffusionPipeline,
     FlaxStableDiffusionControlNetPipeline,
+    FlaxStableDiffusionImg2ImgPipeline,
     FlaxStableDiffusionPipeline,
     FlaxStableDiffusionPipelineOutput,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "FlaxUNet2DConditionModel",
     "FlaxDiffusionPipeline",
     "FlaxStableDiffusionControlNetPipeline",
+    "FlaxStableDiffusionImg2ImgPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionPipelineOutput",
     "FlaxDDIMScheduler",

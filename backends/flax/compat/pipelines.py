@@ -145,6 +145,7 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
     """0.39's ``FlaxStableDiffusionPipeline`` over the native ``StableDiffusionPipeline``."""
 
     _native_class = native_pipelines.StableDiffusionPipeline
+    _native_sized: ClassVar[bool] = True  # the native call takes height/width (image pipelines: the image's size)
 
     def prepare_inputs(self, prompt: str | list[str]) -> np.ndarray:
         """(B, 77) token ids, padded and truncated to the tokenizer's length (0.39's ``prepare_inputs``)."""
@@ -201,11 +202,11 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
         )
         latents = calls["latents"]
         start = self._start_latents(prng_seed, shape, jit) if latents is None else _unshard(latents, "latents", jit)[0]
+        if self._native_sized:
+            native_kwargs.update(height=size[0], width=size[1])
         out = self.native(
             prompt_embeds=np.asarray(pos),  # host arrays: the native pmap path places them itself
             negative_prompt_embeds=np.asarray(neg),
-            height=size[0],
-            width=size[1],
             num_inference_steps=calls["num_inference_steps"],
             guidance_scale=_guidance_value(calls["guidance_scale"]),
             latents=np.asarray(start, dtype=np.float32),
@@ -263,6 +264,63 @@ class FlaxStableDiffusionControlNetPipeline(FlaxStableDiffusionPipeline):
         )  # fmt: skip
 
 
+class FlaxStableDiffusionImg2ImgPipeline(FlaxStableDiffusionPipeline):
+    """0.39's ``FlaxStableDiffusionImg2ImgPipeline`` over the native ``StableDiffusionImg2ImgPipeline``.
+
+    The start noise is 0.39's draw (``normal(prng_seed, ...)``, or ``noise=``); the VAE posterior sample is
+    the native one, drawn from ``prng_seed`` (under ``jit=True`` from the first device's key).
+    """
+
+    _native_class = native_pipelines.StableDiffusionImg2ImgPipeline
+    _native_sized = False
+
+    def prepare_inputs(self, prompt: str | list[str], image: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(token ids (B, 77), images (B, 3, H, W) in [-1, 1])``; sizes rounded down to multiples of 32, as 0.39."""
+        images = image if isinstance(image, list) else [image]
+        if len(images) != len(sd.prompt_texts(prompt)):
+            raise ValueError(f"image: got {len(images)} images for {len(sd.prompt_texts(prompt))} prompts")
+        return super().prepare_inputs(prompt), np.stack([_pil_to_signed(im) for im in images])
+
+    def __call__(
+        self,
+        prompt_ids: Any,
+        image: Any,
+        params: dict,
+        prng_seed: Any,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | Any = 7.5,
+        noise: Any = None,
+        neg_prompt_ids: Any = None,
+        return_dict: bool = True,
+        jit: bool = False,
+    ):
+        """Repaint the (B, 3, H, W) ``image`` in [-1, 1] toward the prompts (sharded under ``jit=True``)."""
+        pixels = _unshard(image, "image", jit)[0]
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"image: expected (B, 3, H, W) in [-1, 1] from prepare_inputs, got shape {pixels.shape}")
+        size = (int(pixels.shape[2]), int(pixels.shape[3]))
+        if (height or size[0], width or size[1]) != size:
+            raise ValueError(f"height, width: must match the image's size {size}, got {(height, width)}")
+        key = jnp.asarray(prng_seed)[0] if jit else prng_seed
+        calls = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=noise)
+        return self._generate(
+            prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls,
+            image=np.ascontiguousarray(((pixels + 1) / 2).transpose(0, 2, 3, 1)), strength=strength, key=key,
+        )  # fmt: skip
+
+
+def _pil_to_signed(image: Any) -> np.ndarray:
+    """A PIL image -> (3, H, W) float32 in [-1, 1], cropped to multiples of 32 by resizing (0.39's ``preprocess``)."""
+    from PIL import Image
+
+    w, h = (x - x % 32 for x in image.size)
+    pixels = np.asarray(image.convert("RGB").resize((w, h), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+    return 2.0 * pixels.transpose(2, 0, 1) - 1.0
+
+
 def _unshard(value: Any, name: str, jit: bool) -> tuple[np.ndarray, int]:
     """``(array with the batch first, number of devices)``: under ``jit`` the input is ``shard``ed (n, B / n, ...)."""
     array = np.asarray(value)
@@ -287,4 +345,5 @@ def _guidance_value(value: Any, name: str = "guidance_scale") -> float:
 _COMPAT_PIPELINES: dict[str, type[FlaxDiffusionPipeline]] = {
     "StableDiffusionPipeline": FlaxStableDiffusionPipeline,
     "StableDiffusionControlNetPipeline": FlaxStableDiffusionControlNetPipeline,
+    "StableDiffusionImg2ImgPipeline": FlaxStableDiffusionImg2ImgPipeline,
 }
