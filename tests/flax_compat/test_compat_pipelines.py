@@ -122,3 +122,23 @@ def test_img2img_call_equals_native(tmp_path):
     np.testing.assert_allclose(out, ref, atol=ATOL)
     with pytest.raises(ValueError, match="height"):
         pipeline(ids, image, params, key, height=64)
+
+
+def test_inpaint_call_equals_native(tmp_path):
+    folder = sd_tiny.save_sd_pipeline(tmp_path / "inp", "StableDiffusionInpaintPipeline")
+    pipeline, params = compat.FlaxStableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
+    from PIL import Image
+
+    picture = Image.fromarray((sd_tiny.sample_image()[0] * 255).round().astype(np.uint8))
+    mask = Image.fromarray((sd_tiny.sample_mask()[0, ..., 0] * 255).astype(np.uint8))
+    ids, masked, binary = pipeline.prepare_inputs([sd_tiny.PROMPT], [picture], [mask])
+    assert masked.shape == (1, 3, 32, 32) and binary.shape == (1, 1, 32, 32) and set(np.unique(binary)) == {0, 1}
+    assert np.all(masked[:, :, binary[0, 0] > 0.5] == 0)
+    key = jax.random.key(6)
+    out = pipeline(ids, binary, masked, params, key, num_inference_steps=STEPS).images
+    start = np.asarray(jax.random.normal(key, (1, 4, 16, 16)))  # 0.39's draw: the VAE's latent channels
+    ref = pipeline.native(
+        sd_tiny.PROMPT, image=(masked.transpose(0, 2, 3, 1) + 1) / 2, mask_image=binary.transpose(0, 2, 3, 1),
+        num_inference_steps=STEPS, key=key, latents=start, output_type="np", **SIZE,
+    ).images  # fmt: skip
+    np.testing.assert_allclose(out, ref, atol=ATOL)

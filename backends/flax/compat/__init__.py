@@ -6,6 +6,11 @@
 Nothing here re-implements a model, scheduler or pipeline: every class wraps the native one.
 """
 
+from diffusion_core.flax.compat.image_pipelines import (
+    FlaxStableDiffusionControlNetPipeline,
+    FlaxStableDiffusionImg2ImgPipeline,
+    FlaxStableDiffusionInpaintPipeline,
+)
 from diffusion_core.flax.compat.models import (
     FlaxAutoencoderKL,
     FlaxCLIPTextModel,
@@ -14,8 +19,6 @@ from diffusion_core.flax.compat.models import (
 )
 from diffusion_core.flax.compat.pipelines import (
     FlaxDiffusionPipeline,
-    FlaxStableDiffusionControlNetPipeline,
-    FlaxStableDiffusionImg2ImgPipeline,
     FlaxStableDiffusionPipeline,
     FlaxStableDiffusionPipelineOutput,
 )
@@ -38,6 +41,7 @@ __all__ = [
     "FlaxDiffusionPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",
+    "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionPipelineOutput",
     "FlaxDDIMScheduler",

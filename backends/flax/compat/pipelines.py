@@ -1,4 +1,4 @@
-"""diffusers 0.39's Flax pipeline API (``FlaxStableDiffusionPipeline`` & co.) over our native Flax pipelines.
+"""diffusers 0.39's Flax pipeline API (``FlaxStableDiffusionPipeline``) over our native Flax pipelines.
 
     pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(path, dtype=jnp.bfloat16, safety_checker=None)
     prompt_ids = shard(pipeline.prepare_inputs(prompts))        # (n_devices, B / n_devices, 77)
@@ -13,6 +13,7 @@ scheduler state) is not read: the native pipeline sets its own timesteps for ``n
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -107,7 +108,7 @@ class FlaxDiffusionPipeline:
         native = cls._native_class.from_pretrained(
             pretrained_model_name_or_path, revision=revision, dtype=dtype, safety_checker=None, **kwargs
         )
-        pipe = _COMPAT_PIPELINES.get(type(native).__name__, cls)(native)
+        pipe = compat_pipeline_class(native, cls)(native)
         params = {name: params for name, (_, params) in pipe._models.items()}
         params["scheduler"] = pipe.scheduler.create_state()
         return pipe, params
@@ -153,6 +154,10 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
             raise ValueError(f"prompt: expected a str or a list of str, got {type(prompt).__name__}")
         return sd.tokenize(self.tokenizer, sd.prompt_texts(prompt))
 
+    def _latent_channels(self) -> int:
+        """Channels of the start draw: the UNet's input (0.39's text-to-image and ControlNet pipelines)."""
+        return int(self.native.unet.config["in_channels"])
+
     def _embed(self, ids: Any, params: Any) -> jax.Array:
         """(B, L) ids -> (B, L, D) embeddings with ``params`` (0.39: ``text_encoder(ids, params=...)[0]``), jitted."""
         if getattr(self, "_jit_embed", None) is None:
@@ -187,28 +192,26 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
 
     def _generate(self, prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls, **native_kwargs):
         """0.39's call flow onto the native ``__call__``: text embeddings from ids, 0.39's start draw, pmap."""
-        ids, devices = _unshard(prompt_ids, "prompt_ids", jit)
+        ids, devices = unshard(prompt_ids, "prompt_ids", jit)
         self._load_params(params, jit)
         text_params = nnx.state(self.native.text_encoder)
         pos = self._embed(ids, text_params)
         if neg_prompt_ids is None:
             neg_ids = sd.tokenize(self.tokenizer, [""] * ids.shape[0], max_length=ids.shape[1])
         else:
-            neg_ids = _unshard(neg_prompt_ids, "neg_prompt_ids", jit)[0]
+            neg_ids = unshard(neg_prompt_ids, "neg_prompt_ids", jit)[0]
         neg = self._embed(neg_ids, text_params)
         size = sd.resolve_size(size[0], size[1], self.native.unet.config, self.native.vae.config)
-        shape = sd.latent_shape(
-            ids.shape[0], self.native.unet.config["in_channels"], *size, self.native.vae_scale_factor
-        )
+        shape = sd.latent_shape(ids.shape[0], self._latent_channels(), *size, self.native.vae_scale_factor)
         latents = calls["latents"]
-        start = self._start_latents(prng_seed, shape, jit) if latents is None else _unshard(latents, "latents", jit)[0]
+        start = self._start_latents(prng_seed, shape, jit) if latents is None else unshard(latents, "latents", jit)[0]
         if self._native_sized:
             native_kwargs.update(height=size[0], width=size[1])
         out = self.native(
             prompt_embeds=np.asarray(pos),  # host arrays: the native pmap path places them itself
             negative_prompt_embeds=np.asarray(neg),
             num_inference_steps=calls["num_inference_steps"],
-            guidance_scale=_guidance_value(calls["guidance_scale"]),
+            guidance_scale=guidance_value(calls["guidance_scale"]),
             latents=np.asarray(start, dtype=np.float32),
             output_type="np",
             parallel="pmap" if jit else None,
@@ -222,106 +225,7 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
         return FlaxStableDiffusionPipelineOutput(images=images, nsfw_content_detected=False)
 
 
-class FlaxStableDiffusionControlNetPipeline(FlaxStableDiffusionPipeline):
-    """0.39's ``FlaxStableDiffusionControlNetPipeline`` over the native ``StableDiffusionControlNetPipeline``."""
-
-    _native_class = native_pipelines.StableDiffusionControlNetPipeline
-
-    def prepare_text_inputs(self, prompt: str | list[str]) -> np.ndarray:
-        """(B, 77) token ids (0.39's ``prepare_text_inputs``)."""
-        return self.prepare_inputs(prompt)
-
-    def prepare_image_inputs(self, image: Any) -> np.ndarray:
-        """PIL image(s) -> (B, 3, H, W) float32 in [0, 1] (0.39's ``prepare_image_inputs``)."""
-        images = image if isinstance(image, list) else [image]
-        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]  # (H, W, 3) each
-        return np.stack(arrays).transpose(0, 3, 1, 2)
-
-    def __call__(
-        self,
-        prompt_ids: Any,
-        image: Any,
-        params: dict,
-        prng_seed: Any,
-        num_inference_steps: int = 50,
-        guidance_scale: float | Any = 7.5,
-        latents: Any = None,
-        neg_prompt_ids: Any = None,
-        controlnet_conditioning_scale: float | Any = 1.0,
-        return_dict: bool = True,
-        jit: bool = False,
-    ):
-        """Generate images following the (B, 3, H, W) control ``image`` (sharded under ``jit=True``)."""
-        control = _unshard(image, "image", jit)[0]
-        if control.ndim != 4 or control.shape[1] != 3:
-            raise ValueError(f"image: expected (B, 3, H, W) from prepare_image_inputs, got shape {control.shape}")
-        calls = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents)
-        size = (int(control.shape[2]), int(control.shape[3]))
-        scale = _guidance_value(controlnet_conditioning_scale, "controlnet_conditioning_scale")
-        return self._generate(
-            prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls,
-            image=np.ascontiguousarray(control.transpose(0, 2, 3, 1)), controlnet_conditioning_scale=scale,
-        )  # fmt: skip
-
-
-class FlaxStableDiffusionImg2ImgPipeline(FlaxStableDiffusionPipeline):
-    """0.39's ``FlaxStableDiffusionImg2ImgPipeline`` over the native ``StableDiffusionImg2ImgPipeline``.
-
-    The start noise is 0.39's draw (``normal(prng_seed, ...)``, or ``noise=``); the VAE posterior sample is
-    the native one, drawn from ``prng_seed`` (under ``jit=True`` from the first device's key).
-    """
-
-    _native_class = native_pipelines.StableDiffusionImg2ImgPipeline
-    _native_sized = False
-
-    def prepare_inputs(self, prompt: str | list[str], image: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(token ids (B, 77), images (B, 3, H, W) in [-1, 1])``; sizes rounded down to multiples of 32, as 0.39."""
-        images = image if isinstance(image, list) else [image]
-        if len(images) != len(sd.prompt_texts(prompt)):
-            raise ValueError(f"image: got {len(images)} images for {len(sd.prompt_texts(prompt))} prompts")
-        return super().prepare_inputs(prompt), np.stack([_pil_to_signed(im) for im in images])
-
-    def __call__(
-        self,
-        prompt_ids: Any,
-        image: Any,
-        params: dict,
-        prng_seed: Any,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        height: int | None = None,
-        width: int | None = None,
-        guidance_scale: float | Any = 7.5,
-        noise: Any = None,
-        neg_prompt_ids: Any = None,
-        return_dict: bool = True,
-        jit: bool = False,
-    ):
-        """Repaint the (B, 3, H, W) ``image`` in [-1, 1] toward the prompts (sharded under ``jit=True``)."""
-        pixels = _unshard(image, "image", jit)[0]
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"image: expected (B, 3, H, W) in [-1, 1] from prepare_inputs, got shape {pixels.shape}")
-        size = (int(pixels.shape[2]), int(pixels.shape[3]))
-        if (height or size[0], width or size[1]) != size:
-            raise ValueError(f"height, width: must match the image's size {size}, got {(height, width)}")
-        key = jnp.asarray(prng_seed)[0] if jit else prng_seed
-        calls = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=noise)
-        return self._generate(
-            prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls,
-            image=np.ascontiguousarray(((pixels + 1) / 2).transpose(0, 2, 3, 1)), strength=strength, key=key,
-        )  # fmt: skip
-
-
-def _pil_to_signed(image: Any) -> np.ndarray:
-    """A PIL image -> (3, H, W) float32 in [-1, 1], cropped to multiples of 32 by resizing (0.39's ``preprocess``)."""
-    from PIL import Image
-
-    w, h = (x - x % 32 for x in image.size)
-    pixels = np.asarray(image.convert("RGB").resize((w, h), resample=Image.LANCZOS), dtype=np.float32) / 255.0
-    return 2.0 * pixels.transpose(2, 0, 1) - 1.0
-
-
-def _unshard(value: Any, name: str, jit: bool) -> tuple[np.ndarray, int]:
+def unshard(value: Any, name: str, jit: bool) -> tuple[np.ndarray, int]:
     """``(array with the batch first, number of devices)``: under ``jit`` the input is ``shard``ed (n, B / n, ...)."""
     array = np.asarray(value)
     if not jit:
@@ -333,7 +237,7 @@ def _unshard(value: Any, name: str, jit: bool) -> tuple[np.ndarray, int]:
     return array.reshape(-1, *array.shape[2:]), int(array.shape[0])
 
 
-def _guidance_value(value: Any, name: str = "guidance_scale") -> float:
+def guidance_value(value: Any, name: str = "guidance_scale") -> float:
     """A float; 0.39 also took one value per image (or per device): they must all be equal here."""
     values = np.unique(np.asarray(value, dtype=np.float64))
     if values.size != 1:
@@ -341,9 +245,20 @@ def _guidance_value(value: Any, name: str = "guidance_scale") -> float:
     return float(values[0])
 
 
-# native pipeline class name -> compat class, for FlaxDiffusionPipeline.from_pretrained's dispatch
-_COMPAT_PIPELINES: dict[str, type[FlaxDiffusionPipeline]] = {
-    "StableDiffusionPipeline": FlaxStableDiffusionPipeline,
-    "StableDiffusionControlNetPipeline": FlaxStableDiffusionControlNetPipeline,
-    "StableDiffusionImg2ImgPipeline": FlaxStableDiffusionImg2ImgPipeline,
+# native pipeline class name -> compat class ("module:Class" under diffusion_core.flax.compat), for the dispatch
+# of FlaxDiffusionPipeline.from_pretrained
+_COMPAT_PIPELINES: dict[str, str] = {
+    "StableDiffusionPipeline": "pipelines:FlaxStableDiffusionPipeline",
+    "StableDiffusionControlNetPipeline": "image_pipelines:FlaxStableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline": "image_pipelines:FlaxStableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "image_pipelines:FlaxStableDiffusionInpaintPipeline",
 }
+
+
+def compat_pipeline_class(native: Any, default: type[FlaxDiffusionPipeline]) -> type[FlaxDiffusionPipeline]:
+    """The compat class for a loaded native pipeline (``default`` where 0.39 had no Flax twin)."""
+    target = _COMPAT_PIPELINES.get(type(native).__name__)
+    if target is None:
+        return default
+    module, name = target.split(":")
+    return getattr(importlib.import_module(f"diffusion_core.flax.compat.{module}"), name)
