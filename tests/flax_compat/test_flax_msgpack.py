@@ -134,3 +134,24 @@ def test_unsafe_or_malformed_files_raise(tmp_path, payload, match):
     path.write_bytes(msgpack.packb(payload, use_bin_type=True))
     with pytest.raises(ValueError, match=match):
         flax_msgpack.read_flax_msgpack(path)
+
+
+def test_both_backends_load_msgpack_folders_natively(tmp_path):
+    """A 0.39 Flax UNet folder (msgpack + config.json, no PyTorch weights) loads in the torch and flax backends."""
+    import torch
+
+    from diffusion_core import torch as dc_torch
+
+    config = {**sd_tiny.SD_UNET, "in_channels": 4}
+    native = models.UNet2DConditionModel.from_config(config, rngs=nnx.Rngs(8))
+    write_039_folder(tmp_path / "unet", native, "diffusion_flax_model.msgpack", config)
+    flax_unet = models.UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
+    torch_unet = dc_torch.UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    expected = flax_state_to_torch(native)
+    for key, value in flax_state_to_torch(flax_unet).items():
+        np.testing.assert_array_equal(value, expected[key])
+    torch_state = {k: v.detach().numpy() for k, v in torch_unet.state_dict().items()}
+    assert set(torch_state) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(torch_state[key], value)
+    assert isinstance(torch_unet, torch.nn.Module)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 import flax.struct
@@ -21,12 +20,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_core.flax import models
-from diffusion_core.weights.flax_msgpack import (
-    DIFFUSERS_FLAX_WEIGHTS_NAME,
-    TRANSFORMERS_FLAX_WEIGHTS_NAME,
-    read_flax_msgpack,
-)
-from diffusion_core.weights.pretrained import load_model_config
 
 
 @flax.struct.dataclass
@@ -73,7 +66,6 @@ class FlaxModelCompat:
     """Abstract: 0.39's ``FlaxModelMixin`` calls (``apply``, ``init_weights``, ``save_pretrained``) over ``_native``."""
 
     _native: ClassVar[type]
-    _msgpack_name: ClassVar[str] = DIFFUSERS_FLAX_WEIGHTS_NAME  # the Flax weights file 0.39 wrote
 
     def __init__(self, graphdef: Any, config: Mapping[str, Any], dtype: Any = jnp.float32) -> None:
         self._graphdef = graphdef
@@ -104,27 +96,14 @@ class FlaxModelCompat:
         from_pt: bool = False,
         **kwargs: Any,
     ):
-        """``(model, params)`` from a folder or Hub repo: a local folder's Flax ``*.msgpack`` weights (as 0.39,
-        unless ``from_pt``), else the PyTorch-layout weights the native loader reads.
-        Other keywords (``variant``, ``local_files_only``, ``allow_pickle``) go to the native ``from_pretrained``.
+        """``(model, params)`` from a folder or Hub repo, read by the native loader: PyTorch-layout weights, or
+        where a local folder has none, its Flax ``*.msgpack`` weights (0.39's files). ``from_pt`` is accepted
+        for 0.39 scripts and changes nothing. Other keywords (``variant``, ``local_files_only``, ``allow_pickle``) go to the native ``from_pretrained``.
         """
-        msgpack_file = cls._msgpack_file(pretrained_model_name_or_path, subfolder)
-        if msgpack_file is not None and not from_pt:
-            native = cls._native.from_config(load_model_config(msgpack_file.parent), rngs=nnx.Rngs(0), dtype=dtype)
-            state = native.checkpoint_layout.rename(read_flax_msgpack(msgpack_file).items())  # e.g. text_model.*
-            models.load_torch_state_dict(native, state)
-            return cls.from_native(native)
         native = cls._native.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, dtype=dtype, revision=revision, **kwargs
         )
         return cls.from_native(native)
-
-    @classmethod
-    def _msgpack_file(cls, path: str | os.PathLike, subfolder: str | None) -> Path | None:
-        """A local folder's Flax weights (0.39 read them unless ``from_pt``), or None."""
-        folder = Path(path) / (subfolder or "")
-        file = folder / cls._msgpack_name
-        return file if folder.is_dir() and file.is_file() else None
 
     def init_weights(self, rng: jax.Array) -> Any:
         """Fresh random params for this config, drawn from ``rng`` (a PRNG key)."""
@@ -284,7 +263,6 @@ class FlaxCLIPTextModel(FlaxModelCompat):
     """
 
     _native = models.CLIPTextModel
-    _msgpack_name = TRANSFORMERS_FLAX_WEIGHTS_NAME
     params: Any = None
 
     @classmethod
