@@ -98,7 +98,8 @@ class FlaxModelCompat:
     ):
         """``(model, params)`` from a folder or Hub repo, read by the native loader: PyTorch-layout weights, or
         where a local folder has none, its Flax ``*.msgpack`` weights (0.39's files). ``from_pt`` is accepted
-        for 0.39 scripts and changes nothing. Other keywords (``variant``, ``local_files_only``, ``allow_pickle``) go to the native ``from_pretrained``.
+        for 0.39 scripts and changes nothing. Other keywords (``variant``, ``local_files_only``,
+        ``allow_pickle``) go to the native ``from_pretrained``.
         """
         native = cls._native.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, dtype=dtype, revision=revision, **kwargs
