@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from diffusion_core.flax import compat
@@ -93,3 +95,51 @@ def test_hf_blog_script_runs_with_the_import_changed(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok 8" in out.stdout
+
+
+def to_flax_039_folder(folder):
+    """Rewrite a pipeline folder as diffusers 0.39's Flax save_pretrained left it: Flax class names, msgpack weights
+    (in 0.39's / transformers' Flax parameter trees), no PyTorch weights."""
+    from flax.serialization import msgpack_serialize
+    from safetensors.numpy import load_file
+
+    from tests.flax_compat.test_flax_msgpack import flax_039_tree
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(FLAX_NAMES)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for name, weights, flax_name, kwargs in [
+        ("unet", "diffusion_pytorch_model.safetensors", "diffusion_flax_model.msgpack", {}),
+        ("vae", "diffusion_pytorch_model.safetensors", "diffusion_flax_model.msgpack", {"vae": True}),
+        ("text_encoder", "model.safetensors", "flax_model.msgpack", {"numbered_as_suffix": False}),
+    ]:
+        state = load_file(folder / name / weights)
+        if name == "text_encoder":
+            state = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
+        (folder / name / flax_name).write_bytes(msgpack_serialize(flax_039_tree(state, **kwargs)))
+        (folder / name / weights).unlink()
+    return folder
+
+
+def test_flax_039_msgpack_pipeline_gives_the_safetensors_images(tmp_path):
+    """The same tiny pipeline saved both ways: compat (msgpack) == native flax (safetensors); torch loads it too."""
+    from diffusion_core.torch import DiffusionPipeline as TorchPipeline
+
+    original = sd_tiny.save_sd_pipeline(tmp_path / "pt")
+    flax_039 = to_flax_039_folder(sd_tiny.save_sd_pipeline(tmp_path / "flax"))
+    pipeline, params = compat.FlaxStableDiffusionPipeline.from_pretrained(flax_039, safety_checker=None)
+    key = jax.random.key(0)
+    ids = pipeline.prepare_inputs([sd_tiny.PROMPT])
+    images = pipeline(ids, params, key, num_inference_steps=2, height=32, width=32).images
+    native = DiffusionPipeline.from_pretrained(original)
+    native.set_progress_bar_config(disable=True)
+    start = np.asarray(jax.random.normal(key, (1, 4, 16, 16)))
+    ref = native(sd_tiny.PROMPT, num_inference_steps=2, height=32, width=32, latents=start, output_type="np").images
+    np.testing.assert_allclose(images, ref, atol=1e-5)
+    torch_pipe = TorchPipeline.from_pretrained(flax_039)
+    torch_ref = TorchPipeline.from_pretrained(original)
+    for name in ("unet", "vae", "text_encoder"):
+        got, want = getattr(torch_pipe, name).state_dict(), getattr(torch_ref, name).state_dict()
+        assert set(got) == set(want)
+        for key_name, value in want.items():
+            np.testing.assert_array_equal(got[key_name].numpy(), value.numpy())
