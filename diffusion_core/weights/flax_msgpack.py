@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from diffusion_core.weights.convert import FlaxPath, flax_to_torch, match_torch_
 
 DIFFUSERS_FLAX_WEIGHTS_NAME = "diffusion_flax_model.msgpack"
 TRANSFORMERS_FLAX_WEIGHTS_NAME = "flax_model.msgpack"
-FLAX_WEIGHTS_NAMES = (DIFFUSERS_FLAX_WEIGHTS_NAME, TRANSFORMERS_FLAX_WEIGHTS_NAME)
 
 _EXT_NDARRAY, _EXT_NPSCALAR = 1, 3  # flax.serialization's msgpack extension codes
 _DTYPES = {
@@ -183,9 +182,3 @@ def _pack(tree: Mapping[str, Any], path: Path) -> Path:
 
     write_bytes_atomic(path, msgpack.packb(tree, default=default, use_bin_type=True))
     return path
-
-
-def iter_flax_msgpack(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(torch key, array)`` over several msgpack files (one model's checkpoint)."""
-    for p in paths:
-        yield from read_flax_msgpack(p).items()
