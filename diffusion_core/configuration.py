@@ -209,7 +209,12 @@ def set_created_file_mode(path: str | os.PathLike) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename.
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, then rename."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
     The file gets the permissions of a normally created one (0644 under umask 022).
     """
@@ -218,8 +223,8 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
     remove_stale_temporaries(path)  # left by a writer that was killed
     fd, tmp = _open_temp_file_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -175,6 +175,20 @@ def from_torch(tensor: Any, framework: str) -> Any:
     return array
 
 
+def numpy_to_framework(array: np.ndarray, framework: str) -> Any:
+    """A numpy array as ``framework``'s: a torch tensor (``"pt"``), a jax array (``"flax"``) or itself."""
+    if framework == "pt":
+        import torch
+
+        array = np.ascontiguousarray(array)
+        return torch.from_numpy(array if array.flags.writeable else array.copy())  # torch tensors are writable
+    if framework == "flax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(array)
+    return array
+
+
 def iter_tensors(
     source: Source,
     *,

@@ -25,8 +25,20 @@ from diffusion_core.configuration import (
     read_json_config,
     write_json_atomic,
 )
+from diffusion_core.weights.flax_msgpack import (
+    DIFFUSERS_FLAX_WEIGHTS_NAME,
+    TRANSFORMERS_FLAX_WEIGHTS_NAME,
+    read_flax_msgpack,
+)
 from diffusion_core.weights.hub import CONFIG_NAME, resolve_pretrained_folder
-from diffusion_core.weights.io import TensorInfo, iter_tensors, tensor_infos
+from diffusion_core.weights.io import (
+    TensorInfo,
+    cast_tensor,
+    iter_tensors,
+    numpy_dtype,
+    numpy_to_framework,
+    tensor_infos,
+)
 from diffusion_core.weights.layout import (
     DIFFUSERS_WEIGHTS_NAME,
     TRANSFORMERS_WEIGHTS_NAME,
@@ -176,13 +188,44 @@ class CheckpointLayout:
 
         Shard indexes are validated against their shards here, so streaming does not do it again.
         """
-        found = self.locate(path_or_repo_id, **locate_kwargs)
+        try:
+            found = self.locate(path_or_repo_id, **locate_kwargs)
+        except FileNotFoundError:
+            flax_file = self.local_flax_weights(path_or_repo_id, locate_kwargs.get("subfolder"))
+            if flax_file is None:
+                raise
+            return self.open_flax_msgpack(flax_file)
         infos = dict(self.rename(tensor_infos(found.files).items()))
 
         def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
             return self.rename(iter_tensors(found.files, framework=framework, dtype=dtype, validate=False))
 
         return CheckpointSource(f"checkpoint {str(found.folder)!r}", found.config, infos, tensors)
+
+    @property
+    def flax_weights_name(self) -> str:
+        """The Flax checkpoint file of this layout (diffusers' or transformers')."""
+        return DIFFUSERS_FLAX_WEIGHTS_NAME if self.model_type is None else TRANSFORMERS_FLAX_WEIGHTS_NAME
+
+    def local_flax_weights(self, path: str | os.PathLike, subfolder: str | None) -> Path | None:
+        """A local folder's Flax ``*.msgpack`` weights file, or None (Hub ids and folders without one)."""
+        folder = Path(path) / (subfolder or "")
+        file = folder / self.flax_weights_name
+        return file if folder.is_dir() and file.is_file() else None
+
+    def open_flax_msgpack(self, file: Path) -> CheckpointSource:
+        """A folder holding Flax msgpack weights (diffusers <= 0.39, transformers' Flax models) and ``config.json``."""
+        config = load_model_config(file.parent)
+        self.check_config(config, repr(str(file.parent / CONFIG_NAME)))
+        state = dict(self.rename(read_flax_msgpack(file).items()))  # renamed through the one converter, checked
+        infos: dict[str, TensorInfo] = {key: (array.dtype.name, tuple(array.shape)) for key, array in state.items()}
+
+        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
+            target = None if dtype is None else numpy_dtype(dtype)  # a numpy dtype or "bfloat16", as iter_tensors
+            for key, array in state.items():
+                yield key, cast_tensor(numpy_to_framework(array, framework), target, framework)
+
+        return CheckpointSource(f"Flax checkpoint {str(file)!r}", config, infos, tensors)
 
     def open_single_file(
         self,
