@@ -228,3 +228,20 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(good, tmp_path, backend
         LOADERS[backend](folder, allow_pickle=True)
     assert str(folder / "diffusion_pytorch_model.bin") in str(info.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("backend", sorted(LOADERS))
+def test_check_finite_refuses_nan_weights_only_when_asked(good, tmp_path, backend):
+    folder = tmp_path / "unet"
+    shutil.copytree(good, folder)
+    state = dict(weights.load_tensors(folder))
+    key = sorted(state)[3]
+    state[key] = state[key].copy()
+    state[key].flat[0] = np.nan
+    weights.save_state_dict(state, folder)
+    LOADERS[backend](folder)  # off by default: a NaN is a value, not a malformed file
+    with pytest.raises(InvalidCheckpointError, match=f"tensor '{key}' holds NaN or inf values"):
+        LOADERS[backend](folder, check_finite=True)
+    LOADERS[backend](good, check_finite=True)  # a healthy checkpoint passes the check
+    with pytest.raises(ValueError, match="check_finite must be a bool"):
+        LOADERS[backend](good, check_finite="yes")

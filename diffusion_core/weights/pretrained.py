@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+import numpy as np
+
 from diffusion_core.configuration import (
     DIFFUSERS_FORMAT_VERSION,
     config_to_json_string,
@@ -33,6 +35,7 @@ from diffusion_core.weights.flax_msgpack import (
 from diffusion_core.weights.hub import CONFIG_NAME, resolve_pretrained_folder
 from diffusion_core.weights.io import (
     TensorInfo,
+    as_numpy,
     cast_tensor,
     iter_tensors,
     numpy_dtype,
@@ -45,6 +48,7 @@ from diffusion_core.weights.layout import (
     WeightFiles,
     resolve_weight_files,
 )
+from diffusion_core.weights.safetensors_header import InvalidCheckpointError
 from diffusion_core.weights.single_file import (
     COMPONENTS,
     SINGLE_FILE_COMPONENTS,
@@ -100,6 +104,20 @@ class CheckpointSource(NamedTuple):
     config: dict[str, Any]
     infos: dict[str, TensorInfo]
     tensors: Callable[[str, Any], Iterator[tuple[str, Any]]]
+
+
+def finite_checked(source: CheckpointSource) -> CheckpointSource:
+    """``source`` whose tensor stream raises InvalidCheckpointError at the first NaN or inf value."""
+
+    def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
+        for key, tensor in source.tensors(framework, dtype):
+            array = as_numpy(tensor)
+            if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+                if not np.isfinite(array.astype(np.float32, copy=False)).all():
+                    raise InvalidCheckpointError(f"{source.name}: tensor {key!r} holds NaN or inf values")
+            yield key, tensor
+
+    return source._replace(tensors=tensors)
 
 
 class PretrainedFiles(NamedTuple):
@@ -294,9 +312,15 @@ class CheckpointModel:
             cls.single_file_component = SINGLE_FILE_COMPONENTS[cls.__name__]
 
     @classmethod
-    def pretrained_source(cls, path_or_repo_id: str | os.PathLike, **locate_kwargs: Any) -> CheckpointSource:
-        """``checkpoint_layout.open_pretrained`` (the arguments of ``CheckpointLayout.locate``)."""
-        return cls.checkpoint_layout.open_pretrained(path_or_repo_id, **locate_kwargs)
+    def pretrained_source(
+        cls, path_or_repo_id: str | os.PathLike, check_finite: bool = False, **locate_kwargs: Any
+    ) -> CheckpointSource:
+        """``checkpoint_layout.open_pretrained`` (the arguments of ``CheckpointLayout.locate``); with
+        ``check_finite`` every floating tensor is checked for NaN/inf as it streams in."""
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be a bool, got {check_finite!r}")
+        source = cls.checkpoint_layout.open_pretrained(path_or_repo_id, **locate_kwargs)
+        return finite_checked(source) if check_finite else source
 
     @classmethod
     def single_file_source(

@@ -58,6 +58,7 @@ class PretrainedMixin(CheckpointModel):
         revision: str | None = None,
         local_files_only: bool = False,
         allow_pickle: bool = False,
+        check_finite: bool = False,
     ) -> M:
         """Load a model saved by diffusers/transformers (or ``save_pretrained``) from a folder or a Hub repo id.
 
@@ -73,6 +74,7 @@ class PretrainedMixin(CheckpointModel):
             revision=revision,
             local_files_only=local_files_only,
             allow_pickle=allow_pickle,
+            check_finite=check_finite,
         )
         return cls._from_source(source, dtype)
 
