@@ -13,12 +13,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diffusion_core.atomic import atomic_folder, fsync_dir, swap_into_place
+from diffusion_core.configuration import remove_stale_temporaries, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -58,22 +60,16 @@ def _fsync_tree(folder: Path) -> None:
 def write_checkpoint(
     output_dir: str | os.PathLike, step: int, state: Mapping[str, Any], write: Callable[[Path], None], keep: int = 2
 ) -> Path:
-    """Write checkpoint ``step`` atomically: ``write(folder)`` fills it, then ``trainer_state.json``; keeps ``keep``."""
+    """Write checkpoint ``step`` atomically: ``write(folder)`` fills it, then ``trainer_state.json``; keeps ``keep``.
+
+    Through :func:`diffusion_core.atomic.atomic_folder`: what a killed write left is removed first.
+    """
     root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=root))
-    try:
+    with atomic_folder(final) as tmp:
         write(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
+        write_json_atomic(tmp / STATE_FILE, json.dumps({**state, "step": step}, indent=2, sort_keys=True))
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_steps(output_dir)[:-keep]:
         shutil.rmtree(root / f"checkpoint-{old}", ignore_errors=True)
     return final
@@ -98,17 +94,19 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def install_pipeline_folder(saved: Path, output_dir: str | os.PathLike) -> None:
     """Move a pipeline folder written by ``save_pretrained`` into ``output_dir``, entry by entry.
 
-    ``output_dir`` keeps its other contents (checkpoints, logs); each component is replaced by rename.
+    ``output_dir`` keeps its other contents (checkpoints, logs); each component is swapped in by one rename
+    (:func:`diffusion_core.atomic.swap_into_place`), ``model_index.json`` last.
     """
     target = Path(output_dir)
     target.mkdir(parents=True, exist_ok=True)
     for entry in sorted(saved.iterdir(), key=lambda p: p.name == "model_index.json"):  # the index last
         dest = target / entry.name
-        if dest.is_dir():
-            aside = Path(tempfile.mkdtemp(prefix=f".{entry.name}.old.", dir=target))
-            os.replace(dest, aside / entry.name)
-            os.replace(entry, dest)
-            shutil.rmtree(aside, ignore_errors=True)
+        if entry.is_dir():
+            remove_stale_temporaries(dest)
+            old = swap_into_place(entry, dest)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(entry, dest)
+    fsync_dir(target)
     shutil.rmtree(saved, ignore_errors=True)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
+from diffusion_core.configuration import make_temp_dir_beside, remove_stale_temporaries
 from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.data import ImageDataset, StepBatch, step_batch
@@ -126,10 +126,12 @@ def fit(
 
 def export_pipeline(trainer: BackendTrainer, output_dir: Path) -> None:
     """Write the pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) into ``output_dir``."""
-    staged = Path(tempfile.mkdtemp(prefix=".pipeline.", dir=output_dir)) / "pipeline"
-    trainer.export_pipeline(staged)
-    ckpt.install_pipeline_folder(staged, output_dir)
-    staged.parent.rmdir()
+    stage = Path(output_dir) / "pipeline"  # never created: only its temporary sibling is
+    remove_stale_temporaries(stage)
+    staged = make_temp_dir_beside(stage)
+    trainer.export_pipeline(staged / "pipeline")
+    ckpt.install_pipeline_folder(staged / "pipeline", output_dir)
+    staged.rmdir()
 
 
 class FitMixin:

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from diffusion_core import training
+from diffusion_core.training.checkpoint import read_state
 from tests.training import tiny
 from tests.training.harness import make_trainer
 
@@ -104,3 +105,28 @@ def test_bf16_autocast_and_accumulation_run_and_stay_close_to_float32():
         losses[name] = make_trainer("torch", cfg).train_step(batch, 1e-3, 0.0)
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
     assert abs(losses["accum"] - losses["fp32"]) < 1e-5 * losses["fp32"]  # same batch, mean of equal parts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_twenty_kills_at_random_moments_then_resume_equals_an_uninterrupted_run(backend, tmp_path):
+    """Checkpoints every step, SIGKILL 20 times at random moments (mid-step, mid-checkpoint, mid-export):
+    the newest checkpoint always reads, the final weights equal an uninterrupted run's, no temporaries stay."""
+    steps, rng = 12, np.random.default_rng(0)
+    window = (2.0, 6.0) if backend == "torch" else (12.0, 40.0)  # past the imports (and flax's compile)
+    make_trainer(backend).fit(tiny.dataset(), steps, tmp_path / "straight", checkpoint_every=1, progress=False)
+    out = tmp_path / "killed"
+    for _ in range(20):
+        proc = _run(backend, out, steps, resume=True)
+        time.sleep(float(rng.uniform(*window)))  # into the steps, checkpoint writes and export
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = training.latest_checkpoint(out)
+        if latest is not None:
+            assert read_state(latest)["step"] == int(latest.name.split("-")[1])  # complete
+    make_trainer(backend).fit(tiny.dataset(), steps, out, checkpoint_every=1, resume=True, progress=False)
+    a, b = load_file(str(tmp_path / "straight" / WEIGHTS)), load_file(str(out / WEIGHTS))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    leftovers = [p.name for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if ".tmp-" in p.name]
+    assert leftovers == []
