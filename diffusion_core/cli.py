@@ -58,7 +58,7 @@ def _add_generate(sub: Any) -> None:
         dest="class_label",
         type=int,
         action="append",
-        help="class id for a class-conditional model (repeat to cycle through several)",
+        help="class id for a class-conditional model (repeat to cycle through several; default: every class in turn)",
     )
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--scheduler", default=None, help="scheduler class name, e.g. DDIMScheduler (default: DDIM)")
@@ -163,6 +163,13 @@ def generate_images(
     else:
         from diffusion_core.flax import DDPMPipeline
     pipe = DDPMPipeline.from_pretrained(model)
+    classes = pipe.unet.config.get("num_class_embeds")
+    if labels is not None and not classes:
+        raise UsageError(f"--class: the model {model!r} is not class-conditional; leave --class out")
+    if labels is not None and (labels.min() < 0 or labels.max() >= classes):
+        raise UsageError(f"--class: this model has classes 0 to {classes - 1}, got {sorted(set(class_labels))}")
+    if labels is None and classes:  # no --class: cycle through every class (one per grid column for 10)
+        labels = np.resize(np.arange(classes, dtype=np.int64), num_images)
     name = scheduler or "DDIMScheduler"
     try:
         pipe.scheduler = schedulers.from_config({**pipe.scheduler.config, "_class_name": name})

@@ -136,7 +136,11 @@ def test_bad_arguments_give_one_line_and_status_2(args, names, capsys):
 
 
 def test_bad_class_and_scheduler(trained, capsys):
-    for extra, name in ((["--class", "7"], "class_labels"), (["--class", "0", "--scheduler", "Nope"], "--scheduler")):
+    cases = (
+        (["--class", "7"], "--class: this model has classes 0 to"),
+        (["--class", "0", "--scheduler", "N"], "--scheduler"),
+    )
+    for extra, name in cases:
         assert cli.main(["generate", "--model", str(trained), "--grid", "g.png", "--steps", "1", *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and name in err
@@ -156,3 +160,9 @@ def test_generate_on_flax_and_torch_give_images_of_one_shape(trained, tmp_path):
         assert cli.main(["generate", *common, "--backend", backend, "--output-dir", str(out)]) == 0
         images[backend] = np.stack([np.asarray(Image.open(p)) for p in sorted(out.iterdir())])
     assert images["torch"].shape == images["flax"].shape == (2, 8, 8, 3)
+
+
+def test_generate_without_class_cycles_every_class(tmp_path):
+    """A new user's first call needs no --class: the shipped model draws each class in turn."""
+    assert cli.main(["generate", "--num-images", "3", "--steps", "2", "--output-dir", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 3
