@@ -32,7 +32,7 @@ from diffusion_core.pipelines import sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.base import ImagePipelineOutput
 from diffusion_core.pipelines.image import images_to_output
-from diffusion_core.weights.io import as_numpy
+from diffusion_core.weights.io import nonfinite_mask
 
 __all__ = ["SDRequest", "StableDiffusionRecipe", "sd_request"]
 
@@ -237,8 +237,7 @@ VAE_HINT = (
 
 def check_finite(values: Any, what: str, hint: str) -> None:
     """FloatingPointError naming ``what`` and the likely cause when ``values`` hold NaN or inf."""
-    array = as_numpy(values)
-    bad = ~np.isfinite(array.astype(np.float32, copy=False))
+    bad = nonfinite_mask(values)
     if bad.any():
         images = sorted({int(i) for i in np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0]})
         raise FloatingPointError(f"NaN or inf in {what} (images {images} of {bad.shape[0]}): {hint}")

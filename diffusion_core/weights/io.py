@@ -52,6 +52,14 @@ def as_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
+def nonfinite_mask(values: Any) -> np.ndarray:
+    """Where ``values`` (numpy, torch, jax; bfloat16 included) hold NaN or inf; all False for non-float arrays."""
+    array = as_numpy(values)
+    if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+        return np.zeros(array.shape, bool)
+    return ~np.isfinite(array.astype(np.float32, copy=False))
+
+
 def _resolve(source: Source, weights_name: str, variant: str | None, allow_pickle: bool) -> WeightFiles:
     if isinstance(source, WeightFiles):
         return source

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
-import numpy as np
-
 from diffusion_core.configuration import (
     DIFFUSERS_FORMAT_VERSION,
     config_to_json_string,
@@ -35,9 +33,9 @@ from diffusion_core.weights.flax_msgpack import (
 from diffusion_core.weights.hub import CONFIG_NAME, resolve_pretrained_folder
 from diffusion_core.weights.io import (
     TensorInfo,
-    as_numpy,
     cast_tensor,
     iter_tensors,
+    nonfinite_mask,
     numpy_dtype,
     numpy_to_framework,
     tensor_infos,
@@ -111,10 +109,8 @@ def finite_checked(source: CheckpointSource) -> CheckpointSource:
 
     def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
         for key, tensor in source.tensors(framework, dtype):
-            array = as_numpy(tensor)
-            if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
-                if not np.isfinite(array.astype(np.float32, copy=False)).all():
-                    raise InvalidCheckpointError(f"{source.name}: tensor {key!r} holds NaN or inf values")
+            if nonfinite_mask(tensor).any():
+                raise InvalidCheckpointError(f"{source.name}: tensor {key!r} holds NaN or inf values")
             yield key, tensor
 
     return source._replace(tensors=tensors)
