@@ -24,6 +24,7 @@ from diffusion_core.torch.models.layers import (
     Timesteps,
     Upsample2D,
 )
+from diffusion_core.torch.models.t5 import T5EncoderModel, T5EncoderOutput
 from diffusion_core.torch.models.unet_2d import UNet2DModel
 from diffusion_core.torch.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -80,6 +81,8 @@ __all__ = [
     "ResnetBlock2D",
     "ResnetOptions",
     "SpatialSelfAttention",
+    "T5EncoderModel",
+    "T5EncoderOutput",
     "TimestepEmbedding",
     "Timesteps",
     "Transformer2DModel",
