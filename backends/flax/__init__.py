@@ -7,6 +7,7 @@ from diffusion_core.flax.models import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     ControlNetModel,
+    T5EncoderModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "T5EncoderModel",
     "UNet2DConditionModel",
     "UNet2DModel",
     "denoise_loop",

@@ -5,6 +5,7 @@ from diffusion_core.torch.models import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     ControlNetModel,
+    T5EncoderModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "T5EncoderModel",
     "UNet2DConditionModel",
     "UNet2DModel",
     "denoise_loop",

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from diffusion_core.arrays import namespace
 from diffusion_core.models.clip_config import GENERIC_CONFIG_KEYS
 
 # transformers 5 ``T5Config`` fields and defaults (google-t5/t5-small).
@@ -127,3 +128,12 @@ def relative_position_buckets(
         large = max_exact + (scaled * np.float32(num_buckets - max_exact)).astype(np.int64)
     large = np.minimum(large, num_buckets - 1)
     return (buckets + np.where(relative < max_exact, relative, large)).astype(np.int32)
+
+
+def clamp_float16(hidden_states: Any) -> Any:
+    """A float16 residual stream clamped to the float16 range (1000 below it once an inf occurred), as
+    transformers' T5 does after each sub-layer so float16 activations stay finite (numpy, torch or jax)."""
+    xp = namespace(hidden_states)
+    shrink = xp.astype(xp.any(xp.isinf(hidden_states)), hidden_states.dtype) * 1000  # 0-d
+    limit = float(np.finfo(np.float16).max) - shrink
+    return xp.minimum(xp.maximum(hidden_states, -limit), limit)

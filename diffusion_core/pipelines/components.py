@@ -127,6 +127,7 @@ _BACKEND_MODELS: dict[str, tuple[str, str]] = {
     "ControlNetModel": ("diffusers", "controlnet"),
     "CLIPTextModel": ("transformers", "clip_text"),
     "CLIPTextModelWithProjection": ("transformers", "clip_text"),
+    "T5EncoderModel": ("transformers", "t5"),
 }
 _SHARED_CLASSES: dict[str, ComponentClass] = {
     "CLIPTokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:CLIPTokenizer", "tokenizer"),

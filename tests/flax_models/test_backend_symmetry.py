@@ -29,6 +29,7 @@ CALLS = [
     ("ControlNetModel", "forward", "__call__"),
     ("CLIPTextModel", "forward", "__call__"),
     ("CLIPTextModelWithProjection", "forward", "__call__"),
+    ("T5EncoderModel", "forward", "__call__"),
 ]
 
 SD1_TINY = SD1  # diffusers' SD fast-test UNet: all attention runs at 8x8 for a 16x16 sample

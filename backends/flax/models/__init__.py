@@ -25,6 +25,7 @@ from diffusion_core.flax.models.layers import (
     Upsample2D,
 )
 from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.t5 import T5EncoderModel, T5EncoderOutput
 from diffusion_core.flax.models.unet_2d import UNet2DModel
 from diffusion_core.flax.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -76,6 +77,8 @@ __all__ = [
     "ResnetBlock2D",
     "ResnetOptions",
     "SpatialSelfAttention",
+    "T5EncoderModel",
+    "T5EncoderOutput",
     "TimestepEmbedding",
     "Timesteps",
     "Transformer2DModel",

@@ -22,7 +22,12 @@ from torch import nn
 
 from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models.clip_config import check_text_inputs
-from diffusion_core.models.t5_config import T5EncoderOutput, relative_position_buckets, t5_encoder_config
+from diffusion_core.models.t5_config import (
+    T5EncoderOutput,
+    clamp_float16,
+    relative_position_buckets,
+    t5_encoder_config,
+)
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.weights.pretrained import T5_ENCODER_LAYOUT, CheckpointLayout
 
@@ -146,16 +151,9 @@ class T5Block(nn.Module):
     def forward(self, hidden_states: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         hidden_states = self.layer[0](hidden_states, bias)
         if hidden_states.dtype == torch.float16:  # as the reference: keep float16 activations finite
-            hidden_states = _clamp_float16(hidden_states)
+            hidden_states = clamp_float16(hidden_states)
         hidden_states = self.layer[1](hidden_states)
-        return _clamp_float16(hidden_states) if hidden_states.dtype == torch.float16 else hidden_states
-
-
-def _clamp_float16(x: torch.Tensor) -> torch.Tensor:
-    """Clamp to the float16 range, 1000 below it when an inf already occurred (transformers' T5 rule)."""
-    top = torch.finfo(torch.float16).max
-    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
-    return torch.clamp(x, min=-limit, max=limit)
+        return clamp_float16(hidden_states) if hidden_states.dtype == torch.float16 else hidden_states
 
 
 class T5Stack(nn.Module):
