@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_core.tokenizers.bpe import ByteLevelBPE
+from diffusion_core.tokenizers.encoding import BatchEncoding, encode_batch, padding_mode, text_list
 from diffusion_core.tokenizers.files import (
     SPECIAL_TOKEN_KEYS,
     AddedToken,
@@ -29,9 +30,6 @@ from diffusion_core.tokenizers.text import normalize, pre_tokenize
 logger = logging.getLogger(__name__)
 
 CLIP_MODEL_MAX_LENGTH = 77
-_NO_LIMIT = 10**9  # transformers writes ~1e30 for "no model_max_length"
-_PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
-_RETURN_TENSORS = (None, "np")
 # Config keys we write ourselves or that only describe where a folder came from.
 _DROPPED_CONFIG_KEYS = {
     "added_tokens_decoder",
@@ -41,16 +39,6 @@ _DROPPED_CONFIG_KEYS = {
     "is_local",
     "local_files_only",
 }
-
-
-class BatchEncoding(dict):
-    """``{"input_ids": ..., "attention_mask": ...}`` that also reads as attributes (``enc.input_ids``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 def _token_pattern(tokens: Iterable[str]) -> re.Pattern[str] | None:
@@ -244,33 +232,14 @@ class CLIPTokenizer:
         ids = self._text_ids(text)
         return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
 
-    def _truncate(self, ids: list[int], max_length: int, add_special_tokens: bool) -> list[int]:
-        room = max_length - 2 if add_special_tokens else max_length
-        if len(ids) <= room:
-            return ids
-        dropped = self.decode(ids[room:])
+    def _truncate(self, ids: list[int], room: int, max_length: int) -> list[int]:
+        """The first ``room`` ids, logging the text dropped."""
         logger.warning(
             "The following part of your input was truncated because the tokenizer handles at most %d tokens: %r",
             max_length,
-            dropped,
+            self.decode(ids[room:]),
         )
         return ids[:room]
-
-    def _check_call_args(self, padding: Any, max_length: Any, truncation: Any, return_tensors: Any) -> str | None:
-        if not isinstance(padding, (bool, str)) or padding not in _PADDING:
-            raise ValueError(f"padding must be one of 'max_length', 'longest', True, False, got {padding!r}")
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        if not isinstance(truncation, bool):
-            raise ValueError(f"truncation must be True or False, got {truncation!r}")
-        if return_tensors not in _RETURN_TENSORS:
-            raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
-        mode = _PADDING[padding]
-        if mode is not None and self.pad_token_id is None:
-            raise ValueError(f"padding={padding!r} needs a pad_token; this tokenizer has none")
-        return mode
 
     def __call__(
         self,
@@ -285,34 +254,21 @@ class CLIPTokenizer:
 
         ``max_length`` defaults to ``model_max_length``; truncation keeps BOS/EOS and logs the dropped text.
         """
-        mode = self._check_call_args(padding, max_length, truncation, return_tensors)
-        single = isinstance(text, str)
-        texts = [text] if single else text
-        if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Sequence) or not texts:
-            raise ValueError(f"text must be a str or a non-empty list of str, got {text!r}")
+        mode = padding_mode(padding, max_length, truncation, return_tensors, self.pad_token_id)
+        texts, single = text_list(text)
         limit = max_length if max_length is not None else self.model_max_length
-        if add_special_tokens and limit < 2:
-            raise ValueError(f"max_length must be >= 2 to hold BOS and EOS, got {limit}")
-        rows = []
-        for t in texts:
-            ids = self._text_ids(t)
-            if truncation and limit < _NO_LIMIT:
-                ids = self._truncate(ids, limit, add_special_tokens)
-            rows.append([self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids)
-        if mode == "max_length" and limit >= _NO_LIMIT:
-            raise ValueError("padding='max_length' needs max_length: model_max_length is unset")
-        width = limit if mode == "max_length" else max(map(len, rows))
-        masks = [[1] * len(r) + [0] * max(0, width - len(r)) for r in rows] if mode else [[1] * len(r) for r in rows]
-        if mode:
-            rows = [r + [self.pad_token_id] * max(0, width - len(r)) for r in rows]
-        if return_tensors == "np":
-            if len({len(r) for r in rows}) > 1:
-                raise ValueError("return_tensors='np' needs rows of equal length: use padding or truncation=True")
-            return BatchEncoding(
-                input_ids=np.asarray(rows, dtype=np.int64).reshape(len(rows), -1),  # (batch, length)
-                attention_mask=np.asarray(masks, dtype=np.int64).reshape(len(rows), -1),
-            )
-        return BatchEncoding(input_ids=rows[0] if single else rows, attention_mask=masks[0] if single else masks)
+        return encode_batch(
+            texts,
+            single,
+            text_ids=self._text_ids,
+            wrap=(lambda ids: [self.bos_token_id, *ids, self.eos_token_id]) if add_special_tokens else list,
+            num_special=2 if add_special_tokens else 0,
+            truncate=self._truncate if truncation else None,
+            limit=limit,
+            mode=mode,
+            pad_token_id=self.pad_token_id,
+            return_tensors=return_tensors,
+        )
 
     # ------------------------------------------------------------------------------------------ decoding
     def decode(
