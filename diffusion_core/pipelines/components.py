@@ -131,6 +131,8 @@ _BACKEND_MODELS: dict[str, tuple[str, str]] = {
 }
 _SHARED_CLASSES: dict[str, ComponentClass] = {
     "CLIPTokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:CLIPTokenizer", "tokenizer"),
+    "T5Tokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:T5Tokenizer", "tokenizer"),
+    "T5TokenizerFast": ComponentClass("transformers", "diffusion_core.tokenizers:T5TokenizerFast", "tokenizer"),
 }
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,16 @@ from typing import Any
 import numpy as np
 
 from diffusion_core.tokenizers.bpe import ByteLevelBPE
-from diffusion_core.tokenizers.encoding import BatchEncoding, encode_batch, padding_mode, text_list
+from diffusion_core.tokenizers.encoding import (
+    BatchEncoding,
+    encode_batch,
+    padding_mode,
+    split_added,
+    text_list,
+    token_pattern,
+)
 from diffusion_core.tokenizers.files import (
+    DROPPED_CONFIG_KEYS,
     SPECIAL_TOKEN_KEYS,
     AddedToken,
     TokenizerFiles,
@@ -30,37 +37,6 @@ from diffusion_core.tokenizers.text import normalize, pre_tokenize
 logger = logging.getLogger(__name__)
 
 CLIP_MODEL_MAX_LENGTH = 77
-# Config keys we write ourselves or that only describe where a folder came from.
-_DROPPED_CONFIG_KEYS = {
-    "added_tokens_decoder",
-    "tokenizer_file",
-    "special_tokens_map_file",
-    "name_or_path",
-    "is_local",
-    "local_files_only",
-}
-
-
-def _token_pattern(tokens: Iterable[str]) -> re.Pattern[str] | None:
-    """Leftmost-longest matcher for whole added tokens."""
-    ordered = sorted(set(tokens), key=len, reverse=True)
-    return re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
-
-
-def _split(text: str, pattern: re.Pattern[str] | None) -> list[tuple[str, bool]]:
-    """``text`` cut into (piece, is_added_token) around the matches of ``pattern``."""
-    if pattern is None:
-        return [(text, False)] if text else []
-    pieces: list[tuple[str, bool]] = []
-    start = 0
-    for match in pattern.finditer(text):
-        if match.start() > start:
-            pieces.append((text[start : match.start()], False))
-        pieces.append((match.group(), True))
-        start = match.end()
-    if start < len(text):
-        pieces.append((text[start:], False))
-    return pieces
 
 
 class CLIPTokenizer:
@@ -84,7 +60,7 @@ class CLIPTokenizer:
             raise ValueError(f"model_max_length must be an int >= 2, got {model_max_length!r}")
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
-        self.extra_config = {k: v for k, v in (extra_config or {}).items() if k not in _DROPPED_CONFIG_KEYS}
+        self.extra_config = {k: v for k, v in (extra_config or {}).items() if k not in DROPPED_CONFIG_KEYS}
         self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token}
         self.special_tokens["pad_token"] = pad_token
         self.added_tokens = self._with_special_tokens(dict(vocab), list(added_tokens))
@@ -94,8 +70,8 @@ class CLIPTokenizer:
         self._id_to_token = {i: t for t, i in vocab.items()} | {t.id: t.content for t in self.added_tokens}
         self._added_ids = added_ids
         self._special_ids = {t.id for t in self.added_tokens if t.special}
-        self._raw_pattern = _token_pattern(t.content for t in self.added_tokens if not t.normalized)
-        self._normalized_pattern = _token_pattern(normalize(t.content) for t in self.added_tokens if t.normalized)
+        self._raw_pattern = token_pattern(t.content for t in self.added_tokens if not t.normalized)
+        self._normalized_pattern = token_pattern(normalize(t.content) for t in self.added_tokens if t.normalized)
         self._normalized_ids = {normalize(t.content): t.id for t in self.added_tokens if t.normalized}
 
     def _with_special_tokens(self, vocab: dict[str, int], added: list[AddedToken]) -> list[AddedToken]:
@@ -204,7 +180,7 @@ class CLIPTokenizer:
 
     # ------------------------------------------------------------------------------------------ encoding
     def _encode_normalized(self, text: str, ids: list[int]) -> None:
-        for piece, is_added in _split(normalize(text), self._normalized_pattern):
+        for piece, is_added in split_added(normalize(text), self._normalized_pattern):
             if is_added:
                 ids.append(self._normalized_ids[piece])
                 continue
@@ -216,7 +192,7 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise ValueError(f"text must be a str or a list of str, got an item of type {type(text).__name__}")
         ids: list[int] = []
-        for piece, is_added in _split(text, self._raw_pattern):
+        for piece, is_added in split_added(text, self._raw_pattern):
             if is_added:
                 ids.append(self._added_ids[piece])
             else:

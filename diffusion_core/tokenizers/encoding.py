@@ -1,4 +1,4 @@
-"""What every tokenizer's ``__call__`` shares: argument checks, truncation room, padding, the returned batch.
+"""What every tokenizer's ``__call__`` shares: added-token splitting, argument checks, truncation, padding, the batch.
 
 A tokenizer turns each text into ids (its own business), then hands the rows here: they are
 checked, truncated to leave room for the special tokens it adds, wrapped in those tokens, padded
@@ -7,7 +7,8 @@ checked, truncated to leave room for the special tokens it adds, wrapped in thos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,28 @@ import numpy as np
 NO_LIMIT = 10**9  # transformers writes ~1e30 for "no model_max_length"
 _PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
 _RETURN_TENSORS = (None, "np")
+
+
+def token_pattern(tokens: Iterable[str]) -> re.Pattern[str] | None:
+    """Leftmost-longest matcher for whole added tokens."""
+    ordered = sorted(set(tokens), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
+
+
+def split_added(text: str, pattern: re.Pattern[str] | None) -> list[tuple[str, bool]]:
+    """``text`` cut into (piece, is_added_token) around the matches of ``pattern``."""
+    if pattern is None:
+        return [(text, False)] if text else []
+    pieces: list[tuple[str, bool]] = []
+    start = 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            pieces.append((text[start : match.start()], False))
+        pieces.append((match.group(), True))
+        start = match.end()
+    if start < len(text):
+        pieces.append((text[start:], False))
+    return pieces
 
 
 class BatchEncoding(dict):
