@@ -44,6 +44,9 @@ T5_DEFAULTS: dict[str, Any] = {
 }
 # Keys transformers derives from the fields above and writes to config.json.
 _DERIVED_KEYS = ("dense_act_fn", "is_gated_act", "scale_decoder_outputs")
+# Keys of published T5 configs (t5-v1_1-xxl as DeepFloyd IF ships it, t5-small) that say nothing about the
+# encoder; kept as given so a save writes them back, as transformers does.
+_PASSED_THROUGH = ("decoder_start_token_id", "output_past", "n_positions", "task_specific_params", "bos_token_id")
 # transformers ``ACT2FN`` names a T5 feed-forward may use (each backend binds them to functions).
 T5_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 _POSITIVE_INTS = (
@@ -80,11 +83,12 @@ def t5_encoder_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
         config = {}
     if not isinstance(config, Mapping):
         raise ValueError(f"config: expected a mapping, got {type(config).__name__}")
-    known = set(T5_DEFAULTS) | set(_DERIVED_KEYS) | GENERIC_CONFIG_KEYS
+    known = set(T5_DEFAULTS) | set(_DERIVED_KEYS) | set(_PASSED_THROUGH) | GENERIC_CONFIG_KEYS
     unknown = sorted(k for k in config if k not in known and k[:1] != "_")
     if unknown:
         warnings.warn(f"T5 config: ignoring unknown keys {unknown}", stacklevel=3)
     cfg = {k: config.get(k, default) for k, default in T5_DEFAULTS.items()}
+    cfg.update((k, config[k]) for k in _PASSED_THROUGH if k in config)
     for name in _POSITIVE_INTS:
         if not _is_positive_int(cfg[name]):
             raise ValueError(f"{name}: expected a positive int, got {cfg[name]!r}")

@@ -17,8 +17,8 @@ from diffusion_core.pipelines.model_index import MODEL_INDEX_NAME, ModelIndex, r
 from diffusion_core.weights.hub import download_snapshot, hub_allow_patterns, hub_fetch, local_or_repo_id
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, check_variant
 
-# Non-weight files a component folder may need: configs, tokenizer vocabularies and merges.
-_CONFIG_PATTERNS = ("*.json", "*.txt")
+# Non-weight files a component folder may need: configs, tokenizer vocabularies and merges, T5's spiece.model.
+_CONFIG_PATTERNS = ("*.json", "*.txt", "spiece.model")
 
 
 def pipeline_allow_patterns(component_names: Iterable[str], variant: str | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,34 @@ def test_half_precision_follows_transformers(tmp_path: Path, dtype: torch.dtype)
     assert got.dtype == want.dtype == dtype
     assert rel_l2(got, want) <= 1e-2  # same math in half precision: rounding-level differences only
     assert rel_l2(got, full) <= 3e-2  # and close to the float32 result
+
+
+def test_deepfloyd_style_config_loads_quietly_and_round_trips(tmp_path: Path) -> None:
+    """The keys of DeepFloyd IF's text_encoder/config.json (t5-v1_1-xxl, written by transformers 4), tiny sizes."""
+    ref = build_reference("gated_gelu")
+    ref.save_pretrained(tmp_path / "if")
+    config = {
+        "architectures": ["T5EncoderModel"], "decoder_start_token_id": 0, "dense_act_fn": "gelu_new",
+        "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0,
+        "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+        "num_decoder_layers": 3, "output_past": True, "pad_token_id": 0, "tie_word_embeddings": False,
+        "torch_dtype": "float32", "transformers_version": "4.21.0.dev0", "use_cache": True,
+        **{k: TINY[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")},
+        **{k: TINY[k] for k in ("relative_attention_num_buckets", "relative_attention_max_distance")},
+    }  # fmt: skip
+    (tmp_path / "if" / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = T5EncoderModel.from_pretrained(tmp_path / "if")
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["decoder_start_token_id"] == 0 and saved["output_past"] is True
+    back = transformers.T5EncoderModel.from_pretrained(tmp_path / "ours").eval()
+    ids, mask = inputs(TINY["vocab_size"])
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(back(ids, attention_mask=mask).last_hidden_state, want)
+        assert rel_l2(ours(ids, attention_mask=mask)[0], want) <= REL_TOL
 
 
 def test_config_checks() -> None:
