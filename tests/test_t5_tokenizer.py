@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -120,8 +121,6 @@ def test_save_then_transformers_and_ours_load(folders: dict[str, Path], form: st
 
 
 def test_hub_cache_snapshot_loads_offline(folders: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
-    import shutil
-
     import huggingface_hub
 
     from tests.pipelines import tiny
@@ -168,3 +167,35 @@ def test_pipeline_component_table_knows_t5() -> None:
     table = backend_component_table("diffusion_core.torch.models")
     assert table["T5Tokenizer"].kind == table["T5TokenizerFast"].kind == "tokenizer"
     assert table["T5EncoderModel"].library == "transformers"
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_if_style_text_conditioning_from_a_pipeline_folder(
+    folders: dict[str, Path], tmp_path: Path, backend: str
+) -> None:
+    """Tokenizer and text encoder loaded as pipeline components, called as DeepFloyd IF calls them."""
+    import torch
+
+    from diffusion_core.pipelines.components import load_component
+    from tests.torch_models.test_t5 import CASES, rel_l2
+
+    config = {**CASES["gated_gelu"], "vocab_size": len(transformers.T5Tokenizer.from_pretrained(folders["spiece"]))}
+    torch.manual_seed(0)
+    ref = transformers.T5EncoderModel(transformers.T5Config(**config)).eval()  # random weights, unit norm scales
+    ref.save_pretrained(tmp_path / "text_encoder")
+    shutil.copytree(folders["spiece"], tmp_path / "tokenizer")
+    table = backend_component_table(f"diffusion_core.{backend}.models")
+    tokenizer = load_component(table["T5Tokenizer"], tmp_path, "tokenizer")
+    text_encoder = load_component(table["T5EncoderModel"], tmp_path, "text_encoder")
+    prompts = ["a photo of a cat", "An astronaut riding a horse on the moon " * 20]
+    enc = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np")
+    ids, mask = enc.input_ids, enc.attention_mask
+    if backend == "torch":
+        with torch.no_grad():
+            got = text_encoder(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
+    else:
+        got = np.asarray(text_encoder(ids, attention_mask=mask)[0])
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    assert got.shape == (2, 77, 32)
+    assert rel_l2(torch.tensor(got), want) <= (1e-5 if backend == "torch" else 1e-4)
