@@ -138,7 +138,8 @@ def check_text_inputs(
     batch, seq_len = (int(d) for d in input_ids.shape)
     limit = cfg.get("max_position_embeddings")  # None: relative positions (T5), any length
     if seq_len < 1 or (limit is not None and seq_len > limit):
-        raise ValueError(f"input_ids: sequence length {seq_len} must be in [1, max_position_embeddings={limit}]")
+        accepted = "at least 1" if limit is None else f"in [1, max_position_embeddings={limit}]"
+        raise ValueError(f"input_ids: sequence length {seq_len} must be {accepted}")
     if check_values and batch:
         xp = namespace(input_ids)
         if int(xp.min(input_ids)) < 0 or int(xp.max(input_ids)) >= cfg["vocab_size"]:

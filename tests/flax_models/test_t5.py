@@ -57,8 +57,17 @@ def test_jit_equals_eager_and_matches_torch_backend() -> None:
     ours = _ours(ref, "gated_gelu")
     ids, mask = (jnp.asarray(a.numpy()) for a in inputs(TINY["vocab_size"]))
     eager = ours(ids, attention_mask=mask).last_hidden_state
-    jitted = nnx.jit(lambda model, i, m: model(i, attention_mask=m))(ours, ids, mask)
+    traces = []
+
+    @nnx.jit
+    def encode(model: T5EncoderModel, i: jax.Array, m: jax.Array) -> Any:
+        traces.append(1)
+        return model(i, attention_mask=m)
+
+    jitted = encode(ours, ids, mask)
     np.testing.assert_allclose(np.asarray(jitted.last_hidden_state), np.asarray(eager), rtol=1e-5, atol=1e-5)
+    encode(ours, ids[::-1], mask[::-1])  # same shapes: no second trace
+    assert len(traces) == 1
     torch_ours = torch_models.T5EncoderModel(CASES["gated_gelu"]).eval()
     torch_ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "encoder.embed_tokens.weight"})
     with torch.no_grad():

@@ -239,5 +239,7 @@ def test_config_checks() -> None:
         model(torch.tensor([[1, 99]]))
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="sequence length 0 must be at least 1"):
+        model(torch.zeros(1, 0, dtype=torch.long))
     with torch.no_grad():
         assert math.isfinite(float(model(torch.tensor([[1, 2]]))[0].sum()))
