@@ -63,6 +63,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (spm / "tokenizer_config.json").write_text(json.dumps(config))
     (spm / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
     transformers.T5Tokenizer.from_pretrained(spm).save_pretrained(root / "json")
+    data = json.loads((root / "json" / "tokenizer.json").read_text(encoding="utf-8"))
+    data["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0}
+    (root / "json" / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")  # ignored, as transformers
     assert sorted(p.name for p in (root / "json").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     return {"spiece": spm, "tokenizer_json": root / "json"}
 

@@ -115,6 +115,8 @@ class _TokenizerJson:
     def __init__(self, text: str) -> None:
         self.text = text
         self.tokenizer = _require("tokenizers", TOKENIZER_JSON_NAME).Tokenizer.from_str(text)
+        self.tokenizer.no_truncation()  # a file may switch them on; they are applied to the whole batch here
+        self.tokenizer.no_padding()
         self.size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
