@@ -243,3 +243,20 @@ def test_config_checks() -> None:
         model(torch.zeros(1, 0, dtype=torch.long))
     with torch.no_grad():
         assert math.isfinite(float(model(torch.tensor([[1, 2]]))[0].sum()))
+
+
+def test_t5_layout_rules() -> None:
+    """Tied names load once, a full T5's decoder is ignored, ``wo`` stays float32 only in float16."""
+    from diffusion_core.weights.pretrained import T5_ENCODER_LAYOUT as layout
+
+    items = [("encoder.embed_tokens.weight", 1), ("shared.weight", 2), ("decoder.final_layer_norm.weight", 3)]
+    assert list(layout.rename(items)) == [("shared.weight", 1)]
+    assert list(layout.rename([("lm_head.weight", 0), ("encoder.final_layer_norm.weight", 4)])) == [
+        ("encoder.final_layer_norm.weight", 4)
+    ]
+    with pytest.raises(ValueError, match="name the same weight"):
+        list(layout.rename([("encoder.block.0.layer.0.SelfAttention.q.weight", 0)] * 2))
+    wo = "encoder.block.3.layer.1.DenseReluDense.wo.weight"
+    assert layout.weight_dtype(wo, "float16") == "float32"
+    assert layout.weight_dtype(wo, "bfloat16") == "bfloat16"
+    assert layout.weight_dtype("encoder.block.3.layer.1.DenseReluDense.wi_0.weight", "float16") == "float16"
