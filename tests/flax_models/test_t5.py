@@ -141,3 +141,18 @@ def test_bad_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="attention_mask"):
         ours(np.ones((1, 2), np.int64), attention_mask=np.ones((1, 3)))
     assert jax.numpy.isfinite(ours(np.ones((1, 2), np.int64))[0]).all()
+
+
+def test_real_size_t5_v1_1_xxl_names_and_shapes_match_transformers() -> None:
+    """DeepFloyd IF's encoder (t5-v1_1-xxl, 4.8B parameters) built without weights in all three libraries."""
+    from diffusion_core.flax.models.modeling import torch_shapes
+
+    xxl = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "vocab_size": 32128}
+    xxl["feed_forward_proj"] = "gated-gelu"
+    with torch.device("meta"):
+        ref = transformers.T5EncoderModel(transformers.T5Config(**xxl))
+        ours_torch = torch_models.T5EncoderModel(xxl)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    assert {k: tuple(v.shape) for k, v in ours_torch.state_dict().items()} == want
+    assert torch_shapes(nnx.eval_shape(lambda: T5EncoderModel(xxl))) == want
+    assert 4.7e9 < sum(np.prod(s) for s in want.values()) < 4.8e9
