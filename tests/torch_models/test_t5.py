@@ -260,3 +260,17 @@ def test_t5_layout_rules() -> None:
     assert layout.weight_dtype(wo, "float16") == "float32"
     assert layout.weight_dtype(wo, "bfloat16") == "bfloat16"
     assert layout.weight_dtype("encoder.block.3.layer.1.DenseReluDense.wi_0.weight", "float16") == "float16"
+
+
+def test_fp16_variant_shards_as_deepfloyd_ships_them(tmp_path: Path) -> None:
+    """``text_encoder/model.fp16-0000i-of-0000n.safetensors`` + ``model.safetensors.index.fp16.json``."""
+    ref = build_reference("gated_gelu")
+    ref.save_pretrained(tmp_path, variant="fp16", max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.fp16.json").is_file()
+    ours = T5EncoderModel.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16)
+    ref_half = transformers.T5EncoderModel.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16).eval()
+    ids, mask = inputs(TINY["vocab_size"])
+    with torch.no_grad():
+        got, want = ours(ids, mask)[0], ref_half(ids, attention_mask=mask).last_hidden_state
+    assert got.dtype == want.dtype == torch.float16
+    assert rel_l2(got, want) <= 1e-2
