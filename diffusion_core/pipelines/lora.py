@@ -152,7 +152,8 @@ class LoraLoaderMixin:
     ) -> None:
         """Load a LoRA (PEFT or kohya safetensors: a file, a folder, a Hub repo id, or a state dict) as a new adapter.
 
-        The adapter becomes active with weight 1.0 beside those already active. ``adapter_name`` defaults to
+        As in diffusers, the new adapter becomes the only active one (weight 1.0; ``set_adapters`` combines
+        several). Adapters fused before stay fused. ``adapter_name`` defaults to
         ``"default_<n>"``. ``hub``: ``revision``, ``local_files_only``.
         """
         adapters = self._adapters
@@ -167,7 +168,7 @@ class LoraLoaderMixin:
             raise ValueError(f"load_lora_weights: unknown argument(s) {unknown}; accepted: revision, local_files_only")
         targets = {c: self._lora_targets(c) for c in self._lora_components()}
         adapters.layers[adapter_name] = load_lora(pretrained_model_name_or_path_or_dict, targets, weight_name, **hub)
-        adapters.weights[adapter_name] = 1.0
+        adapters.weights = {adapter_name: 1.0}
         self._reinstall()
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:

@@ -109,20 +109,24 @@ def _lookup(paths: Mapping[str, Any], sep: str) -> dict[str, str | None]:
 
 
 def _entries(keys: list[str], targets: Targets) -> tuple[dict[str, _Entry], list[str]]:
-    """Each key's :class:`_Entry`, and the keys that land on no layer of ``targets``."""
+    """Each key's :class:`_Entry`, and one line per kind of key that lands on no layer of ``targets``."""
     tables = {(c, sep): _lookup(paths, sep) for c, paths in targets.items() for sep in (".", "_")}
-    found, unmatched = {}, []
+    found, unmatched, absent = {}, [], {}
     for key in keys:
         split, sep = _split(key, PEFT_PREFIXES, PEFT_ROLES), "."
         if split is None:
             split, sep = _split(key, KOHYA_PREFIXES, KOHYA_ROLES), "_"
-        table = tables.get((split[0], sep)) if split is not None else None
-        path = table.get(_strip_text_model(split[1], sep)) if table is not None else None
+        if split is not None and split[0] not in targets:
+            absent.setdefault(split[0], []).append(key)
+            continue
+        path = tables[split[0], sep].get(_strip_text_model(split[1], sep)) if split is not None else None
         if path is None:
             unmatched.append(key)
         else:
             found[key] = _Entry(split[0], path, split[2])
-    return found, unmatched
+    lines = [f"no layer for key(s) {capped(sorted(unmatched), 20)}"] if unmatched else []
+    lines += [f"the pipeline has no {c} (has {sorted(targets)}) for {capped(sorted(k), 5)}" for c, k in absent.items()]
+    return found, lines
 
 
 def _check_shapes(key: str, down: np.ndarray, up: np.ndarray, weight: tuple[int, ...]) -> str | None:
@@ -175,9 +179,8 @@ def parse_lora(
     for component in {c for c, _, _ in (_split(k, PEFT_PREFIXES, PEFT_ROLES) or ("", "", "") for k in tensors)}:
         if _config(metadata, component).get("use_dora"):
             raise ValueError(f"LoRA metadata: {component} is a DoRA adapter (use_dora=True); only plain LoRA is read")
-    found, unmatched = _entries(list(tensors), targets)
+    found, problems = _entries(list(tensors), targets)
     layers: dict[tuple[str, str], dict[str, tuple[str, np.ndarray]]] = {}
-    problems = [f"no layer for key(s) {capped(sorted(unmatched), 20)}"] if unmatched else []
     for key, entry in found.items():
         roles = layers.setdefault((entry.component, entry.path), {})
         if entry.role in roles:
