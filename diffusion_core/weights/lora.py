@@ -7,7 +7,8 @@ Two layouts are read, through one prefix table per layout (SD 1.x and SDXL names
   ``lora_adapter_metadata`` diffusers writes (PEFT's ``LoraConfig``: ``lora_alpha``, ``alpha_pattern``,
   ``use_rslora``) packed as ``"<component>.<field>"``.
 - kohya / sd-scripts: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, with
-  ``lora_te_`` (SD 1.x), ``lora_te1_`` / ``lora_te2_`` (SDXL's two text encoders).
+  ``lora_te_`` (SD 1.x), ``lora_te1_`` / ``lora_te2_`` (SDXL's two text encoders); SDXL UNet names in the
+  original layout (``lora_unet_input_blocks_4_1_...``) are renamed by ``lora_sgm``.
 
 A module path is resolved against the model's own Linear/Conv paths (``targets``), so underscores in kohya names
 are never guessed. Text-encoder paths match with or without transformers' ``text_model.`` level (published files
@@ -32,6 +33,7 @@ import numpy as np
 
 from diffusion_core.weights.hub import hub_fetch, local_or_repo_id
 from diffusion_core.weights.io import as_numpy, capped, read_safetensors_plain
+from diffusion_core.weights.lora_sgm import layers_per_block, sgm_to_diffusers
 from diffusion_core.weights.safetensors_header import read_header
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -112,6 +114,7 @@ def _entries(keys: list[str], targets: Targets) -> tuple[dict[str, _Entry], list
     """Each key's :class:`_Entry`, and one line per kind of key that lands on no layer of ``targets``."""
     tables = {(c, sep): _lookup(paths, sep) for c, paths in targets.items() for sep in (".", "_")}
     found, unmatched, absent = {}, [], {}
+    per_block = layers_per_block(targets.get("unet", {}))
     for key in keys:
         split, sep = _split(key, PEFT_PREFIXES, PEFT_ROLES), "."
         if split is None:
@@ -120,6 +123,9 @@ def _entries(keys: list[str], targets: Targets) -> tuple[dict[str, _Entry], list
             absent.setdefault(split[0], []).append(key)
             continue
         path = tables[split[0], sep].get(_strip_text_model(split[1], sep)) if split is not None else None
+        if path is None and split is not None and split[0] == "unet" and sep == "_":  # SDXL kohya: sgm names
+            renamed = sgm_to_diffusers(split[1], per_block)
+            path = tables["unet", sep].get(renamed) if renamed else None
         if path is None:
             unmatched.append(key)
         else:
