@@ -14,6 +14,7 @@ A backend supplies four hooks (``_lora_targets``, ``_lora_install``, ``_lora_set
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,8 +94,11 @@ def _check_weights(weights: Any, count: int) -> list[float]:
     return out
 
 
-class LoraLoaderMixin:
-    """diffusers' LoRA methods for a pipeline with ``unet`` / ``text_encoder`` / ``text_encoder_2`` components."""
+class LoraLoaderMixin(abc.ABC):
+    """diffusers' LoRA methods for a pipeline with ``unet`` / ``text_encoder`` / ``text_encoder_2`` components.
+
+    Abstract: each backend's ``DiffusionPipeline`` supplies the four layer hooks.
+    """
 
     @property
     def _adapters(self) -> LoraAdapters:
@@ -102,21 +106,21 @@ class LoraLoaderMixin:
 
     # --- backend hooks ---------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _lora_targets(self, component: str) -> dict[str, tuple[int, ...]]:
         """``{module path: weight shape in PyTorch layout}`` of the component's Linear / Conv2d layers."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _lora_install(self, component: str, packs: Mapping[str, LoraPack]) -> None:
         """Make exactly the layers in ``packs`` carry their pack (other layers of the component carry none)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _lora_set_scales(self, component: str, scales: Mapping[str, np.ndarray]) -> None:
         """New column scales for layers already installed with packs of the same shapes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _lora_add_weights(self, component: str, deltas: Mapping[str, np.ndarray]) -> None:
         """Add each (PyTorch-layout) delta to its layer's weight."""
-        raise NotImplementedError
 
     # --- the public API ------------------------------------------------------------------------------
 
