@@ -27,6 +27,11 @@ class LoraDelta(nn.Module):
         for name in ("down", "up", "scales"):
             tensor = torch.from_numpy(np.ascontiguousarray(getattr(pack, name)))
             self.register_buffer(name, tensor.to(device=like.device, dtype=like.dtype), persistent=False)
+        self.live = bool(np.any(pack.scales))  # all scales 0 (fused or inactive adapters): the hook adds nothing
+
+    def set_scales(self, scales: np.ndarray) -> None:
+        self.scales.copy_(torch.from_numpy(scales))
+        self.live = bool(np.any(scales))
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.down.dtype)
@@ -37,7 +42,8 @@ class LoraDelta(nn.Module):
 
 
 def _add_delta(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output + getattr(layer, _LORA_CHILD)(layer, args[0]).to(output.dtype)
+    lora = getattr(layer, _LORA_CHILD)
+    return output + lora(layer, args[0]).to(output.dtype) if lora.live else output
 
 
 def lora_targets(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -76,8 +82,7 @@ class TorchLoraLayers(LoraLoaderMixin):
     def _lora_set_scales(self, component: str, scales: Mapping[str, np.ndarray]) -> None:
         model = getattr(self, component)
         for path, values in scales.items():
-            buffer = getattr(model.get_submodule(path), _LORA_CHILD).scales
-            buffer.copy_(torch.from_numpy(values))
+            getattr(model.get_submodule(path), _LORA_CHILD).set_scales(values)
 
     def _lora_add_weights(self, component: str, deltas: Mapping[str, np.ndarray]) -> None:
         model = getattr(self, component)
