@@ -147,3 +147,26 @@ def test_read_file_folder_and_metadata(tmp_path):
         load_lora(tmp_path / "nope", TARGETS)
     with pytest.raises(ValueError, match="pretrained_model_name_or_path_or_dict"):
         load_lora(3, TARGETS)
+
+
+def test_hub_repo_id_fetches_weight_name(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    save_file(_peft("unet", Q, (8, 6)), tmp_path / "my_lora.safetensors")
+    asked = []
+
+    def fake_download(repo_id, filename, local_files_only=False, **kwargs):
+        asked.append((repo_id, filename, local_files_only, kwargs))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("diffusion_core.weights.hub._hub_host_unresolvable", lambda: None)
+    layers = load_lora("org/some-lora", TARGETS, weight_name="my_lora.safetensors", revision="main")
+    assert list(layers["unet"]) == [Q]
+    assert asked == [("org/some-lora", "my_lora.safetensors", False, {"revision": "main"})]
+
+
+def test_half_precision_factors_give_float32_deltas():
+    tensors = {k: v.astype(np.float16) for k, v in _peft("unet", CONV, (4, 3, 3, 3), rank=2).items()}
+    layer = parse_lora(tensors, TARGETS)["unet"][CONV]
+    assert layer.down.dtype == np.float16 and layer.delta_weight().dtype == np.float32
