@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_core.flax.models.modeling import torch_shapes
 from diffusion_core.pipelines.lora import LoraLoaderMixin, LoraPack
 from diffusion_core.weights.convert import FlaxPath, match_flax_path
 
@@ -50,19 +51,16 @@ _LORA_CLASSES = {nnx.Linear: LoraLinear, nnx.Conv: LoraConv}
 
 
 def _is_target(node: object) -> bool:
+    """A Linear or 2-d Conv (one group) whose kernel is a checkpoint parameter (not a LoRA layer's own conv)."""
     if type(node) in (nnx.Linear, LoraLinear):
-        return True
-    return type(node) in (nnx.Conv, LoraConv) and len(node.kernel.shape) == 4 and node.feature_group_count == 1
+        return isinstance(node.kernel, nnx.Param)
+    if type(node) in (nnx.Conv, LoraConv):
+        return isinstance(node.kernel, nnx.Param) and len(node.kernel.shape) == 4 and node.feature_group_count == 1
+    return False
 
 
 def _key(path: FlaxPath) -> str:
     return ".".join(str(p) for p in path)
-
-
-def _torch_shape(kernel: nnx.Variable) -> tuple[int, ...]:
-    """The PyTorch weight shape of a Flax kernel ((in, out) -> (out, in); HWIO -> OIHW), by the converter's rule."""
-    _, rule = match_flax_path(("kernel",), len(kernel.shape))
-    return tuple(rule.torch_array(np.empty(kernel.shape, np.bool_)).shape)
 
 
 def _flax_array(array: np.ndarray, dtype) -> jax.Array:
@@ -88,11 +86,11 @@ def _attach(layer: nnx.Module, pack: LoraPack) -> None:
         )  # fmt: skip
         conv.kernel = LoraWeight(_flax_array(pack.down, dtype))  # (kh, kw, in, R)
         layer.lora_conv = conv
-        layer.lora_up = LoraWeight(jnp.asarray(pack.up[:, :, 0, 0].T, dtype))  # (R, out)
+        layer.lora_up = LoraWeight(_flax_array(pack.up[:, :, 0, 0], dtype))  # (R, out)
     else:
         layer.__class__ = LoraLinear
-        layer.lora_down = LoraWeight(jnp.asarray(pack.down.T, dtype))  # (in, R)
-        layer.lora_up = LoraWeight(jnp.asarray(pack.up.T, dtype))  # (R, out)
+        layer.lora_down = LoraWeight(_flax_array(pack.down, dtype))  # (in, R)
+        layer.lora_up = LoraWeight(_flax_array(pack.up, dtype))  # (R, out)
     layer.lora_scales = LoraWeight(jnp.asarray(pack.scales, dtype))  # (R,)
 
 
@@ -120,7 +118,9 @@ class FlaxLoraLayers(LoraLoaderMixin):
     """The Flax hooks of ``LoraLoaderMixin``."""
 
     def _lora_targets(self, component: str) -> dict[str, tuple[int, ...]]:
-        return {path: _torch_shape(layer.kernel) for path, layer in lora_targets(getattr(self, component)).items()}
+        model = getattr(self, component)
+        shapes = torch_shapes(model)  # {PyTorch key: PyTorch shape}, by the converter's rules
+        return {path: shapes[f"{path}.weight"] for path in lora_targets(model)}
 
     def _lora_install(self, component: str, packs: Mapping[str, LoraPack]) -> None:
         install(getattr(self, component), packs)

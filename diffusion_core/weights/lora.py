@@ -160,12 +160,12 @@ def _config(metadata: Mapping[str, Any] | None, component: str) -> dict[str, Any
     return {k[len(prefix) :]: v for k, v in (metadata or {}).items() if k.startswith(prefix)}
 
 
-def _scale(entry: _Entry, rank: int, alpha: np.ndarray | None, config: Mapping[str, Any]) -> float:
+def _scale(path: str, rank: int, alpha: np.ndarray | None, config: Mapping[str, Any]) -> float:
     """``alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``): the file's alpha key, else the metadata's, else rank."""
     if alpha is not None:
         value = float(np.asarray(alpha, np.float64).reshape(-1)[0])
     else:
-        value = _pattern_value(config.get("alpha_pattern") or {}, entry.path)
+        value = _pattern_value(config.get("alpha_pattern") or {}, path)
         value = float(value if value is not None else config.get("lora_alpha", rank))
     return value / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
@@ -205,7 +205,7 @@ def parse_lora(
             problems.append(why)
             continue
         alpha = roles["alpha"][1] if "alpha" in roles else None
-        scale = _scale(_Entry(component, path, "down"), down.shape[0], alpha, _config(metadata, component))
+        scale = _scale(path, down.shape[0], alpha, _config(metadata, component))
         out.setdefault(component, {})[path] = LoraLayer(down, up, scale)
     if problems:
         raise ValueError("LoRA weights do not match the pipeline:\n  " + "\n  ".join(problems))

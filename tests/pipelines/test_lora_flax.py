@@ -114,5 +114,7 @@ def test_adapters_are_not_checkpoint_parameters(folders, pipe):
     layer = ours.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
     assert type(layer) is LoraLinear and isinstance(layer.lora_down, LoraWeight)
     assert [p for p, _ in nnx.to_flat_state(nnx.state(ours.unet, WEIGHTS))] == [p for p, _ in weights]
+    targets = ours._lora_targets("unet")  # a second load sees the same layers, not the adapters' own convs
+    assert "down_blocks.0.resnets.0.conv1" in targets and not [p for p in targets if "lora" in p]
     ours.unload_lora_weights()
     assert type(layer) is nnx.Linear and "lora_down" not in vars(layer)
