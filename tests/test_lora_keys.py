@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from diffusion_core.weights.lora import LORA_WEIGHTS_NAME, LoraLayer, load_lora, parse_lora, read_lora_file
+from diffusion_core.weights.lora import LORA_WEIGHTS_NAME, LoraLayer, load_lora, parse_lora, read_lora_file, save_lora
 
 Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 OUT = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
@@ -170,3 +170,22 @@ def test_half_precision_factors_give_float32_deltas():
     tensors = {k: v.astype(np.float16) for k, v in _peft("unet", CONV, (4, 3, 3, 3), rank=2).items()}
     layer = parse_lora(tensors, TARGETS)["unet"][CONV]
     assert layer.down.dtype == np.float16 and layer.delta_weight().dtype == np.float32
+
+
+def test_save_then_read_gives_the_same_layers(tmp_path):
+    tensors = {**_kohya("lora_unet_", Q, (8, 6), rank=4, alpha=2.0), **_kohya("lora_unet_", CONV, (4, 3, 3, 3))}
+    tensors.update(_kohya("lora_unet_", OUT, (6, 8), rank=4, alpha=2.0, seed=3))
+    tensors.update(_kohya("lora_te2_", TE2_Q, (16, 8), rank=3, alpha=6.0))
+    layers = parse_lora(tensors, TARGETS)
+    path = save_lora(tmp_path / "out", layers)
+    assert path.name == LORA_WEIGHTS_NAME and [p.name for p in path.parent.iterdir()] == [LORA_WEIGHTS_NAME]
+    read, meta = read_lora_file(path)
+    assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 2.0 and meta["unet.rank_pattern"] == {CONV: 2}
+    assert f"text_encoder_2.{TE2_Q}.lora_A.weight" in read  # diffusers' prefixes and names
+    again = load_lora(path, TARGETS)
+    for component, by_path in layers.items():
+        for p, layer in by_path.items():
+            assert again[component][p].scale == pytest.approx(layer.scale)
+            np.testing.assert_array_equal(again[component][p].up, layer.up)
+    with pytest.raises(ValueError, match="weight_name"):
+        save_lora(tmp_path, layers, weight_name="../x.safetensors")

@@ -18,11 +18,12 @@ import abc
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffusion_core.weights.lora import LoraLayer, load_lora
+from diffusion_core.weights.lora import LoraLayer, load_lora, save_lora
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # components a LoRA file may address
 
@@ -241,6 +242,17 @@ class LoraLoaderMixin(abc.ABC):
             del adapters.layers[name]
             adapters.weights.pop(name, None)
         self._reinstall()
+
+    def save_lora_adapter(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, weight_name: str | None = None
+    ) -> Path:
+        """Write a loaded adapter (any format it came in) in diffusers/PEFT form, which diffusers'
+        ``load_lora_weights`` reads; ``adapter_name`` may be left out when one adapter is loaded. Returns the file."""
+        loaded = list(self._adapters.layers)
+        if adapter_name is None and len(loaded) != 1:
+            raise ValueError(f"adapter_name: name one of the loaded adapters {loaded}")
+        (name,) = _check_names(loaded[0] if adapter_name is None else adapter_name, loaded, "adapter_name")
+        return save_lora(save_directory, self._adapters.layers[name], weight_name)
 
     def unload_lora_weights(self) -> None:
         """Remove every adapter. Fused weights stay in the base weights (diffusers: fuse, then unload to keep)."""

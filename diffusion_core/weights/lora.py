@@ -270,3 +270,57 @@ def load_lora(
         )
     tensors, metadata = read_lora_file(source, weight_name, **hub)
     return parse_lora(tensors, targets, metadata)
+
+
+def _most_common(values: dict[str, float]) -> float:
+    counts: dict[float, int] = {}
+    for value in values.values():
+        counts[value] = counts.get(value, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def lora_state_dict(layers: Mapping[str, Mapping[str, LoraLayer]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(tensors, metadata)`` in diffusers/PEFT form: ``<component>.<path>.lora_A/B.weight`` and, per component,
+    the PEFT ``LoraConfig`` fields diffusers reads back (``r``/``lora_alpha`` with per-layer patterns)."""
+    tensors: dict[str, np.ndarray] = {}
+    metadata: dict[str, Any] = {}
+    for component, by_path in layers.items():
+        ranks = {path: layer.rank for path, layer in by_path.items()}
+        alphas = {path: layer.scale * layer.rank for path, layer in by_path.items()}
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        config = {
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+            "target_modules": sorted(by_path),
+        }
+        metadata.update({f"{component}.{field}": value for field, value in config.items()})
+        for path, layer in by_path.items():
+            tensors[f"{component}.{path}.lora_A.weight"] = np.ascontiguousarray(layer.down)
+            tensors[f"{component}.{path}.lora_B.weight"] = np.ascontiguousarray(layer.up)
+    return tensors, metadata
+
+
+def save_lora(
+    save_directory: str | os.PathLike, layers: Mapping[str, Mapping[str, LoraLayer]], weight_name: str | None = None
+) -> Path:
+    """Write ``layers`` as diffusers' ``save_lora_weights`` does (PEFT keys + ``lora_adapter_metadata``); the file
+    (``weight_name``, default ``pytorch_lora_weights.safetensors``) appears complete or not at all."""
+    from safetensors.numpy import save_file
+
+    name = LORA_WEIGHTS_NAME if weight_name is None else weight_name
+    if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name:
+        raise ValueError(f"weight_name must be a .safetensors file name or None, got {weight_name!r}")
+    if not layers:
+        raise ValueError("layers: nothing to save")
+    tensors, metadata = lora_state_dict(layers)
+    folder = Path(save_directory).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return folder / name

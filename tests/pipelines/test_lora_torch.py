@@ -135,3 +135,14 @@ def test_bad_calls_raise_and_a_bad_file_loads_nothing(folders, ours):
         ours.set_adapters("a")
     with pytest.raises(ValueError, match="fused already"):
         ours.fuse_lora()
+
+
+def test_a_kohya_adapter_saved_here_loads_in_diffusers(folders, ours, tmp_path):
+    ours.load_lora_weights(folders["kohya"], adapter_name="k")
+    image = lora_tiny.run(ours)
+    saved = ours.save_lora_adapter(tmp_path / "saved")
+    ref = sd_tiny.load_diffusers(folders["sd"])
+    ref.load_lora_weights(saved.parent, adapter_name="k")
+    np.testing.assert_allclose(lora_tiny.run(ref, torch_reference=True), image, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="adapter_name"):
+        ours.save_lora_adapter(tmp_path / "x", adapter_name="nope")
