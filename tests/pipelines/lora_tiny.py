@@ -75,3 +75,21 @@ def run(pipe, torch_reference: bool = False, **kwargs) -> np.ndarray:
         latents = torch.from_numpy(latents)
     common = dict(prompt=sd_tiny.PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np")
     return pipe(latents=latents, **common, **kwargs).images
+
+
+def lora_folders(root: Path) -> dict[str, Path]:
+    """The tiny SD pipeline ("sd"), LoRA "a" (UNet + text encoder, rank 4), LoRA "b" (UNet, rank 2) and "a" in
+    kohya form ("kohya", a file)."""
+    a = save_peft_lora(root / "a", seed=1)
+    b = save_peft_lora(root / "b", seed=2, rank=2, alpha=2, text_encoder=False)
+    return dict(sd=sd_tiny.save_sd_pipeline(root / "sd"), a=a, b=b, kohya=write_kohya(a, root / "k.safetensors"))
+
+
+def reference(folders: dict[str, Path], *loads: str, weights: list[float] | None = None):
+    """diffusers on the tiny pipeline with the named LoRAs loaded (and ``set_adapters(loads, weights)``)."""
+    ref = sd_tiny.load_diffusers(folders["sd"])
+    for name in loads:
+        ref.load_lora_weights(folders[name], adapter_name=name)
+    if weights is not None:
+        ref.set_adapters(list(loads), weights)
+    return ref

@@ -9,7 +9,7 @@ from flax import nnx
 from diffusion_core.flax.lora import LoraLinear, LoraWeight
 from diffusion_core.flax.models.loading import WEIGHTS
 from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
-from tests.pipelines import lora_tiny, sd_tiny
+from tests.pipelines import lora_tiny
 
 ATOL = 5e-3
 EFFECT = 20 * ATOL  # a LoRA must move the image by at least this much for the test to mean anything
@@ -17,12 +17,7 @@ EFFECT = 20 * ATOL  # a LoRA must move the image by at least this much for the t
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    a = lora_tiny.save_peft_lora(root / "a", seed=1)
-    b = lora_tiny.save_peft_lora(root / "b", seed=2, rank=2, alpha=2, text_encoder=False)
-    return dict(
-        sd=sd_tiny.save_sd_pipeline(root / "sd"), a=a, b=b, kohya=lora_tiny.write_kohya(a, root / "k.safetensors")
-    )
+    return lora_tiny.lora_folders(tmp_path_factory.mktemp("lora"))
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +42,8 @@ def base(pipe):
     return lora_tiny.run(pipe)
 
 
-def _reference(folders, *loads, weights=None):
-    ref = sd_tiny.load_diffusers(folders["sd"])
-    for name in loads:
-        ref.load_lora_weights(folders[name], adapter_name=name)
-    if weights is not None:
-        ref.set_adapters(list(loads), weights)
-    return ref
-
-
 def test_peft_lora_matches_diffusers_and_new_weights_do_not_recompile(folders, ours, base):
-    ref = _reference(folders, "a")
+    ref = lora_tiny.reference(folders, "a")
     ours.set_adapters("a")
     image = lora_tiny.run(ours)
     assert np.abs(image - base).max() > EFFECT
@@ -78,11 +64,13 @@ def test_kohya_file_gives_the_peft_images(folders, pipe, base):
     kohya = lora_tiny.run(pipe)
     pipe.unload_lora_weights()
     assert np.abs(kohya - base).max() > EFFECT
-    np.testing.assert_allclose(kohya, lora_tiny.run(_reference(folders, "a"), torch_reference=True), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        kohya, lora_tiny.run(lora_tiny.reference(folders, "a"), torch_reference=True), atol=ATOL, rtol=0
+    )
 
 
 def test_two_adapters_with_weights_match_diffusers_without_recompiling(folders, ours, base):
-    ref = _reference(folders, "a", "b", weights=[0.7, -1.5])
+    ref = lora_tiny.reference(folders, "a", "b", weights=[0.7, -1.5])
     only_b = lora_tiny.run(ours)
     traced = ours.trace_count
     ours.set_adapters(["a", "b"], [0.7, -1.5])

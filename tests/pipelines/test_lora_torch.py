@@ -14,12 +14,7 @@ EFFECT = 50 * ATOL  # a LoRA must move the image by at least this much for the t
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    a = lora_tiny.save_peft_lora(root / "a", seed=1)
-    b = lora_tiny.save_peft_lora(root / "b", seed=2, rank=2, alpha=2, text_encoder=False)
-    return dict(
-        sd=sd_tiny.save_sd_pipeline(root / "sd"), a=a, b=b, kohya=lora_tiny.write_kohya(a, root / "k.safetensors")
-    )
+    return lora_tiny.lora_folders(tmp_path_factory.mktemp("lora"))
 
 
 @pytest.fixture
@@ -36,17 +31,8 @@ def base(folders):
     return lora_tiny.run(pipe)
 
 
-def _reference(folders, *loads, weights=None):
-    ref = sd_tiny.load_diffusers(folders["sd"])
-    for name in loads:
-        ref.load_lora_weights(folders[name], adapter_name=name)
-    if weights is not None:
-        ref.set_adapters(list(loads), weights)
-    return ref
-
-
 def test_peft_lora_matches_diffusers_at_weight_one_and_half(folders, ours, base):
-    ref = _reference(folders, "a")
+    ref = lora_tiny.reference(folders, "a")
     ours.load_lora_weights(folders["a"], adapter_name="a")
     image = lora_tiny.run(ours)
     assert np.abs(image - base).max() > EFFECT
@@ -62,11 +48,13 @@ def test_kohya_file_gives_the_peft_images(folders, ours, base):
     ours.load_lora_weights(folders["kohya"], adapter_name="k")
     kohya = lora_tiny.run(ours)
     assert np.abs(kohya - base).max() > EFFECT
-    np.testing.assert_allclose(kohya, lora_tiny.run(_reference(folders, "a"), torch_reference=True), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        kohya, lora_tiny.run(lora_tiny.reference(folders, "a"), torch_reference=True), atol=ATOL, rtol=0
+    )
 
 
 def test_two_adapters_with_weights_match_diffusers(folders, ours, base):
-    ref = _reference(folders, "a", "b", weights=[0.7, -1.5])
+    ref = lora_tiny.reference(folders, "a", "b", weights=[0.7, -1.5])
     ours.load_lora_weights(folders["a"], adapter_name="a")
     ours.load_lora_weights(folders["b"], adapter_name="b")
     assert ours.get_active_adapters() == ["b"]  # diffusers: the newest adapter alone
@@ -90,7 +78,7 @@ def test_fused_equals_unfused_and_unfuse_restores(folders, ours, base):
     ours.unfuse_lora()
     np.testing.assert_allclose(lora_tiny.run(ours), unfused, atol=1e-5, rtol=0)
     ours.fuse_lora(lora_scale=0.5)
-    ref = _reference(folders, "a", "b", weights=[0.5, 1.0])
+    ref = lora_tiny.reference(folders, "a", "b", weights=[0.5, 1.0])
     ref.fuse_lora(lora_scale=0.5)
     np.testing.assert_allclose(lora_tiny.run(ours), lora_tiny.run(ref, torch_reference=True), atol=ATOL, rtol=0)
 
