@@ -25,6 +25,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from diffusion_core.configuration import config_to_json_string
 from diffusion_core.flax.compilation import compile_timer
+from diffusion_core.flax.lora import FlaxLoraLayers
 from diffusion_core.flax.sampling import ScanProgress
 from diffusion_core.pipelines import ComponentClass, PipelineBase
 from diffusion_core.pipelines.components import backend_component_table, backend_pipeline_registry
@@ -130,8 +131,12 @@ def _replicate(params: Any, mode: str, mesh: Mesh | None) -> Any:
     return jax.tree.map(put, params)
 
 
-class DiffusionPipeline(PipelineBase):
-    """Base of the Flax pipelines; ``DiffusionPipeline.from_pretrained`` picks the class from the folder."""
+class DiffusionPipeline(FlaxLoraLayers, PipelineBase):
+    """Base of the Flax pipelines; ``DiffusionPipeline.from_pretrained`` picks the class from the folder.
+
+    LoRA (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ...): ``diffusion_core.pipelines.lora``; the
+    factors and adapter weights are inputs of the compiled programs (``diffusion_core.flax.lora``).
+    """
 
     _component_table = FLAX_COMPONENTS
     _pipeline_registry = FLAX_PIPELINES
@@ -150,10 +155,11 @@ class DiffusionPipeline(PipelineBase):
     def compiled(self, mode: str, mesh: Mesh | None, static: Hashable, build: Callable[[], Program]) -> Callable:
         """The cached compiled program for ``(mode, mesh, network, static)``; ``build()`` makes it on a miss.
 
-        The network is keyed by identity (NNX graph definitions hold configs and are not hashable);
-        the entry keeps the network alive so the identity cannot be reused.
+        The network is keyed by identity (NNX graph definitions hold configs and are not hashable) and by the
+        layout of its LoRA layers (not their values); the entry keeps the network alive so the identity cannot be
+        reused.
         """
-        key = (mode, mesh, id(self.unet), static)
+        key = (mode, mesh, id(self.unet), self.lora_structure(), static)
         entry = self._programs.get(key)
         if entry is None or entry[0] is not self.unet:
             program = build()
