@@ -149,6 +149,8 @@ def backend_component_table(models_package: str) -> dict[str, ComponentClass]:
 _BACKEND_PIPELINES: dict[str, str] = {
     "DDPMPipeline": "ddpm",
     "DDIMPipeline": "ddpm",
+    "IFPipeline": "deepfloyd_if",
+    "IFSuperResolutionPipeline": "deepfloyd_if",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
         for kind in ("", "Img2Img", "Inpaint", "InstructPix2Pix", "ControlNet", "Upscale", "LatentUpscale")

@@ -1,6 +1,7 @@
 """PyTorch pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
 
 from diffusion_core.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
+from diffusion_core.torch.pipelines.deepfloyd_if import IFPipeline, IFSuperResolutionPipeline
 from diffusion_core.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
@@ -18,6 +19,8 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "IFPipeline",
+    "IFSuperResolutionPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

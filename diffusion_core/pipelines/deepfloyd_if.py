@@ -1,0 +1,245 @@
+"""DeepFloyd IF pipelines defined once: stage I (``IFPipeline``) and stage II (``IFSuperResolutionPipeline``).
+
+Pixel-space cascaded diffusion (Saharia et al. 2022, Imagen's recipe) with a T5 text context. Stage I
+draws 64x64 images; stage II draws at 256x256 conditioned on the bilinearly upscaled stage-I image,
+forward-diffused to ``noise_level`` by ``image_noising_scheduler`` (noise augmentation, Ho et al. 2021),
+with the noise level as the UNet's class label. The UNets predict (noise, variance range): schedulers
+that read the variance (``variance_type`` "learned"/"learned_range") get both halves, others only the
+first, as in diffusers.
+
+A backend's pipeline class mixes :class:`IFRecipe` in and adds ``__call__`` (``generator=`` or ``key=``),
+its RNG draws and the primitives ``_encode_ids(ids, mask)`` (the text encoder:
+``text_encoder(input_ids, attention_mask=mask)[0]``), ``_embeds_array(e)`` and ``_run_loop``.
+The safety checker, feature extractor and watermarker are not ported: they load as None (one warning
+line each from the loader) and the images are returned unchecked and unmarked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from diffusion_core import arrays
+from diffusion_core.pipelines import guidance as guidance_math
+from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.pipelines.base import ImagePipelineOutput
+from diffusion_core.pipelines.image import images_to_output, pil_to_numpy
+
+IF_COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler", "safety_checker", "feature_extractor", "watermarker")
+IF_SR_COMPONENTS = (*IF_COMPONENTS[:4], "image_noising_scheduler", *IF_COMPONENTS[4:])
+IF_OPTIONAL = ("tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker")
+IF_MAX_LENGTH = 77  # T5 tokens of a prompt (diffusers' IF encode_prompt)
+IF_OUTPUT_TYPES = ("pil", "np")
+
+
+@dataclass(frozen=True, eq=False)
+class IFRequest:
+    """An IF call's arguments, checked once (:func:`if_request`)."""
+
+    prompt: Any  # str, list of str, or None with prompt_embeds
+    negative_prompt: Any
+    prompt_embeds: Any  # (B, L, D) or None
+    negative_prompt_embeds: Any
+    num_images_per_prompt: int
+    num_inference_steps: int
+    eta: float
+    output_type: str
+    guidance: sd.Guidance
+    prompts: int  # B: the prompt batch
+    shape: tuple[int, int, int, int]  # (N, C, H, W) of the generated images
+    latents: np.ndarray | None  # the starting Gaussian draw, or None: the backend draws it
+    image: np.ndarray | None = None  # stage II: (N, C, h, w) float32 low-res images in [-1, 1], one per output
+    noise_level: int | None = None  # stage II: image_noising_scheduler timestep of the upscaled image
+
+
+def _check_text_options(clean_caption: bool) -> None:
+    if not isinstance(clean_caption, bool):
+        raise ValueError(f"clean_caption must be a bool, got {clean_caption!r}")
+
+
+def if_request(
+    unet_config: Mapping[str, Any],
+    *,
+    prompt: Any,
+    negative_prompt: Any = None,
+    prompt_embeds: Any = None,
+    negative_prompt_embeds: Any = None,
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int,
+    eta: float = 0.0,
+    output_type: str = "pil",
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    latents: Any = None,
+    clean_caption: bool = True,
+    image: Any = None,
+    noise_level: int | None = None,
+) -> IFRequest:
+    """Check a stage-I call (``image`` None) or a stage-II call (``image`` and ``noise_level``)."""
+    prompts = sd.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    sd.check_call_options(
+        num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
+        output_type=output_type, clip_skip=None, text_config={}, output_types=IF_OUTPUT_TYPES,
+    )  # fmt: skip
+    _check_text_options(clean_caption)
+    g = sd.guidance(guidance_scale, 0.0, unet_config)
+    n = prompts * int(num_images_per_prompt)
+    stage2 = image is not None or noise_level is not None
+    channels = int(unet_config["in_channels"]) // (2 if stage2 else 1)  # stage II: [x | upscaled image]
+    height, width = _size(unet_config, height, width)
+    shape = (n, channels, height, width)
+    low_res = None
+    if stage2:
+        low_res = np.repeat(check_if_image(image, channels), int(num_images_per_prompt), axis=0)
+        if low_res.shape[0] != n:
+            raise ValueError(f"image: got {low_res.shape[0] // num_images_per_prompt} images for {prompts} prompts")
+        noise_level = _check_noise_level(noise_level)
+    return IFRequest(
+        prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, int(num_images_per_prompt),
+        int(num_inference_steps), float(eta), output_type, g, prompts, shape, sd.check_latents(latents, shape),
+        low_res, noise_level,
+    )  # fmt: skip
+
+
+def _size(unet_config: Mapping[str, Any], height: Any, width: Any) -> tuple[int, int]:
+    """(H, W): given, else the UNet's ``sample_size``; positive ints divisible by 2**levels of the UNet."""
+    size = unet_config["sample_size"]
+    default = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = height or default[0], width or default[1]
+    multiple = 2 ** (len(unet_config["block_out_channels"]) - 1)
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or value % multiple:
+            raise ValueError(
+                f"{name} must be a positive int divisible by {multiple} (the UNet's levels), got {value!r}"
+            )
+    return int(height), int(width)
+
+
+def _check_noise_level(noise_level: Any) -> int:
+    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or not 0 <= noise_level < 1000:
+        raise ValueError(f"noise_level must be an int in [0, 1000) (a noising-scheduler timestep), got {noise_level!r}")
+    return int(noise_level)
+
+
+def check_if_image(image: Any, channels: int) -> np.ndarray:
+    """Stage II's low-res input as (B, C, h, w) float32, as diffusers reads it.
+
+    PIL images (one or a list) are scaled from [0, 255] to [-1, 1]; numpy arrays are (H, W, C) or (B, H, W, C)
+    values used as they are; other arrays (torch / jax tensors) are (B, C, h, w) or (C, h, w) used as they are.
+    """
+    from PIL import Image
+
+    if image is None:
+        raise ValueError("image: IFSuperResolutionPipeline needs the stage-I images (PIL, numpy or a tensor)")
+    if isinstance(image, Image.Image) or (isinstance(image, list) and image and isinstance(image[0], Image.Image)):
+        arr = pil_to_numpy(image) * 2.0 - 1.0  # (B, H, W, C) in [-1, 1]
+        arr = np.transpose(arr, (0, 3, 1, 2))
+    elif isinstance(image, (np.ndarray, list)):
+        arr = np.asarray(image, dtype=np.float32)
+        arr = np.transpose(arr[None] if arr.ndim == 3 else arr, (0, 3, 1, 2))
+    else:
+        arr = np.asarray(image, dtype=np.float32)
+        arr = arr[None] if arr.ndim == 3 else arr
+    if arr.ndim != 4 or arr.shape[1] != channels:
+        raise ValueError(f"image: expected {channels}-channel images, got an array of shape {arr.shape}")
+    return arr.astype(np.float32)
+
+
+def resize_bilinear(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, C, h, w) -> (B, C, height, width) bilinear with aligned corners (torch ``align_corners=True``)."""
+
+    def coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.zeros(n_out) if n_out == 1 else np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    y0, y1, fy = coords(images.shape[2], height)
+    x0, x1, fx = coords(images.shape[3], width)
+    rows = images[:, :, y0] * (1 - fy)[:, None] + images[:, :, y1] * fy[:, None]  # (B, C, height, w)
+    return (rows[..., x0] * (1 - fx) + rows[..., x1] * fx).astype(np.float32)  # (B, C, height, width)
+
+
+def if_texts(texts: list[str], clean_caption: bool) -> list[str]:
+    """diffusers' IF text preprocessing without bs4/ftfy: lower-cased and stripped (``clean_caption`` is not
+    ported; diffusers itself falls back to this when those packages are missing)."""
+    return [t.lower().strip() for t in texts]
+
+
+def tokenize_if(tokenizer: Any, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask), each (B, max_length) int64, padded and truncated as diffusers' IF encode_prompt."""
+    enc = tokenizer(
+        texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+        return_tensors="np",
+    )  # fmt: skip
+    return np.asarray(enc["input_ids"], np.int64), np.asarray(enc["attention_mask"], np.int64)
+
+
+class IFRecipe:
+    """Stage I and II of DeepFloyd IF over any backend; ``_stage2`` picks the super-resolution hooks."""
+
+    _components = IF_COMPONENTS
+    _optional_components = IF_OPTIONAL
+    _stage2 = False
+
+    def encode_prompt(self, request: IFRequest, clean_caption: bool = True) -> Any:
+        """The UNet's text context (parts * N, L, D): each prompt repeated per image, ``cat([neg, pos])`` for CFG."""
+        r = request
+        pos, neg = r.prompt_embeds, r.negative_prompt_embeds
+        pos = self._encode_texts(sd.prompt_texts(r.prompt), IF_MAX_LENGTH, clean_caption) if pos is None else pos
+        pos = self._embeds_array(pos)
+        if r.guidance.parts > 1 and neg is None:
+            texts = sd.negative_texts(r.negative_prompt, r.prompts)
+            neg = self._encode_texts(texts, int(pos.shape[1]), clean_caption)
+        neg = None if neg is None else self._embeds_array(neg)
+        return sd.batch_embeddings(pos, neg, r.num_images_per_prompt, r.guidance)
+
+    def _encode_texts(self, texts: list[str], max_length: int, clean_caption: bool) -> Any:
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError(
+                "prompt, negative_prompt: this pipeline has no tokenizer/text_encoder; pass prompt_embeds and "
+                "negative_prompt_embeds (T5 embeddings) instead"
+            )
+        ids, mask = tokenize_if(self.tokenizer, if_texts(texts, clean_caption), max_length)
+        return self._encode_ids(ids, mask)
+
+    def _model_fn(self, unet: Any, context: Any, request: IFRequest, extra: Any, class_labels: Any, state: Any):
+        """``(x_scaled, t, i) -> prediction`` for the scheduler: guided, variance channels kept only where read.
+
+        Stage II's ``extra`` (the noisy upscaled image) is scaled with the sample, as diffusers scales their concat.
+        """
+        g, learned = request.guidance, guidance_math.uses_learned_variance(self.scheduler.config)
+        channels = request.shape[1]
+        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+
+        def model_fn(x: Any, t: Any, i: Any) -> Any:
+            cond = None if extra is None else self.scheduler.scale_model_input(state._replace(step_index=i), extra)
+            out = unet(sd.model_input(x, g, cond), t, context, **kwargs)  # (parts * N, 2C, H, W)
+            if g.parts > 1:
+                out = guidance_math.learned_variance_guidance(out, g.guidance_scale, channels)
+            return out if learned else out[:, :channels, ...]
+
+        return model_fn
+
+    def _noise_level_labels(self, request: IFRequest, like: Any) -> Any:
+        """Stage II class labels: the noise level per image, repeated for the guidance batch."""
+        labels = np.full((request.shape[0] * request.guidance.parts,), request.noise_level, np.int64)
+        return arrays.host_to_like(labels, like, integer=True)
+
+    def _augment(self, request: IFRequest, like: Any, noise: Any) -> Any:
+        """Stage II conditioning: the low-res image upscaled to (H, W), forward-diffused to ``noise_level`` with
+        ``noise``, repeated for the guidance batch: (parts * N, C, H, W)."""
+        up = resize_bilinear(request.image, request.shape[2], request.shape[3])
+        up = arrays.host_to_like(up, like)
+        levels = arrays.host_to_like(np.full((request.shape[0],), request.noise_level, np.int64), like, integer=True)
+        noisy = self.image_noising_scheduler.add_noise(up, noise, levels)
+        return sd.model_input(noisy, request.guidance)  # parts copies on the batch axis
+
+    def _finish(self, images_nchw: np.ndarray, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        """(N, C, H, W) numpy in [-1, 1] -> PIL or (N, H, W, C) in [0, 1], unchecked (no safety checker ported)."""
+        images = images_to_output(images_nchw, output_type)
+        return ImagePipelineOutput(images) if return_dict else (images,)

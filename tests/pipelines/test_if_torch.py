@@ -1,0 +1,185 @@
+"""PyTorch DeepFloyd IF (``IFPipeline``, ``IFSuperResolutionPipeline``) against diffusers 0.42.1: the same generator
+gives the same images (tiny random UNets, given T5 embeddings, DDPM learned_range + thresholding, stochastic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core.torch.pipelines.deepfloyd_if import IFPipeline, IFSuperResolutionPipeline
+from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
+from tests.pipelines import if_tiny
+from tests.pipelines.tiny import swap_config
+
+ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("if")
+    out = {}
+    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II):
+        ref = if_tiny.diffusers_if(kind)
+        ref.save_pretrained(root / kind)
+        ours = DiffusionPipeline.from_pretrained(root / kind)
+        ours.set_progress_bar_config(disable=True)
+        out[kind] = (ours, ref)
+    return out
+
+
+def _call_both(ours, ref, batch: int, image: np.ndarray | None = None, **kwargs):
+    """Our images and diffusers' for the same arguments and seed; ``image`` (N, 3, h, w) in [-1, 1] reaches ours as
+    numpy (B, h, w, 3) and diffusers as a torch (N, 3, h, w) tensor, the forms each reads as they are."""
+    pos, neg = if_tiny.text_embeds(batch)
+    common = dict(prompt_embeds=pos, num_inference_steps=3, output_type="np", **kwargs)
+    if kwargs.get("guidance_scale", 7.0) > 1:
+        common["negative_prompt_embeds"] = neg
+    torch_args = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in common.items()}
+    if image is not None:
+        common["image"], torch_args["image"] = image.transpose(0, 2, 3, 1), torch.from_numpy(image)
+    a = ours(generator=torch.Generator().manual_seed(0), **common).images
+    b = ref(generator=torch.Generator().manual_seed(0), **torch_args).images
+    return a, b
+
+
+def test_loads_by_class_name_without_text_encoder_or_safety_checker(pipes):
+    ours, _ = pipes[if_tiny.STAGE_I]
+    assert type(ours) is IFPipeline
+    assert ours.text_encoder is None and ours.safety_checker is None and ours.watermarker is None
+    sr, _ = pipes[if_tiny.STAGE_II]
+    assert type(sr) is IFSuperResolutionPipeline and sr.image_noising_scheduler is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(height=16, width=16), dict(guidance_scale=1.0, height=16, width=16), dict(num_images_per_prompt=2)],
+    ids=["cfg", "no-cfg", "two-per-prompt-default-size"],
+)
+def test_stage_i_matches_diffusers(pipes, kwargs):
+    ours, ref = pipes[if_tiny.STAGE_I]
+    a, b = _call_both(ours, ref, 2 if "num_images_per_prompt" not in kwargs else 1, **kwargs)
+    assert a.shape == b.shape
+    assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(noise_level=20, guidance_scale=1.0)], ids=["cfg", "no-cfg"])
+def test_stage_ii_matches_diffusers(pipes, kwargs):
+    ours, ref = pipes[if_tiny.STAGE_II]
+    image = if_tiny.low_res_images(2)
+    a, b = _call_both(ours, ref, 2, image=image, height=32, width=32, **kwargs)
+    assert a.shape == (2, 32, 32, 3)
+    assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "variance"),
+    [("DPMSolverMultistepScheduler", None), ("DPMSolverMultistepScheduler", "learned_range")],
+)
+def test_scheduler_swap_splits_variance_as_diffusers(pipes, name, variance):
+    """A scheduler without ``variance_type`` gets the first half of the UNet output; DPM-Solver with
+    ``variance_type="learned_range"`` gets both halves and keeps the first itself (diffusers' rule). (diffusers'
+    IF cannot run DDIM: its config has no variance_type; see the DDIM test below.)"""
+    import diffusers
+
+    from diffusion_core import schedulers
+
+    ours, ref = pipes[if_tiny.STAGE_I]
+    config = swap_config(ours.scheduler, name)  # DDPM's variance_type dropped
+    if variance is not None:
+        config["variance_type"] = variance
+    saved = ours.scheduler, ref.scheduler
+    try:
+        ours.scheduler = schedulers.from_config(config)
+        ref.scheduler = getattr(diffusers, name).from_config(config)
+        a, b = _call_both(ours, ref, 1, height=16, width=16)
+    finally:
+        ours.scheduler, ref.scheduler = saved
+    assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_ddim_swap_gets_the_noise_half():
+    """DDIM has no variance_type: it steps on the first C channels, deterministically at eta=0 (diffusers' IF
+    raises AttributeError on this swap, so there is no reference to compare with)."""
+    from diffusion_core import schedulers
+
+    ref = if_tiny.diffusers_if(if_tiny.STAGE_I)
+    ours = IFPipeline(
+        unet=_our_unet(ref.unet), scheduler=schedulers.from_config(swap_config(ref.scheduler, "DDIMScheduler"))
+    )
+    ours.set_progress_bar_config(disable=True)
+    pos, neg = if_tiny.text_embeds(1)
+    common = dict(
+        prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=2, output_type="np", height=16, width=16
+    )
+    lat = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    a = ours(latents=lat, generator=torch.Generator().manual_seed(0), **common).images
+    b = ours(latents=lat, generator=torch.Generator().manual_seed(1), **common).images
+    np.testing.assert_array_equal(a, b)
+    assert if_tiny.unsaturated(a) > 0.2
+
+
+def _our_unet(ref_unet):
+    from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(dict(ref_unet.config)).eval()
+    unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    return unet
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        (dict(prompt="a cat"), "prompt_embeds"),  # no T5 here
+        (dict(height=15), "height"),
+        (dict(output_type="latent"), "output_type"),
+        (dict(latents=np.zeros((1, 3, 8, 8), np.float32)), "latents"),
+        (dict(clean_caption="yes"), "clean_caption"),
+    ],
+)
+def test_stage_i_bad_arguments(pipes, kwargs, named):
+    ours, _ = pipes[if_tiny.STAGE_I]
+    pos, neg = if_tiny.text_embeds(1)
+    args = {"prompt_embeds": pos, "negative_prompt_embeds": neg, "num_inference_steps": 1, **kwargs}
+    if "prompt" in kwargs:
+        args.pop("prompt_embeds")
+        args.pop("negative_prompt_embeds")
+    with pytest.raises(ValueError, match=named):
+        ours(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        (dict(noise_level=1000), "noise_level"),
+        (dict(image=None), "image"),
+        (dict(image=np.zeros((3, 8, 8, 3))), "image"),
+    ],
+)
+def test_stage_ii_bad_arguments(pipes, kwargs, named):
+    ours, _ = pipes[if_tiny.STAGE_II]
+    pos, neg = if_tiny.text_embeds(1)
+    args = dict(
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        image=if_tiny.low_res_images(1).transpose(0, 2, 3, 1),
+        num_inference_steps=1,
+    )
+    with pytest.raises(ValueError, match=named):
+        ours(**{**args, **kwargs})
+
+
+def test_latents_fix_the_start(pipes):
+    """The same ``latents`` and generator give the same images; another start gives others."""
+    ours, _ = pipes[if_tiny.STAGE_I]
+    pos, neg = if_tiny.text_embeds(1)
+    lat = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    common = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=2, output_type="np")
+    a = ours(latents=lat, generator=torch.Generator().manual_seed(1), **common).images
+    b = ours(latents=lat, generator=torch.Generator().manual_seed(1), **common).images
+    c = ours(latents=-lat, generator=torch.Generator().manual_seed(1), **common).images
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-2
