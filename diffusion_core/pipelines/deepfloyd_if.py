@@ -55,6 +55,14 @@ class IFRequest:
     noise_level: int | None = None  # stage II: image_noising_scheduler timestep of the upscaled image
 
 
+@dataclass(frozen=True, eq=False)
+class ExplicitNoise:
+    """Given noise instead of a backend's RNG draws (after the start latents): how the backends are compared."""
+
+    steps: np.ndarray  # (num_calls, N, C, H, W): the scheduler's draw at each model call
+    image: np.ndarray | None = None  # (N, C, H, W): stage II's augmentation noise of the upscaled image
+
+
 def _check_text_options(clean_caption: bool) -> None:
     if not isinstance(clean_caption, bool):
         raise ValueError(f"clean_caption must be a bool, got {clean_caption!r}")

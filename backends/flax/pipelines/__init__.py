@@ -1,6 +1,7 @@
 """Flax NNX pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
 
 from diffusion_core.flax.pipelines.ddpm import DDIMPipeline, DDPMPipeline
+from diffusion_core.flax.pipelines.deepfloyd_if import IFPipeline, IFSuperResolutionPipeline
 from diffusion_core.flax.pipelines.pipeline_utils import FLAX_COMPONENTS, FLAX_PIPELINES, DiffusionPipeline
 from diffusion_core.flax.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
@@ -18,6 +19,8 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "IFPipeline",
+    "IFSuperResolutionPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

@@ -38,8 +38,18 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
             )
         return out[0]
 
-    def _run(self, request: dif.IFRequest, generator: Generators, clean_caption: bool, return_dict: bool):
-        """Start noise, (stage II: noisy upscaled image), the guided loop, images; draws in diffusers' order."""
+    def _run(
+        self,
+        request: dif.IFRequest,
+        generator: Generators,
+        clean_caption: bool,
+        return_dict: bool,
+        noise: dif.ExplicitNoise | None = None,
+    ):
+        """Start noise, (stage II: noisy upscaled image), the guided loop, images; draws in diffusers' order.
+
+        ``noise`` replaces the generator's draws after the start (tests compare backends on it).
+        """
         context = self.encode_prompt(request, clean_caption)
         if request.latents is None:
             x = randn_tensor(request.shape, generator, dtype=self.unet.dtype, device=self.device)
@@ -49,15 +59,20 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
         x = x * state.init_noise_sigma
         extra = labels = None
         if self._stage2:
-            noise = randn_tensor(request.shape, generator, dtype=self.unet.dtype, device=self.device)
-            extra = self._augment(request, x, noise)
+            if noise is None:
+                image_noise = randn_tensor(request.shape, generator, dtype=self.unet.dtype, device=self.device)
+            else:
+                image_noise = self._as_tensor(noise.image)
+            extra = self._augment(request, x, image_noise)
             labels = self._noise_level_labels(request, x)
+        steps = None if noise is None else self._as_tensor(noise.steps)
         x, _ = denoise_loop(
             self.scheduler,
             self._model_fn(self.unet, context, request, extra, labels, state),
             x,
             state,
             generator=generator,
+            noise_fn=None if steps is None else steps.__getitem__,
             step_kwargs=sd.step_kwargs(self.scheduler, request.eta),
             progress=not self.progress_bar_disabled,
             index_model_fn=True,
