@@ -150,6 +150,7 @@ _BACKEND_PIPELINES: dict[str, str] = {
     "DDPMPipeline": "ddpm",
     "DDIMPipeline": "ddpm",
     "IFPipeline": "deepfloyd_if",
+    "IFImg2ImgPipeline": "deepfloyd_if",
     "IFSuperResolutionPipeline": "deepfloyd_if",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_core import arrays
+from diffusion_core.pipelines import conditioning, sd_image
 from diffusion_core.pipelines import guidance as guidance_math
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.base import ImagePipelineOutput
@@ -51,8 +52,10 @@ class IFRequest:
     prompts: int  # B: the prompt batch
     shape: tuple[int, int, int, int]  # (N, C, H, W) of the generated images
     latents: np.ndarray | None  # the starting Gaussian draw, or None: the backend draws it
-    image: np.ndarray | None = None  # stage II: (N, C, h, w) float32 low-res images in [-1, 1], one per output
+    image: np.ndarray | None = None  # (N, C, h, w) float32 in [-1, 1], one per output: stage II's low-res input,
+    #                                  or img2img's start image (then h, w = H, W)
     noise_level: int | None = None  # stage II: image_noising_scheduler timestep of the upscaled image
+    strength: float | None = None  # img2img: how far into the schedule the noised image enters (1: all of it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,8 +89,10 @@ def if_request(
     clean_caption: bool = True,
     image: Any = None,
     noise_level: int | None = None,
+    strength: float | None = None,
 ) -> IFRequest:
-    """Check a stage-I call (``image`` None) or a stage-II call (``image`` and ``noise_level``)."""
+    """Check a stage-I call (``image`` None), a stage-II call (``image`` and ``noise_level``) or an img2img call
+    (``image`` and ``strength``: the output has the image's size)."""
     prompts = sd.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
     sd.check_call_options(
         num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
@@ -96,20 +101,24 @@ def if_request(
     _check_text_options(clean_caption)
     g = sd.guidance(guidance_scale, 0.0, unet_config)
     n = prompts * int(num_images_per_prompt)
-    stage2 = image is not None or noise_level is not None
+    stage2 = strength is None and (image is not None or noise_level is not None)
     channels = int(unet_config["in_channels"]) // (2 if stage2 else 1)  # stage II: [x | upscaled image]
-    height, width = _size(unet_config, height, width)
+    images = None
+    if stage2 or strength is not None:
+        images = np.repeat(check_if_image(image, channels), int(num_images_per_prompt), axis=0)
+        if images.shape[0] != n:
+            raise ValueError(f"image: got {images.shape[0] // num_images_per_prompt} images for {prompts} prompts")
+    if strength is not None:
+        conditioning.img2img_start(int(num_inference_steps), strength, 1)  # checks strength
+        height, width = _size(unet_config, *images.shape[2:])
+    else:
+        height, width = _size(unet_config, height, width)
+    noise_level = _check_noise_level(noise_level) if stage2 else None
     shape = (n, channels, height, width)
-    low_res = None
-    if stage2:
-        low_res = np.repeat(check_if_image(image, channels), int(num_images_per_prompt), axis=0)
-        if low_res.shape[0] != n:
-            raise ValueError(f"image: got {low_res.shape[0] // num_images_per_prompt} images for {prompts} prompts")
-        noise_level = _check_noise_level(noise_level)
     return IFRequest(
         prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, int(num_images_per_prompt),
         int(num_inference_steps), float(eta), output_type, g, prompts, shape, sd.check_latents(latents, shape),
-        low_res, noise_level,
+        images, noise_level, None if strength is None else float(strength),
     )  # fmt: skip
 
 
@@ -214,6 +223,20 @@ class IFRecipe:
             )
         ids, mask = tokenize_if(self.tokenizer, if_texts(texts, clean_caption), max_length)
         return self._encode_ids(ids, mask)
+
+    def _schedule(self, request: IFRequest, like: Any) -> tuple[Any, int]:
+        """``(state, first model call)``: all of the schedule, or img2img's entry at ``strength``."""
+        if request.strength is None:
+            return self.scheduler.set_timesteps(request.num_inference_steps, like=like), 0
+        return sd_image.start_state(self.scheduler, request.num_inference_steps, request.strength, like)
+
+    def _start(self, request: IFRequest, draw: Any, state: Any, first: int) -> Any:
+        """The sample entering the loop: the draw times ``init_noise_sigma``, or (img2img) the image
+        forward-diffused with the draw to the first timestep."""
+        if request.strength is None:
+            return draw * state.init_noise_sigma
+        image = arrays.host_to_like(request.image, draw)
+        return sd_image.noised_start(self.scheduler, state, image, draw, first)
 
     def _model_fn(self, unet: Any, context: Any, request: IFRequest, extra: Any, class_labels: Any, state: Any):
         """``(x_scaled, t, i) -> prediction`` for the scheduler: guided, variance channels kept only where read.

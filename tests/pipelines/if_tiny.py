@@ -27,6 +27,7 @@ IF_NOISING_SCHEDULER = dict(
 TEXT = (7, 32)  # (tokens, width) of the given T5 embeddings: the UNets' encoder_hid_dim
 STAGE_I = "IFPipeline"
 STAGE_II = "IFSuperResolutionPipeline"
+IMG2IMG = "IFImg2ImgPipeline"  # stage I's UNet
 
 
 def random_unet(config: dict, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -45,8 +46,8 @@ def diffusers_if(kind: str):
         tokenizer=None, text_encoder=None, scheduler=diffusers.DDPMScheduler(**IF_SCHEDULER), safety_checker=None,
         feature_extractor=None, watermarker=None, requires_safety_checker=False,
     )  # fmt: skip
-    if kind == STAGE_I:
-        pipe = diffusers.IFPipeline(unet=random_unet(IF_STAGE_I), **parts)
+    if kind in (STAGE_I, IMG2IMG):
+        pipe = getattr(diffusers, kind)(unet=random_unet(IF_STAGE_I), **parts)
     else:
         noising = diffusers.DDPMScheduler(**IF_NOISING_SCHEDULER)
         pipe = diffusers.IFSuperResolutionPipeline(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_core.torch.pipelines.deepfloyd_if import IFPipeline, IFSuperResolutionPipeline
+from diffusion_core.torch.pipelines.deepfloyd_if import IFImg2ImgPipeline, IFPipeline, IFSuperResolutionPipeline
 from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
 from tests.pipelines import if_tiny
 from tests.pipelines.tiny import swap_config
@@ -19,7 +19,7 @@ ATOL = 2e-3
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("if")
     out = {}
-    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II):
+    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG):
         ref = if_tiny.diffusers_if(kind)
         ref.save_pretrained(root / kind)
         ours = DiffusionPipeline.from_pretrained(root / kind)
@@ -72,6 +72,27 @@ def test_stage_ii_matches_diffusers(pipes, kwargs):
     assert a.shape == (2, 32, 32, 3)
     assert if_tiny.unsaturated(b) > 0.2
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(strength=0.6), dict(strength=1.0, guidance_scale=1.0, num_images_per_prompt=2)], ids=["0.6", "1.0"]
+)
+def test_img2img_matches_diffusers(pipes, kwargs):
+    ours, ref = pipes[if_tiny.IMG2IMG]
+    assert type(ours) is IFImg2ImgPipeline
+    n = kwargs.get("num_images_per_prompt", 1)
+    a, b = _call_both(ours, ref, 2 // n, image=if_tiny.low_res_images(2 // n, size=16), **kwargs)
+    assert a.shape == (2, 16, 16, 3)
+    assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_img2img_checks_strength(pipes):
+    ours, _ = pipes[if_tiny.IMG2IMG]
+    pos, neg = if_tiny.text_embeds(1)
+    image = if_tiny.low_res_images(1, size=16).transpose(0, 2, 3, 1)
+    with pytest.raises(ValueError, match="strength"):
+        ours(image=image, strength=1.5, prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=2)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,11 @@
 """Flax NNX pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
 
 from diffusion_core.flax.pipelines.ddpm import DDIMPipeline, DDPMPipeline
-from diffusion_core.flax.pipelines.deepfloyd_if import IFPipeline, IFSuperResolutionPipeline
+from diffusion_core.flax.pipelines.deepfloyd_if import (
+    IFImg2ImgPipeline,
+    IFPipeline,
+    IFSuperResolutionPipeline,
+)
 from diffusion_core.flax.pipelines.pipeline_utils import FLAX_COMPONENTS, FLAX_PIPELINES, DiffusionPipeline
 from diffusion_core.flax.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
@@ -19,6 +23,7 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "IFImg2ImgPipeline",
     "IFPipeline",
     "IFSuperResolutionPipeline",
     "StableDiffusionControlNetPipeline",

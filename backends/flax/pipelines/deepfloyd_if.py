@@ -35,7 +35,7 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
         """(B, L) ids and attention mask -> (B, L, D) T5 states: ``text_encoder(input_ids, attention_mask=mask)[0]``."""
         return self.text_encoder(jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]
 
-    def _program(self, graphdef: Any, request: dif.IFRequest, step_kwargs: dict[str, Any], explicit: bool):
+    def _program(self, graphdef: Any, request: dif.IFRequest, step_kwargs: dict[str, Any], explicit: bool, first: int):
         scheduler = self.scheduler
 
         def program(params, state, x, context, extra, labels, keys, steps):
@@ -43,7 +43,7 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
             unet = nnx.merge(graphdef, params)
             model_fn = self._model_fn(unet, context, request, extra, labels, state)
             x, _ = denoise_loop(
-                scheduler, model_fn, x * state.init_noise_sigma, state, keys=None if explicit else keys,
+                scheduler, model_fn, x, state, keys=None if explicit else keys, first=first,
                 noise_fn=steps.__getitem__ if explicit else None, step_kwargs=step_kwargs, index_model_fn=True,
             )  # fmt: skip
             return x
@@ -80,6 +80,8 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
                 image_noise = jnp.asarray(noise.image)
             extra = self._augment(request, x, image_noise.astype(x.dtype))
             labels = self._noise_level_labels(request, x)
+        state, first = self._schedule(request, x)
+        x = self._start(request, x, state, first)
         graphdef, params = nnx.split(self.unet)
         static = (
             self._scheduler_key(),
@@ -87,11 +89,11 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
             request.guidance,
             request.shape,
             noise is not None,
+            first,
         )
         fn = self.compiled(
-            "single", None, static, lambda: self._program(graphdef, request, step_kwargs, noise is not None)
+            "single", None, static, lambda: self._program(graphdef, request, step_kwargs, noise is not None, first)
         )
-        state = self.scheduler.set_timesteps(request.num_inference_steps, like=x)
         steps = None if noise is None else jnp.asarray(noise.steps, x.dtype)
         out = np.asarray(jax.device_get(fn(params, state, x, context, extra, labels, keys, steps)))
         return self._finish(out.astype(np.float32), request.output_type, return_dict)
@@ -161,5 +163,38 @@ class IFSuperResolutionPipeline(_IFBase):
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             height=height, width=width, latents=latents, clean_caption=clean_caption, image=image,
             noise_level=noise_level,
+        )  # fmt: skip
+        return self._run(request, key, clean_caption, return_dict)
+
+
+class IFImg2ImgPipeline(_IFBase):
+    """DeepFloyd IF stage I from an image: ``image`` forward-diffused to ``strength`` of the schedule, then denoised
+    with the text; diffusers' ``IFImg2ImgPipeline`` call with ``key=``."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.7,
+        num_inference_steps: int = 80,
+        guidance_scale: float = 10.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        key: jax.Array | None = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clean_caption: bool = True,
+        latents: Any = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Rework ``image`` (PIL, numpy (B, H, W, 3), or a (B, 3, H, W) array in [-1, 1]); ``latents`` (numpy, the
+        image's shape) fixes the noise it is diffused with."""
+        request = dif.if_request(
+            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
+            latents=latents, clean_caption=clean_caption, image=image, strength=strength,
         )  # fmt: skip
         return self._run(request, key, clean_caption, return_dict)

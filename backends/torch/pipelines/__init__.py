@@ -1,7 +1,11 @@
 """PyTorch pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
 
 from diffusion_core.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
-from diffusion_core.torch.pipelines.deepfloyd_if import IFPipeline, IFSuperResolutionPipeline
+from diffusion_core.torch.pipelines.deepfloyd_if import (
+    IFImg2ImgPipeline,
+    IFPipeline,
+    IFSuperResolutionPipeline,
+)
 from diffusion_core.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
@@ -19,6 +23,7 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "IFImg2ImgPipeline",
     "IFPipeline",
     "IFSuperResolutionPipeline",
     "StableDiffusionControlNetPipeline",

@@ -55,8 +55,8 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
             x = randn_tensor(request.shape, generator, dtype=self.unet.dtype, device=self.device)
         else:
             x = self._as_tensor(request.latents)
-        state = self.scheduler.set_timesteps(request.num_inference_steps, like=x)
-        x = x * state.init_noise_sigma
+        state, first = self._schedule(request, x)
+        x = self._start(request, x, state, first)
         extra = labels = None
         if self._stage2:
             if noise is None:
@@ -144,5 +144,38 @@ class IFSuperResolutionPipeline(_IFBase):
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             height=height, width=width, latents=latents, clean_caption=clean_caption, image=image,
             noise_level=noise_level,
+        )  # fmt: skip
+        return self._run(request, generator, clean_caption, return_dict)
+
+
+class IFImg2ImgPipeline(_IFBase):
+    """DeepFloyd IF stage I from an image: ``image`` forward-diffused to ``strength`` of the schedule, then denoised
+    with the text; diffusers' ``IFImg2ImgPipeline`` call."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.7,
+        num_inference_steps: int = 80,
+        guidance_scale: float = 10.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generators = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clean_caption: bool = True,
+        latents: Any = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Rework ``image`` (PIL, numpy (B, H, W, 3), or a (B, 3, H, W) array in [-1, 1]); ``latents`` (numpy, the
+        image's shape) fixes the noise it is diffused with."""
+        request = dif.if_request(
+            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
+            latents=latents, clean_caption=clean_caption, image=image, strength=strength,
         )  # fmt: skip
         return self._run(request, generator, clean_caption, return_dict)
