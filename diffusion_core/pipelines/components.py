@@ -151,6 +151,7 @@ _BACKEND_PIPELINES: dict[str, str] = {
     "DDIMPipeline": "ddpm",
     "IFPipeline": "deepfloyd_if",
     "IFImg2ImgPipeline": "deepfloyd_if",
+    "IFInpaintingPipeline": "deepfloyd_if",
     "IFSuperResolutionPipeline": "deepfloyd_if",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"

@@ -56,6 +56,7 @@ class IFRequest:
     #                                  or img2img's start image (then h, w = H, W)
     noise_level: int | None = None  # stage II: image_noising_scheduler timestep of the upscaled image
     strength: float | None = None  # img2img: how far into the schedule the noised image enters (1: all of it)
+    mask: np.ndarray | None = None  # inpainting: (N, 1, H, W) float32, 1 where the image is redrawn, else 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +91,7 @@ def if_request(
     image: Any = None,
     noise_level: int | None = None,
     strength: float | None = None,
+    mask_image: Any = None,
 ) -> IFRequest:
     """Check a stage-I call (``image`` None), a stage-II call (``image`` and ``noise_level``) or an img2img call
     (``image`` and ``strength``: the output has the image's size)."""
@@ -105,7 +107,8 @@ def if_request(
     channels = int(unet_config["in_channels"]) // (2 if stage2 else 1)  # stage II: [x | upscaled image]
     images = None
     if stage2 or strength is not None:
-        images = np.repeat(check_if_image(image, channels), int(num_images_per_prompt), axis=0)
+        resize = None if stage2 else int(unet_config["sample_size"])  # diffusers resizes PIL img2img inputs
+        images = np.repeat(check_if_image(image, channels, resize), int(num_images_per_prompt), axis=0)
         if images.shape[0] != n:
             raise ValueError(f"image: got {images.shape[0] // num_images_per_prompt} images for {prompts} prompts")
     if strength is not None:
@@ -115,10 +118,15 @@ def if_request(
         height, width = _size(unet_config, height, width)
     noise_level = _check_noise_level(noise_level) if stage2 else None
     shape = (n, channels, height, width)
+    mask = None
+    if mask_image is not None:
+        mask = check_if_mask(mask_image, prompts, int(num_images_per_prompt), int(unet_config["sample_size"]))
+        if mask.shape[2:] != shape[2:]:
+            raise ValueError(f"mask_image: its size {mask.shape[2:]} differs from the image's {shape[2:]}")
     return IFRequest(
         prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, int(num_images_per_prompt),
         int(num_inference_steps), float(eta), output_type, g, prompts, shape, sd.check_latents(latents, shape),
-        images, noise_level, None if strength is None else float(strength),
+        images, noise_level, None if strength is None else float(strength), mask,
     )  # fmt: skip
 
 
@@ -142,17 +150,38 @@ def _check_noise_level(noise_level: Any) -> int:
     return int(noise_level)
 
 
-def check_if_image(image: Any, channels: int) -> np.ndarray:
-    """Stage II's low-res input as (B, C, h, w) float32, as diffusers reads it.
-
-    PIL images (one or a list) are scaled from [0, 255] to [-1, 1]; numpy arrays are (H, W, C) or (B, H, W, C)
-    values used as they are; other arrays (torch / jax tensors) are (B, C, h, w) or (C, h, w) used as they are.
-    """
+def _is_pil(value: Any) -> bool:
     from PIL import Image
 
+    return isinstance(value, Image.Image) or (
+        isinstance(value, list) and bool(value) and isinstance(value[0], Image.Image)
+    )
+
+
+def resize_pil_if(images: Any, size: int) -> list:
+    """diffusers' IF ``resize``: the short side to ``size``, the long side to the nearest multiple of 8, bicubic."""
+    from PIL import Image
+
+    out = []
+    for im in [images] if isinstance(images, Image.Image) else images:
+        w, h = im.size
+        w, h = (int(round(size / 8 * w / h) * 8), size) if w >= h else (size, int(round(size / 8 * h / w) * 8))
+        out.append(im.resize((w, h), resample=Image.Resampling.BICUBIC, reducing_gap=None))
+    return out
+
+
+def check_if_image(image: Any, channels: int, resize: int | None = None) -> np.ndarray:
+    """An IF image input (stage II's low-res image, img2img's start) as (B, C, h, w) float32, as diffusers reads it.
+
+    PIL images (one or a list; RGB, resized with :func:`resize_pil_if` to ``resize`` if given) are scaled from
+    [0, 255] to [-1, 1]; numpy arrays are (H, W, C) or (B, H, W, C) values used as they are; other arrays
+    (torch / jax tensors) are (B, C, h, w) or (C, h, w) used as they are.
+    """
     if image is None:
-        raise ValueError("image: IFSuperResolutionPipeline needs the stage-I images (PIL, numpy or a tensor)")
-    if isinstance(image, Image.Image) or (isinstance(image, list) and image and isinstance(image[0], Image.Image)):
+        raise ValueError("image: this pipeline needs an image (PIL, numpy (B, H, W, C) or a (B, C, H, W) tensor)")
+    if _is_pil(image):
+        image = [im.convert("RGB") for im in ([image] if not isinstance(image, list) else image)]
+        image = resize_pil_if(image, resize) if resize is not None else image
         arr = pil_to_numpy(image) * 2.0 - 1.0  # (B, H, W, C) in [-1, 1]
         arr = np.transpose(arr, (0, 3, 1, 2))
     elif isinstance(image, (np.ndarray, list)):
@@ -164,6 +193,28 @@ def check_if_image(image: Any, channels: int) -> np.ndarray:
     if arr.ndim != 4 or arr.shape[1] != channels:
         raise ValueError(f"image: expected {channels}-channel images, got an array of shape {arr.shape}")
     return arr.astype(np.float32)
+
+
+def check_if_mask(mask_image: Any, prompts: int, num_images_per_prompt: int, resize: int) -> np.ndarray:
+    """Inpainting mask as (N, 1, H, W) float32 of 0 (keep) / 1 (redraw), thresholded at 0.5, as diffusers reads it.
+
+    PIL masks (grey, resized as the image) are scaled from [0, 255]; arrays are (H, W), (B, H, W) or (B, 1, H, W)
+    in [0, 1]. One mask serves every image; otherwise one per prompt, repeated per image.
+    """
+    if _is_pil(mask_image):
+        masks = resize_pil_if(
+            [m.convert("L") for m in ([mask_image] if not isinstance(mask_image, list) else mask_image)], resize
+        )
+        arr = np.stack([np.asarray(m, np.float32) / 255.0 for m in masks])[:, None]
+    else:
+        arr = np.asarray(mask_image, dtype=np.float32)
+        arr = arr[None, None] if arr.ndim == 2 else (arr[:, None] if arr.ndim == 3 else arr)
+    if arr.ndim != 4 or arr.shape[1] != 1:
+        raise ValueError(f"mask_image: expected (H, W), (B, H, W) or (B, 1, H, W) masks, got shape {arr.shape}")
+    if arr.shape[0] not in (1, prompts):
+        raise ValueError(f"mask_image: got {arr.shape[0]} masks for {prompts} prompts (pass 1 or one per prompt)")
+    arr = np.where(arr < 0.5, 0.0, 1.0).astype(np.float32)
+    return np.repeat(arr, prompts * num_images_per_prompt if arr.shape[0] == 1 else num_images_per_prompt, axis=0)
 
 
 def resize_bilinear(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -236,7 +287,25 @@ class IFRecipe:
         if request.strength is None:
             return draw * state.init_noise_sigma
         image = arrays.host_to_like(request.image, draw)
-        return sd_image.noised_start(self.scheduler, state, image, draw, first)
+        noised = sd_image.noised_start(self.scheduler, state, image, draw, first)
+        if request.mask is None:
+            return noised
+        return self._blend(self._blend_inputs(request, draw))(noised, state)
+
+    def _blend_inputs(self, request: IFRequest, like: Any) -> tuple[Any, Any] | None:
+        """Inpainting's (image, mask) as ``like``'s arrays (program inputs), or None."""
+        if request.mask is None:
+            return None
+        return arrays.host_to_like(request.image, like), arrays.host_to_like(request.mask, like)
+
+    @staticmethod
+    def _blend(blend: tuple[Any, Any] | None) -> Any:
+        """Inpainting's post-step: the original image outside the mask, the sample inside (diffusers keeps the
+        previous sample outside, which is the original there since the start)."""
+        if blend is None:
+            return None
+        image, mask = blend
+        return lambda x, state: (1 - mask) * image + mask * x
 
     def _model_fn(self, unet: Any, context: Any, request: IFRequest, extra: Any, class_labels: Any, state: Any):
         """``(x_scaled, t, i) -> prediction`` for the scheduler: guided, variance channels kept only where read.

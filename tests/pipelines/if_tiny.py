@@ -28,6 +28,7 @@ TEXT = (7, 32)  # (tokens, width) of the given T5 embeddings: the UNets' encoder
 STAGE_I = "IFPipeline"
 STAGE_II = "IFSuperResolutionPipeline"
 IMG2IMG = "IFImg2ImgPipeline"  # stage I's UNet
+INPAINT = "IFInpaintingPipeline"  # stage I's UNet
 
 
 def random_unet(config: dict, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -46,7 +47,7 @@ def diffusers_if(kind: str):
         tokenizer=None, text_encoder=None, scheduler=diffusers.DDPMScheduler(**IF_SCHEDULER), safety_checker=None,
         feature_extractor=None, watermarker=None, requires_safety_checker=False,
     )  # fmt: skip
-    if kind in (STAGE_I, IMG2IMG):
+    if kind in (STAGE_I, IMG2IMG, INPAINT):
         pipe = getattr(diffusers, kind)(unet=random_unet(IF_STAGE_I), **parts)
     else:
         noising = diffusers.DDPMScheduler(**IF_NOISING_SCHEDULER)
@@ -76,3 +77,10 @@ def low_res_images(batch: int, size: int = 8, seed: int = 4) -> np.ndarray:
 def unsaturated(images: np.ndarray) -> float:
     """Fraction of pixels strictly inside (0, 1): guards against a degenerate (clipped) reference."""
     return float(((images > 0.01) & (images < 0.99)).mean())
+
+
+def mask(size: int = 16) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: a redrawn square in the middle, values near the 0.5 threshold around it."""
+    m = np.full((size, size), 0.3, np.float32)
+    m[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 0.7
+    return m

@@ -12,7 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_core.flax.pipelines.deepfloyd_if import IFImg2ImgPipeline, IFPipeline, IFSuperResolutionPipeline
+from diffusion_core.flax.pipelines.deepfloyd_if import (
+    IFImg2ImgPipeline,
+    IFInpaintingPipeline,
+    IFPipeline,
+    IFSuperResolutionPipeline,
+)
 from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline as FlaxPipeline
 from diffusion_core.pipelines import deepfloyd_if as dif
 from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline as TorchPipeline
@@ -26,7 +31,7 @@ STEPS = 3
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("if_flax")
     out = {}
-    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG):
+    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG, if_tiny.INPAINT):
         folder = if_tiny.save_if_pipeline(root / kind, kind)
         flax_pipe, torch_pipe = FlaxPipeline.from_pretrained(folder), TorchPipeline.from_pretrained(folder)
         torch_pipe.set_progress_bar_config(disable=True)
@@ -89,6 +94,19 @@ def test_img2img_flax_matches_torch_on_explicit_noise(pipes):
     a = flax_pipe._run(request, None, True, True, noise).images
     b = torch_pipe._run(request, None, True, True, noise).images
     assert a.shape == (1, 16, 16, 3) and if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_inpainting_flax_matches_torch_on_explicit_noise(pipes):
+    """The mask blend after every step runs inside the compiled scan (image and mask are program inputs)."""
+    flax_pipe, torch_pipe = pipes[if_tiny.INPAINT]
+    assert type(flax_pipe) is IFInpaintingPipeline
+    image = if_tiny.low_res_images(1, size=16).transpose(0, 2, 3, 1)
+    request = _request(flax_pipe, 1, image=image, strength=1.0, mask_image=if_tiny.mask(16))
+    noise = _noise(request)
+    a = flax_pipe._run(request, None, True, True, noise).images
+    b = torch_pipe._run(request, None, True, True, noise).images
+    assert if_tiny.unsaturated(b) > 0.2
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 

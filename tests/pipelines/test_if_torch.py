@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_core.torch.pipelines.deepfloyd_if import IFImg2ImgPipeline, IFPipeline, IFSuperResolutionPipeline
+from diffusion_core.torch.pipelines.deepfloyd_if import (
+    IFImg2ImgPipeline,
+    IFInpaintingPipeline,
+    IFPipeline,
+    IFSuperResolutionPipeline,
+)
 from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
 from tests.pipelines import if_tiny
 from tests.pipelines.tiny import swap_config
@@ -19,7 +24,7 @@ ATOL = 2e-3
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("if")
     out = {}
-    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG):
+    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG, if_tiny.INPAINT):
         ref = if_tiny.diffusers_if(kind)
         ref.save_pretrained(root / kind)
         ours = DiffusionPipeline.from_pretrained(root / kind)
@@ -28,7 +33,7 @@ def pipes(tmp_path_factory):
     return out
 
 
-def _call_both(ours, ref, batch: int, image: np.ndarray | None = None, **kwargs):
+def _call_both(ours, ref, batch: int, image: np.ndarray | None = None, ours_extra=None, ref_extra=None, **kwargs):
     """Our images and diffusers' for the same arguments and seed; ``image`` (N, 3, h, w) in [-1, 1] reaches ours as
     numpy (B, h, w, 3) and diffusers as a torch (N, 3, h, w) tensor, the forms each reads as they are."""
     pos, neg = if_tiny.text_embeds(batch)
@@ -38,8 +43,8 @@ def _call_both(ours, ref, batch: int, image: np.ndarray | None = None, **kwargs)
     torch_args = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in common.items()}
     if image is not None:
         common["image"], torch_args["image"] = image.transpose(0, 2, 3, 1), torch.from_numpy(image)
-    a = ours(generator=torch.Generator().manual_seed(0), **common).images
-    b = ref(generator=torch.Generator().manual_seed(0), **torch_args).images
+    a = ours(generator=torch.Generator().manual_seed(0), **common, **(ours_extra or {})).images
+    b = ref(generator=torch.Generator().manual_seed(0), **torch_args, **(ref_extra or {})).images
     return a, b
 
 
@@ -84,6 +89,35 @@ def test_img2img_matches_diffusers(pipes, kwargs):
     a, b = _call_both(ours, ref, 2 // n, image=if_tiny.low_res_images(2 // n, size=16), **kwargs)
     assert a.shape == (2, 16, 16, 3)
     assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(strength=0.6, guidance_scale=1.0)], ids=["cfg", "0.6-no-cfg"])
+def test_inpainting_matches_diffusers_and_keeps_the_unmasked_image(pipes, kwargs):
+    ours, ref = pipes[if_tiny.INPAINT]
+    assert type(ours) is IFInpaintingPipeline
+    image, m = if_tiny.low_res_images(2, size=16), if_tiny.mask(16)
+    ref_mask = {"mask_image": torch.from_numpy(m)[None, None]}  # diffusers' tensor form; ours gets (H, W) numpy
+    a, b = _call_both(ours, ref, 2, image=image, ours_extra={"mask_image": m}, ref_extra=ref_mask, **kwargs)
+    assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    keep = m < 0.5  # outside the mask: the input image, in [0, 1]
+    np.testing.assert_allclose(a[:, keep], np.clip(image.transpose(0, 2, 3, 1)[:, keep] / 2 + 0.5, 0, 1), atol=1e-6)
+
+
+def test_inpainting_pil_inputs_resize_as_diffusers(pipes):
+    """PIL image and mask are resized to the UNet's sample_size (short side; bicubic), as diffusers does."""
+    from PIL import Image
+
+    ours, ref = pipes[if_tiny.INPAINT]
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+    mask = Image.fromarray((np.pad(np.ones((6, 10)), ((3, 3), (5, 5))) * 255).astype(np.uint8))
+    pos, neg = (torch.from_numpy(e) for e in if_tiny.text_embeds(1))
+    common = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=2, output_type="np")
+    a = ours(image=image, mask_image=mask, generator=torch.Generator().manual_seed(0), **common).images
+    b = ref(image=image, mask_image=mask, generator=torch.Generator().manual_seed(0), **common).images
+    assert a.shape == b.shape == (1, 32, 56, 3)
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
@@ -204,3 +238,16 @@ def test_latents_fix_the_start(pipes):
     c = ours(latents=-lat, generator=torch.Generator().manual_seed(1), **common).images
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [None, np.zeros((3, 16, 16), np.float32), np.zeros((8, 8), np.float32), np.zeros((1, 2, 16, 16), np.float32)],
+    ids=["missing", "three-for-one-prompt", "wrong-size", "two-channels"],
+)
+def test_inpainting_checks_the_mask(pipes, mask):
+    ours, _ = pipes[if_tiny.INPAINT]
+    pos, neg = if_tiny.text_embeds(1)
+    image = if_tiny.low_res_images(1, size=16).transpose(0, 2, 3, 1)
+    with pytest.raises(ValueError, match="mask_image"):
+        ours(image=image, mask_image=mask, prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=1)

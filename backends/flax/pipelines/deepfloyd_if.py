@@ -38,13 +38,14 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
     def _program(self, graphdef: Any, request: dif.IFRequest, step_kwargs: dict[str, Any], explicit: bool, first: int):
         scheduler = self.scheduler
 
-        def program(params, state, x, context, extra, labels, keys, steps):
+        def program(params, state, x, context, extra, labels, keys, steps, blend):
             self.trace_count += 1  # runs at trace time only
             unet = nnx.merge(graphdef, params)
             model_fn = self._model_fn(unet, context, request, extra, labels, state)
             x, _ = denoise_loop(
                 scheduler, model_fn, x, state, keys=None if explicit else keys, first=first,
                 noise_fn=steps.__getitem__ if explicit else None, step_kwargs=step_kwargs, index_model_fn=True,
+                post_step=self._blend(blend),
             )  # fmt: skip
             return x
 
@@ -95,7 +96,9 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
             "single", None, static, lambda: self._program(graphdef, request, step_kwargs, noise is not None, first)
         )
         steps = None if noise is None else jnp.asarray(noise.steps, x.dtype)
-        out = np.asarray(jax.device_get(fn(params, state, x, context, extra, labels, keys, steps)))
+        out = np.asarray(
+            jax.device_get(fn(params, state, x, context, extra, labels, keys, steps, self._blend_inputs(request, x)))
+        )
         return self._finish(out.astype(np.float32), request.output_type, return_dict)
 
 
@@ -196,5 +199,41 @@ class IFImg2ImgPipeline(_IFBase):
             negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             latents=latents, clean_caption=clean_caption, image=image, strength=strength,
+        )  # fmt: skip
+        return self._run(request, key, clean_caption, return_dict)
+
+
+class IFInpaintingPipeline(_IFBase):
+    """DeepFloyd IF stage I inpainting: redraws ``image`` where ``mask_image`` is 1, keeping the rest; diffusers'
+    ``IFInpaintingPipeline`` call with ``key=``."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        key: jax.Array | None = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clean_caption: bool = True,
+        latents: Any = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Inpaint ``image`` (as for img2img) under ``mask_image`` (PIL, or (H, W) / (B, H, W) / (B, 1, H, W) in
+        [0, 1], thresholded at 0.5)."""
+        if mask_image is None:
+            raise ValueError("mask_image: IFInpaintingPipeline needs a mask (1 where the image is redrawn)")
+        request = dif.if_request(
+            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
+            latents=latents, clean_caption=clean_caption, image=image, strength=strength, mask_image=mask_image,
         )  # fmt: skip
         return self._run(request, key, clean_caption, return_dict)

@@ -3,6 +3,7 @@
 from diffusion_core.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
 from diffusion_core.torch.pipelines.deepfloyd_if import (
     IFImg2ImgPipeline,
+    IFInpaintingPipeline,
     IFPipeline,
     IFSuperResolutionPipeline,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DDPMPipeline",
     "DiffusionPipeline",
     "IFImg2ImgPipeline",
+    "IFInpaintingPipeline",
     "IFPipeline",
     "IFSuperResolutionPipeline",
     "StableDiffusionControlNetPipeline",

@@ -76,6 +76,7 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
             step_kwargs=sd.step_kwargs(self.scheduler, request.eta),
             progress=not self.progress_bar_disabled,
             index_model_fn=True,
+            post_step=self._blend(self._blend_inputs(request, x)),
         )
         return self._finish(x.float().cpu().numpy(), request.output_type, return_dict)
 
@@ -177,5 +178,41 @@ class IFImg2ImgPipeline(_IFBase):
             negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             latents=latents, clean_caption=clean_caption, image=image, strength=strength,
+        )  # fmt: skip
+        return self._run(request, generator, clean_caption, return_dict)
+
+
+class IFInpaintingPipeline(_IFBase):
+    """DeepFloyd IF stage I inpainting: redraws ``image`` where ``mask_image`` is 1, keeping the rest; diffusers'
+    ``IFInpaintingPipeline`` call."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generators = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clean_caption: bool = True,
+        latents: Any = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Inpaint ``image`` (as for img2img) under ``mask_image`` (PIL, or (H, W) / (B, H, W) / (B, 1, H, W) in
+        [0, 1], thresholded at 0.5)."""
+        if mask_image is None:
+            raise ValueError("mask_image: IFInpaintingPipeline needs a mask (1 where the image is redrawn)")
+        request = dif.if_request(
+            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
+            latents=latents, clean_caption=clean_caption, image=image, strength=strength, mask_image=mask_image,
         )  # fmt: skip
         return self._run(request, generator, clean_caption, return_dict)
