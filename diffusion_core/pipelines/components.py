@@ -152,6 +152,8 @@ _BACKEND_PIPELINES: dict[str, str] = {
     "IFPipeline": "deepfloyd_if",
     "IFImg2ImgPipeline": "deepfloyd_if",
     "IFInpaintingPipeline": "deepfloyd_if",
+    "IFImg2ImgSuperResolutionPipeline": "deepfloyd_if",
+    "IFInpaintingSuperResolutionPipeline": "deepfloyd_if",
     "IFSuperResolutionPipeline": "deepfloyd_if",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"

@@ -52,8 +52,8 @@ class IFRequest:
     prompts: int  # B: the prompt batch
     shape: tuple[int, int, int, int]  # (N, C, H, W) of the generated images
     latents: np.ndarray | None  # the starting Gaussian draw, or None: the backend draws it
-    image: np.ndarray | None = None  # (N, C, h, w) float32 in [-1, 1], one per output: stage II's low-res input,
-    #                                  or img2img's start image (then h, w = H, W)
+    image: np.ndarray | None = None  # stage II: (N, C, h, w) float32 low-res inputs in [-1, 1], one per output
+    start_image: np.ndarray | None = None  # img2img / inpainting: (N, C, H, W) float32 in [-1, 1] the run starts from
     noise_level: int | None = None  # stage II: image_noising_scheduler timestep of the upscaled image
     strength: float | None = None  # img2img: how far into the schedule the noised image enters (1: all of it)
     mask: np.ndarray | None = None  # inpainting: (N, 1, H, W) float32, 1 where the image is redrawn, else 0
@@ -92,9 +92,12 @@ def if_request(
     noise_level: int | None = None,
     strength: float | None = None,
     mask_image: Any = None,
+    original_image: Any = None,
+    stage2: bool = False,
 ) -> IFRequest:
-    """Check a stage-I call (``image`` None), a stage-II call (``image`` and ``noise_level``) or an img2img call
-    (``image`` and ``strength``: the output has the image's size)."""
+    """Check an IF call. ``stage2``: ``image`` is the low-res input, augmented to ``noise_level``. ``strength``:
+    the run starts from ``image`` (stage I) or ``original_image`` (stage II), whose size the output takes, and
+    ``mask_image`` (inpainting) keeps it outside the mask."""
     prompts = sd.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
     sd.check_call_options(
         num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
@@ -103,17 +106,14 @@ def if_request(
     _check_text_options(clean_caption)
     g = sd.guidance(guidance_scale, 0.0, unet_config)
     n = prompts * int(num_images_per_prompt)
-    stage2 = strength is None and (image is not None or noise_level is not None)
     channels = int(unet_config["in_channels"]) // (2 if stage2 else 1)  # stage II: [x | upscaled image]
-    images = None
-    if stage2 or strength is not None:
-        resize = None if stage2 else int(unet_config["sample_size"])  # diffusers resizes PIL img2img inputs
-        images = np.repeat(check_if_image(image, channels, resize), int(num_images_per_prompt), axis=0)
-        if images.shape[0] != n:
-            raise ValueError(f"image: got {images.shape[0] // num_images_per_prompt} images for {prompts} prompts")
+    low_res = _per_image(image, "image", channels, None, prompts, num_images_per_prompt) if stage2 else None
+    start = None
     if strength is not None:
         conditioning.img2img_start(int(num_inference_steps), strength, 1)  # checks strength
-        height, width = _size(unet_config, *images.shape[2:])
+        name, given = ("original_image", original_image) if stage2 else ("image", image)
+        start = _per_image(given, name, channels, int(unet_config["sample_size"]), prompts, num_images_per_prompt)
+        height, width = _size(unet_config, *start.shape[2:])
     else:
         height, width = _size(unet_config, height, width)
     noise_level = _check_noise_level(noise_level) if stage2 else None
@@ -126,8 +126,19 @@ def if_request(
     return IFRequest(
         prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, int(num_images_per_prompt),
         int(num_inference_steps), float(eta), output_type, g, prompts, shape, sd.check_latents(latents, shape),
-        images, noise_level, None if strength is None else float(strength), mask,
+        low_res, start, noise_level, None if strength is None else float(strength), mask,
     )  # fmt: skip
+
+
+def _per_image(image: Any, name: str, channels: int, resize: int | None, prompts: int, per_prompt: int) -> np.ndarray:
+    """An image input checked (:func:`check_if_image`) and repeated for each image of its prompt: (N, C, H, W)."""
+    try:
+        images = check_if_image(image, channels, resize)
+    except ValueError as e:
+        raise ValueError(f"{name}: {str(e).split(': ', 1)[1]}") from e
+    if images.shape[0] != prompts:
+        raise ValueError(f"{name}: got {images.shape[0]} images for {prompts} prompts")
+    return np.repeat(images, per_prompt, axis=0)
 
 
 def _size(unet_config: Mapping[str, Any], height: Any, width: Any) -> tuple[int, int]:
@@ -286,7 +297,7 @@ class IFRecipe:
         forward-diffused with the draw to the first timestep."""
         if request.strength is None:
             return draw * state.init_noise_sigma
-        image = arrays.host_to_like(request.image, draw)
+        image = arrays.host_to_like(request.start_image, draw)
         noised = sd_image.noised_start(self.scheduler, state, image, draw, first)
         if request.mask is None:
             return noised
@@ -296,7 +307,7 @@ class IFRecipe:
         """Inpainting's (image, mask) as ``like``'s arrays (program inputs), or None."""
         if request.mask is None:
             return None
-        return arrays.host_to_like(request.image, like), arrays.host_to_like(request.mask, like)
+        return arrays.host_to_like(request.start_image, like), arrays.host_to_like(request.mask, like)
 
     @staticmethod
     def _blend(blend: tuple[Any, Any] | None) -> Any:

@@ -29,6 +29,9 @@ STAGE_I = "IFPipeline"
 STAGE_II = "IFSuperResolutionPipeline"
 IMG2IMG = "IFImg2ImgPipeline"  # stage I's UNet
 INPAINT = "IFInpaintingPipeline"  # stage I's UNet
+IMG2IMG_SR = "IFImg2ImgSuperResolutionPipeline"  # stage II's UNet
+INPAINT_SR = "IFInpaintingSuperResolutionPipeline"  # stage II's UNet
+ALL = (STAGE_I, STAGE_II, IMG2IMG, INPAINT, IMG2IMG_SR, INPAINT_SR)
 
 
 def random_unet(config: dict, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -51,9 +54,7 @@ def diffusers_if(kind: str):
         pipe = getattr(diffusers, kind)(unet=random_unet(IF_STAGE_I), **parts)
     else:
         noising = diffusers.DDPMScheduler(**IF_NOISING_SCHEDULER)
-        pipe = diffusers.IFSuperResolutionPipeline(
-            unet=random_unet(IF_STAGE_II), image_noising_scheduler=noising, **parts
-        )
+        pipe = getattr(diffusers, kind)(unet=random_unet(IF_STAGE_II), image_noising_scheduler=noising, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -31,7 +31,7 @@ STEPS = 3
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("if_flax")
     out = {}
-    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG, if_tiny.INPAINT):
+    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG, if_tiny.INPAINT, if_tiny.INPAINT_SR):
         folder = if_tiny.save_if_pipeline(root / kind, kind)
         flax_pipe, torch_pipe = FlaxPipeline.from_pretrained(folder), TorchPipeline.from_pretrained(folder)
         torch_pipe.set_progress_bar_config(disable=True)
@@ -77,7 +77,7 @@ def test_stage_ii_flax_matches_torch_on_explicit_noise(pipes):
     flax_pipe, torch_pipe = pipes[if_tiny.STAGE_II]
     assert type(flax_pipe) is IFSuperResolutionPipeline
     image = if_tiny.low_res_images(2).transpose(0, 2, 3, 1)  # numpy NHWC, as diffusers reads numpy
-    request = _request(flax_pipe, 2, height=32, width=32, image=image, noise_level=100)
+    request = _request(flax_pipe, 2, height=32, width=32, image=image, noise_level=100, stage2=True)
     noise = _noise(request)
     a = flax_pipe._run(request, None, True, True, noise).images
     b = torch_pipe._run(request, None, True, True, noise).images
@@ -107,6 +107,23 @@ def test_inpainting_flax_matches_torch_on_explicit_noise(pipes):
     a = flax_pipe._run(request, None, True, True, noise).images
     b = torch_pipe._run(request, None, True, True, noise).images
     assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_inpainting_super_resolution_flax_matches_torch_on_explicit_noise(pipes):
+    """Stage II, started from ``original_image`` at ``strength`` under a mask: every hook of the recipe at once."""
+    flax_pipe, torch_pipe = pipes[if_tiny.INPAINT_SR]
+    assert type(flax_pipe).__name__ == if_tiny.INPAINT_SR
+    low = if_tiny.low_res_images(1).transpose(0, 2, 3, 1)
+    original = if_tiny.low_res_images(1, size=32, seed=6).transpose(0, 2, 3, 1)
+    request = _request(
+        flax_pipe, 1, image=low, original_image=original, strength=0.8, noise_level=100, stage2=True,
+        mask_image=if_tiny.mask(32), height=32, width=32,  # height/width: the latents' size (the output's)
+    )  # fmt: skip
+    noise = _noise(request)
+    a = flax_pipe._run(request, None, True, True, noise).images
+    b = torch_pipe._run(request, None, True, True, noise).images
+    assert a.shape == (1, 32, 32, 3) and if_tiny.unsaturated(b) > 0.2
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 

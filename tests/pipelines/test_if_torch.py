@@ -24,7 +24,7 @@ ATOL = 2e-3
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("if")
     out = {}
-    for kind in (if_tiny.STAGE_I, if_tiny.STAGE_II, if_tiny.IMG2IMG, if_tiny.INPAINT):
+    for kind in if_tiny.ALL:
         ref = if_tiny.diffusers_if(kind)
         ref.save_pretrained(root / kind)
         ours = DiffusionPipeline.from_pretrained(root / kind)
@@ -251,3 +251,20 @@ def test_inpainting_checks_the_mask(pipes, mask):
     image = if_tiny.low_res_images(1, size=16).transpose(0, 2, 3, 1)
     with pytest.raises(ValueError, match="mask_image"):
         ours(image=image, mask_image=mask, prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("kind", [if_tiny.IMG2IMG_SR, if_tiny.INPAINT_SR])
+def test_super_resolution_variants_match_diffusers(pipes, kind):
+    """Stage II from ``original_image`` at ``strength`` (and under a mask), next to the augmented low-res image."""
+    ours, ref = pipes[kind]
+    assert type(ours).__name__ == kind
+    low, original = if_tiny.low_res_images(2), if_tiny.low_res_images(2, size=32, seed=6)
+    ours_extra = {"original_image": original.transpose(0, 2, 3, 1)}
+    ref_extra = {"original_image": torch.from_numpy(original)}
+    if kind == if_tiny.INPAINT_SR:
+        ours_extra["mask_image"] = if_tiny.mask(32)
+        ref_extra["mask_image"] = torch.from_numpy(if_tiny.mask(32))[None, None]
+    a, b = _call_both(ours, ref, 2, image=low, ours_extra=ours_extra, ref_extra=ref_extra, noise_level=100)
+    assert a.shape == (2, 32, 32, 3)
+    assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)

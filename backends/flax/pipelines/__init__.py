@@ -3,7 +3,9 @@
 from diffusion_core.flax.pipelines.ddpm import DDIMPipeline, DDPMPipeline
 from diffusion_core.flax.pipelines.deepfloyd_if import (
     IFImg2ImgPipeline,
+    IFImg2ImgSuperResolutionPipeline,
     IFInpaintingPipeline,
+    IFInpaintingSuperResolutionPipeline,
     IFPipeline,
     IFSuperResolutionPipeline,
 )
@@ -25,7 +27,9 @@ __all__ = [
     "DDPMPipeline",
     "DiffusionPipeline",
     "IFImg2ImgPipeline",
+    "IFImg2ImgSuperResolutionPipeline",
     "IFInpaintingPipeline",
+    "IFInpaintingSuperResolutionPipeline",
     "IFPipeline",
     "IFSuperResolutionPipeline",
     "StableDiffusionControlNetPipeline",

@@ -144,7 +144,7 @@ class IFSuperResolutionPipeline(_IFBase):
             negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             height=height, width=width, latents=latents, clean_caption=clean_caption, image=image,
-            noise_level=noise_level,
+            noise_level=noise_level, stage2=True,
         )  # fmt: skip
         return self._run(request, generator, clean_caption, return_dict)
 
@@ -214,5 +214,84 @@ class IFInpaintingPipeline(_IFBase):
             negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             latents=latents, clean_caption=clean_caption, image=image, strength=strength, mask_image=mask_image,
+        )  # fmt: skip
+        return self._run(request, generator, clean_caption, return_dict)
+
+
+class IFImg2ImgSuperResolutionPipeline(_IFBase):
+    """DeepFloyd IF stage II from an image: ``original_image`` diffused to ``strength``, denoised next to the upscaled
+    noise-augmented ``image``; diffusers' ``IFImg2ImgSuperResolutionPipeline`` call."""
+
+    _components = dif.IF_SR_COMPONENTS
+    _stage2 = True
+
+    def __call__(
+        self,
+        image: Any = None,
+        original_image: Any = None,
+        strength: float = 0.8,
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generators = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        noise_level: int = 250,
+        clean_caption: bool = True,
+        latents: Any = None,
+    ) -> ImagePipelineOutput | tuple:
+        """``image``: the low-res input (as for IFSuperResolutionPipeline); ``original_image``: the full-size start."""
+        request = dif.if_request(
+            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
+            latents=latents, clean_caption=clean_caption, image=image, original_image=original_image,
+            strength=strength, noise_level=noise_level, stage2=True,
+        )  # fmt: skip
+        return self._run(request, generator, clean_caption, return_dict)
+
+
+class IFInpaintingSuperResolutionPipeline(_IFBase):
+    """DeepFloyd IF stage II inpainting: ``original_image`` redrawn under ``mask_image`` next to the upscaled
+    noise-augmented ``image``; diffusers' ``IFInpaintingSuperResolutionPipeline`` call."""
+
+    _components = dif.IF_SR_COMPONENTS
+    _stage2 = True
+
+    def __call__(
+        self,
+        image: Any = None,
+        original_image: Any = None,
+        mask_image: Any = None,
+        strength: float = 0.8,
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int = 100,
+        guidance_scale: float = 4.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generators = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        noise_level: int = 0,
+        clean_caption: bool = True,
+        latents: Any = None,
+    ) -> ImagePipelineOutput | tuple:
+        """As IFImg2ImgSuperResolutionPipeline, keeping ``original_image`` where ``mask_image`` is 0."""
+        if mask_image is None:
+            raise ValueError("mask_image: IFInpaintingSuperResolutionPipeline needs a mask (1 where redrawn)")
+        request = dif.if_request(
+            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
+            latents=latents, clean_caption=clean_caption, image=image, original_image=original_image,
+            strength=strength, noise_level=noise_level, stage2=True, mask_image=mask_image,
         )  # fmt: skip
         return self._run(request, generator, clean_caption, return_dict)
