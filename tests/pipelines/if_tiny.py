@@ -85,3 +85,33 @@ def mask(size: int = 16) -> np.ndarray:
     m = np.full((size, size), 0.3, np.float32)
     m[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 0.7
     return m
+
+
+class WordTokenizer:
+    """A stand-in for IF's T5 tokenizer (the real one needs a sentencepiece model): one id per word, then EOS (1),
+    padded with 0; answers the keyword arguments diffusers' and our IF encode_prompt pass."""
+
+    model_max_length = 77
+
+    def __call__(self, texts, padding="longest", max_length=None, truncation=False, return_tensors="np", **_):
+        from transformers import BatchEncoding
+
+        ids = [
+            [2 + sum(map(ord, w)) % 40 for w in t.split()] + [1] for t in ([texts] if isinstance(texts, str) else texts)
+        ]
+        ids = [i[: max_length - 1] + [1] if truncation and len(i) > max_length else i for i in ids]
+        length = max_length if padding == "max_length" else max(map(len, ids))
+        mask = [[1] * len(i) + [0] * (length - len(i)) for i in ids]
+        ids = [i + [0] * (length - len(i)) for i in ids]
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=return_tensors)
+
+
+def tiny_t5() -> torch.nn.Module:
+    """A random transformers T5EncoderModel whose width is the UNets' encoder_hid_dim."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=50, d_model=TEXT[1], d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+    )
+    return T5EncoderModel(config).eval()

@@ -268,3 +268,30 @@ def test_super_resolution_variants_match_diffusers(pipes, kind):
     assert a.shape == (2, 32, 32, 3)
     assert if_tiny.unsaturated(b) > 0.2
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_prompts_through_a_t5_text_encoder_match_diffusers(pipes):
+    """Texts (lower-cased; the negative padded to the prompt's length) through ``text_encoder(ids, attention_mask=)``
+    with a transformers T5 and a stand-in tokenizer shared by both pipelines."""
+    import diffusers
+
+    _, ref = pipes[if_tiny.STAGE_I]
+    ours, _ = pipes[if_tiny.STAGE_I]
+    tokenizer, t5 = if_tiny.WordTokenizer(), if_tiny.tiny_t5()
+    ref_text = diffusers.IFPipeline(
+        tokenizer=tokenizer, text_encoder=t5, unet=ref.unet, scheduler=ref.scheduler, safety_checker=None,
+        feature_extractor=None, watermarker=None, requires_safety_checker=False,
+    )  # fmt: skip
+    ref_text.set_progress_bar_config(disable=True)
+    ours_text = IFPipeline(tokenizer=tokenizer, text_encoder=t5, unet=ours.unet, scheduler=ours.scheduler)
+    ours_text.set_progress_bar_config(disable=True)
+    common = dict(
+        prompt=["A Red Fox  ", "two small boats"], negative_prompt=["blurry", "dark water"], num_inference_steps=2,
+        output_type="np", height=16, width=16, clean_caption=False,
+    )  # fmt: skip
+    a = ours_text(generator=torch.Generator().manual_seed(0), **common).images
+    b = ref_text(generator=torch.Generator().manual_seed(0), **common).images
+    assert if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    other = ours_text(generator=torch.Generator().manual_seed(0), **{**common, "prompt": ["a cat", "a dog"]}).images
+    assert np.abs(other - a).max() > 1e-5  # the text reaches the images (weakly: small random UNet weights)
