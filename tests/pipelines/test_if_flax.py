@@ -8,6 +8,8 @@ for reproducibility and per-image independence.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import numpy as np
 import pytest
@@ -146,3 +148,33 @@ def test_missing_key_raises(pipes):
     pos, neg = if_tiny.text_embeds(1)
     with pytest.raises(ValueError, match="key"):
         flax_pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=1, height=16, width=16)
+
+
+IF_RECIPE_PARTS = (
+    "_schedule",
+    "_start",
+    "_model_fn",
+    "_augment",
+    "_blend",
+    "_blend_inputs",
+    "encode_prompt",
+    "_finish",
+)
+
+
+@pytest.mark.parametrize("kind", if_tiny.ALL)
+def test_both_backends_bind_the_same_core_recipe(kind):
+    """Each IF pipeline is defined once: both backend classes subclass the core recipe and redefine none of it."""
+    from diffusion_core import flax as dc_flax
+    from diffusion_core import torch as dc_torch
+
+    classes = [getattr(dc_torch, kind), getattr(dc_flax, kind)]
+    for cls in classes:
+        assert issubclass(cls, dif.IFRecipe)
+        backend = [k for k in cls.__mro__ if k.__module__.startswith(("diffusion_core.torch", "diffusion_core.flax"))]
+        for part in IF_RECIPE_PARTS:
+            assert not any(part in vars(k) for k in backend), f"{cls.__module__}.{kind} redefines {part}"
+    assert classes[0]._components == classes[1]._components and classes[0]._stage2 == classes[1]._stage2
+    torch_args = [p for p in inspect.signature(classes[0].__call__).parameters if p != "generator"]
+    flax_args = [p for p in inspect.signature(classes[1].__call__).parameters if p != "key"]
+    assert torch_args == flax_args
