@@ -1,21 +1,24 @@
-"""DeepFloyd IF pipelines defined once: stage I (``IFPipeline``) and stage II (``IFSuperResolutionPipeline``).
+"""DeepFloyd IF pipelines defined once: stage I (``IFPipeline``), stage II (``IFSuperResolutionPipeline``) and
+their img2img / inpainting forms (``IFImg2Img[SuperResolution]Pipeline``, ``IFInpainting[SuperResolution]Pipeline``).
 
 Pixel-space cascaded diffusion (Saharia et al. 2022, Imagen's recipe) with a T5 text context. Stage I
 draws 64x64 images; stage II draws at 256x256 conditioned on the bilinearly upscaled stage-I image,
 forward-diffused to ``noise_level`` by ``image_noising_scheduler`` (noise augmentation, Ho et al. 2021),
-with the noise level as the UNet's class label. The UNets predict (noise, variance range): schedulers
-that read the variance (``variance_type`` "learned"/"learned_range") get both halves, others only the
-first, as in diffusers.
+with the noise level as the UNet's class label. img2img starts from an image forward-diffused to ``strength``;
+inpainting also keeps it outside the mask after every step. The UNets predict (noise, variance range):
+schedulers that read the variance (``variance_type`` "learned"/"learned_range") get both halves, others only
+the first, as in diffusers.
 
 A backend's pipeline class mixes :class:`IFRecipe` in and adds ``__call__`` (``generator=`` or ``key=``),
 its RNG draws and the primitives ``_encode_ids(ids, mask)`` (the text encoder:
-``text_encoder(input_ids, attention_mask=mask)[0]``), ``_embeds_array(e)`` and ``_run_loop``.
+``text_encoder(input_ids, attention_mask=mask)[0]``), ``_embeds_array(e)`` and its ``_run`` (noise, loop).
 The safety checker, feature extractor and watermarker are not ported: they load as None (one warning
 line each from the loader) and the images are returned unchecked and unmarked.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +31,8 @@ from diffusion_core.pipelines import guidance as guidance_math
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.base import ImagePipelineOutput
 from diffusion_core.pipelines.image import images_to_output, pil_to_numpy
+
+logger = logging.getLogger(__name__)
 
 IF_COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler", "safety_checker", "feature_extractor", "watermarker")
 IF_SR_COMPONENTS = (*IF_COMPONENTS[:4], "image_noising_scheduler", *IF_COMPONENTS[4:])
@@ -244,8 +249,10 @@ def resize_bilinear(images: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def if_texts(texts: list[str], clean_caption: bool) -> list[str]:
-    """diffusers' IF text preprocessing without bs4/ftfy: lower-cased and stripped (``clean_caption`` is not
-    ported; diffusers itself falls back to this when those packages are missing)."""
+    """diffusers' IF text preprocessing without bs4/ftfy: lower-cased and stripped. ``clean_caption`` (their caption
+    cleaning) is not ported: a warning says so, as diffusers warns and falls back here without those packages."""
+    if clean_caption:
+        logger.warning("clean_caption=True: caption cleaning is not ported; prompts are lower-cased and stripped")
     return [t.lower().strip() for t in texts]
 
 
