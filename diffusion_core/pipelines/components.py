@@ -152,6 +152,12 @@ def backend_component_table(models_package: str) -> dict[str, ComponentClass]:
 _BACKEND_PIPELINES: dict[str, str] = {
     "DDPMPipeline": "ddpm",
     "DDIMPipeline": "ddpm",
+    "IFPipeline": "deepfloyd_if",
+    "IFImg2ImgPipeline": "deepfloyd_if",
+    "IFInpaintingPipeline": "deepfloyd_if",
+    "IFImg2ImgSuperResolutionPipeline": "deepfloyd_if",
+    "IFInpaintingSuperResolutionPipeline": "deepfloyd_if",
+    "IFSuperResolutionPipeline": "deepfloyd_if",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
         for kind in ("", "Img2Img", "Inpaint", "InstructPix2Pix", "ControlNet", "Upscale", "LatentUpscale")

@@ -14,6 +14,7 @@ from diffusion_core.flax.models.clip_text import (
     CLIPTextWithProjectionOutput,
 )
 from diffusion_core.flax.models.controlnet import ControlNetConditioningEmbedding, ControlNetModel
+from diffusion_core.flax.models.embeddings import AttentionPooling, TextTimeEmbedding
 from diffusion_core.flax.models.layers import (
     Downsample2D,
     FrozenWeight,
@@ -45,10 +46,18 @@ from diffusion_core.flax.models.unet_2d_condition_blocks import (
     KUpBlock2D,
     UNetMidBlock2DCrossAttn,
 )
+from diffusion_core.flax.models.unet_2d_simple_blocks import (
+    AddedKVAttention,
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
+)
 from diffusion_core.flax.models.vae import AutoencoderKL, Decoder, DownEncoderBlock2D, Encoder, UpDecoderBlock2D
 
 __all__ = [
+    "AddedKVAttention",
     "Attention",
+    "AttentionPooling",
     "AttnDownBlock2D",
     "AttnUpBlock2D",
     "AutoencoderKL",
@@ -76,9 +85,12 @@ __all__ = [
     "KUpBlock2D",
     "ResnetBlock2D",
     "ResnetOptions",
+    "SimpleCrossAttnDownBlock2D",
+    "SimpleCrossAttnUpBlock2D",
     "SpatialSelfAttention",
     "T5EncoderModel",
     "T5EncoderOutput",
+    "TextTimeEmbedding",
     "TimestepEmbedding",
     "Timesteps",
     "Transformer2DModel",
@@ -86,6 +98,7 @@ __all__ = [
     "UNet2DModel",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
+    "UNetMidBlock2DSimpleCrossAttn",
     "UpBlock2D",
     "UpDecoderBlock2D",
     "Upsample2D",

@@ -15,6 +15,7 @@ from diffusion_core.torch.models.clip_text import (
     CLIPTextWithProjectionOutput,
 )
 from diffusion_core.torch.models.controlnet import ControlNetModel
+from diffusion_core.torch.models.embeddings import AttentionPooling, TextTimeEmbedding
 from diffusion_core.torch.models.layers import (
     Downsample2D,
     GaussianFourierProjection,
@@ -44,6 +45,12 @@ from diffusion_core.torch.models.unet_2d_condition_blocks import (
     KUpBlock2D,
     UNetMidBlock2DCrossAttn,
 )
+from diffusion_core.torch.models.unet_2d_simple_blocks import (
+    AddedKVAttention,
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
+)
 from diffusion_core.torch.models.vae import (
     AutoencoderKL,
     Decoder,
@@ -53,7 +60,9 @@ from diffusion_core.torch.models.vae import (
 )
 
 __all__ = [
+    "AddedKVAttention",
     "Attention",
+    "AttentionPooling",
     "AttnDownBlock2D",
     "AttnUpBlock2D",
     "AutoencoderKL",
@@ -80,9 +89,12 @@ __all__ = [
     "KUpBlock2D",
     "ResnetBlock2D",
     "ResnetOptions",
+    "SimpleCrossAttnDownBlock2D",
+    "SimpleCrossAttnUpBlock2D",
     "SpatialSelfAttention",
     "T5EncoderModel",
     "T5EncoderOutput",
+    "TextTimeEmbedding",
     "TimestepEmbedding",
     "Timesteps",
     "Transformer2DModel",
@@ -90,6 +102,7 @@ __all__ = [
     "UNet2DModel",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
+    "UNetMidBlock2DSimpleCrossAttn",
     "UpBlock2D",
     "UpDecoderBlock2D",
     "Upsample2D",

@@ -1,6 +1,14 @@
 """PyTorch pipelines: ``DiffusionPipeline.from_pretrained`` plus the concrete pipeline classes."""
 
 from diffusion_core.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
+from diffusion_core.torch.pipelines.deepfloyd_if import (
+    IFImg2ImgPipeline,
+    IFImg2ImgSuperResolutionPipeline,
+    IFInpaintingPipeline,
+    IFInpaintingSuperResolutionPipeline,
+    IFPipeline,
+    IFSuperResolutionPipeline,
+)
 from diffusion_core.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionControlNetPipeline,
@@ -18,6 +26,12 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "IFImg2ImgPipeline",
+    "IFImg2ImgSuperResolutionPipeline",
+    "IFInpaintingPipeline",
+    "IFInpaintingSuperResolutionPipeline",
+    "IFPipeline",
+    "IFSuperResolutionPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
