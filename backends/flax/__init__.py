@@ -7,6 +7,7 @@ from diffusion_core.flax.models import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     ControlNetModel,
+    MultiControlNetModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "MultiControlNetModel",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

@@ -5,6 +5,7 @@ from diffusion_core.torch.models import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     ControlNetModel,
+    MultiControlNetModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "MultiControlNetModel",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

@@ -1,8 +1,9 @@
-"""Flax ``StableDiffusionControlNetPipeline``: text to image steered by one ControlNet (Zhang et al. 2023).
+"""Flax ``StableDiffusionControlNetPipeline``: text to image steered by ControlNets (Zhang et al. 2023).
 
-The recipe is ``diffusion_core.pipelines.sd_control`` (which model calls the ControlNet acts on, the control
-batch, guess mode); here the ControlNet and the UNet run inside the one compiled denoising scan, the ControlNet's
-per-call weight ``controlnet_conditioning_scale * keep[i]`` indexed by the model-call counter.
+The recipe is ``diffusion_core.pipelines.sd_recipes.ControlNetRecipe`` (per-net options, which model calls each
+ControlNet acts on, the control batch, guess mode); here the ControlNets and the UNet run inside the one compiled
+denoising scan, net k's per-call weight ``controlnet_conditioning_scale[k] * keep[i, k]`` indexed by the model-call
+counter (the scales are traced: changing them does not recompile).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from diffusion_core.pipelines.sd_recipes import ControlNetRecipe
 
 
 class StableDiffusionControlNetPipeline(ControlNetRecipe, StableDiffusionBase):
-    """SD with one ``ControlNetModel``; diffusers' ``StableDiffusionControlNetPipeline`` for Flax."""
+    """SD with a ``ControlNetModel``, or several (a list or a ``MultiControlNetModel``); diffusers'
+    ``StableDiffusionControlNetPipeline`` for Flax."""
 
     def __call__(
         self,
@@ -38,15 +40,16 @@ class StableDiffusionControlNetPipeline(ControlNetRecipe, StableDiffusionBase):
         negative_prompt_embeds: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        controlnet_conditioning_scale: float = 1.0,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
         guess_mode: bool = False,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         clip_skip: int | None = None,
         parallel: str | None = None,
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate images for ``prompt`` following the control ``image`` (edges, depth, pose, ...)."""
+        """Generate images for ``prompt`` following the control ``image`` (edges, depth, pose, ...); with several
+        ControlNets, ``image`` and (optionally) the scale and guidance window are lists with one entry per net."""
         request = self._request(locals())  # first: the call's parameters
         control, size, opts, scalars = self._control_inputs(
             request, image, (height, width), guess_mode, controlnet_conditioning_scale,
@@ -57,5 +60,5 @@ class StableDiffusionControlNetPipeline(ControlNetRecipe, StableDiffusionBase):
 
     def _inputs(self, run: Run, keys: jax.Array, start: np.ndarray | None, options: dict) -> dict[str, Any]:
         inputs = super()._inputs(run, keys, start, options)
-        inputs["control"] = options["control"]  # (N, 3, H, W): image b's control image
+        inputs["control"] = options["control"]  # (N, nets, 3, H, W): image b's control image per net
         return inputs

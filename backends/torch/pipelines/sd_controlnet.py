@@ -1,7 +1,7 @@
-"""PyTorch ``StableDiffusionControlNetPipeline``: text to image steered by a ControlNet (Zhang et al. 2023).
+"""PyTorch ``StableDiffusionControlNetPipeline``: text to image steered by ControlNets (Zhang et al. 2023).
 
-The recipe is ``diffusion_core.pipelines.sd_recipes.ControlNetRecipe`` (guidance window, control batch, guess
-mode); the ControlNet's residuals feed the UNet's skips and mid block at every model call.
+The recipe is ``diffusion_core.pipelines.sd_recipes.ControlNetRecipe`` (per-net options and guidance windows,
+control batch, guess mode); the ControlNets' residuals feed the UNet's skips and mid block at every model call.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from diffusion_core.torch.sampling import Generators
 
 
 class StableDiffusionControlNetPipeline(ControlNetRecipe, StableDiffusionBase):
-    """SD with one ``ControlNetModel``; diffusers' ``StableDiffusionControlNetPipeline``."""
+    """SD with a ``ControlNetModel``, or several (a list or a ``MultiControlNetModel``); diffusers'
+    ``StableDiffusionControlNetPipeline``."""
 
     def __call__(
         self,
@@ -35,14 +36,15 @@ class StableDiffusionControlNetPipeline(ControlNetRecipe, StableDiffusionBase):
         negative_prompt_embeds: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        controlnet_conditioning_scale: float = 1.0,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
         guess_mode: bool = False,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         clip_skip: int | None = None,
         callback_on_step_end: StepCallback | None = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate images for ``prompt`` following the control ``image`` (edges, depth, pose, ...)."""
+        """Generate images for ``prompt`` following the control ``image`` (edges, depth, pose, ...); with several
+        ControlNets, ``image`` and (optionally) the scale and guidance window are lists with one entry per net."""
         request = self._request(locals())  # first: the call's parameters
         control, (height, width), opts, scalars = self._control_inputs(
             request, image, (height, width), guess_mode, controlnet_conditioning_scale,
