@@ -162,7 +162,17 @@ _BACKEND_PIPELINES: dict[str, str] = {
     "DDIMPipeline": "ddpm",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
-        for kind in ("", "Img2Img", "Inpaint", "InstructPix2Pix", "ControlNet", "Upscale", "LatentUpscale")
+        for kind in (
+            "",
+            "Img2Img",
+            "Inpaint",
+            "InstructPix2Pix",
+            "ControlNet",
+            "ControlNetImg2Img",
+            "ControlNetInpaint",
+            "Upscale",
+            "LatentUpscale",
+        )  # fmt: skip
     },
 }
 

@@ -67,22 +67,25 @@ def control_settings(count: int, conditioning_scale: Any, start: Any, end: Any) 
     return ControlSettings(scales, starts, ends)
 
 
-def control_images(image: Any, count: int, multi: bool) -> list[Any]:
-    """The ``image`` argument as one control input per ControlNet. One ControlNet: ``image`` itself. Several: a
-    list of one input per net, or (diffusers' nested form) a list per prompt holding one image per net."""
+def control_images(image: Any, count: int, multi: bool, name: str = "image") -> list[Any]:
+    """The control image argument (``name``) as one control input per ControlNet. One ControlNet: the argument
+    itself. Several: a list of one input per net, or (diffusers' nested form) a list per prompt holding one image per
+    net."""
     if image is None:
-        raise ValueError("image: the ControlNet conditioning image is required (PIL image(s) or numpy in [0, 1])")
+        raise ValueError(f"{name}: the ControlNet conditioning image is required (PIL image(s) or numpy in [0, 1])")
     if not multi:
         return [image]
     accepted = f"a list of {count} control images, one per ControlNet (or one such list per prompt)"
     if not isinstance(image, (list, tuple)):
-        raise ValueError(f"image: with {count} ControlNets pass {accepted}, got {type(image).__name__}")
+        raise ValueError(f"{name}: with {count} ControlNets pass {accepted}, got {type(image).__name__}")
     if any(isinstance(i, (list, tuple)) for i in image):
         if not all(isinstance(i, (list, tuple)) and len(i) == count for i in image):
-            raise ValueError(f"image: with {count} ControlNets every per-prompt list needs {count} images ({accepted})")
+            raise ValueError(
+                f"{name}: with {count} ControlNets every per-prompt list needs {count} images ({accepted})"
+            )
         return [_joined(per_net) for per_net in zip(*image, strict=True)]
     if len(image) != count:
-        raise ValueError(f"image: with {count} ControlNets pass {accepted}, got {len(image)} entries")
+        raise ValueError(f"{name}: with {count} ControlNets pass {accepted}, got {len(image)} entries")
     return list(image)
 
 
@@ -101,10 +104,13 @@ def controlnet_keep(num_calls: int, start: float, end: float) -> np.ndarray:
     return (1.0 - off).astype(np.float32)
 
 
-def controlnet_keeps(num_calls: int, settings: ControlSettings) -> np.ndarray:
-    """(num_calls, nets) float32: :func:`controlnet_keep` of every net, column k for net k."""
-    keeps = [controlnet_keep(num_calls, s, e) for s, e in zip(settings.starts, settings.ends, strict=True)]
-    return np.stack(keeps, axis=1)
+def controlnet_keeps(num_calls: int, settings: ControlSettings, first: int = 0) -> np.ndarray:
+    """(num_calls, nets) float32, row i for model call i, column k for net k: :func:`controlnet_keep` over the calls
+    that run, ``first`` to ``num_calls - 1`` (a mid-schedule start at img2img ``strength``: the window is a fraction
+    of the remaining calls, as diffusers); the skipped rows are 0."""
+    runs = num_calls - first
+    keeps = [controlnet_keep(runs, s, e) for s, e in zip(settings.starts, settings.ends, strict=True)]
+    return np.concatenate([np.zeros((first, len(keeps)), np.float32), np.stack(keeps, axis=1)])
 
 
 def control_image_batch(image: Any, batch_size: int, num_images_per_prompt: int, parts: int, guess_mode: bool) -> Any:

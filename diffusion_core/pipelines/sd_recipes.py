@@ -7,7 +7,7 @@ hooks it needs. Per-image ``inputs`` each backend builds (with its VAE and RNG) 
 - inpaint: ``noise``, ``mask`` (latent size), ``image_latents`` (strength < 1 or a 4-channel UNet),
   ``masked_latents`` (9-channel UNet only);
 - InstructPix2Pix: ``noise``, ``image_latents`` (unscaled posterior mode);
-- ControlNet: ``noise``, ``control`` (N, nets, 3, H, W);
+- ControlNet: ``noise``, ``control`` (N, nets, 3, H, W); with img2img / inpaint, their inputs too;
 - x4 upscaler: ``noise``, ``low_res`` (the noised low-res image, tiled to N);
 - x2 latent upscaler: ``noise``, ``low_res`` (scaled latents), ``time_cond`` (guidance-batch order).
 """
@@ -27,6 +27,8 @@ from diffusion_core.pipelines.components import lookup_component_class
 from diffusion_core.pipelines.sd_recipe import SDRequest, StableDiffusionRecipe, repeat_parts
 
 __all__ = [
+    "ControlNetImg2ImgRecipe",
+    "ControlNetInpaintRecipe",
     "ControlNetRecipe",
     "Img2ImgRecipe",
     "InpaintRecipe",
@@ -129,18 +131,19 @@ class ControlNetRecipe(StableDiffusionRecipe):
 
     def _control_inputs(
         self, request: SDRequest, image: Any, size: tuple[int | None, int | None], guess_mode: bool,
-        conditioning_scale: Any, window: tuple[Any, Any],
+        conditioning_scale: Any, window: tuple[Any, Any], name: str = "image",
     ) -> tuple[np.ndarray, tuple[int, int], tuple, tuple]:  # fmt: skip
         """Checks and host inputs: ``(control images per generated image and net (N, nets, 3, H, W), (height,
-        width), opts, scalars)``; guess mode is on when asked or when the (first) ControlNet pools its conditions."""
+        width), opts, scalars)``; guess mode is on when asked or when the (first) ControlNet pools its conditions.
+        ``name``: the call's argument holding the control images."""
         nets, multi = self._controlnets()
-        images = sd_control.control_images(image, len(nets), multi)
+        images = sd_control.control_images(image, len(nets), multi, name)
         settings = sd_control.control_settings(len(nets), conditioning_scale, window[0], window[1])
         guess = bool(guess_mode or nets[0].config.get("global_pool_conditions", False))
         controls = [sd_image.preprocess_control_image(im, self.vae_scale_factor, size[0], size[1]) for im in images]
         sizes = {c.shape[2:] for c in controls}  # each (b, 3, H, W)
         if len(sizes) > 1:
-            raise ValueError(f"image: the control images must share one size (height x width), got {sorted(sizes)}")
+            raise ValueError(f"{name}: the control images must share one size (height x width), got {sorted(sizes)}")
         size = sd.resolve_size(controls[0].shape[2], controls[0].shape[3], self.unet.config, self.vae.config)
         batch, per_prompt = request.batch, request.num_images_per_prompt
         per_image = np.stack([sd_control.control_image_batch(c, batch, per_prompt, 1, guess) for c in controls], 1)
@@ -153,14 +156,15 @@ class ControlNetRecipe(StableDiffusionRecipe):
     ) -> Callable[[Any, Any, Any], Any]:  # fmt: skip
         """``(x, t, i)``: each ControlNet's residuals, weighted by its scale and guidance window at call i, summed
         into the guided UNet."""
-        unet, controlnet, context = nets["unet"], nets["controlnet"], inputs["context"]
+        unet, controlnet, context, extra = nets["unet"], nets["controlnet"], inputs["context"], self._extra(inputs, g)
         guess_mode, multi, settings = opts["guess_mode"], opts["multi_controlnet"], opts["control_settings"]
         b, count = inputs["noise"].shape[0], len(settings.scales)
         controls = [  # per net: (N or parts * N, 3, H, W)
             sd_control.control_image_batch(inputs["control"][:, k], b, 1, g.parts, guess_mode) for k in range(count)
         ]
         cond_context = context[-b:] if guess_mode else context  # guess mode: the conditional half only
-        keep = arrays.host_to_like(sd_control.controlnet_keeps(opts["num_calls"], settings), context)  # (calls, nets)
+        keeps = sd_control.controlnet_keeps(opts["num_calls"], settings, opts["first"])  # (calls, nets)
+        keep = arrays.host_to_like(keeps, context)
         scales = scalars["controlnet_conditioning_scale"]  # (nets,): traced by the flax program
 
         def model_fn(x: Any, t: Any, i: Any) -> Any:
@@ -173,9 +177,22 @@ class ControlNetRecipe(StableDiffusionRecipe):
             if guess_mode:
                 down, mid = sd_control.guess_mode_residuals(down, mid, g.parts)
             residuals = {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
-            return sd.combine(unet(sd.model_input(x, g), t, context, **residuals), g)
+            return sd.combine(unet(sd.model_input(x, g, extra), t, context, **residuals), g)
 
         return model_fn
+
+
+class ControlNetImg2ImgRecipe(ControlNetRecipe, Img2ImgRecipe):
+    """Image-to-image steered by ControlNets: img2img's noised start, the ControlNet model function."""
+
+    _legacy_scheduler_options = ()  # diffusers' ControlNet pipelines leave the scheduler config as given
+
+
+class ControlNetInpaintRecipe(ControlNetRecipe, InpaintRecipe):
+    """Inpainting steered by ControlNets: inpaint's start, extra channels and blend; the ControlNets see the
+    4-channel latents, the UNet its inpainting input."""
+
+    _legacy_scheduler_options = ()
 
 
 class UpscaleRecipe(StableDiffusionRecipe):

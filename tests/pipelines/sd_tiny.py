@@ -169,12 +169,15 @@ def random_controlnet(seed: int) -> diffusers.ControlNetModel:
     return _nonzero(diffusers.ControlNetModel(**SD_CONTROLNET).eval(), seed + 1)
 
 
-def save_multi_controlnet_pipeline(folder: Path, nets: int = 2) -> Path:
-    """A tiny diffusers ``StableDiffusionControlNetPipeline`` with ``nets`` different random ControlNets, saved
-    by diffusers (``controlnet/``, ``controlnet_1/``, ...; ``MultiControlNetModel`` in model_index.json)."""
-    components = sd_components("StableDiffusionControlNetPipeline")
-    components["controlnet"] = [random_controlnet(seed) for seed in range(nets)]
-    diffusers.StableDiffusionControlNetPipeline(**components, requires_safety_checker=False).save_pretrained(folder)
+def save_multi_controlnet_pipeline(
+    folder: Path, nets: int = 2, kind: str = "StableDiffusionControlNetPipeline", unet_in_channels: int = 4
+) -> Path:
+    """A tiny diffusers ControlNet pipeline of ``kind`` with ``nets`` different random ControlNets (one: a plain
+    ``ControlNetModel``), saved by diffusers (``controlnet/``, ``controlnet_1/``, ...; ``MultiControlNetModel`` in
+    model_index.json)."""
+    components = sd_components("StableDiffusionControlNetPipeline", unet_in_channels)
+    components["controlnet"] = [random_controlnet(seed) for seed in range(nets)] if nets > 1 else random_controlnet(0)
+    getattr(diffusers, kind)(**components, requires_safety_checker=False).save_pretrained(folder)
     return folder
 
 

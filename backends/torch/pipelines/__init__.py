@@ -3,6 +3,8 @@
 from diffusion_core.torch.pipelines.ddpm import DDIMPipeline, DDPMPipeline
 from diffusion_core.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -18,6 +20,8 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
