@@ -125,3 +125,16 @@ def test_bad_arguments_raise_before_compiling(pair):
         _ours(ours, control_guidance_start=[0.5, 0.9], control_guidance_end=[1.0, 0.9])
     with pytest.raises(ValueError, match="controlnets"):
         MultiControlNetModel([ours.unet])
+
+
+def test_multicontrolnet_save_loads_in_diffusers_and_here(pair, tmp_path):
+    paths = pair[0].controlnet.save_pretrained(tmp_path / "cn")
+    assert {p.parent.name for p in paths} == {"cn", "cn_1"}
+    again = diffusers.MultiControlNetModel.from_pretrained(str(tmp_path / "cn"))
+    assert len(again.nets) == 2
+    for saved, original in zip(again.nets, pair[1].controlnet.nets, strict=True):
+        weights = saved.state_dict()
+        for key, value in original.state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+    ours = MultiControlNetModel.from_pretrained(tmp_path, subfolder="cn", dtype=jnp.bfloat16)
+    assert len(ours.nets) == 2 and ours.dtype == jnp.bfloat16

@@ -194,3 +194,16 @@ def test_keeps_and_settings_broadcast_per_net():
         "controlnet_1",
         "controlnet_2",
     ]
+
+
+def test_multicontrolnet_save_loads_in_diffusers_and_here(pair, tmp_path):
+    paths = pair[0].controlnet.save_pretrained(tmp_path / "cn")
+    assert {p.parent.name for p in paths} == {"cn", "cn_1"}
+    again = diffusers.MultiControlNetModel.from_pretrained(str(tmp_path / "cn"))
+    assert len(again.nets) == 2
+    for saved, original in zip(again.nets, pair[1].controlnet.nets, strict=True):
+        weights = saved.state_dict()
+        for key, value in original.state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+    ours = MultiControlNetModel.from_pretrained(tmp_path, subfolder="cn", dtype=torch.float16)
+    assert len(ours.nets) == 2 and ours.dtype == torch.float16
