@@ -104,12 +104,12 @@ def controlnet_keep(num_calls: int, start: float, end: float) -> np.ndarray:
     return (1.0 - off).astype(np.float32)
 
 
-def controlnet_keeps(num_calls: int, settings: ControlSettings, first: int = 0) -> np.ndarray:
-    """(num_calls, nets) float32, row i for model call i, column k for net k: :func:`controlnet_keep` over the calls
-    that run, ``first`` to ``num_calls - 1`` (a mid-schedule start at img2img ``strength``: the window is a fraction
-    of the remaining calls, as diffusers); the skipped rows are 0."""
+def controlnet_keeps(num_calls: int, starts: Sequence[float], ends: Sequence[float], first: int = 0) -> np.ndarray:
+    """(num_calls, nets) float32, row i for model call i, column k for net k (window ``starts[k]``..``ends[k]``):
+    :func:`controlnet_keep` over the calls that run, ``first`` to ``num_calls - 1`` (a mid-schedule start at img2img
+    ``strength``: the window is a fraction of the remaining calls, as diffusers); the skipped rows are 0."""
     runs = num_calls - first
-    keeps = [controlnet_keep(runs, s, e) for s, e in zip(settings.starts, settings.ends, strict=True)]
+    keeps = [controlnet_keep(runs, s, e) for s, e in zip(starts, ends, strict=True)]
     return np.concatenate([np.zeros((first, len(keeps)), np.float32), np.stack(keeps, axis=1)])
 
 

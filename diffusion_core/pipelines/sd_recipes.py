@@ -147,7 +147,12 @@ class ControlNetRecipe(StableDiffusionRecipe):
         size = sd.resolve_size(controls[0].shape[2], controls[0].shape[3], self.unet.config, self.vae.config)
         batch, per_prompt = request.batch, request.num_images_per_prompt
         per_image = np.stack([sd_control.control_image_batch(c, batch, per_prompt, 1, guess) for c in controls], 1)
-        opts = (("guess_mode", guess), ("multi_controlnet", multi), ("control_settings", settings))
+        # static options (the flax program's cache key): the guidance windows; the scales are traced scalars
+        opts = (
+            ("guess_mode", guess),
+            ("multi_controlnet", multi),
+            ("control_guidance", (settings.starts, settings.ends)),
+        )
         return per_image, size, opts, (*request.scalars, ("controlnet_conditioning_scale", settings.scales))
 
     def _model_fn(
@@ -157,13 +162,13 @@ class ControlNetRecipe(StableDiffusionRecipe):
         """``(x, t, i)``: each ControlNet's residuals, weighted by its scale and guidance window at call i, summed
         into the guided UNet."""
         unet, controlnet, context, extra = nets["unet"], nets["controlnet"], inputs["context"], self._extra(inputs, g)
-        guess_mode, multi, settings = opts["guess_mode"], opts["multi_controlnet"], opts["control_settings"]
-        b, count = inputs["noise"].shape[0], len(settings.scales)
+        guess_mode, multi, (starts, ends) = opts["guess_mode"], opts["multi_controlnet"], opts["control_guidance"]
+        b, count = inputs["noise"].shape[0], len(starts)
         controls = [  # per net: (N or parts * N, 3, H, W)
             sd_control.control_image_batch(inputs["control"][:, k], b, 1, g.parts, guess_mode) for k in range(count)
         ]
         cond_context = context[-b:] if guess_mode else context  # guess mode: the conditional half only
-        keeps = sd_control.controlnet_keeps(opts["num_calls"], settings, opts["first"])  # (calls, nets)
+        keeps = sd_control.controlnet_keeps(opts["num_calls"], starts, ends, opts["first"])  # (calls, nets)
         keep = arrays.host_to_like(keeps, context)
         scales = scalars["controlnet_conditioning_scale"]  # (nets,): traced by the flax program
 

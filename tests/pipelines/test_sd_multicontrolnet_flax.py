@@ -72,8 +72,9 @@ def test_diffusers_layout_loads_as_a_multicontrolnet(pair):
 def test_two_controlnets_match_diffusers(pair, kwargs):
     ours, ref = pair
     a = _ours(ours, **kwargs).images
-    scales = kwargs.get("controlnet_conditioning_scale", [1.0, 1.0])
+    scales, traced = kwargs.get("controlnet_conditioning_scale", [1.0, 1.0]), ours.trace_count
     first_only = _ours(ours, **{**kwargs, "controlnet_conditioning_scale": [scales[0], 0.0]}).images
+    assert ours.trace_count == traced  # the per-net scales are traced: no recompile
     assert np.abs(a - first_only).max() > 10 * ATOL  # the second ControlNet matters
     np.testing.assert_allclose(a, _ref(ref, **kwargs).images, atol=ATOL, rtol=0)
 

@@ -187,8 +187,12 @@ def test_bad_per_controlnet_arguments_raise(pair):
 def test_keeps_and_settings_broadcast_per_net():
     settings = sd_control.control_settings(2, 0.5, [0.0, 0.5], 1.0)
     assert settings == sd_control.ControlSettings((0.5, 0.5), (0.0, 0.5), (1.0, 1.0))
-    np.testing.assert_array_equal(sd_control.controlnet_keeps(4, settings), [[1, 0], [1, 0], [1, 1], [1, 1]])
-    np.testing.assert_array_equal(sd_control.controlnet_keeps(5, settings, 1), [[0, 0], [1, 0], [1, 0], [1, 1], [1, 1]])
+    np.testing.assert_array_equal(
+        sd_control.controlnet_keeps(4, settings.starts, settings.ends), [[1, 0], [1, 0], [1, 1], [1, 1]]
+    )
+    np.testing.assert_array_equal(
+        sd_control.controlnet_keeps(5, settings.starts, settings.ends, 1), [[0, 0], [1, 0], [1, 0], [1, 1], [1, 1]]
+    )
     assert [p.name for p in (mcn.sibling_folder("a/controlnet", i) for i in range(3))] == [
         "controlnet",
         "controlnet_1",
