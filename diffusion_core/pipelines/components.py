@@ -32,6 +32,8 @@ class ComponentClass:
     library: str
     target: str  # "package.module:ClassName", imported on first use
     kind: Kind = "model"
+    # Saved as ``<name>/`` plus ``<name>_1/``, ``<name>_2/``, ... beside it (MultiControlNetModel's layout).
+    sibling_folders: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -125,10 +127,12 @@ _BACKEND_MODELS: dict[str, tuple[str, str]] = {
     "AutoencoderKL": ("diffusers", "vae"),
     "UNet2DConditionModel": ("diffusers", "unet_2d_condition"),
     "ControlNetModel": ("diffusers", "controlnet"),
+    "MultiControlNetModel": ("diffusers", "multicontrolnet"),
     "CLIPTextModel": ("transformers", "clip_text"),
     "CLIPTextModelWithProjection": ("transformers", "clip_text"),
     "T5EncoderModel": ("transformers", "t5"),
 }
+_SIBLING_FOLDER_MODELS = frozenset({"MultiControlNetModel"})
 _SHARED_CLASSES: dict[str, ComponentClass] = {
     "CLIPTokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:CLIPTokenizer", "tokenizer"),
     "T5Tokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:T5Tokenizer", "tokenizer"),
@@ -136,11 +140,18 @@ _SHARED_CLASSES: dict[str, ComponentClass] = {
 }
 
 
+def hub_folders(name: str, entry: ComponentClass) -> list[str]:
+    """The folders (``fnmatch`` patterns) a Hub snapshot needs for component ``name`` loaded as ``entry``."""
+    return [name, f"{name}_[0-9]*"] if entry.sibling_folders else [name]
+
+
 def backend_component_table(models_package: str) -> dict[str, ComponentClass]:
     """``{class name: ComponentClass}`` for a backend whose networks live in ``models_package``
     (``"diffusion_core.torch.models"``); modules are imported on first use, so missing ones only fail then."""
     table = {
-        name: ComponentClass(library, f"{models_package}.{module}:{name}")
+        name: ComponentClass(
+            library, f"{models_package}.{module}:{name}", sibling_folders=name in _SIBLING_FOLDER_MODELS
+        )
         for name, (library, module) in _BACKEND_MODELS.items()
     }
     return {**table, **_SHARED_CLASSES}
@@ -160,7 +171,17 @@ _BACKEND_PIPELINES: dict[str, str] = {
     "IFSuperResolutionPipeline": "deepfloyd_if",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
-        for kind in ("", "Img2Img", "Inpaint", "InstructPix2Pix", "ControlNet", "Upscale", "LatentUpscale")
+        for kind in (
+            "",
+            "Img2Img",
+            "Inpaint",
+            "InstructPix2Pix",
+            "ControlNet",
+            "ControlNetImg2Img",
+            "ControlNetInpaint",
+            "Upscale",
+            "LatentUpscale",
+        )  # fmt: skip
     },
 }
 

@@ -27,6 +27,7 @@ CALLS = [
     ("AutoencoderKL", "encode", "encode"),
     ("AutoencoderKL", "decode", "decode"),
     ("ControlNetModel", "forward", "__call__"),
+    ("MultiControlNetModel", "forward", "__call__"),
     ("CLIPTextModel", "forward", "__call__"),
     ("CLIPTextModelWithProjection", "forward", "__call__"),
     ("T5EncoderModel", "forward", "__call__"),

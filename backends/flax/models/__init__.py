@@ -26,6 +26,7 @@ from diffusion_core.flax.models.layers import (
     Upsample2D,
 )
 from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.multicontrolnet import MultiControlNetModel
 from diffusion_core.flax.models.t5 import T5EncoderModel, T5EncoderOutput
 from diffusion_core.flax.models.unet_2d import UNet2DModel
 from diffusion_core.flax.models.unet_2d_blocks import (
@@ -83,6 +84,7 @@ __all__ = [
     "KCrossAttnUpBlock2D",
     "KDownBlock2D",
     "KUpBlock2D",
+    "MultiControlNetModel",
     "ResnetBlock2D",
     "ResnetOptions",
     "SimpleCrossAttnDownBlock2D",

@@ -25,6 +25,7 @@ from diffusion_core.torch.models.layers import (
     Timesteps,
     Upsample2D,
 )
+from diffusion_core.torch.models.multicontrolnet import MultiControlNetModel
 from diffusion_core.torch.models.t5 import T5EncoderModel, T5EncoderOutput
 from diffusion_core.torch.models.unet_2d import UNet2DModel
 from diffusion_core.torch.models.unet_2d_blocks import (
@@ -87,6 +88,7 @@ __all__ = [
     "KCrossAttnUpBlock2D",
     "KDownBlock2D",
     "KUpBlock2D",
+    "MultiControlNetModel",
     "ResnetBlock2D",
     "ResnetOptions",
     "SimpleCrossAttnDownBlock2D",

@@ -163,11 +163,12 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         return self._scale(down, mid_res, conditioning_scale, guess_mode)
 
     def _scale(
-        self, down: list[torch.Tensor], mid: torch.Tensor, conditioning_scale: float, guess_mode: bool
+        self, down: list[torch.Tensor], mid: torch.Tensor, conditioning_scale: float | torch.Tensor, guess_mode: bool
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Apply the conditioning scale (log-ramped in guess mode) and optional global pooling."""
         guess = guess_mode and not self.plan.global_pool_conditions
-        factors = [float(f) for f in ucc.controlnet_residual_scales(len(down), conditioning_scale, guess)]
+        # conditioning_scale may be a tensor on the model's device (a pipeline's per-call weight): applied in torch
+        factors = [float(f) * conditioning_scale for f in ucc.controlnet_residual_scales(len(down), 1.0, guess)]
         down = [s * f for s, f in zip(down, factors, strict=False)]
         mid = mid * factors[-1]
         if self.plan.global_pool_conditions:

@@ -11,6 +11,8 @@ from diffusion_core.torch.pipelines.deepfloyd_if import (
 )
 from diffusion_core.torch.pipelines.pipeline_utils import TORCH_COMPONENTS, TORCH_PIPELINES, DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -32,6 +34,8 @@ __all__ = [
     "IFInpaintingSuperResolutionPipeline",
     "IFPipeline",
     "IFSuperResolutionPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
