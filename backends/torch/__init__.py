@@ -5,6 +5,8 @@ from diffusion_core.torch.models import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     ControlNetModel,
+    PriorTransformer,
+    UnCLIPTextProjModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "DDIMPipeline",
     "DDPMPipeline",
     "DiffusionPipeline",
+    "PriorTransformer",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
@@ -39,6 +42,7 @@ __all__ = [
     "StableDiffusionUpscalePipeline",
     "UNet2DConditionModel",
     "UNet2DModel",
+    "UnCLIPTextProjModel",
     "denoise_loop",
     "randn_tensor",
 ]

@@ -24,6 +24,7 @@ from diffusion_core.torch.models.layers import (
     Timesteps,
     Upsample2D,
 )
+from diffusion_core.torch.models.unclip import PriorTransformer, UnCLIPTextProjModel
 from diffusion_core.torch.models.unet_2d import UNet2DModel
 from diffusion_core.torch.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -77,6 +78,7 @@ __all__ = [
     "KCrossAttnUpBlock2D",
     "KDownBlock2D",
     "KUpBlock2D",
+    "PriorTransformer",
     "ResnetBlock2D",
     "ResnetOptions",
     "SpatialSelfAttention",
@@ -87,6 +89,7 @@ __all__ = [
     "UNet2DModel",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
+    "UnCLIPTextProjModel",
     "UpBlock2D",
     "UpDecoderBlock2D",
     "Upsample2D",
