@@ -7,6 +7,8 @@ from diffusion_core.flax.models import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     ControlNetModel,
+    PriorTransformer,
+    UnCLIPTextProjModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "StableDiffusionUpscalePipeline",
     "UNet2DConditionModel",
     "UNet2DModel",
+    "PriorTransformer",
+    "UnCLIPTextProjModel",
     "denoise_loop",
     "enable_compilation_cache",
     "initialize_distributed",

@@ -51,6 +51,23 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# Bare ``nn.Parameter``s (not inside a layer): a Flax leaf of the same name and layout. Listed, so that
+# any other leaf name (an RNG stream's ``key``) stays unmatched.
+BARE_PARAMETERS = frozenset(
+    {
+        "positional_embedding",  # PriorTransformer
+        "prd_embedding",
+        "clip_mean",
+        "clip_std",
+        "learned_classifier_free_guidance_embeddings",  # UnCLIPTextProjModel
+    }
+)
+
+
+def _bare_rule(name: str) -> Rule | None:
+    return Rule(name, name, None) if name in BARE_PARAMETERS else None
+
+
 def key_to_path(key: str) -> FlaxPath:
     """``'up_blocks.0.attentions.1.to_out.0.weight'`` -> ``('up_blocks', 0, ..., 'to_out', 0, 'weight')``."""
     return tuple(int(part) if part.isdigit() else part for part in key.split("."))
@@ -73,6 +90,9 @@ def match_torch_key(key: str, target: Mapping[FlaxPath, Shape]) -> tuple[FlaxPat
         path = (*prefix, rule.flax_name)
         if rule.torch_name == name and path in target and _fits(rule, len(target[path])):
             found.append((path, rule))
+    bare = _bare_rule(name)
+    if not found and bare is not None and (*prefix, name) in target:
+        return (*prefix, name), bare
     return found[0] if len(found) == 1 else None
 
 
@@ -82,7 +102,8 @@ def match_flax_path(path: FlaxPath, rank: int) -> tuple[str, Rule] | None:
     for rule in RULES:
         if rule.flax_name == name and _fits(rule, rank):
             return path_to_key((*prefix, rule.torch_name)), rule
-    return None
+    bare = _bare_rule(str(name))
+    return None if bare is None else (path_to_key(path), bare)
 
 
 def _raise_problems(direction: str, problems: Mapping[str, list[str]]) -> None:
