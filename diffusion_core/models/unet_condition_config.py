@@ -20,6 +20,8 @@ from diffusion_core.models.model_config import (
     CROSS_ATTN_BLOCKS,
     K_BLOCKS,
     K_GROUP_SIZE,
+    RESNET_RESAMPLE_BLOCKS,
+    SIMPLE_CROSS_ATTN_BLOCKS,
     block_name,
     check_int,
     controlnet_kwargs,
@@ -35,6 +37,7 @@ from diffusion_core.models.model_config import UNET_2D_CONDITION_DEFAULTS as UNE
 
 __all__ = [
     "CONTROLNET_DEFAULTS",
+    "AdditionPlan",
     "UNET_2D_CONDITION_DEFAULTS",
     "BlockPlan",
     "ControlNetPlan",
@@ -59,7 +62,8 @@ class BlockPlan:
     Attention layout: standard cross-attention blocks run ``Transformer2DModel`` with
     ``num_attention_heads`` heads of ``attention_head_dim`` channels (inner width = their product,
     which may be below ``out_channels``). K blocks' ``KAttentionBlock`` uses ``attention_head_dim``
-    channels per head and ``channels // attention_head_dim`` heads for an attention over ``channels``.
+    channels per head and ``channels // attention_head_dim`` heads for an attention over ``channels``;
+    so do the Simple* blocks' added-K/V attentions (``attention_head_dim`` None: one head over ``channels``).
     """
 
     block_type: str  # canonical diffusers class name
@@ -87,6 +91,8 @@ class BlockPlan:
     time_scale_shift: str = "default"  # standard resnets: "default" add or "scale_shift" FiLM
     output_scale_factor: float = 1.0
     dropout: float = 0.0
+    skip_time_act: bool = False  # Simple*/Resnet* resample blocks: resnets project temb without the activation
+    cross_attention_norm: str | None = None  # Simple* blocks: None, "layer_norm" or "group_norm" of the context
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,20 @@ class TimePlan:
 
 
 @dataclass(frozen=True)
+class AdditionPlan:
+    """diffusers' ``addition_embed_type``: a further embedding (``add_embedding``) added to the time embedding.
+
+    ``"text"`` (DeepFloyd IF): ``TextTimeEmbedding`` of the encoder states before ``encoder_hid_proj``
+    (LayerNorm, attention pooling with ``num_heads`` heads, linear, LayerNorm).
+    """
+
+    kind: str  # an ADDITION_EMBED_TYPES entry other than None
+    in_dim: int  # add_embedding input width (text: encoder_hid_dim, else cross_attention_dim)
+    embed_dim: int  # = the time embedding width it is added to
+    num_heads: int | None = None  # text: attention-pooling heads (addition_embed_type_num_heads)
+
+
+@dataclass(frozen=True)
 class UNet2DConditionPlan:
     in_channels: int
     out_channels: int
@@ -127,6 +147,7 @@ class UNet2DConditionPlan:
     act_fn: str
     num_upsamplers: int  # 2**num_upsamplers must divide H, W, else upsample sizes are forwarded
     center_input_sample: bool
+    addition: AdditionPlan | None = None  # addition_embed_type, see addition_plan
 
 
 @dataclass(frozen=True)
@@ -176,6 +197,18 @@ def _time_plan(cfg: Mapping[str, Any], *, controlnet: bool = False) -> TimePlan:
     )
 
 
+def addition_plan(cfg: Mapping[str, Any], embed_dim: int) -> AdditionPlan | None:
+    """The ``addition_embed_type`` embedding of a validated config, or None (one branch per type)."""
+    kind = cfg["addition_embed_type"]
+    if kind is None:
+        return None
+    if kind == "text":
+        width = cfg["encoder_hid_dim"] or cfg["cross_attention_dim"]
+        heads = cfg["addition_embed_type_num_heads"]
+        return AdditionPlan(kind=kind, in_dim=width, embed_dim=embed_dim, num_heads=heads)
+    raise ValueError(f"addition_embed_type: unsupported value {kind!r}")
+
+
 def _encoder_hid_proj(cfg: Mapping[str, Any]) -> tuple[int, int] | None:
     if cfg["encoder_hid_dim"] is None:
         return None
@@ -195,8 +228,10 @@ def _layers_tuple(value: Any, num_layers: int) -> tuple[int, ...]:
     return layers[:num_layers]
 
 
-def _attention(kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, layers: tuple[int, ...]) -> dict[str, Any]:
-    """Attention fields of a block: diffusers' head-count/head-dim quirk is resolved here."""
+def _attention(
+    kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, layers: tuple[int, ...], norm: str | None = None
+) -> dict[str, Any]:
+    """Attention fields of a block: diffusers' head-count/head-dim quirk is resolved here (norm: of the context)."""
     if kind in CROSS_ATTN_BLOCKS:
         if heads_or_dim is None or heads_or_dim > channels:
             raise ValueError(f"attention_head_dim: {heads_or_dim!r} heads do not fit {channels} channels")
@@ -209,11 +244,16 @@ def _attention(kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, laye
             cross_attention_dim=cross_dim,
             transformer_layers=layers,
         )
-    if kind in ("KCrossAttnDownBlock2D", "KCrossAttnUpBlock2D"):
+    if kind in ("KCrossAttnDownBlock2D", "KCrossAttnUpBlock2D", *SIMPLE_CROSS_ATTN_BLOCKS):
         head_dim = heads_or_dim or channels  # here it is the channels per head
         if head_dim > channels:
             raise ValueError(f"attention_head_dim: head dim {head_dim} exceeds {channels} channels")
         check_int("cross_attention_dim", cross_dim)
+        if kind in SIMPLE_CROSS_ATTN_BLOCKS and norm == "layer_norm" and cross_dim != channels:
+            raise ValueError(  # diffusers sizes that LayerNorm by the block width but applies it to the context
+                f"cross_attention_norm: 'layer_norm' needs cross_attention_dim == the block width ({channels}), "
+                f"got {cross_dim}"
+            )
         return dict(
             has_cross_attention=True,
             num_attention_heads=channels // head_dim,
@@ -225,7 +265,16 @@ def _attention(kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, laye
 
 def _resnet_fields(cfg: Mapping[str, Any], kind: str, temb: int) -> dict[str, Any]:
     k_block = kind in K_BLOCKS
+    if kind in SIMPLE_CROSS_ATTN_BLOCKS or kind in RESNET_RESAMPLE_BLOCKS:  # only these read the resnet_* options
+        simple = dict(
+            skip_time_act=bool(cfg["resnet_skip_time_act"]),
+            cross_attention_norm=cfg["cross_attention_norm"],
+            output_scale_factor=cfg["resnet_out_scale_factor"],
+        )
+    else:
+        simple = {}
     return dict(
+        **simple,
         temb_channels=temb,
         norm_groups=None if k_block else cfg["norm_num_groups"],
         norm_eps=cfg["norm_eps"],
@@ -259,7 +308,14 @@ def _down_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
                 downsample_padding=cfg["downsample_padding"],
                 only_cross_attention=bool(only_cross[i]),
                 add_self_attention=kind == "KCrossAttnDownBlock2D" and final,
-                **_attention(kind, channels[i], heads[i], cross[i], _layers_tuple(layers[i], lpb[i])),
+                **_attention(
+                    kind,
+                    channels[i],
+                    heads[i],
+                    cross[i],
+                    _layers_tuple(layers[i], lpb[i]),
+                    cfg.get("cross_attention_norm"),
+                ),
                 **_resnet_fields(cfg, kind, temb),
             )
         )
@@ -269,7 +325,7 @@ def _down_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
 def _up_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
     rev = list(reversed(cfg["block_out_channels"]))
     n = len(rev)
-    heads = per_block(cfg, "attention_head_dim", n)  # K blocks read it un-reversed (diffusers' indexing)
+    heads = per_block(cfg, "attention_head_dim", n)  # K and Simple* blocks read it un-reversed (diffusers' indexing)
     rev_heads = list(reversed(heads))
     cross = list(reversed(per_block(cfg, "cross_attention_dim", n)))
     lpb = list(reversed(per_block(cfg, "layers_per_block", n)))
@@ -279,7 +335,7 @@ def _up_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
     for i, name in enumerate(cfg["up_block_types"]):
         kind = block_name(name)
         final = i == n - 1
-        head_arg = heads[i] if kind in K_BLOCKS else rev_heads[i]
+        head_arg = heads[i] if kind in K_BLOCKS or kind in SIMPLE_CROSS_ATTN_BLOCKS else rev_heads[i]
         in_ch, out_ch = rev[min(i + 1, n - 1)], rev[i]
         plans.append(
             BlockPlan(
@@ -291,7 +347,14 @@ def _up_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
                 add_upsample=not final,
                 only_cross_attention=bool(only_cross[i]),
                 add_self_attention=kind == "KCrossAttnUpBlock2D" and in_ch == out_ch == temb,
-                **_attention(kind, out_ch, head_arg, cross[i], _layers_tuple(layers[i], lpb[i] + 1)),
+                **_attention(
+                    kind,
+                    out_ch,
+                    head_arg,
+                    cross[i],
+                    _layers_tuple(layers[i], lpb[i] + 1),
+                    cfg.get("cross_attention_norm"),
+                ),
                 **_resnet_fields(cfg, kind, temb),
             )
         )
@@ -304,8 +367,12 @@ def _mid_plan(cfg: Mapping[str, Any], temb: int) -> BlockPlan | None:
         return None
     channels = cfg["block_out_channels"][-1]
     n = len(cfg["block_out_channels"])
-    fields = {**_resnet_fields(cfg, kind, temb), "norm_groups": cfg["norm_num_groups"] or min(channels // 4, 32)}
-    num_layers = 1 if kind == "UNetMidBlock2DCrossAttn" else 0  # attention layers; resnets = num_layers + 1
+    fields = {
+        **_resnet_fields(cfg, kind, temb),
+        "norm_groups": cfg["norm_num_groups"] or min(channels // 4, 32),
+        "output_scale_factor": cfg["mid_block_scale_factor"],
+    }
+    num_layers = 0 if kind == "UNetMidBlock2D" else 1  # attention layers; resnets = num_layers + 1
     layers = per_block(cfg, "transformer_layers_per_block", n)[-1]
     heads = per_block(cfg, "attention_head_dim", n)[-1]
     cross = per_block(cfg, "cross_attention_dim", n)[-1]
@@ -314,10 +381,18 @@ def _mid_plan(cfg: Mapping[str, Any], temb: int) -> BlockPlan | None:
         in_channels=channels,
         out_channels=channels,
         num_layers=num_layers,
-        output_scale_factor=cfg["mid_block_scale_factor"],
-        **_attention(kind, channels, heads, cross, _layers_tuple(layers, num_layers)),
+        only_cross_attention=kind == "UNetMidBlock2DSimpleCrossAttn" and _mid_only_cross_attention(cfg),
+        **_attention(kind, channels, heads, cross, _layers_tuple(layers, num_layers), cfg.get("cross_attention_norm")),
         **fields,
     )
+
+
+def _mid_only_cross_attention(cfg: Mapping[str, Any]) -> bool:
+    """diffusers: ``mid_block_only_cross_attention``, else a bool ``only_cross_attention``, else False."""
+    value = cfg.get("mid_block_only_cross_attention")
+    if value is None and isinstance(cfg["only_cross_attention"], bool):
+        value = cfg["only_cross_attention"]
+    return bool(value)
 
 
 def unet_2d_condition_plan(cfg: Mapping[str, Any]) -> UNet2DConditionPlan:
@@ -342,6 +417,7 @@ def unet_2d_condition_plan(cfg: Mapping[str, Any]) -> UNet2DConditionPlan:
         act_fn=cfg["act_fn"],
         num_upsamplers=len(channels) - 1,
         center_input_sample=cfg["center_input_sample"],
+        addition=addition_plan(cfg, time.embed_dim),
     )
 
 

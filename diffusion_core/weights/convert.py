@@ -48,6 +48,7 @@ RULES: tuple[Rule, ...] = (
     Rule("weight", "embedding", 2),  # nn.Embedding <-> nnx.Embed
     Rule("bias", "bias", 1),
     Rule("weight", "weight", None),  # a tensor kept as is (GaussianFourierProjection's frozen weight)
+    Rule("positional_embedding", "positional_embedding", None),  # AttentionPooling's (1, C) class-token position
 )
 
 

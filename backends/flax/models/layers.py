@@ -319,6 +319,7 @@ class ResnetBlock2D(nnx.Module):
         output_scale_factor: float = 1.0,
         up: bool = False,
         down: bool = False,
+        skip_time_act: bool = False,
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
     ) -> None:
@@ -328,6 +329,7 @@ class ResnetBlock2D(nnx.Module):
             )
         out_channels = in_channels if out_channels is None else out_channels
         self.time_embedding_norm = time_embedding_norm
+        self.skip_time_act = skip_time_act  # project temb as is (DeepFloyd IF), not through the nonlinearity
         self.output_scale_factor = output_scale_factor
         self.norm1 = group_norm(in_channels, groups, eps, rngs, dtype)
         self.conv1 = conv(in_channels, out_channels, 3, rngs, dtype)
@@ -349,7 +351,8 @@ class ResnetBlock2D(nnx.Module):
             hidden_states = self.resample(hidden_states)
         hidden_states = self.conv1(hidden_states)
         if self.time_emb_proj is not None and temb is not None:
-            temb = self.time_emb_proj(self.nonlinearity(temb))[:, None, None, :]  # (B, 1, 1, C or 2C)
+            temb = temb if self.skip_time_act else self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, None, None, :]  # (B, 1, 1, C or 2C)
         hidden_states = self._apply_time(hidden_states, temb)
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
         if self.conv_shortcut is not None:

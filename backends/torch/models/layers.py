@@ -156,6 +156,7 @@ class ResnetBlock2D(nn.Module):
         output_scale_factor: float = 1.0,
         up: bool = False,
         down: bool = False,
+        skip_time_act: bool = False,
     ) -> None:
         super().__init__()
         if time_embedding_norm not in TIME_SCALE_SHIFTS:
@@ -164,6 +165,7 @@ class ResnetBlock2D(nn.Module):
             )
         out_channels = in_channels if out_channels is None else out_channels
         self.time_embedding_norm = time_embedding_norm
+        self.skip_time_act = skip_time_act  # project temb as is (DeepFloyd IF), not through the nonlinearity
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
@@ -191,7 +193,8 @@ class ResnetBlock2D(nn.Module):
             hidden_states = self.resample(hidden_states)
         hidden_states = self.conv1(hidden_states)
         if self.time_emb_proj is not None and temb is not None:
-            temb = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (B, C or 2C, 1, 1)
+            temb = temb if self.skip_time_act else self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]  # (B, C or 2C, 1, 1)
         hidden_states = self._apply_time(hidden_states, temb)
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
         if self.conv_shortcut is not None:
