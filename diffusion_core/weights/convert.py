@@ -49,24 +49,12 @@ RULES: tuple[Rule, ...] = (
     Rule("bias", "bias", 1),
     Rule("weight", "weight", None),  # a tensor kept as is (GaussianFourierProjection's frozen weight)
     Rule("positional_embedding", "positional_embedding", None),  # AttentionPooling's (1, C) class-token position
+    # PriorTransformer's / UnCLIPTextProjModel's bare parameters, kept as is (the prior's positional table above)
+    Rule("prd_embedding", "prd_embedding", None),
+    Rule("clip_mean", "clip_mean", None),
+    Rule("clip_std", "clip_std", None),
+    Rule("learned_classifier_free_guidance_embeddings", "learned_classifier_free_guidance_embeddings", None),
 )
-
-
-# Bare ``nn.Parameter``s (not inside a layer): a Flax leaf of the same name and layout. Listed, so that
-# any other leaf name (an RNG stream's ``key``) stays unmatched.
-BARE_PARAMETERS = frozenset(
-    {
-        "positional_embedding",  # PriorTransformer
-        "prd_embedding",
-        "clip_mean",
-        "clip_std",
-        "learned_classifier_free_guidance_embeddings",  # UnCLIPTextProjModel
-    }
-)
-
-
-def _bare_rule(name: str) -> Rule | None:
-    return Rule(name, name, None) if name in BARE_PARAMETERS else None
 
 
 def key_to_path(key: str) -> FlaxPath:
@@ -91,9 +79,6 @@ def match_torch_key(key: str, target: Mapping[FlaxPath, Shape]) -> tuple[FlaxPat
         path = (*prefix, rule.flax_name)
         if rule.torch_name == name and path in target and _fits(rule, len(target[path])):
             found.append((path, rule))
-    bare = _bare_rule(name)
-    if not found and bare is not None and (*prefix, name) in target:
-        return (*prefix, name), bare
     return found[0] if len(found) == 1 else None
 
 
@@ -103,8 +88,7 @@ def match_flax_path(path: FlaxPath, rank: int) -> tuple[str, Rule] | None:
     for rule in RULES:
         if rule.flax_name == name and _fits(rule, rank):
             return path_to_key((*prefix, rule.torch_name)), rule
-    bare = _bare_rule(str(name))
-    return None if bare is None else (path_to_key(path), bare)
+    return None
 
 
 def _raise_problems(direction: str, problems: Mapping[str, list[str]]) -> None:
