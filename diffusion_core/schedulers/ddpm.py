@@ -40,19 +40,26 @@ def _fixed_std(variance_type: str, posterior_var: np.ndarray, beta: np.ndarray) 
     return np.zeros_like(beta)  # learned types: std comes from the model at step time
 
 
-def posterior_state(acp, ts, variance_type: str, like, unit_step_betas=None) -> DDPMState:
+def next_timesteps(ts: np.ndarray) -> np.ndarray:
+    """(n,) the timestep each step goes to: the next scheduled one, -1 past the end."""
+    return np.concatenate([ts[1:], [-1]])
+
+
+def alpha_bar_prev(acp: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """(n,) alpha_bar at each step's target (1.0 past the end)."""
+    prev = next_timesteps(ts)
+    return np.where(prev >= 0, acp[np.clip(prev, 0, len(acp) - 1)], 1.0)
+
+
+def posterior_state(acp, ts, variance_type: str, like, step_betas=None) -> DDPMState:
     """The per-step posterior tables of q(x_prev | x_t, x0) for descending timesteps ``ts`` (host float64).
 
-    Each step goes from ``ts[i]`` to the next scheduled timestep (-1 past the end, alpha_bar 1.0) with
-    beta = 1 - alpha_bar_t / alpha_bar_prev; ``unit_step_betas`` (unCLIP) replaces it by the training
-    beta on steps t -> t - 1.
+    Each step goes from ``ts[i]`` to the next scheduled timestep with beta = 1 - alpha_bar_t / alpha_bar_prev,
+    unless the scheduler gives its own ``step_betas`` (unCLIP).
     """
-    prev = np.concatenate([ts[1:], [-1]])  # (n,) the next scheduled timestep; -1 past the end
     a_t = acp[ts]
-    a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, len(acp) - 1)], 1.0)
-    beta = 1.0 - a_t / a_prev  # beta of the (possibly strided) step t -> prev
-    if unit_step_betas is not None:
-        beta = np.where(prev == ts - 1, unit_step_betas[ts], beta)
+    a_prev = alpha_bar_prev(acp, ts)
+    beta = 1.0 - a_t / a_prev if step_betas is None else step_betas  # beta of the (possibly strided) step
     posterior_var = np.maximum((1.0 - a_prev) / (1.0 - a_t) * beta, 1e-20)
     has_noise = (ts > 0).astype(np.float64)
     std = np.where(ts > 0, _fixed_std(variance_type, posterior_var, beta), 0.0)

@@ -138,3 +138,30 @@ def test_unclip_learned_range_needs_two_c_channels():
     state = sched.set_timesteps(4, like=x)
     with pytest.raises(ValueError, match="model_output"):
         sched.step(state, x, x, noise=x)
+
+
+@pytest.mark.parametrize("n", [2, 3, 25])
+def test_unclip_posterior_coefficients_match_diffusers_float32(n):
+    """The x_t weight of the posterior mean, step by step, equals diffusers' float32 one; on a long first step of
+    the cosine schedule it is exactly 0 there (beta rounds to 1), where a float64 beta would keep ~1e-4 of x_t."""
+    import diffusers
+    import torch
+
+    config = {"prediction_type": "sample", "clip_sample": False}
+    ref = diffusers.UnCLIPScheduler(**config)
+    ref.set_timesteps(n)
+    state = schedulers.UnCLIPScheduler(**config).set_timesteps(n)
+    module = sys.modules[type(ref).__module__]
+    original = parity._patch_randn(module, lambda: torch.zeros(1, 1))
+    try:
+        ts = ref.timesteps
+        expected = []
+        for i, t in enumerate(ts):
+            prev = None if i + 1 == len(ts) else ts[i + 1]
+            out = ref.step(torch.zeros(1, 1), t, torch.ones(1, 1), prev_timestep=prev).prev_sample  # x0 = 0, x_t = 1
+            expected.append(float(out))
+    finally:
+        module.randn_tensor = original
+    np.testing.assert_allclose(np.asarray(state.x_coef, np.float64), expected, rtol=1e-6, atol=1e-12)
+    if n <= 3:  # 999 -> 500 or 0: alpha_bar_999 / alpha_bar_prev < 2**-24
+        assert expected[0] == 0.0 and float(state.x_coef[0]) == 0.0
