@@ -127,6 +127,8 @@ _BACKEND_MODELS: dict[str, tuple[str, str]] = {
     "ControlNetModel": ("diffusers", "controlnet"),
     "CLIPTextModel": ("transformers", "clip_text"),
     "CLIPTextModelWithProjection": ("transformers", "clip_text"),
+    "PriorTransformer": ("diffusers", "unclip"),
+    "UnCLIPTextProjModel": ("diffusers", "unclip"),
 }
 _SHARED_CLASSES: dict[str, ComponentClass] = {
     "CLIPTokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:CLIPTokenizer", "tokenizer"),
@@ -149,6 +151,7 @@ def backend_component_table(models_package: str) -> dict[str, ComponentClass]:
 _BACKEND_PIPELINES: dict[str, str] = {
     "DDPMPipeline": "ddpm",
     "DDIMPipeline": "ddpm",
+    "UnCLIPPipeline": "unclip",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
         for kind in ("", "Img2Img", "Inpaint", "InstructPix2Pix", "ControlNet", "Upscale", "LatentUpscale")
