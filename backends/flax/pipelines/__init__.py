@@ -11,6 +11,7 @@ from diffusion_core.flax.pipelines.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
+from diffusion_core.flax.pipelines.unclip import UnCLIPPipeline
 
 __all__ = [
     "FLAX_COMPONENTS",
@@ -25,4 +26,5 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "UnCLIPPipeline",
 ]
