@@ -50,8 +50,12 @@ def explicit_inputs(configs, prompt, **kwargs):
     return request, {s: noise(s) for s in uc.STAGES}
 
 
-@pytest.mark.slow  # compiles the three stage loops (~1 min on CPU)
-@pytest.mark.parametrize("kwargs", [{}, {"prior_guidance_scale": 1.0, "decoder_guidance_scale": 1.0}])
+# the guided default runs by default (it compiles the three stage loops: ~40 s on CPU); the rest is slow
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, pytest.param({"prior_guidance_scale": 1.0, "decoder_guidance_scale": 1.0}, marks=pytest.mark.slow)],
+    ids=["guided", "unguided"],
+)
 def test_flax_matches_our_torch_on_explicit_latents_and_noise(folder, ours, kwargs):
     torch_pipe = TorchPipeline.from_pretrained(folder)
     request, noise = explicit_inputs(torch_pipe._configs(), unclip_tiny.PROMPT, **kwargs)

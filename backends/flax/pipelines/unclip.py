@@ -1,6 +1,7 @@
 """``UnCLIPPipeline`` (Karlo) for Flax NNX: the core unCLIP recipe bound to NNX modules, keys and the scan loop.
 
-Each stage's loop is one ``lax.scan``. Stage s (0 prior, 1 decoder, 2 super-resolution) draws from
+Each stage's loop is one ``lax.scan`` in a jitted program (compiled once per shapes and options).
+Stage s (0 prior, 1 decoder, 2 super-resolution) draws from
 ``fold_in(key, s)``: image b starts from ``normal(fold_in(stage_key, b))`` and its step-i noise comes from
 ``fold_in(fold_in(stage_key, b), i)``, so an image does not depend on the batch it is made in.
 """
@@ -13,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
 from diffusion_core.flax.sampling import as_key, denoise_loop, per_example_keys, per_example_normal
@@ -20,6 +22,48 @@ from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines import unclip as uc
 
 NoiseFns = Mapping[str, Callable[[int], np.ndarray]]  # stage -> (model call -> step noise); tests only
+
+
+def _model_fn(stage: str, net, other, cond, guided: bool, scale: Any, last: int):
+    """The stage's ``model_fn(x, t, i)``: the recipe's guided prior / decoder call, or the super-resolution pair."""
+    if stage == "prior":
+        embeds, hidden, mask = cond
+
+        def prior(x, t, i):
+            pred = net(uc.model_batch(x, guided), t, embeds, hidden, mask).predicted_image_embedding
+            return uc.guide_prior(pred, scale, guided)
+
+        return prior
+    if stage == "decoder":
+        context, time_embeds, context_mask = cond
+
+        def decoder(x, t, i):
+            out = net(uc.model_batch(x, guided), t, context, class_labels=time_embeds, attention_mask=context_mask)
+            return uc.guide_decoder(out, x.shape[1], scale, guided)
+
+        return decoder
+    (upscaled,) = cond
+
+    def super_res(x, t, i):  # super_res_first on every call but the last, super_res_last there
+        x = uc.super_res_input(x, upscaled)
+        return jax.lax.cond(i == last, lambda: other(x, t), lambda: net(x, t))
+
+    return super_res
+
+
+@nnx.jit(static_argnames=("scheduler", "stage", "guided", "last"))
+def _stage_loop(net, other, x, state, keys, noises, cond, *, scheduler, stage, guided, scale, last):
+    """One stage: the scan over its model calls from the scaled start ``x``; noise from ``keys`` or ``noises``."""
+    noise_fn = None if noises is None else (lambda i: noises[i])
+    model_fn = _model_fn(stage, net, other, cond, guided, scale, last)
+    x, _ = denoise_loop(scheduler, model_fn, x, state, keys=keys, noise_fn=noise_fn, index_model_fn=True)
+    return x
+
+
+@nnx.jit
+def _encode(text_encoder, ids):
+    out = text_encoder(ids)
+    return out.text_embeds, out.last_hidden_state
 
 
 class UnCLIPPipeline(DiffusionPipeline):
@@ -79,15 +123,14 @@ class UnCLIPPipeline(DiffusionPipeline):
 
         def encode(texts):
             ids, mask = uc.tokenize_with_mask(self.tokenizer, texts)
-            out = self.text_encoder(jnp.asarray(ids))
-            return out.text_embeds, out.last_hidden_state, jnp.asarray(mask)
+            return (*_encode(self.text_encoder, jnp.asarray(ids)), jnp.asarray(mask))
 
         cond = encode(request.texts)
         uncond = encode([""] * len(request.texts)) if request.guided else (None, None, None)
         n, g = request.num_images_per_prompt, request.guided
         return tuple(uc.batch_text(c, u, n, g) for c, u in zip(cond, uncond, strict=True))
 
-    def _run(self, stage: str, request, model_fn, key, noise_fns, index_model_fn=False):
+    def _run(self, stage: str, request, nets, cond, key, noise_fns, scale: float = 0.0):
         """One stage's scan from its start draw (given latents, else drawn from the stage's key)."""
         scheduler = getattr(self, f"{stage}_scheduler")
         shape, calls = request.shapes[stage], request.steps[stage]
@@ -97,46 +140,32 @@ class UnCLIPPipeline(DiffusionPipeline):
             raise ValueError(f"key: needed to draw the {stage} stage's start (or pass {stage}_latents)")
         x = per_example_normal(keys, shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
         state = scheduler.set_timesteps(calls, like=x)
-        noise_fn = None
+        noises = None
         if noise_fns is not None:
             noises = jnp.stack([jnp.asarray(noise_fns[stage](i), x.dtype) for i in range(calls)])  # (n, *shape)
-            noise_fn, keys = (lambda i: noises[i]), None
-        x, _ = denoise_loop(
-            scheduler, model_fn, x * state.init_noise_sigma, state, keys=keys, noise_fn=noise_fn,
-            index_model_fn=index_model_fn,
+            keys = None
+        net, other = (nets, None) if not isinstance(nets, tuple) else nets
+        return _stage_loop(
+            net, other, x * state.init_noise_sigma, state, keys, noises, cond, scheduler=scheduler, stage=stage,
+            guided=request.guided, scale=jnp.float32(scale), last=calls - 1,
         )  # fmt: skip
-        return x
 
     def _prior_stage(self, request, embeds, hidden, mask, key, noise_fns):
-        g, scale = request.guided, request.prior_guidance_scale
-
-        def model_fn(x, t):
-            pred = self.prior(uc.model_batch(x, g), t, embeds, hidden, mask).predicted_image_embedding
-            return uc.guide_prior(pred, scale, g)
-
-        return self.prior.post_process_latents(self._run("prior", request, model_fn, key, noise_fns))
+        cond = (embeds, hidden, mask)
+        x = self._run("prior", request, self.prior, cond, key, noise_fns, request.prior_guidance_scale)
+        return self.prior.post_process_latents(x)
 
     def _decoder_stage(self, request, image_embeds, embeds, hidden, mask, key, noise_fns):
-        g, scale = request.guided, request.decoder_guidance_scale
         context, time_embeds = self.text_proj(
             image_embeddings=image_embeds, prompt_embeds=embeds, text_encoder_hidden_states=hidden,
-            do_classifier_free_guidance=g,
+            do_classifier_free_guidance=request.guided,
         )  # fmt: skip
         context_mask = uc.decoder_attention_mask(mask, self.text_proj.config["clip_extra_context_tokens"])
-
-        def model_fn(x, t):
-            out = self.decoder(uc.model_batch(x, g), t, context, class_labels=time_embeds, attention_mask=context_mask)
-            return uc.guide_decoder(out, x.shape[1], scale, g)
-
-        return uc.clamp_image(self._run("decoder", request, model_fn, key, noise_fns))
+        cond = (context, time_embeds, context_mask)
+        x = self._run("decoder", request, self.decoder, cond, key, noise_fns, request.decoder_guidance_scale)
+        return uc.clamp_image(x)
 
     def _super_res_stage(self, request, image, key, noise_fns):
         _, _, height, width = request.shapes["super_res"]
-        upscaled = uc.upsample_bicubic(image, height, width)
-        last = request.steps["super_res"] - 1
-
-        def model_fn(x, t, i):
-            x = uc.super_res_input(x, upscaled)
-            return jax.lax.cond(i == last, lambda: self.super_res_last(x, t), lambda: self.super_res_first(x, t))
-
-        return self._run("super_res", request, model_fn, key, noise_fns, index_model_fn=True)
+        cond = (uc.upsample_bicubic(image, height, width),)
+        return self._run("super_res", request, (self.super_res_first, self.super_res_last), cond, key, noise_fns)
