@@ -2,7 +2,6 @@
 
 The configs are diffusers' unCLIP fast-test ones (tests/pipelines/unclip/test_unclip.py), with a text
 encoder sized for CLIP's real vocabulary and every parameter random (zero-initialised ones included).
-The super-resolution UNets use DownBlock2D/UpBlock2D (``UNet2DModel`` here has no Resnet*sample blocks yet).
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ DECODER = dict(
 SUPER_RES = dict(
     sample_size=64,
     layers_per_block=1,
-    down_block_types=("DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D"),
+    down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
+    up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
     block_out_channels=(32, 64),
     in_channels=6,
     out_channels=3,
