@@ -8,7 +8,9 @@ from diffusion_core.flax.models import (
     CLIPTextModelWithProjection,
     ControlNetModel,
     MultiControlNetModel,
+    PriorTransformer,
     T5EncoderModel,
+    UnCLIPTextProjModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -61,6 +63,8 @@ __all__ = [
     "T5EncoderModel",
     "UNet2DConditionModel",
     "UNet2DModel",
+    "PriorTransformer",
+    "UnCLIPTextProjModel",
     "denoise_loop",
     "enable_compilation_cache",
     "initialize_distributed",

@@ -6,7 +6,9 @@ from diffusion_core.torch.models import (
     CLIPTextModelWithProjection,
     ControlNetModel,
     MultiControlNetModel,
+    PriorTransformer,
     T5EncoderModel,
+    UnCLIPTextProjModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "MultiControlNetModel",
     "StableDiffusionControlNetImg2ImgPipeline",
     "StableDiffusionControlNetInpaintPipeline",
+    "PriorTransformer",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
@@ -59,6 +62,7 @@ __all__ = [
     "T5EncoderModel",
     "UNet2DConditionModel",
     "UNet2DModel",
+    "UnCLIPTextProjModel",
     "denoise_loop",
     "randn_tensor",
 ]

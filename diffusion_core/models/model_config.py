@@ -11,8 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 # UNet2DModel options this library implements (diffusers names)
-UNET_2D_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
-UNET_2D_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
+# Resnet{Down,Up}sampleBlock2D (unCLIP's super-resolution UNets) are Down/UpBlock2D with a resnet resampler
+UNET_2D_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+UNET_2D_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 UNET_2D_MID_BLOCKS = ("UNetMidBlock2D", None)
 TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
 CLASS_EMBED_TYPES = (None, "timestep", "identity")

@@ -131,6 +131,8 @@ _BACKEND_MODELS: dict[str, tuple[str, str]] = {
     "CLIPTextModel": ("transformers", "clip_text"),
     "CLIPTextModelWithProjection": ("transformers", "clip_text"),
     "T5EncoderModel": ("transformers", "t5"),
+    "PriorTransformer": ("diffusers", "unclip"),
+    "UnCLIPTextProjModel": ("diffusers", "unclip"),
 }
 _SIBLING_FOLDER_MODELS = frozenset({"MultiControlNetModel"})
 _SHARED_CLASSES: dict[str, ComponentClass] = {
@@ -169,6 +171,7 @@ _BACKEND_PIPELINES: dict[str, str] = {
     "IFImg2ImgSuperResolutionPipeline": "deepfloyd_if",
     "IFInpaintingSuperResolutionPipeline": "deepfloyd_if",
     "IFSuperResolutionPipeline": "deepfloyd_if",
+    "UnCLIPPipeline": "unclip",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
         for kind in (

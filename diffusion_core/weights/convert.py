@@ -49,6 +49,11 @@ RULES: tuple[Rule, ...] = (
     Rule("bias", "bias", 1),
     Rule("weight", "weight", None),  # a tensor kept as is (GaussianFourierProjection's frozen weight)
     Rule("positional_embedding", "positional_embedding", None),  # AttentionPooling's (1, C) class-token position
+    # PriorTransformer's / UnCLIPTextProjModel's bare parameters, kept as is (the prior's positional table above)
+    Rule("prd_embedding", "prd_embedding", None),
+    Rule("clip_mean", "clip_mean", None),
+    Rule("clip_std", "clip_std", None),
+    Rule("learned_classifier_free_guidance_embeddings", "learned_classifier_free_guidance_embeddings", None),
 )
 
 

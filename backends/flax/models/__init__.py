@@ -28,6 +28,7 @@ from diffusion_core.flax.models.layers import (
 from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
 from diffusion_core.flax.models.multicontrolnet import MultiControlNetModel
 from diffusion_core.flax.models.t5 import T5EncoderModel, T5EncoderOutput
+from diffusion_core.flax.models.unclip import PriorTransformer, UnCLIPTextProjModel
 from diffusion_core.flax.models.unet_2d import UNet2DModel
 from diffusion_core.flax.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -98,6 +99,8 @@ __all__ = [
     "Transformer2DModel",
     "UNet2DConditionModel",
     "UNet2DModel",
+    "PriorTransformer",
+    "UnCLIPTextProjModel",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
     "UNetMidBlock2DSimpleCrossAttn",

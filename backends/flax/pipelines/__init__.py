@@ -21,6 +21,7 @@ from diffusion_core.flax.pipelines.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
+from diffusion_core.flax.pipelines.unclip import UnCLIPPipeline
 
 __all__ = [
     "FLAX_COMPONENTS",
@@ -43,4 +44,5 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "UnCLIPPipeline",
 ]

@@ -27,6 +27,7 @@ from diffusion_core.torch.models.layers import (
 )
 from diffusion_core.torch.models.multicontrolnet import MultiControlNetModel
 from diffusion_core.torch.models.t5 import T5EncoderModel, T5EncoderOutput
+from diffusion_core.torch.models.unclip import PriorTransformer, UnCLIPTextProjModel
 from diffusion_core.torch.models.unet_2d import UNet2DModel
 from diffusion_core.torch.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -89,6 +90,7 @@ __all__ = [
     "KDownBlock2D",
     "KUpBlock2D",
     "MultiControlNetModel",
+    "PriorTransformer",
     "ResnetBlock2D",
     "ResnetOptions",
     "SimpleCrossAttnDownBlock2D",
@@ -105,6 +107,7 @@ __all__ = [
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
     "UNetMidBlock2DSimpleCrossAttn",
+    "UnCLIPTextProjModel",
     "UpBlock2D",
     "UpDecoderBlock2D",
     "Upsample2D",

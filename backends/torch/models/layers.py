@@ -81,12 +81,13 @@ class TimestepEmbedding(nn.Module):
         act_fn: str = "silu",
         post_act_fn: str | None = None,
         cond_proj_dim: int | None = None,
+        out_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.act = get_activation(act_fn)
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim if out_dim is None else out_dim)
         self.post_act = None if post_act_fn is None else get_activation(post_act_fn)
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
+from diffusion_core.torch.pipelines.unclip import UnCLIPPipeline
 
 __all__ = [
     "TORCH_COMPONENTS",
@@ -43,4 +44,5 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "UnCLIPPipeline",
 ]
