@@ -1,10 +1,11 @@
-"""The ``diffusion-core`` command line: ``generate``, ``train`` and ``info``.
+"""The ``diffusion-core`` command line: ``generate``, ``train``, ``convert`` and ``info``.
 
 Examples::
 
     diffusion-core generate --class 7 --num-images 16 --grid sevens.png     # the shipped digits model
     diffusion-core train --data digits --output-dir runs/digits --steps 2000
     diffusion-core train --data my_images/ --output-dir runs/mine --resume
+    diffusion-core convert sd15.safetensors sd15/ --config stable-diffusion-v1-5/stable-diffusion-v1-5 --verify
     diffusion-core info runs/digits
 
 A bad argument prints one line naming it and exits with status 2.
@@ -95,11 +96,33 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_convert(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="a single-file SD 1.x/2.x checkpoint -> a diffusers pipeline folder",
+        description="Examples:\n  diffusion-core convert v1-5.safetensors sd15/ "
+        "--config stable-diffusion-v1-5/stable-diffusion-v1-5 --verify\n"
+        "  diffusion-core convert model.ckpt out/ --config ref_pipeline/ --allow-pickle --extract-ema",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="the single-file checkpoint (.safetensors; .ckpt with --allow-pickle)")
+    p.add_argument("output_dir", help="the new pipeline folder (must not exist yet)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a diffusers pipeline folder or Hub id of the same architecture: its configs, tokenizer and scheduler",
+    )
+    p.add_argument("--extract-ema", action="store_true", help="take the UNet from the checkpoint's EMA copy")
+    p.add_argument("--allow-pickle", action="store_true", help="read a pickle .ckpt (torch.load weights_only)")
+    p.add_argument("--verify", action="store_true", help="reload the folder in torch and flax; compare every tensor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffusion-core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     _add_train(sub)
+    _add_convert(sub)
     info = sub.add_parser("info", help="what a pipeline folder or Hub id holds")
     info.add_argument("model", nargs="?", help="folder or Hub id (default: the shipped digits model)")
     return parser
@@ -203,6 +226,17 @@ def _train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from diffusion_core.cli_convert import convert, verify
+
+    folder = convert(args.checkpoint, args.output_dir, args.config, args.extract_ema, args.allow_pickle)
+    if args.verify:
+        checked = verify(args.checkpoint, args.output_dir, args.extract_ema, args.allow_pickle)
+        print("verified in torch and flax: " + ", ".join(f"{n} ({c} tensors)" for n, c in checked.items()))
+    print(f"pipeline folder: {folder}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from diffusion_core.cli_train import describe
 
@@ -215,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return {"generate": _generate, "train": _train, "info": _info}[args.command](args)
+        commands = {"generate": _generate, "train": _train, "convert": _convert, "info": _info}
+        return commands[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as err:
         print(f"diffusion-core: error: {err}", file=sys.stderr)
         return EXIT_USAGE
