@@ -22,12 +22,10 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from diffusion_core.cli_generate import UsageError, check_flags, parse_size, pipeline_class
+
 BACKENDS = ("torch", "flax")
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad command-line argument (one line, exit status 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +48,8 @@ def _add_generate(sub: Any) -> None:
         "generate",
         help="make images with a pipeline (default: the shipped digits model)",
         description="Examples:\n  diffusion-core generate --class 3 --grid threes.png\n"
-        "  diffusion-core generate --model runs/digits --backend flax --output-dir out/",
+        "  diffusion-core generate --model runs/digits --backend flax --output-dir out/\n"
+        '  diffusion-core generate --model sd15/ --prompt "a red fox" --guidance 7.5 --size 512x512 --grid fox.png',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", help="pipeline folder or Hub id (default: the shipped digits model)")
@@ -61,6 +60,10 @@ def _add_generate(sub: Any) -> None:
         action="append",
         help="class id for a class-conditional model (repeat to cycle through several; default: every class in turn)",
     )
+    p.add_argument("--prompt", help="what to draw (text-to-image models, e.g. Stable Diffusion folders)")
+    p.add_argument("--negative-prompt", help="what to steer away from (text-to-image models)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (text-to-image; default 7.5)")
+    p.add_argument("--size", type=parse_size, help="HxW in pixels, e.g. 512x768 (text-to-image; default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--scheduler", default=None, help="scheduler class name, e.g. DDIMScheduler (default: DDIM)")
     p.add_argument("--steps", type=_positive, default=50, help="denoising steps")
@@ -140,81 +143,24 @@ def _model_path(model: str | None) -> str:
 
 
 def _save_images(images: np.ndarray, grid: str | None, output_dir: str | None) -> list[Path]:
-    """(B, H, W, C) uint8 -> one grid PNG, or one PNG per image."""
-    from PIL import Image
+    """(B, H, W, C) uint8 -> one grid PNG, or one PNG per image (each written beside, then renamed)."""
+    from diffusion_core.pipelines.image import image_grid, save_png
 
     if grid is not None:
-        n = images.shape[0]
-        cols = int(np.ceil(np.sqrt(n)))
-        rows = int(np.ceil(n / cols))
-        h, w, c = images.shape[1:]
-        canvas = np.zeros((rows * h, cols * w, c), np.uint8)
-        for i, im in enumerate(images):
-            canvas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = im
-        path = Path(grid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(path)
-        return [path]
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, im in enumerate(images):
-        paths.append(folder / f"{i:04d}.png")
-        Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(paths[-1])
-    return paths
-
-
-def generate_images(
-    model: str,
-    backend: str,
-    scheduler: str | None,
-    steps: int,
-    seed: int,
-    num_images: int,
-    class_labels: Sequence[int] | None,
-) -> np.ndarray:
-    """(B, H, W, C) uint8 images from a pixel-space DDPM/DDIM pipeline on ``backend``."""
-    from diffusion_core import schedulers
-
-    labels = None
-    if class_labels:
-        labels = np.resize(np.asarray(class_labels, np.int64), num_images)
-    if backend == "torch":
-        import torch
-
-        from diffusion_core.torch import DDPMPipeline
-    else:
-        from diffusion_core.flax import DDPMPipeline
-    pipe = DDPMPipeline.from_pretrained(model)
-    classes = pipe.unet.config.get("num_class_embeds")
-    if labels is not None and not classes:
-        raise UsageError(f"--class: the model {model!r} is not class-conditional; leave --class out")
-    if labels is not None and (labels.min() < 0 or labels.max() >= classes):
-        raise UsageError(f"--class: this model has classes 0 to {classes - 1}, got {sorted(set(class_labels))}")
-    if labels is None and classes:  # no --class: cycle through every class (one per grid column for 10)
-        labels = np.resize(np.arange(classes, dtype=np.int64), num_images)
-    name = scheduler or "DDIMScheduler"
-    try:
-        pipe.scheduler = schedulers.from_config({**pipe.scheduler.config, "_class_name": name})
-    except (KeyError, ValueError) as err:
-        raise UsageError(f"--scheduler: {err}") from err
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = {"batch_size": num_images, "num_inference_steps": steps, "output_type": "np", "class_labels": labels}
-    if backend == "torch":
-        kwargs["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-    else:
-        import jax
-
-        kwargs["key"] = jax.random.key(seed)
-    images = pipe(**kwargs).images  # (B, H, W, C) float in [0, 1]
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        return [save_png(image_grid(images), grid)]
+    return [save_png(im, Path(output_dir) / f"{i:04d}.png") for i, im in enumerate(images)]
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from diffusion_core.cli_generate import generate_images, generate_text_images
+
     model = _model_path(args.model)
-    images = generate_images(
-        model, args.backend, args.scheduler, args.steps, args.seed, args.num_images, args.class_label
-    )
+    if check_flags(model, pipeline_class(model), args) == "text":
+        images = generate_text_images(model, args)
+    else:
+        images = generate_images(
+            model, args.backend, args.scheduler, args.steps, args.seed, args.num_images, args.class_label
+        )
     for path in _save_images(images, args.grid, args.output_dir):
         print(path)
     return 0
