@@ -94,6 +94,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--size", type=_positive, default=16, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=_positive, default=500)
+    p.add_argument(
+        "--sample-every", type=_positive, default=None, help="write samples/step-<N>.png (a sample grid) every N steps"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--config", help="UNet config JSON (default: a small class-conditional UNet)")
     p.add_argument("--no-progress", action="store_true")

@@ -66,7 +66,13 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = build_trainer(args.backend, _unet_config(args, dataset), config)
     start = time.perf_counter()
     losses = trainer.fit(
-        dataset, args.steps, args.output_dir, args.checkpoint_every, args.resume, progress=not args.no_progress
+        dataset,
+        args.steps,
+        args.output_dir,
+        args.checkpoint_every,
+        args.resume,
+        progress=not args.no_progress,
+        sample_every=args.sample_every,
     )
     seconds = time.perf_counter() - start
     tail = losses[-50:]

@@ -52,6 +52,7 @@ class Trainer(FitMixin):
         self.opt_state = self.tx.init(self.params)
         self.ema = jax.tree.map(jnp.copy, self.params) if self.config.ema is not None else None
         self._step = jax.jit(self._step_fn)  # no donation: restored optimiser leaves may share buffers
+        self._sampler: Any = None  # one DDIM pipeline, so its compiled program is reused grid after grid
 
     def _loss_fn(self, params, x0, noise, timesteps, labels):
         """Scalar loss of one micro-batch as a function of the trainable parameters."""
@@ -117,6 +118,26 @@ class Trainer(FitMixin):
         """The UNet with the current (or the EMA) weights."""
         params = self.ema if ema and self.ema is not None else self.params
         return nnx.merge(self.graphdef, params, self.rest)
+
+    def sample_images(
+        self, num_images: int, class_labels: np.ndarray | None, num_inference_steps: int, seed: int
+    ) -> np.ndarray:
+        """(B, H, W, C) images in [0, 1] from the EMA weights with DDIM; image i starts from fold_in(key(seed), i)."""
+        from diffusion_core.flax import DDIMPipeline
+
+        if self._sampler is None:
+            self._sampler = DDIMPipeline(unet=self.model(ema=True), scheduler=self.noise_scheduler)
+            self._sampler.set_progress_bar_config(disable=True)
+        else:
+            self._sampler.unet = self.model(ema=True)
+        out = self._sampler(
+            batch_size=num_images,
+            key=jax.random.key(seed),
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+            class_labels=class_labels,
+        )
+        return out.images
 
     def write_state(self, folder: Path) -> None:
         self.model().save_pretrained(folder / ckpt.UNET)
