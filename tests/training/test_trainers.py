@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from diffusion_core import training
 from diffusion_core.training.checkpoint import read_state
 from tests.training import tiny
+from tests.training.harness import CONFIG as HARNESS_CONFIG
 from tests.training.harness import make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,3 +131,25 @@ def test_twenty_kills_at_random_moments_then_resume_equals_an_uninterrupted_run(
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     leftovers = [p.name for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if ".tmp-" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_flax_step_has_no_while_loop(accum):
+    """XLA:CPU runs convolutions inside a while loop ~30x slower: the step must be straight-line code."""
+    import dataclasses
+
+    trainer = make_trainer("flax", dataclasses.replace(HARNESS_CONFIG, gradient_accumulation_steps=accum))
+    batch = trainer._place(training.step_batch(tiny.dataset(), 0, 6, 0, 100))
+    args = (trainer.params, trainer.opt_state, trainer.ema, batch, np.float32(1e-3), np.float32(0.9))
+    hlo = trainer._step.lower(*args).as_text()
+    assert "stablehlo.while" not in hlo and hlo.count("stablehlo.convolution") > 0
+
+
+@pytest.mark.slow  # two flax compiles
+def test_flax_accumulation_equals_one_batch():
+    import dataclasses
+
+    batch = training.step_batch(tiny.dataset(), 0, 6, 0, 100)
+    one = make_trainer("flax").train_step(batch, 1e-3, 0.0)
+    three = make_trainer("flax", dataclasses.replace(HARNESS_CONFIG, gradient_accumulation_steps=3))
+    assert abs(three.train_step(batch, 1e-3, 0.0) - one) < 1e-5 * one
