@@ -38,6 +38,21 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def accumulated_value_and_grad(loss_fn: Any, params: Any, batch: tuple, accum: int) -> tuple[jax.Array, Any]:
+    """Mean (loss, grads) of ``loss_fn(params, *micro)`` over ``accum`` equal slices of ``batch`` (leading axis).
+
+    A Python loop, not ``lax.scan``: XLA:CPU runs the UNet's convolutions inside a while loop ~30x slower
+    (measured: one digits step at batch 32, 27 s in a scan, 0.8 s straight; see benchmarks/RESULTS.md).
+    """
+    size = next(a for a in batch if a is not None).shape[0] // accum
+    total = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    for i in range(accum):
+        part = slice(i * size, (i + 1) * size)
+        micro = jax.tree.map(lambda a, part=part: a[part], batch)  # (B/A, ...); None labels stay None
+        total = jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *micro))
+    return jax.tree.map(lambda a: a / accum, total)
+
+
 class Trainer(FitMixin):
     """``Trainer(unet, noise_scheduler, config, mesh=None).fit(dataset, steps=..., output_dir=...)``."""
 
@@ -78,15 +93,7 @@ class Trainer(FitMixin):
         return jax.jit(jax.value_and_grad(self._loss_fn))(self.params, *args)
 
     def _step_fn(self, params, opt_state, ema, batch, lr, decay):
-        accum, m = self.config.gradient_accumulation_steps, self.config.micro_batch_size
-        # A Python loop, not lax.scan: XLA:CPU runs the UNet's convolutions inside a while loop ~30x slower
-        # (measured: one digits step at batch 32, 27 s in a scan, 0.8 s straight; see benchmarks/RESULTS.md).
-        total = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        for i in range(accum):
-            part = slice(i * m, (i + 1) * m)
-            micro = jax.tree.map(lambda a, part=part: a[part], batch)  # (B/A, ...); None labels stay None
-            total = jax.tree.map(jnp.add, total, jax.value_and_grad(self._loss_fn)(params, *micro))
-        loss, grads = jax.tree.map(lambda a: a / accum, total)
+        loss, grads = accumulated_value_and_grad(self._loss_fn, params, batch, self.config.gradient_accumulation_steps)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         if ema is not None:
