@@ -22,8 +22,9 @@ from diffusion_core.atomic import atomic_folder
 from diffusion_core.pipelines.hub import resolve_pipeline_configs
 from diffusion_core.pipelines.model_index import ComponentSpec, ModelIndex, write_model_index
 from diffusion_core.weights import save_state_dict
+from diffusion_core.weights.io import file_infos
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME
-from diffusion_core.weights.single_file import COMPONENTS, SingleFileComponent, open_single_file
+from diffusion_core.weights.single_file import COMPONENTS, PICKLE_SUFFIXES, SingleFileComponent, open_single_file
 
 MODEL_CONFIG = "config.json"  # a component folder holding one has weights (others: tokenizer, scheduler, ...)
 
@@ -60,6 +61,23 @@ def _open_components(
     return opened
 
 
+def _check_checkpoint(source: Path, allow_pickle: bool) -> None:
+    """The file exists, is not a pickle unless allowed, and has a sound safetensors header."""
+    if not source.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {str(source)!r}")
+    if source.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ValueError(
+                f"checkpoint: {source.name!r} is a pickle checkpoint; pass --allow-pickle to read it "
+                "(torch.load with weights_only=True) or convert it to .safetensors"
+            )
+        return
+    try:
+        file_infos(source)
+    except ValueError as err:
+        raise ValueError(f"checkpoint: {err}") from err
+
+
 def convert(
     checkpoint: str,
     output_dir: str,
@@ -70,8 +88,7 @@ def convert(
 ) -> Path:
     """Write ``checkpoint`` as a diffusers pipeline folder laid out like the reference ``config``; returns it."""
     source, out = Path(checkpoint), Path(output_dir)
-    if not source.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {checkpoint!r}")
+    _check_checkpoint(source, allow_pickle)
     if out.exists():
         raise ValueError(f"output_dir: {output_dir!r} already exists; name a new folder")
     try:

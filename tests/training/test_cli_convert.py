@@ -134,6 +134,8 @@ def test_info_on_a_hub_id_reads_the_cache(sd1, hub, capsys):
     ("case", "needle"),
     [
         ("no_file", "checkpoint: no such file"),
+        ("pickle", "checkpoint: 'model.ckpt' is a pickle checkpoint; pass --allow-pickle"),
+        ("broken", "checkpoint: "),
         ("exists", "output_dir:"),
         ("no_config", "--config"),
         ("bad_config", "--config: path_or_repo_id: no such folder"),
@@ -146,6 +148,9 @@ def test_convert_errors_are_one_line(sd1, tmp_path, capsys, case, needle):
     args = ["convert", str(pipe.path), str(out), "--config", str(ref)]
     if case == "no_file":
         args[1] = str(tmp_path / "missing.safetensors")
+    elif case in ("pickle", "broken"):
+        args[1] = str(tmp_path / ("model.ckpt" if case == "pickle" else "broken.safetensors"))
+        Path(args[1]).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     elif case == "exists":
         out.mkdir()
     elif case == "no_config":
