@@ -66,7 +66,13 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = build_trainer(args.backend, _unet_config(args, dataset), config)
     start = time.perf_counter()
     losses = trainer.fit(
-        dataset, args.steps, args.output_dir, args.checkpoint_every, args.resume, progress=not args.no_progress
+        dataset,
+        args.steps,
+        args.output_dir,
+        args.checkpoint_every,
+        args.resume,
+        progress=not args.no_progress,
+        sample_every=args.sample_every,
     )
     seconds = time.perf_counter() - start
     tail = losses[-50:]
@@ -96,12 +102,17 @@ def _weights_summary(folder: Path) -> dict[str, Any]:
 
 
 def describe(model: str) -> dict[str, Any]:
-    """What a local pipeline folder holds: pipeline class, components, classes, parameters, dtypes, size."""
-    root = Path(model)
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"model: no model_index.json in {model!r} (a local diffusers pipeline folder)")
-    index = json.loads(index_path.read_text())
+    """What a pipeline folder or Hub id holds: pipeline class, components, classes, parameters, dtypes, size.
+
+    A Hub id is read from the local Hub cache (fetched first when the Hub is reachable), as ``generate`` does.
+    """
+    from diffusion_core.pipelines.hub import resolve_pipeline_folder
+
+    try:
+        root = resolve_pipeline_folder(model)[0]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model: {err}") from err
+    index = json.loads((root / "model_index.json").read_text())
     out: dict[str, Any] = {"pipeline": index.get("_class_name"), "components": {}}
     total = 0
     for name, spec in index.items():

@@ -91,6 +91,25 @@ class Trainer(FitMixin):
                 p.copy_(e)
         return model
 
+    def sample_images(
+        self, num_images: int, class_labels: np.ndarray | None, num_inference_steps: int, seed: int
+    ) -> np.ndarray:
+        """(B, H, W, C) images in [0, 1] from the EMA weights with DDIM; image i starts from seed + i."""
+        from diffusion_core.torch import DDIMPipeline
+
+        pipe = DDIMPipeline(unet=self.ema_model(), scheduler=self.noise_scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+        out = pipe(
+            batch_size=num_images,
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+            class_labels=class_labels,
+        )
+        self.unet.train()
+        return out.images
+
     def write_state(self, folder: Path) -> None:
         self.unet.save_pretrained(folder / ckpt.UNET)
         if self.ema is not None:
