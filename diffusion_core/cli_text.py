@@ -12,9 +12,7 @@ from typing import Any
 
 from diffusion_core import training
 from diffusion_core.cli_train import fit_and_report, train_config
-from diffusion_core.training.captions import METADATA_FILE, is_captioned_folder
-
-SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+from diffusion_core.training.captions import METADATA_FILE, check_sd_pipeline, is_captioned_folder
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -32,9 +30,7 @@ def _load_pipeline(backend: str, model: str) -> Any:
     else:
         from diffusion_core.flax import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(model)
-    missing = [name for name in SD_PARTS if getattr(pipe, name, None) is None]
-    if missing:
-        raise ValueError(f"--model: {model!r} is not a Stable Diffusion pipeline (no {', '.join(missing)})")
+    check_sd_pipeline(pipe, f"--model {model!r}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

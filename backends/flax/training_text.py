@@ -54,6 +54,7 @@ class TextToImageTrainer(Trainer):
         mesh: Mesh | None = None,
     ) -> None:
         config = config if config is not None else TrainConfig()
+        captions.check_sd_pipeline(pipe)
         self.pipe, self.lora = pipe, lora
         if lora is not None:
             self.lora_layers = lora_train.init_layers(pipe._lora_targets("unet"), lora, config.seed)
@@ -68,8 +69,7 @@ class TextToImageTrainer(Trainer):
 
     def _read_factors(self, folder: Path, weight_name: str) -> nnx.State:
         layers = load_lora(folder, {"unet": self.pipe._lora_targets("unet")}, weight_name)["unet"]
-        if set(layers) != set(self.lora_layers):
-            raise ValueError(f"resume: {folder / weight_name} holds other layers than this run trains")
+        lora_train.check_resumed(layers, self.lora_layers, folder / weight_name)
         model = nnx.clone(self.model())
         install(model, lora_train.packs(layers))
         return nnx.split(model, self.trainable, ...)[1]

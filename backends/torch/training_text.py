@@ -51,6 +51,7 @@ class TextToImageTrainer(Trainer):
         noise_scheduler: Any = None,
     ) -> None:
         config = config if config is not None else TrainConfig()
+        captions.check_sd_pipeline(pipe)
         self.pipe, self.lora = pipe, lora
         for frozen in (pipe.vae, pipe.text_encoder):
             frozen.requires_grad_(False)
@@ -76,8 +77,7 @@ class TextToImageTrainer(Trainer):
 
     def _read_factors(self, folder: Path, weight_name: str) -> dict[str, torch.Tensor]:
         layers = load_lora(folder, {"unet": lora_targets(self.unet)}, weight_name)["unet"]
-        if set(layers) != set(self.lora_layers):
-            raise ValueError(f"resume: {folder / weight_name} holds other layers than this run trains")
+        lora_train.check_resumed(layers, self.lora_layers, folder / weight_name)
         return {f"{p}.lora.{n}": torch.from_numpy(getattr(x, n)) for p, x in layers.items() for n in ("down", "up")}
 
     # --- checkpoint and export ------------------------------------------------------------------------

@@ -122,3 +122,13 @@ def encode_captioned(
         latents.append(scale_latents(np.asarray(encode_images(data.images[part]), np.float32), vae_config))
         context.append(np.asarray(encode_ids(tokenize(tokenizer, data.captions[part])), np.float32))
     return latent_dataset(np.concatenate(latents), np.concatenate(context))
+
+
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what text-to-image training uses
+
+
+def check_sd_pipeline(pipe: Any, argument: str = "pipe") -> None:
+    """ValueError unless ``pipe`` has the Stable Diffusion parts text-to-image training uses."""
+    missing = [name for name in SD_PARTS if getattr(pipe, name, None) is None]
+    if missing:
+        raise ValueError(f"{argument}: not a Stable Diffusion pipeline (no {', '.join(missing)})")

@@ -85,3 +85,12 @@ def with_factors(layers: Mapping[str, LoraLayer], factors: Mapping[str, tuple[np
         p: LoraLayer(np.asarray(factors[p][0], np.float32), np.asarray(factors[p][1], np.float32), x.scale)
         for p, x in layers.items()
     }
+
+
+def check_resumed(layers: Mapping[str, LoraLayer], expected: Mapping[str, LoraLayer], source: Any) -> None:
+    """A checkpoint's adapters must be this run's: the same layers, ranks and scales."""
+    same = set(layers) == set(expected) and all(
+        layers[p].rank == x.rank and np.isclose(layers[p].scale, x.scale) for p, x in expected.items()
+    )
+    if not same:
+        raise ValueError(f"resume: {source} holds other adapters (layers, rank or alpha) than this run trains")

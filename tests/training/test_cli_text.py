@@ -34,6 +34,7 @@ def test_lora_run_writes_a_lora_diffusers_loads(folders, tmp_path, backend, caps
     assert train(sd, data, tmp_path, "--lora-rank", "4", "--lora-alpha", "8", "--resume", backend=backend) == 0
 
 
+@pytest.mark.slow  # the fine-tuning itself is covered in test_text_to_image_torch
 def test_full_finetune_writes_a_pipeline_folder(folders, tmp_path):
     sd, data = folders
     assert train(sd, data, tmp_path) == 0

@@ -112,3 +112,33 @@ def test_trained_lora_loads_in_diffusers_with_our_image(sd_folder, dataset, tmp_
     ref = sd_tiny.load_diffusers(sd_folder)
     ref.load_lora_weights(tmp_path)
     np.testing.assert_allclose(image, lora_tiny.run(ref, torch_reference=True), atol=ATOL, rtol=0)
+
+
+def test_resume_with_other_adapters_is_an_error(sd_folder, dataset, tmp_path):
+    config = training.TrainConfig(batch_size=2, seed=3, ema=None)
+    TextToImageTrainer(load(sd_folder), config, lora=LORA).fit(dataset, 1, tmp_path, progress=False)
+    other = TextToImageTrainer(load(sd_folder), config, lora=training.LoraTrainConfig(rank=2, alpha=8))
+    with pytest.raises(ValueError, match="resume: .* holds other adapters"):
+        other.fit(dataset, 2, tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "lora rank must be a positive int"),
+        ({"alpha": -1.0}, "lora alpha must be a number > 0"),
+        ({"target_modules": "to_q"}, "target_modules must be a non-empty tuple"),
+    ],
+)
+def test_lora_config_checks(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        training.LoraTrainConfig(**kwargs)
+
+
+def test_bad_inputs(sd_folder):
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="pipe: not a Stable Diffusion pipeline"):
+        TextToImageTrainer(SimpleNamespace(unet=object()))
+    with pytest.raises(ValueError, match="target_modules: no Linear layer ends with any of \\['nope'\\]"):
+        TextToImageTrainer(load(sd_folder), lora=training.LoraTrainConfig(target_modules=("nope",)))
