@@ -74,12 +74,24 @@ def _add_generate(sub: Any) -> None:
     out.add_argument("--output-dir", help="write one PNG per image into this folder")
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return number
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a UNet2DModel; the output folder is a diffusers pipeline folder",
         description="Examples:\n  diffusion-core train --data digits --output-dir runs/digits\n"
-        "  diffusion-core train --data images/ --output-dir runs/mine --resume",
+        "  diffusion-core train --data images/ --output-dir runs/mine --resume\n"
+        "  diffusion-core train --model sd-folder --data captioned/ --lora-rank 4 --output-dir runs/lora\n"
+        '    (captioned/: images + metadata.jsonl lines {"file_name": ..., "text": ...})',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", required=True, help="'digits' (scikit-learn) or a folder of images (sub-folders: classes)")
@@ -91,7 +103,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="cosine")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")
-    p.add_argument("--size", type=_positive, default=16, help="image side in pixels")
+    p.add_argument("--size", type=_positive, default=None, help="image side in pixels (16; --model: its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=_positive, default=500)
     p.add_argument(
@@ -100,6 +112,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--config", help="UNet config JSON (default: a small class-conditional UNet)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model", help="Stable Diffusion pipeline folder or Hub id to fine-tune on captioned --data")
+    p.add_argument("--lora-rank", type=_positive, default=None, help="with --model: train LoRA adapters of this rank")
+    p.add_argument("--lora-alpha", type=_positive_float, default=None, help="LoRA alpha (default: the rank)")
 
 
 def _add_convert(sub: Any) -> None:

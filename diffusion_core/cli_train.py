@@ -53,9 +53,9 @@ def build_trainer(backend: str, unet_config: dict[str, Any], config: training.Tr
     return Trainer(UNet2DModel(**unet_config, rngs=nnx.Rngs(config.seed)), scheduler, config)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    dataset = load_data(args.data, args.size)
-    config = training.TrainConfig(
+def train_config(args: argparse.Namespace) -> training.TrainConfig:
+    """The ``TrainConfig`` of the command's options."""
+    return training.TrainConfig(
         batch_size=args.batch_size,
         learning_rate=args.lr,
         lr_schedule=args.lr_schedule,
@@ -63,7 +63,24 @@ def run_train(args: argparse.Namespace) -> int:
         snr_gamma=args.snr_gamma,
         seed=args.seed,
     )
-    trainer = build_trainer(args.backend, _unet_config(args, dataset), config)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        from diffusion_core.cli_text import run_text_train
+
+        return run_text_train(args)
+    for name in ("lora_rank", "lora_alpha"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')}: needs --model (a Stable Diffusion pipeline to adapt)")
+    args.size = 16 if args.size is None else args.size
+    dataset = load_data(args.data, args.size)
+    trainer = build_trainer(args.backend, _unet_config(args, dataset), train_config(args))
+    return fit_and_report(trainer, dataset, args)
+
+
+def fit_and_report(trainer: Any, dataset: training.ImageDataset, args: argparse.Namespace) -> int:
+    """Run ``trainer.fit`` with the command's options and print a two-line summary."""
     start = time.perf_counter()
     losses = trainer.fit(
         dataset,

@@ -22,6 +22,7 @@ from diffusion_core.pipelines.lora import LoraLoaderMixin, LoraPack
 from diffusion_core.weights.convert import FlaxPath, match_flax_path
 
 _LORA_VARIABLES = ("lora_down", "lora_up", "lora_scales", "lora_conv")
+_CONV_DOWN = ("lora_conv", "kernel")  # a LoraConv's down factor
 
 
 class LoraWeight(nnx.Variable):
@@ -112,6 +113,29 @@ def install(model: nnx.Module, packs: Mapping[str, LoraPack]) -> None:
             _detach(layer)
     for path, pack in packs.items():
         _attach(layers[path], pack)
+
+
+def is_lora_factor(path: tuple, value: object) -> bool:
+    """nnx filter: the down / up factors of the LoRA layers (what LoRA training updates), not their column scales."""
+    return isinstance(value, LoraWeight) and (path[-1] in ("lora_down", "lora_up") or tuple(path[-2:]) == _CONV_DOWN)
+
+
+def _torch_array(array: jax.Array) -> np.ndarray:
+    """A Flax-layout factor in the PyTorch layout, by the converter's (inverse) rule."""
+    _, rule = match_flax_path(("kernel",), array.ndim)
+    return rule.torch_array(np.asarray(array, np.float32))
+
+
+def lora_factors(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{layer path: (down, up)}`` of the layers carrying adapters, PyTorch layout (see ``LoraPack``)."""
+    out = {}
+    for path, layer in lora_targets(model).items():
+        if isinstance(layer, LoraConv):
+            up = _torch_array(layer.lora_up[...])[:, :, None, None]  # (out, R, 1, 1)
+            out[path] = (_torch_array(layer.lora_conv.kernel[...]), up)  # down (R, in, kh, kw)
+        elif isinstance(layer, LoraLinear):
+            out[path] = (_torch_array(layer.lora_down[...]), _torch_array(layer.lora_up[...]))  # (R, in), (out, R)
+    return out
 
 
 class FlaxLoraLayers(LoraLoaderMixin):

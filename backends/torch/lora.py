@@ -29,6 +29,11 @@ class LoraDelta(nn.Module):
             self.register_buffer(name, tensor.to(device=like.device, dtype=like.dtype), persistent=False)
         self.live = bool(np.any(pack.scales))  # all scales 0 (fused or inactive adapters): the hook adds nothing
 
+    def make_trainable(self) -> None:
+        """Turn ``down`` and ``up`` into trainable parameters (LoRA training); ``scales`` stay a fixed buffer."""
+        for name in ("down", "up"):
+            self.register_parameter(name, nn.Parameter(self._buffers.pop(name).clone()))
+
     def set_scales(self, scales: np.ndarray) -> None:
         self.scales.copy_(torch.from_numpy(scales))
         self.live = bool(np.any(scales))
@@ -65,6 +70,15 @@ def install(model: nn.Module, packs: Mapping[str, LoraPack], hooks: dict[str, to
         layer = model.get_submodule(path)
         layer.add_module(_LORA_CHILD, LoraDelta(pack, layer.weight))
         hooks[path] = layer.register_forward_hook(_add_delta)
+
+
+def lora_deltas(model: nn.Module) -> dict[str, LoraDelta]:
+    """``{layer path: its LoraDelta}`` of the layers of ``model`` that carry adapters."""
+    return {
+        name: getattr(m, _LORA_CHILD)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, _LORA_CHILD, None), LoraDelta)
+    }
 
 
 class TorchLoraLayers(LoraLoaderMixin):
