@@ -1,4 +1,4 @@
-"""``transpose_copy`` (the converter's layout changes) equals ``np.transpose``; Flax loading adopts only those."""
+"""``transpose_copy`` equals ``np.transpose``; Flax loading adopts only its copies; reads into one reused buffer."""
 
 from __future__ import annotations
 
@@ -74,3 +74,19 @@ def test_loader_adopts_its_own_copies_and_copies_the_callers_arrays(monkeypatch:
     assert len(copies) == 1
     if jax.default_backend() == "cpu":  # the converter's transposed copy is adopted by XLA:CPU, not copied again
         assert model.proj.kernel.get_value().unsafe_buffer_pointer() == copies[0].ctypes.data
+
+
+def test_reading_into_one_reused_buffer_gives_the_same_tensors(tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    from diffusion_core.weights import iter_tensors
+
+    tensors = {f"t{i}": RNG.standard_normal(shape).astype(np.float32) for i, shape in enumerate([(50,), (3, 4), (2,)])}
+    save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors")
+    views = []
+    for key, array in iter_tensors(tmp_path, reuse_buffer=True):
+        np.testing.assert_array_equal(array, tensors[key])  # valid until the next tensor is read
+        views.append(array)
+    assert all(np.shares_memory(views[0], v) for v in views[1:])  # one buffer (sized by the first, largest)
+    plain = dict(iter_tensors(tmp_path))
+    assert not np.shares_memory(plain["t0"], plain["t1"])

@@ -34,13 +34,15 @@ def _items(state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterato
 
 
 def _on_device(array: np.ndarray, dtype: Any, fresh: bool) -> jax.Array:
-    """``array`` as a jax array of ``dtype``; a ``fresh`` array (the converter's own copy) is adopted without a copy.
+    """``array`` as a jax array of ``dtype``, independent of the caller's memory.
 
-    On CPU, XLA adopts an aligned host buffer instead of copying it (``may_alias``); arrays that may
-    still belong to the caller are always copied (``jnp.array``: ``jnp.asarray(x, dtype=...)`` adopts an
-    aligned float32 buffer on CPU too), so later changes to them never reach the model.
+    A ``fresh`` array (the converter's own copy) is adopted by XLA:CPU without a copy (``may_alias``); any other
+    is first copied on the host, since XLA may read a host buffer after the call returns and the caller (or a
+    reading buffer that the next tensor overwrites) may change it.
     """
-    if fresh and array.dtype == dtype:
+    if not fresh:
+        array = np.array(array, copy=True)
+    if array.dtype == dtype:
         return jax.device_put(array, may_alias=True)
     return jnp.array(array, dtype=dtype, copy=True)
 
