@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffusion_core.weights.transpose import ALIGNMENT, aligned_empty, transpose_copy
+from diffusion_core.weights.transpose import ALIGNMENT, MAPPED_BYTES, aligned_empty, transpose_copy
 
 RNG = np.random.default_rng(0)
 
@@ -34,6 +34,10 @@ def test_equals_numpy_transpose_for_every_permutation(ndim: int) -> None:
 def test_tiled_path_on_layouts_larger_than_one_tile(shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
     array = RNG.standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(transpose_copy(array, axes), np.transpose(array, axes))
+    big = np.concatenate([array] * -(-MAPPED_BYTES // array.nbytes))  # its own memory map
+    got = transpose_copy(big, axes)
+    assert big.nbytes >= MAPPED_BYTES and got.ctypes.data % ALIGNMENT == 0 and got.flags.writeable
+    np.testing.assert_array_equal(got, np.transpose(big, axes))
     strided = np.asarray(array)[::-1]  # not contiguous: read through a copy, same result
     np.testing.assert_array_equal(transpose_copy(strided, axes), np.transpose(strided, axes))
 
