@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffusion_core.weights.transpose import transpose_copy
+
 FlaxPath = tuple[str | int, ...]
 Shape = tuple[int, ...]
 
@@ -30,12 +32,12 @@ class Rule:
     to_flax: tuple[int, ...] | None = None  # np.transpose axes; None keeps the layout
 
     def flax_array(self, array: np.ndarray) -> np.ndarray:
-        return array if self.to_flax is None else np.ascontiguousarray(np.transpose(array, self.to_flax))
+        """``array`` in the Flax layout: itself when the layout is kept, else a new aligned contiguous copy."""
+        return array if self.to_flax is None else transpose_copy(array, self.to_flax)
 
     def torch_array(self, array: np.ndarray) -> np.ndarray:
-        if self.to_flax is None:
-            return array
-        return np.ascontiguousarray(np.transpose(array, np.argsort(self.to_flax)))
+        """``array`` in the PyTorch layout: itself when the layout is kept, else a new aligned contiguous copy."""
+        return array if self.to_flax is None else transpose_copy(array, np.argsort(self.to_flax))
 
     def flax_shape(self, torch_shape: Shape) -> Shape:
         return torch_shape if self.to_flax is None else tuple(torch_shape[i] for i in self.to_flax)

@@ -94,21 +94,22 @@ class CheckpointSource(NamedTuple):
     """What a backend's loader needs, from either a pretrained folder or a single file, before any weight is read.
 
     ``infos`` maps every model key to ``(dtype name, shape)`` from the file headers; ``tensors(framework,
-    dtype)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/``"flax"``,
-    ``dtype`` None keeps the stored one).
+    dtype, reuse_buffer=False)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/
+    ``"flax"``, ``dtype`` None keeps the stored one; ``reuse_buffer``: numpy arrays may be views of one
+    buffer that the next tensor overwrites, for a consumer that copies each one before asking for the next).
     """
 
     name: str  # where the weights come from, for error messages
     config: dict[str, Any]
     infos: dict[str, TensorInfo]
-    tensors: Callable[[str, Any], Iterator[tuple[str, Any]]]
+    tensors: Callable[..., Iterator[tuple[str, Any]]]
 
 
 def finite_checked(source: CheckpointSource) -> CheckpointSource:
     """``source`` whose tensor stream raises InvalidCheckpointError at the first NaN or inf value."""
 
-    def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
-        for key, tensor in source.tensors(framework, dtype):
+    def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+        for key, tensor in source.tensors(framework, dtype, reuse_buffer):
             if nonfinite_mask(tensor).any():
                 raise InvalidCheckpointError(f"{source.name}: tensor {key!r} holds NaN or inf values")
             yield key, tensor
@@ -231,8 +232,11 @@ class CheckpointLayout:
             return self.open_flax_msgpack(flax_file)
         infos = dict(self.rename(tensor_infos(found.files).items()))
 
-        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
-            return self.rename(iter_tensors(found.files, framework=framework, dtype=dtype, validate=False))
+        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+            files = found.files
+            return self.rename(
+                iter_tensors(files, framework=framework, dtype=dtype, validate=False, reuse_buffer=reuse_buffer)
+            )
 
         return CheckpointSource(f"checkpoint {str(found.folder)!r}", found.config, infos, tensors)
 
@@ -254,7 +258,7 @@ class CheckpointLayout:
         state = dict(self.rename(read_flax_msgpack(file).items()))  # renamed through the one converter, checked
         infos: dict[str, TensorInfo] = {key: (array.dtype.name, tuple(array.shape)) for key, array in state.items()}
 
-        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
+        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
             target = None if dtype is None else numpy_dtype(dtype)  # a numpy dtype or "bfloat16", as iter_tensors
             for key, array in state.items():
                 yield key, cast_tensor(numpy_to_framework(array, framework), target, framework)
@@ -281,8 +285,8 @@ class CheckpointLayout:
         found = open_single_file(path, component, config, extract_ema=extract_ema, allow_pickle=allow_pickle)
         infos = dict(self.rename(found.infos.items()))
 
-        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
-            return self.rename(found.tensors(framework, dtype))
+        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+            return self.rename(found.tensors(framework, dtype))  # single files are read tensor by tensor as is
 
         return CheckpointSource(f"single-file checkpoint {str(found.path)!r}", config, infos, tensors)
 
