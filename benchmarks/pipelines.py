@@ -1,6 +1,6 @@
 """Text-to-image end to end: ours (torch, flax warm) vs diffusers' StableDiffusionPipeline, same run.
 
-    python benchmarks/pipelines.py [--configs tiny sd15] [--repeats 3]
+    python benchmarks/pipelines.py [--configs tiny sd15] [--repeats 3] [--unclip unclip-tiny karlo]
 
 Two random-weight pipelines are written once in diffusers' folder layout (tokenizer built from CLIP's
 real vocabulary): "tiny" (diffusers' fast-test components) at 64x64 with 25 steps, and "sd15" (the
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import pipelines_unclip  # noqa: E402  (unCLIP rows, issue 12 §5)
 from benchmarks._common import interleaved_medians, machine_line, peak_rss_mib, pin_threads, timed  # noqa: E402
 from benchmarks.models import SD15_UNET  # noqa: E402
 
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["tiny", "sd15"], choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tmp", default=None, help="folder for the temporary pipelines")
+    # unCLIP (issue 12 §5): benchmarks/pipelines_unclip.py
+    parser.add_argument("--unclip", nargs="*", default=[], choices=sorted(pipelines_unclip.CONFIGS))
     args = parser.parse_args()
     import diffusers
     import torch
@@ -184,6 +187,7 @@ def main() -> None:
             )
     for line in notes:
         print(line)
+    pipelines_unclip.run(args.unclip, args.repeats, args.tmp)  # unCLIP (issue 12 §5)
     print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
 
 

@@ -24,10 +24,19 @@ STAGES = ("prior", "decoder", "super_res")  # the loops, in the order they run (
 
 
 @dataclass(frozen=True, eq=False)
+class GivenText:
+    """A precomputed text encoding (diffusers' ``text_model_output`` / ``text_attention_mask``), one row per prompt."""
+
+    embeds: np.ndarray  # (N, P) float32: the projected text embeddings (``text_embeds``)
+    hidden: np.ndarray  # (N, L, D) float32: the last hidden states
+    mask: np.ndarray  # (N, L) bool: the tokens attended to
+
+
+@dataclass(frozen=True, eq=False)
 class UnCLIPRequest:
     """An ``UnCLIPPipeline`` call's arguments, checked once (:func:`unclip_request`)."""
 
-    texts: tuple[str, ...]  # one per prompt
+    texts: tuple[str, ...]  # one per prompt; empty when ``given_text`` replaces the prompt
     num_images_per_prompt: int
     steps: Mapping[str, int]  # stage -> num_inference_steps
     shapes: Mapping[str, tuple[int, ...]]  # stage -> start-sample shape: (B, D), (B, C, h, w), (B, C, H, W)
@@ -35,10 +44,16 @@ class UnCLIPRequest:
     prior_guidance_scale: float
     decoder_guidance_scale: float
     output_type: str
+    given_text: GivenText | None = None  # used instead of encoding ``texts``
+
+    @property
+    def prompts(self) -> int:
+        """The number of prompts (rows of the text encoding before ``num_images_per_prompt``)."""
+        return len(self.texts) if self.given_text is None else self.given_text.embeds.shape[0]
 
     @property
     def batch(self) -> int:
-        return len(self.texts) * self.num_images_per_prompt
+        return self.prompts * self.num_images_per_prompt
 
     @property
     def guided(self) -> bool:
@@ -78,13 +93,16 @@ def _scale(name: str, value: Any) -> float:
     return float(value)
 
 
+def _host(value: Any) -> np.ndarray:
+    """A torch, jax or numpy array as numpy on the host."""
+    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+
+
 def _latents(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     """A given start draw as float32 numpy of exactly ``shape`` (numpy, torch or jax input)."""
     if value is None:
         return None
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
+    arr = _host(value)
     if arr.dtype.kind != "f":
         raise ValueError(f"{name}: must be a floating array, got dtype {arr.dtype}")
     if arr.shape != tuple(shape):
@@ -92,9 +110,44 @@ def _latents(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray | None
     return arr.astype(np.float32)
 
 
+def given_text(prior: Mapping[str, Any], text_model_output: Any, text_attention_mask: Any) -> GivenText | None:
+    """Check diffusers' ``text_model_output`` ((text_embeds, last_hidden_state) or an output with those fields)
+    and ``text_attention_mask`` against the prior's ``embedding_proj_dim``/``embedding_dim`` and ``num_embeddings``."""
+    if text_model_output is None:
+        if text_attention_mask is not None:
+            raise ValueError("text_attention_mask: only accepted together with text_model_output")
+        return None
+    if hasattr(text_model_output, "text_embeds") and hasattr(text_model_output, "last_hidden_state"):
+        embeds, hidden = text_model_output.text_embeds, text_model_output.last_hidden_state
+    elif isinstance(text_model_output, (tuple, list)) and len(text_model_output) >= 2:
+        embeds, hidden = text_model_output[0], text_model_output[1]
+    else:
+        raise ValueError(
+            "text_model_output: must be (text_embeds, last_hidden_state) or a CLIPTextModelOutput, "
+            f"got {type(text_model_output).__name__}"
+        )
+    if text_attention_mask is None:
+        raise ValueError("text_attention_mask: required with text_model_output (the (N, L) mask of its tokens)")
+    embeds, hidden, mask = _host(embeds), _host(hidden), _host(text_attention_mask)
+    width, length = int(prior.get("embedding_proj_dim") or prior["embedding_dim"]), int(prior["num_embeddings"])
+    n = embeds.shape[0] if embeds.ndim == 2 else -1
+    if embeds.dtype.kind != "f" or embeds.shape != (n, width):
+        raise ValueError(f"text_model_output[0]: expected float text_embeds of shape (N, {width}), got {embeds.shape}")
+    if hidden.dtype.kind != "f" or hidden.shape != (n, length, int(prior["embedding_dim"])):
+        raise ValueError(
+            f"text_model_output[1]: expected float hidden states of shape ({n}, {length}, {prior['embedding_dim']}), "
+            f"got {hidden.shape}"
+        )
+    if mask.dtype.kind not in "biu" or mask.shape != (n, length) or not np.isin(mask, (0, 1)).all():
+        raise ValueError(
+            f"text_attention_mask: expected a 0/1 or bool array of shape ({n}, {length}), got {mask.shape}"
+        )
+    return GivenText(embeds.astype(np.float32), hidden.astype(np.float32), mask.astype(bool))
+
+
 def unclip_request(
     configs: Mapping[str, Mapping[str, Any]],
-    prompt: str | Sequence[str],
+    prompt: str | Sequence[str] | None,
     *,
     num_images_per_prompt: int = 1,
     prior_num_inference_steps: int = 25,
@@ -106,11 +159,27 @@ def unclip_request(
     prior_guidance_scale: float = 4.0,
     decoder_guidance_scale: float = 8.0,
     output_type: str = "pil",
+    text_model_output: Any = None,
+    text_attention_mask: Any = None,
 ) -> UnCLIPRequest:
-    """Check an ``UnCLIPPipeline`` call; ``configs``: the ``prior``, ``decoder`` and ``super_res_first`` configs."""
-    if not sd._is_texts(prompt):
-        raise ValueError(f"prompt: must be a str or a non-empty list of str, got {prompt!r}")
-    texts = tuple(sd.prompt_texts(prompt))
+    """Check an ``UnCLIPPipeline`` call; ``configs``: the ``prior``, ``decoder`` and ``super_res_first`` configs.
+
+    ``prompt`` may be None when ``text_model_output`` and ``text_attention_mask`` give the text encoding.
+    """
+    given = given_text(configs["prior"], text_model_output, text_attention_mask)
+    texts: tuple[str, ...] = ()
+    if prompt is not None or given is None:
+        if not sd._is_texts(prompt):
+            raise ValueError(
+                f"prompt: must be a str or a non-empty list of str (or None with text_model_output), got {prompt!r}"
+            )
+        texts = tuple(sd.prompt_texts(prompt))
+    if given is not None and texts and len(texts) != given.embeds.shape[0]:
+        raise ValueError(
+            f"prompt: {len(texts)} prompt(s) but text_model_output has {given.embeds.shape[0]} row(s); "
+            "pass prompt=None or one prompt per row"
+        )
+    rows = len(texts) if given is None else given.embeds.shape[0]
     check_output_type(output_type, ("pil", "np"))
     n = sd._positive_int("num_images_per_prompt", num_images_per_prompt)
     steps = {
@@ -118,13 +187,13 @@ def unclip_request(
         "decoder": _steps("decoder_num_inference_steps", decoder_num_inference_steps),
         "super_res": _steps("super_res_num_inference_steps", super_res_num_inference_steps),
     }
-    shapes = stage_shapes(configs, len(texts) * n)
-    given = {"prior": prior_latents, "decoder": decoder_latents, "super_res": super_res_latents}
-    latents = {s: _latents(f"{s}_latents", given[s], shapes[s]) for s in STAGES}
+    shapes = stage_shapes(configs, rows * n)
+    starts = {"prior": prior_latents, "decoder": decoder_latents, "super_res": super_res_latents}
+    latents = {s: _latents(f"{s}_latents", starts[s], shapes[s]) for s in STAGES}
     return UnCLIPRequest(
         texts, n, steps, shapes, latents,
         _scale("prior_guidance_scale", prior_guidance_scale), _scale("decoder_guidance_scale", decoder_guidance_scale),
-        output_type,
+        output_type, given,
     )  # fmt: skip
 
 

@@ -65,6 +65,23 @@ def test_flax_matches_our_torch_on_explicit_latents_and_noise(folder, ours, kwar
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
+def test_text_model_output_replaces_the_prompt(folder, ours):
+    """diffusers' ``text_model_output`` / ``text_attention_mask`` (numpy, prompt=None) give the prompt's images."""
+    torch_pipe = TorchPipeline.from_pretrained(folder)
+    configs = torch_pipe._configs()
+    ids, mask = uc.tokenize_with_mask(torch_pipe.tokenizer, [unclip_tiny.PROMPT])
+    out = ours.text_encoder(jax.numpy.asarray(ids))
+    given = (np.asarray(out.text_embeds), np.asarray(out.last_hidden_state))
+    request, noise = explicit_inputs(configs, unclip_tiny.PROMPT)
+    from_prompt = ours._generate(request, None, noise)
+    latents = {f"{s}_latents": request.latents[s] for s in uc.STAGES}
+    given_request = uc.unclip_request(
+        configs, None, **STEPS, **latents, text_model_output=given, text_attention_mask=mask
+    )
+    assert given_request.texts == () and given_request.batch == 1
+    np.testing.assert_allclose(ours._generate(given_request, None, noise), from_prompt, atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 def test_key_call_is_deterministic_and_per_image(ours):
     call = dict(output_type="np", **STEPS)

@@ -143,3 +143,61 @@ def test_hub_style_offline_load(folder, ours, tmp_path, monkeypatch):
 def test_bad_arguments_raise(ours, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ours(**kwargs)
+
+
+def _text_model_output(pipe, texts):
+    """diffusers' ``text_model_output`` / ``text_attention_mask`` for ``texts``, from ``pipe``'s own encoder."""
+    enc = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        out = pipe.text_encoder(enc.input_ids)
+    return out, enc.attention_mask.bool()
+
+
+@pytest.mark.parametrize(
+    "texts, kwargs",
+    [
+        ([unclip_tiny.PROMPT], {}),
+        (
+            [unclip_tiny.PROMPT, "a cat"],
+            {"num_images_per_prompt": 2, "prior_guidance_scale": 1.0, "decoder_guidance_scale": 1.0},
+        ),
+    ],
+    ids=["guided", "two_rows_unguided"],
+)
+def test_text_model_output_matches_diffusers_without_prompt(ours, ref, texts, kwargs):
+    """diffusers' precomputed text encoding (prompt=None) gives its images, and the same as encoding the prompt.
+
+    Seed 0: with seed 2 the two-row case had 2 pixels of 49152 at 4e-3 (the t = 999 amplification, see top).
+    """
+    out, mask = _text_model_output(ref, texts)
+    call = dict(output_type="np", **STEPS, **kwargs)
+    a = ours(generator=torch.Generator().manual_seed(0), text_model_output=out, text_attention_mask=mask, **call)
+    b = ref(generator=torch.Generator().manual_seed(0), text_model_output=out, text_attention_mask=mask, **call)
+    assert a.images.shape == (len(texts) * kwargs.get("num_images_per_prompt", 1), 64, 64, 3)
+    np.testing.assert_allclose(a.images, b.images, atol=ATOL, rtol=0)
+    from_prompt = ours(texts, generator=torch.Generator().manual_seed(0), **call).images
+    np.testing.assert_allclose(a.images, from_prompt, atol=1e-5, rtol=0)
+    as_tuple = (out.text_embeds.numpy(), out.last_hidden_state.numpy())  # numpy, a tuple, a 0/1 int mask
+    c = ours(texts, generator=torch.Generator().manual_seed(0), text_model_output=as_tuple,
+             text_attention_mask=mask.long().numpy(), **call)  # fmt: skip
+    np.testing.assert_array_equal(c.images, a.images)
+
+
+def test_text_model_output_bad_arguments_raise(ours, ref):
+    out, mask = _text_model_output(ref, [unclip_tiny.PROMPT])
+    embeds, hidden = out.text_embeds, out.last_hidden_state
+    cases = [
+        (dict(), "prompt"),  # neither a prompt nor a text encoding
+        (dict(text_model_output=out), "text_attention_mask"),
+        (dict(prompt="a", text_attention_mask=mask), "text_attention_mask"),
+        (dict(text_model_output=embeds, text_attention_mask=mask), "text_model_output"),
+        (dict(text_model_output=(embeds[:, :8], hidden), text_attention_mask=mask), r"text_model_output\[0\]"),
+        (dict(text_model_output=(embeds, hidden[:, :5]), text_attention_mask=mask), r"text_model_output\[1\]"),
+        (dict(text_model_output=out, text_attention_mask=mask[:, :5]), "text_attention_mask"),
+        (dict(text_model_output=out, text_attention_mask=mask.float()), "text_attention_mask"),
+        (dict(prompt=["a", "b"], text_model_output=out, text_attention_mask=mask), "prompt"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ours(**STEPS, **kwargs)

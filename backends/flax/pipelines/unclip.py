@@ -76,7 +76,7 @@ class UnCLIPPipeline(DiffusionPipeline):
 
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         prior_num_inference_steps: int = 25,
         decoder_num_inference_steps: int = 25,
@@ -89,8 +89,12 @@ class UnCLIPPipeline(DiffusionPipeline):
         decoder_guidance_scale: float = 8.0,
         output_type: str = "pil",
         return_dict: bool = True,
+        text_model_output: Any = None,
+        text_attention_mask: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate images for ``prompt``; ``*_latents`` (numpy or jax) fix a stage's starting draw.
+        """Generate images for ``prompt``; ``*_latents`` (numpy or jax) fix a stage's starting draw;
+        ``text_model_output`` ((text_embeds, last_hidden_state)) with ``text_attention_mask`` replaces encoding
+        ``prompt`` (then optional), as in diffusers.
 
         ``key`` (``jax.random.key(seed)``) is required: every stage draws step noise.
         """
@@ -101,7 +105,7 @@ class UnCLIPPipeline(DiffusionPipeline):
             super_res_num_inference_steps=super_res_num_inference_steps, prior_latents=prior_latents,
             decoder_latents=decoder_latents, super_res_latents=super_res_latents,
             prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale,
-            output_type=output_type,
+            output_type=output_type, text_model_output=text_model_output, text_attention_mask=text_attention_mask,
         )  # fmt: skip
         if key is None:
             raise ValueError("key: pass key=jax.random.key(seed) (every unCLIP stage draws step noise)")
@@ -125,10 +129,15 @@ class UnCLIPPipeline(DiffusionPipeline):
             ids, mask = uc.tokenize_with_mask(self.tokenizer, texts)
             return (*_encode(self.text_encoder, jnp.asarray(ids)), jnp.asarray(mask))
 
-        cond = encode(request.texts)
-        uncond = encode([""] * len(request.texts)) if request.guided else (None, None, None)
+        cond = encode(request.texts) if request.given_text is None else self._given_text(request.given_text)
+        uncond = encode([""] * request.prompts) if request.guided else (None, None, None)
         n, g = request.num_images_per_prompt, request.guided
         return tuple(uc.batch_text(c, u, n, g) for c, u in zip(cond, uncond, strict=True))
+
+    @staticmethod
+    def _given_text(given: uc.GivenText):
+        """``text_model_output`` / ``text_attention_mask`` as jax arrays."""
+        return jnp.asarray(given.embeds), jnp.asarray(given.hidden), jnp.asarray(given.mask)
 
     def _run(self, stage: str, request, nets, cond, key, noise_fns, scale: float = 0.0):
         """One stage's scan from its start draw (given latents, else drawn from the stage's key)."""

@@ -30,7 +30,7 @@ class UnCLIPPipeline(DiffusionPipeline):
 
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         prior_num_inference_steps: int = 25,
         decoder_num_inference_steps: int = 25,
@@ -43,8 +43,14 @@ class UnCLIPPipeline(DiffusionPipeline):
         decoder_guidance_scale: float = 8.0,
         output_type: str = "pil",
         return_dict: bool = True,
+        text_model_output: Any = None,
+        text_attention_mask: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Generate images for ``prompt``; ``*_latents`` (numpy or torch) fix a stage's starting draw."""
+        """Generate images for ``prompt``; ``*_latents`` (numpy or torch) fix a stage's starting draw.
+
+        ``text_model_output`` ((text_embeds, last_hidden_state)) with ``text_attention_mask`` replaces encoding
+        ``prompt`` (then optional), as in diffusers.
+        """
         request = uc.unclip_request(
             self._configs(), prompt, num_images_per_prompt=num_images_per_prompt,
             prior_num_inference_steps=prior_num_inference_steps,
@@ -52,7 +58,7 @@ class UnCLIPPipeline(DiffusionPipeline):
             super_res_num_inference_steps=super_res_num_inference_steps, prior_latents=prior_latents,
             decoder_latents=decoder_latents, super_res_latents=super_res_latents,
             prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale,
-            output_type=output_type,
+            output_type=output_type, text_model_output=text_model_output, text_attention_mask=text_attention_mask,
         )  # fmt: skip
         images = uc.finish(self._generate(request, generator), request.output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
@@ -76,10 +82,16 @@ class UnCLIPPipeline(DiffusionPipeline):
             out = self.text_encoder(torch.from_numpy(ids).to(self.device))
             return out.text_embeds, out.last_hidden_state, torch.from_numpy(mask).to(self.device)
 
-        cond = encode(request.texts)
-        uncond = encode([""] * len(request.texts)) if request.guided else (None, None, None)
+        cond = encode(request.texts) if request.given_text is None else self._given_text(request.given_text)
+        uncond = encode([""] * request.prompts) if request.guided else (None, None, None)
         n, g = request.num_images_per_prompt, request.guided
         return tuple(uc.batch_text(c, u, n, g) for c, u in zip(cond, uncond, strict=True))
+
+    def _given_text(self, given: uc.GivenText):
+        """``text_model_output`` / ``text_attention_mask`` on the text encoder's device and dtype."""
+        dtype = self.text_encoder.dtype
+        as_tensor = lambda a, dt: torch.from_numpy(a).to(device=self.device, dtype=dt)  # noqa: E731
+        return as_tensor(given.embeds, dtype), as_tensor(given.hidden, dtype), as_tensor(given.mask, torch.bool)
 
     def _run(self, stage: str, request, model_fn, generator, noise_fns, dtype, index_model_fn=False):
         """One stage's loop from its start draw (given latents, else ``generator``), as diffusers runs it."""
