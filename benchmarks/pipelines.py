@@ -1,6 +1,6 @@
 """Text-to-image end to end: ours (torch, flax warm) vs diffusers' StableDiffusionPipeline, same run.
 
-    python benchmarks/pipelines.py [--configs tiny sd15] [--repeats 3] [--unclip unclip-tiny karlo]
+    python benchmarks/pipelines.py [--configs tiny sd15 if-tiny if-m] [--repeats 3] [--unclip unclip-tiny karlo]
 
 Two random-weight pipelines are written once in diffusers' folder layout (tokenizer built from CLIP's
 real vocabulary): "tiny" (diffusers' fast-test components) at 64x64 with 25 steps, and "sd15" (the
@@ -8,6 +8,7 @@ SD-1.5 UNet, VAE and CLIP ViT-L/14 text encoder architectures) at 256x256 with 4
 our torch pipeline and our Flax pipeline load the same folder and run the same prompt from the same
 numpy latents (DPM-Solver++ 2M, guidance 7.5, output "np"), interleaved round by round; medians and
 ratios to diffusers are printed. The Flax compile time (first call minus a warm call) is its own line.
+"if-tiny" / "if-m" are DeepFloyd IF stage I (``IFPipeline`` vs diffusers'; see benchmarks/if_pipelines.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import pipelines_unclip  # noqa: E402  (unCLIP rows, issue 12 §5)
 from benchmarks._common import interleaved_medians, machine_line, peak_rss_mib, pin_threads, timed  # noqa: E402
+from benchmarks.if_pipelines import IF_CONFIGS, if_contenders, write_if_pipeline  # noqa: E402
 from benchmarks.models import SD15_UNET  # noqa: E402
 
 pin_threads()
@@ -161,7 +163,7 @@ def contenders(name: str, folder: Path, compile_line: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["tiny", "sd15"], choices=sorted(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["tiny", "sd15"], choices=sorted(CONFIGS) + sorted(IF_CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tmp", default=None, help="folder for the temporary pipelines")
     # unCLIP (issue 12 §5): benchmarks/pipelines_unclip.py
@@ -177,9 +179,10 @@ def main() -> None:
     notes: list[str] = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for name in args.configs:
-            write_pipeline(name, Path(tmp))
-            med = interleaved_medians(contenders(name, Path(tmp), notes), args.repeats)
-            cfg = CONFIGS[name]
+            is_if = name in IF_CONFIGS
+            (write_if_pipeline if is_if else write_pipeline)(name, Path(tmp))
+            med = interleaved_medians((if_contenders if is_if else contenders)(name, Path(tmp), notes), args.repeats)
+            cfg = IF_CONFIGS[name] if is_if else CONFIGS[name]
             print(
                 f"{name:7} {cfg['size']:5d} {cfg['steps']:5d} {med['diffusers']:9.2f}s {med['torch']:7.2f}s "
                 f"{med['torch'] / med['diffusers']:6.2f} {med['flax']:7.2f}s {med['flax'] / med['diffusers']:6.2f}",

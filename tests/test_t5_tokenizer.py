@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -14,14 +13,11 @@ import transformers
 
 from diffusion_core.pipelines.components import backend_component_table
 from diffusion_core.tokenizers import T5Tokenizer
+from tests.t5_spiece import write_spiece_folder
 
 pytest.importorskip("sentencepiece")
 pytest.importorskip("tokenizers")
 
-_WORDS = (
-    "The quick brown fox jumps over the lazy dog. A photo of a cat sitting on a red chair, highly detailed 4k. "
-    "Ein Foto von einer Katze. Une photo d'un chat. café naïve résumé 12345 67.89! 東京の写真。"
-).split()
 STRINGS = [
     "a photo of a cat",
     "",
@@ -37,31 +33,11 @@ STRINGS = [
 ]
 
 
-def _corpus() -> str:
-    rng = random.Random(0)
-    lines = [" ".join(_WORDS)] * 3
-    for _ in range(400):
-        lines.append(" ".join(rng.choice(_WORDS)[: rng.randint(1, 8)] + rng.choice(["", "s", "ing"]) for _ in range(9)))
-    return "\n".join(lines)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A trained ``spiece.model`` folder (DeepFloyd's form) and its transformers 5 save (``tokenizer.json``)."""
-    import sentencepiece
-
     root = tmp_path_factory.mktemp("t5_tokenizer")
-    (root / "corpus.txt").write_text(_corpus(), encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=300, model_type="unigram",
-        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
-    )  # fmt: skip
-    spm = root / "spm"
-    spm.mkdir()
-    (spm / "spiece.model").write_bytes((root / "sp.model").read_bytes())
-    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 77, "extra_ids": 100}
-    (spm / "tokenizer_config.json").write_text(json.dumps(config))
-    (spm / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    spm = write_spiece_folder(root)
     transformers.T5Tokenizer.from_pretrained(spm).save_pretrained(root / "json")
     data = json.loads((root / "json" / "tokenizer.json").read_text(encoding="utf-8"))
     data["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0}

@@ -1,8 +1,9 @@
 """Tiny DeepFloyd IF pipelines (stage I and II) built with diffusers 0.42.1, random UNets, saved to disk.
 
-No text encoder: the tests pass ``prompt_embeds`` / ``negative_prompt_embeds`` (diffusers accepts those
-without a T5). The UNets are diffusers' IF fast-test configs with every parameter random (small scale, so
-the thresholded images are not saturated).
+Most carry no text encoder: those tests pass ``prompt_embeds`` / ``negative_prompt_embeds`` (diffusers accepts
+those without a T5); :func:`save_if_text_pipeline` adds a tiny T5 encoder and a trained T5
+tokenizer. The UNets are diffusers' IF fast-test configs with every parameter random (small scale, so the
+thresholded images are not saturated).
 """
 
 from __future__ import annotations
@@ -87,31 +88,39 @@ def mask(size: int = 16) -> np.ndarray:
     return m
 
 
-class WordTokenizer:
-    """A stand-in for IF's T5 tokenizer (the real one needs a sentencepiece model): one id per word, then EOS (1),
-    padded with 0; answers the keyword arguments diffusers' and our IF encode_prompt pass."""
-
-    model_max_length = 77
-
-    def __call__(self, texts, padding="longest", max_length=None, truncation=False, return_tensors="np", **_):
-        from transformers import BatchEncoding
-
-        ids = [
-            [2 + sum(map(ord, w)) % 40 for w in t.split()] + [1] for t in ([texts] if isinstance(texts, str) else texts)
-        ]
-        ids = [i[: max_length - 1] + [1] if truncation and len(i) > max_length else i for i in ids]
-        length = max_length if padding == "max_length" else max(map(len, ids))
-        mask = [[1] * len(i) + [0] * (length - len(i)) for i in ids]
-        ids = [i + [0] * (length - len(i)) for i in ids]
-        return BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=return_tensors)
-
-
-def tiny_t5() -> torch.nn.Module:
-    """A random transformers T5EncoderModel whose width is the UNets' encoder_hid_dim."""
+def tiny_t5(vocab_size: int) -> torch.nn.Module:
+    """A random transformers T5EncoderModel (IF's gated-gelu form) whose width is the UNets' encoder_hid_dim."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     config = T5Config(
-        vocab_size=50, d_model=TEXT[1], d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8
-    )
+        vocab_size=vocab_size, d_model=TEXT[1], d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+    )  # fmt: skip
     return T5EncoderModel(config).eval()
+
+
+def save_if_text_pipeline(root: Path) -> tuple[object, dict[str, Path]]:
+    """A diffusers stage I ``IFPipeline`` with a tiny T5 encoder and a T5Tokenizer trained here (``spiece.model``),
+    saved with ``save_pretrained`` (its tokenizer as transformers 5 writes it: ``tokenizer.json``), and a copy of
+    that folder whose ``tokenizer/`` is the ``spiece.model`` form DeepFloyd ships. Returns (pipeline, folders)."""
+    import shutil
+
+    import transformers
+
+    from tests.t5_spiece import write_spiece_folder
+
+    (root / "spiece").mkdir()
+    spm = write_spiece_folder(root / "spiece")
+    tokenizer = transformers.T5Tokenizer.from_pretrained(spm)
+    parts = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe = diffusers.IFPipeline(
+        tokenizer=tokenizer, text_encoder=tiny_t5(len(tokenizer)), unet=random_unet(IF_STAGE_I),
+        scheduler=diffusers.DDPMScheduler(**IF_SCHEDULER), **parts,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(root / "tokenizer_json")
+    shutil.copytree(root / "tokenizer_json", root / "spiece_model")
+    shutil.rmtree(root / "spiece_model" / "tokenizer")
+    shutil.copytree(spm, root / "spiece_model" / "tokenizer")
+    return pipe, {"tokenizer_json": root / "tokenizer_json", "spiece": root / "spiece_model"}

@@ -129,6 +129,36 @@ def test_inpainting_super_resolution_flax_matches_torch_on_explicit_noise(pipes)
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def text_folders(tmp_path_factory):
+    return if_tiny.save_if_text_pipeline(tmp_path_factory.mktemp("if_text_flax"))[1]
+
+
+@pytest.mark.parametrize("form", ["tokenizer_json", "spiece"])
+def test_prompts_through_t5_flax_matches_torch_on_explicit_noise(text_folders, form):
+    """``IFPipeline.from_pretrained`` of diffusers' save with a T5 encoder and tokenizer (both tokenizer forms):
+    ``prompt=`` / ``negative_prompt=`` through our flax T5 give our torch images (torch == diffusers in
+    test_if_torch) on the same explicit noise."""
+    from diffusion_core.flax.models.t5 import T5EncoderModel
+
+    folder = text_folders[form]
+    flax_pipe, torch_pipe = FlaxPipeline.from_pretrained(folder), TorchPipeline.from_pretrained(folder)
+    torch_pipe.set_progress_bar_config(disable=True)
+    assert type(flax_pipe) is IFPipeline and isinstance(flax_pipe.text_encoder, T5EncoderModel)
+    shape = (2, 3, 16, 16)
+    request = dif.if_request(
+        flax_pipe.unet.config, prompt=["A Red Fox  ", "a photo of a cat on a red chair " * 12],
+        negative_prompt="blurry", num_inference_steps=STEPS, output_type="np", guidance_scale=7.0,
+        latents=np.random.default_rng(7).standard_normal(shape).astype(np.float32), clean_caption=False, height=16,
+        width=16,
+    )  # fmt: skip
+    noise = _noise(request)
+    a = flax_pipe._run(request, None, False, True, noise).images
+    b = torch_pipe._run(request, None, False, True, noise).images
+    assert a.shape == (2, 16, 16, 3) and if_tiny.unsaturated(b) > 0.2
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
 def test_keys_reproduce_and_images_are_independent(pipes):
     """Image b draws from fold_in(key, b): the same key repeats, the first image does not depend on the batch."""
     flax_pipe, _ = pipes[if_tiny.STAGE_I]
@@ -176,5 +206,5 @@ def test_both_backends_bind_the_same_core_recipe(kind):
             assert not any(part in vars(k) for k in backend), f"{cls.__module__}.{kind} redefines {part}"
     assert classes[0]._components == classes[1]._components and classes[0]._stage2 == classes[1]._stage2
     torch_args = [p for p in inspect.signature(classes[0].__call__).parameters if p != "generator"]
-    flax_args = [p for p in inspect.signature(classes[1].__call__).parameters if p != "key"]
+    flax_args = [p for p in inspect.signature(classes[1].__call__).parameters if p not in ("key", "parallel", "mesh")]
     assert torch_args == flax_args

@@ -1,5 +1,6 @@
 """PyTorch DeepFloyd IF (``IFPipeline``, ``IFSuperResolutionPipeline``) against diffusers 0.42.1: the same generator
-gives the same images (tiny random UNets, given T5 embeddings, DDPM learned_range + thresholding, stochastic)."""
+gives the same images (tiny random UNets, given T5 embeddings or prompts through a tiny T5 encoder and a trained T5
+tokenizer, DDPM learned_range + thresholding, stochastic)."""
 
 from __future__ import annotations
 
@@ -270,31 +271,49 @@ def test_super_resolution_variants_match_diffusers(pipes, kind):
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
-def test_prompts_through_a_t5_text_encoder_match_diffusers(pipes):
-    """Texts (lower-cased; the negative padded to the prompt's length) through ``text_encoder(ids, attention_mask=)``
-    with a transformers T5 and a stand-in tokenizer shared by both pipelines."""
-    import diffusers
+@pytest.fixture(scope="module")
+def text_pipes(tmp_path_factory):
+    """diffusers' stage I with a tiny T5 and a trained T5 tokenizer; its save loaded here in both tokenizer forms."""
+    ref, folders = if_tiny.save_if_text_pipeline(tmp_path_factory.mktemp("if_text"))
+    ours = {form: DiffusionPipeline.from_pretrained(folder) for form, folder in folders.items()}
+    for pipe in ours.values():
+        pipe.set_progress_bar_config(disable=True)
+    return ours, ref
 
-    _, ref = pipes[if_tiny.STAGE_I]
-    ours, _ = pipes[if_tiny.STAGE_I]
-    tokenizer, t5 = if_tiny.WordTokenizer(), if_tiny.tiny_t5()
-    ref_text = diffusers.IFPipeline(
-        tokenizer=tokenizer, text_encoder=t5, unet=ref.unet, scheduler=ref.scheduler, safety_checker=None,
-        feature_extractor=None, watermarker=None, requires_safety_checker=False,
-    )  # fmt: skip
-    ref_text.set_progress_bar_config(disable=True)
-    ours_text = IFPipeline(tokenizer=tokenizer, text_encoder=t5, unet=ours.unet, scheduler=ours.scheduler)
-    ours_text.set_progress_bar_config(disable=True)
-    common = dict(
-        prompt=["A Red Fox  ", "two small boats"], negative_prompt=["blurry", "dark water"], num_inference_steps=2,
-        output_type="np", height=16, width=16, clean_caption=False,
-    )  # fmt: skip
-    a = ours_text(generator=torch.Generator().manual_seed(0), **common).images
-    b = ref_text(generator=torch.Generator().manual_seed(0), **common).images
+
+TEXT_CALL = dict(
+    prompt=["A Red Fox  ", "An astronaut riding a horse on the moon, trending on artstation. " * 12],
+    negative_prompt=["blurry", "dark water"], num_inference_steps=2, output_type="np", height=16, width=16,
+    clean_caption=False,
+)  # fmt: skip  # the second prompt is longer than 77 tokens: truncated, as diffusers does
+
+
+@pytest.mark.parametrize("form", ["tokenizer_json", "spiece"])
+def test_prompts_through_t5_from_pretrained_match_diffusers(text_pipes, form):
+    """``IFPipeline.from_pretrained`` with a T5EncoderModel and a T5Tokenizer (``tokenizer.json`` as diffusers saved
+    it, or DeepFloyd's ``spiece.model``): ``prompt=`` / ``negative_prompt=`` give diffusers' images."""
+    from diffusion_core.tokenizers import T5Tokenizer
+    from diffusion_core.torch.models.t5 import T5EncoderModel
+
+    ours, ref = text_pipes[0][form], text_pipes[1]
+    assert type(ours) is IFPipeline
+    assert isinstance(ours.tokenizer, T5Tokenizer) and isinstance(ours.text_encoder, T5EncoderModel)
+    a = ours(generator=torch.Generator().manual_seed(0), **TEXT_CALL).images
+    b = ref(generator=torch.Generator().manual_seed(0), **TEXT_CALL).images
     assert if_tiny.unsaturated(b) > 0.2
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
-    other = ours_text(generator=torch.Generator().manual_seed(0), **{**common, "prompt": ["a cat", "a dog"]}).images
+    other = ours(generator=torch.Generator().manual_seed(0), **{**TEXT_CALL, "prompt": ["a cat", "a dog"]}).images
     assert np.abs(other - a).max() > 1e-5  # the text reaches the images (weakly: small random UNet weights)
+
+
+def test_prompt_without_cfg_and_several_images_per_prompt_match_diffusers(text_pipes):
+    ours, ref = text_pipes[0]["spiece"], text_pipes[1]
+    call = dict(prompt="a photo of a cat", guidance_scale=1.0, num_images_per_prompt=2, num_inference_steps=2,
+                output_type="np", height=16, width=16, clean_caption=False)  # fmt: skip
+    a = ours(generator=torch.Generator().manual_seed(1), **call).images
+    b = ref(generator=torch.Generator().manual_seed(1), **call).images
+    assert a.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
 def test_saved_pipeline_loads_in_diffusers(pipes, tmp_path):

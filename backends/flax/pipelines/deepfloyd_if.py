@@ -3,8 +3,8 @@
 The request checks and the recipe are the core's ``diffusion_core.pipelines.deepfloyd_if``, shared with torch;
 this module binds them to NNX modules, keys and one compiled ``lax.scan`` (cached per shapes and scheduler).
 Image ``b`` starts from ``normal(fold_in(key, b))``, draws its step noise from ``fold_in(that key, i)`` and
-stage II's augmentation noise from ``fold_in(that key, AUGMENT_FOLD)``. Single device (no ``parallel=`` / ``mesh=``
-yet).
+stage II's augmentation noise from ``fold_in(that key, AUGMENT_FOLD)``, so ``parallel="pmap"`` / ``mesh=`` (the
+batch split over devices, as the SD pipelines do) give the images of one device.
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, scale_out_mode
+from diffusion_core.flax.pipelines.sd_base import guided_to_rows, rows_to_guided
+from diffusion_core.flax.pipelines.sd_program import pack_rows, unpack_rows
 from diffusion_core.flax.sampling import denoise_loop, per_example_keys, per_example_normal
 from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines import deepfloyd_if as dif
 from diffusion_core.pipelines import stable_diffusion as sd
 
 AUGMENT_FOLD = 2**31 - 1  # fold_in index of stage II's augmentation noise (step noise uses the call index)
+_GUIDED = ("context", "extra", "labels")  # program inputs in guidance-batch order (parts * N, ...)
 
 
 class _IFBase(dif.IFRecipe, DiffusionPipeline):
@@ -35,21 +39,41 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
         """(B, L) ids and attention mask -> (B, L, D) T5 states: ``text_encoder(input_ids, attention_mask=mask)[0]``."""
         return self.text_encoder(jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]
 
-    def _program(self, graphdef: Any, request: dif.IFRequest, step_kwargs: dict[str, Any], explicit: bool, first: int):
+    def _program(self, graphdef: Any, request: dif.IFRequest, step_kwargs: dict[str, Any], first: int, unravel: Any):
+        """``(params, state, rows, keys) -> x``: the guided loop over per-image rows (one program for every mode)."""
         scheduler = self.scheduler
 
-        def program(params, state, x, context, extra, labels, keys, steps, blend):
+        def program(params, state, rows, keys):
             self.trace_count += 1  # runs at trace time only
-            unet = nnx.merge(graphdef, params)
-            model_fn = self._model_fn(unet, context, request, extra, labels, state)
+            unet = nnx.merge(graphdef, params[0])
+            inputs = unpack_rows(rows, unravel)
+            guided = {k: rows_to_guided(v) for k, v in inputs.items() if k in _GUIDED}
+            labels = guided["labels"][:, 0].astype(jnp.int32) if "labels" in guided else None
+            model_fn = self._model_fn(unet, guided["context"], request, guided.get("extra"), labels, state)
+            steps = inputs.get("steps")  # (b, num_calls, C, H, W) explicit noise, or None
+            blend = (inputs["blend_image"], inputs["blend_mask"]) if "blend_mask" in inputs else None
             x, _ = denoise_loop(
-                scheduler, model_fn, x, state, keys=None if explicit else keys, first=first,
-                noise_fn=steps.__getitem__ if explicit else None, step_kwargs=step_kwargs, index_model_fn=True,
-                post_step=self._blend(blend),
+                scheduler, model_fn, inputs["x"], state, keys=None if steps is not None else keys, first=first,
+                noise_fn=None if steps is None else (lambda i: steps[:, i]), step_kwargs=step_kwargs,
+                index_model_fn=True, post_step=self._blend(blend),
             )  # fmt: skip
             return x
 
         return program
+
+    def _rows(self, request: dif.IFRequest, x, context, extra, labels, noise) -> dict[str, jax.Array]:
+        """Per-image program inputs, each (N, ...): guidance-batch inputs as (N, parts, ...) rows."""
+        parts = request.guidance.parts
+        inputs = {"x": x, "context": guided_to_rows(context, parts)}
+        if extra is not None:
+            inputs["extra"] = guided_to_rows(extra, parts)
+            inputs["labels"] = guided_to_rows(labels[:, None].astype(jnp.float32), parts)
+        blend = self._blend_inputs(request, x)
+        if blend is not None:
+            inputs["blend_image"], inputs["blend_mask"] = blend
+        if noise is not None:
+            inputs["steps"] = jnp.swapaxes(jnp.asarray(noise.steps, x.dtype), 0, 1)  # (N, num_calls, C, H, W)
+        return inputs
 
     def _run(
         self,
@@ -58,11 +82,15 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
         clean_caption: bool,
         return_dict: bool,
         noise: dif.ExplicitNoise | None = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Start noise, (stage II: noisy upscaled image), the compiled guided loop, images.
 
-        ``noise`` replaces the key's draws after the start (tests compare backends on it).
+        ``noise`` replaces the key's draws after the start (tests compare backends on it). ``parallel="pmap"`` /
+        ``mesh=`` split the images over devices (``DiffusionPipeline.run_program``); image b keeps its key.
         """
+        mode = scale_out_mode(parallel, mesh)
         step_kwargs = sd.step_kwargs(self.scheduler, request.eta)
         if key is None and (request.latents is None or noise is None):
             raise ValueError("key: pass key=jax.random.key(seed) (needed to draw the starting or step noise)")
@@ -83,22 +111,17 @@ class _IFBase(dif.IFRecipe, DiffusionPipeline):
             labels = self._noise_level_labels(request, x)
         state, first = self._schedule(request, x)
         x = self._start(request, x, state, first)
+        rows, unravel, signature = pack_rows(self._rows(request, x, context, extra, labels, noise))
         graphdef, params = nnx.split(self.unet)
-        static = (
-            self._scheduler_key(),
-            tuple(sorted(step_kwargs.items())),
-            request.guidance,
-            request.shape,
-            noise is not None,
-            first,
-        )
-        fn = self.compiled(
-            "single", None, static, lambda: self._program(graphdef, request, step_kwargs, noise is not None, first)
-        )
-        steps = None if noise is None else jnp.asarray(noise.steps, x.dtype)
-        out = np.asarray(
-            jax.device_get(fn(params, state, x, context, extra, labels, keys, steps, self._blend_inputs(request, x)))
-        )
+        static = (self._scheduler_key(), tuple(sorted(step_kwargs.items())), request.guidance, request.shape[1:])
+        static += (signature, first, self.unet.dtype)
+        fn = self.compiled(mode, mesh, static, lambda: self._program(graphdef, request, step_kwargs, first, unravel))
+
+        def make_state(like):  # the schedule for a (per-device) batch of like.shape[0] images
+            return self._schedule(request, jnp.zeros((like.shape[0], *request.shape[1:]), x.dtype))[0]
+
+        out = self.run_program(fn, mode, mesh, params, {}, make_state, rows, keys)
+        out = np.asarray(jax.device_get(out))
         return self._finish(out.astype(np.float32), request.output_type, return_dict)
 
 
@@ -122,6 +145,8 @@ class IFPipeline(_IFBase):
         return_dict: bool = True,
         clean_caption: bool = True,
         latents: Any = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images; ``latents`` (numpy (N, 3, H, W)) fixes the starting draw."""
         request = dif.if_request(
@@ -130,7 +155,7 @@ class IFPipeline(_IFBase):
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             height=height, width=width, latents=latents, clean_caption=clean_caption,
         )  # fmt: skip
-        return self._run(request, key, clean_caption, return_dict)
+        return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
 class IFSuperResolutionPipeline(_IFBase):
@@ -158,6 +183,8 @@ class IFSuperResolutionPipeline(_IFBase):
         noise_level: int = 250,
         clean_caption: bool = True,
         latents: Any = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (PIL, numpy (B, H, W, 3), or a (B, 3, h, w) array in [-1, 1]) guided by the text."""
         request = dif.if_request(
@@ -167,7 +194,7 @@ class IFSuperResolutionPipeline(_IFBase):
             height=height, width=width, latents=latents, clean_caption=clean_caption, image=image,
             noise_level=noise_level, stage2=True,
         )  # fmt: skip
-        return self._run(request, key, clean_caption, return_dict)
+        return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
 class IFImg2ImgPipeline(_IFBase):
@@ -191,6 +218,8 @@ class IFImg2ImgPipeline(_IFBase):
         return_dict: bool = True,
         clean_caption: bool = True,
         latents: Any = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Rework ``image`` (PIL, numpy (B, H, W, 3), or a (B, 3, H, W) array in [-1, 1]); ``latents`` (numpy, the
         image's shape) fixes the noise it is diffused with."""
@@ -200,7 +229,7 @@ class IFImg2ImgPipeline(_IFBase):
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             latents=latents, clean_caption=clean_caption, image=image, strength=strength,
         )  # fmt: skip
-        return self._run(request, key, clean_caption, return_dict)
+        return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
 class IFInpaintingPipeline(_IFBase):
@@ -225,6 +254,8 @@ class IFInpaintingPipeline(_IFBase):
         return_dict: bool = True,
         clean_caption: bool = True,
         latents: Any = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Inpaint ``image`` (as for img2img) under ``mask_image`` (PIL, or (H, W) / (B, H, W) / (B, 1, H, W) in
         [0, 1], thresholded at 0.5)."""
@@ -236,7 +267,7 @@ class IFInpaintingPipeline(_IFBase):
             num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
             latents=latents, clean_caption=clean_caption, image=image, strength=strength, mask_image=mask_image,
         )  # fmt: skip
-        return self._run(request, key, clean_caption, return_dict)
+        return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
 class IFImg2ImgSuperResolutionPipeline(_IFBase):
@@ -265,6 +296,8 @@ class IFImg2ImgSuperResolutionPipeline(_IFBase):
         noise_level: int = 250,
         clean_caption: bool = True,
         latents: Any = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """``image``: the low-res input (as for IFSuperResolutionPipeline); ``original_image``: the full-size start."""
         request = dif.if_request(
@@ -274,7 +307,7 @@ class IFImg2ImgSuperResolutionPipeline(_IFBase):
             latents=latents, clean_caption=clean_caption, image=image, original_image=original_image,
             strength=strength, noise_level=noise_level, stage2=True,
         )  # fmt: skip
-        return self._run(request, key, clean_caption, return_dict)
+        return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
 class IFInpaintingSuperResolutionPipeline(_IFBase):
@@ -304,6 +337,8 @@ class IFInpaintingSuperResolutionPipeline(_IFBase):
         noise_level: int = 0,
         clean_caption: bool = True,
         latents: Any = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As IFImg2ImgSuperResolutionPipeline, keeping ``original_image`` where ``mask_image`` is 0."""
         if mask_image is None:
@@ -315,4 +350,4 @@ class IFInpaintingSuperResolutionPipeline(_IFBase):
             latents=latents, clean_caption=clean_caption, image=image, original_image=original_image,
             strength=strength, noise_level=noise_level, stage2=True, mask_image=mask_image,
         )  # fmt: skip
-        return self._run(request, key, clean_caption, return_dict)
+        return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
