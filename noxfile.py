@@ -51,3 +51,30 @@ def demo(session: nox.Session) -> None:
     """The scheduler demo on numpy, torch and jax."""
     session.install(*CONSTRAINTS, "-e", ".[all]")
     session.run("python", "-m", "diffusion_core.demo", *session.posargs, env=THREAD_ENV)
+
+
+@nox.session
+def compat_oracle(session: nox.Session) -> None:
+    """diffusion_core.flax.compat against diffusers 0.39, the last release with Flax (constraints-compat.txt).
+
+    Its own environment: diffusers 0.39 with transformers 4.x (5.x dropped the Flax CLIP) and no torch;
+    runs the tests marked ``compat_oracle`` (tests/flax_compat/test_oracle_039.py).
+    """
+    compat = ("-c", "constraints-compat.txt")
+    session.install(*compat, "--no-deps", "-e", ".")
+    session.install(*compat, "diffusers", "transformers", "jax", "jaxlib", "flax", "optax", "scipy", "numpy")
+    session.install(*compat, "array-api-compat", "safetensors", "pillow", "tqdm", "msgpack", "pytest")
+    # only for CLIP's BPE vocabulary file (tests/tokenizer_fixtures.py), never imported
+    session.install(*compat, "--no-deps", "open_clip_torch")
+    env = {**THREAD_ENV, "DIFFUSION_CORE_COMPAT_ORACLE": "1"}
+    session.run(
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "compat_oracle",
+        "tests/flax_compat/test_oracle_039.py",
+        *session.posargs,
+        env=env,
+    )

@@ -191,3 +191,31 @@ def resolve_pretrained_folder(
         revision=revision,
         local_files_only=local_files_only,
     )
+
+
+def resolve_flax_weights(
+    path_or_repo_id: str | os.PathLike,
+    weights_name: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+) -> Path | None:
+    """The Flax ``*.msgpack`` weights file (``weights_name``; diffusers <= 0.39, transformers' Flax models) of a
+    local folder or a Hub repo, or None where there is none (or the repo cannot be fetched).
+
+    From the Hub only ``config.json`` and ``weights_name`` under ``subfolder`` are fetched (no ``*.bin``).
+    """
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        folder = resolve_folder(
+            path_or_repo_id,
+            [prefix + CONFIG_NAME, prefix + weights_name],
+            subfolder=subfolder,
+            revision=revision,
+            local_files_only=local_files_only,
+        )
+    except FileNotFoundError:
+        return None
+    file = folder / weights_name
+    return file if file.is_file() else None

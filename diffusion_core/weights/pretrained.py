@@ -30,7 +30,7 @@ from diffusion_core.weights.flax_msgpack import (
     TRANSFORMERS_FLAX_WEIGHTS_NAME,
     read_flax_msgpack,
 )
-from diffusion_core.weights.hub import CONFIG_NAME, resolve_pretrained_folder
+from diffusion_core.weights.hub import CONFIG_NAME, resolve_flax_weights, resolve_pretrained_folder
 from diffusion_core.weights.io import (
     TensorInfo,
     cast_tensor,
@@ -226,7 +226,13 @@ class CheckpointLayout:
         try:
             found = self.locate(path_or_repo_id, **locate_kwargs)
         except FileNotFoundError:
-            flax_file = self.local_flax_weights(path_or_repo_id, locate_kwargs.get("subfolder"))
+            flax_file = resolve_flax_weights(
+                path_or_repo_id,
+                self.flax_weights_name,
+                subfolder=locate_kwargs.get("subfolder"),
+                revision=locate_kwargs.get("revision"),
+                local_files_only=locate_kwargs.get("local_files_only", False),
+            )
             if flax_file is None:
                 raise
             return self.open_flax_msgpack(flax_file)
@@ -244,12 +250,6 @@ class CheckpointLayout:
     def flax_weights_name(self) -> str:
         """The Flax checkpoint file of this layout (diffusers' or transformers')."""
         return DIFFUSERS_FLAX_WEIGHTS_NAME if self.model_type is None else TRANSFORMERS_FLAX_WEIGHTS_NAME
-
-    def local_flax_weights(self, path: str | os.PathLike, subfolder: str | None) -> Path | None:
-        """A local folder's Flax ``*.msgpack`` weights file, or None (Hub ids and folders without one)."""
-        folder = Path(path) / (subfolder or "")
-        file = folder / self.flax_weights_name
-        return file if folder.is_dir() and file.is_file() else None
 
     def open_flax_msgpack(self, file: Path) -> CheckpointSource:
         """A folder holding Flax msgpack weights (diffusers <= 0.39, transformers' Flax models) and ``config.json``."""

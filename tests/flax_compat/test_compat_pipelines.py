@@ -115,10 +115,16 @@ def test_img2img_call_equals_native(tmp_path):
     key = jax.random.key(5)
     out = pipeline(ids, image, params, key, strength=0.6, num_inference_steps=4).images
     start = np.asarray(jax.random.normal(key, (1, 4, 16, 16)))  # 0.39's noise draw
+    posterior = np.asarray(jax.random.normal(key, (1, 16, 16, 4))).transpose(0, 3, 1, 2)  # same key, channels-last
     ref = pipeline.native(
+        sd_tiny.PROMPT, image=(image.transpose(0, 2, 3, 1) + 1) / 2, strength=0.6, num_inference_steps=4,
+        latents=start, posterior_noise=posterior, output_type="np",
+    ).images  # fmt: skip
+    other = pipeline.native(
         sd_tiny.PROMPT, image=(image.transpose(0, 2, 3, 1) + 1) / 2, strength=0.6, num_inference_steps=4,
         key=key, latents=start, output_type="np",
     ).images  # fmt: skip
+    assert np.abs(other - ref).max() > 1e-3  # the native posterior draw differs: the test sees the noise
     np.testing.assert_allclose(out, ref, atol=ATOL)
     with pytest.raises(ValueError, match="height"):
         pipeline(ids, image, params, key, height=64)
@@ -137,8 +143,31 @@ def test_inpaint_call_equals_native(tmp_path):
     key = jax.random.key(6)
     out = pipeline(ids, binary, masked, params, key, num_inference_steps=STEPS).images
     start = np.asarray(jax.random.normal(key, (1, 4, 16, 16)))  # 0.39's draw: the VAE's latent channels
+    mask_key = jax.random.split(key)[1]  # 0.39: prng_seed, mask_prng_seed = split(prng_seed)
+    posterior = np.asarray(jax.random.normal(mask_key, (1, 16, 16, 4))).transpose(0, 3, 1, 2)
     ref = pipeline.native(
         sd_tiny.PROMPT, image=(masked.transpose(0, 2, 3, 1) + 1) / 2, mask_image=binary.transpose(0, 2, 3, 1),
-        num_inference_steps=STEPS, key=key, latents=start, output_type="np", **SIZE,
+        num_inference_steps=STEPS, latents=start, posterior_noise=posterior, output_type="np", **SIZE,
     ).images  # fmt: skip
     np.testing.assert_allclose(out, ref, atol=ATOL)
+
+
+def test_posterior_noise_039_draw_order():
+    """0.39's posterior draws, written down: img2img reuses each device key channels-last; inpaint splits first."""
+    from diffusion_core.flax.compat.image_pipelines import posterior_noise_039
+
+    key = jax.random.PRNGKey(7)  # 0.39 scripts' raw uint32 keys
+    one = posterior_noise_039(key, (2, 4, 3, 5), jit=False, split=False)
+    np.testing.assert_array_equal(one, np.asarray(jax.random.normal(key, (2, 3, 5, 4))).transpose(0, 3, 1, 2))
+    keys = jax.random.split(key, 2)
+    both = posterior_noise_039(keys, (4, 4, 3, 5), jit=True, split=True)  # per device: split(k)[1], b = 2
+    expected = [np.asarray(jax.random.normal(jax.random.split(k)[1], (2, 3, 5, 4))) for k in keys]
+    np.testing.assert_array_equal(both, np.concatenate(expected).transpose(0, 3, 1, 2))
+
+
+def test_native_posterior_noise_is_checked(tmp_path):
+    folder = sd_tiny.save_sd_pipeline(tmp_path / "i2i", "StableDiffusionImg2ImgPipeline")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    image = sd_tiny.sample_image()
+    with pytest.raises(ValueError, match="posterior_noise"):
+        pipe(sd_tiny.PROMPT, image=image, num_inference_steps=STEPS, key=jax.random.key(0), posterior_noise=np.zeros(3))

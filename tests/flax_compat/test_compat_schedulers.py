@@ -57,7 +57,7 @@ def loop_039(scheduler, state, sample, steps, jit=False):
 
 def loop_native(cls, config, sample, steps):
     """The same run on the native scheduler, the noise drawn as FlaxDDPMScheduler draws it."""
-    sched = schedulers.get_scheduler_class(cls._native_name)(**config)
+    sched = schedulers.get_scheduler_class(cls._native_name)(**{**cls._flax_039_defaults, **config})
     state = sched.set_timesteps(steps, like=sample)
     x = sample * state.init_noise_sigma
     key = jax.random.key(0)
@@ -123,7 +123,7 @@ def test_039_loop_matches_diffusers_042_torch(cls, extra):
     sample = make_noise(0, SHAPE)
     scheduler = cls(**config)
     ours = np.asarray(loop_039(scheduler, scheduler.create_state(), jnp.asarray(sample), 10))
-    ref = reference_scheduler(cls._native_name, config)
+    ref = reference_scheduler(cls._native_name, {**cls._flax_039_defaults, **config})  # 0.39 Flax: sigma_min end
     ref.set_timesteps(10)
     x = torch.from_numpy(sample)
     for t in ref.timesteps:
@@ -173,3 +173,10 @@ def test_output_and_bad_inputs():
     with pytest.raises(ValueError, match="eta"):
         ddim = compat.FlaxDDIMScheduler(**CONFIG)
         ddim.step(ddim.set_timesteps(ddim.create_state(), 2, SHAPE), x, 500, x, eta=0.5)
+
+
+def test_dpm_solver_ends_at_the_smallest_sigma_as_039():
+    """0.39's Flax DPM-Solver had no final_sigmas_type: its last step went to the smallest training sigma."""
+    assert compat.FlaxDPMSolverMultistepScheduler().config["final_sigmas_type"] == "sigma_min"
+    assert compat.FlaxDPMSolverMultistepScheduler.from_config({}).config["final_sigmas_type"] == "sigma_min"
+    assert compat.FlaxDPMSolverMultistepScheduler(final_sigmas_type="zero").config["final_sigmas_type"] == "zero"

@@ -155,3 +155,47 @@ def test_both_backends_load_msgpack_folders_natively(tmp_path):
     for key, value in expected.items():
         np.testing.assert_array_equal(torch_state[key], value)
     assert isinstance(torch_unet, torch.nn.Module)
+
+
+def test_msgpack_only_repo_loads_from_the_hub_cache(tmp_path, monkeypatch):
+    """A Hub repo holding only ``diffusion_flax_model.msgpack`` (0.39's Flax repos, e.g. a ``flax`` revision)
+    loads by repo id, ``subfolder=`` and ``revision=``, from a Hub-style cache (offline: no network)."""
+    import huggingface_hub
+
+    from tests.pipelines import tiny
+
+    config = {**sd_tiny.SD_UNET, "in_channels": 4}
+    native = models.UNet2DConditionModel.from_config(config, rngs=nnx.Rngs(9))
+    write_039_folder(tmp_path / "src" / "unet", native, "diffusion_flax_model.msgpack", config)
+    cache = tmp_path / "cache"
+    snapshot = tiny.hub_cache(cache, "tiny/flax-sd", tmp_path / "src", commit="b" * 40)
+    (snapshot.parent.parent / "refs" / "flax").write_text("b" * 40)  # the `flax` branch -> the same snapshot
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    expected = flax_state_to_torch(native)
+    _, params = compat.FlaxUNet2DConditionModel.from_pretrained("tiny/flax-sd", subfolder="unet", revision="flax")
+    for a, b in zip(jax_leaves(params), jax_leaves(nnx.state(native)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    loaded = models.UNet2DConditionModel.from_pretrained("tiny/flax-sd", subfolder="unet")
+    for key, value in flax_state_to_torch(loaded).items():
+        np.testing.assert_array_equal(value, expected[key])
+    with pytest.raises(FileNotFoundError, match="vae"):  # neither safetensors nor msgpack there
+        models.UNet2DConditionModel.from_pretrained("tiny/flax-sd", subfolder="vae")
+
+
+def test_from_pt_means_what_it_meant_in_039(tmp_path):
+    """from_pt=True reads PyTorch weights and refuses a msgpack-only folder (naming from_pt); False reads both."""
+    config = {**sd_tiny.SD_UNET, "in_channels": 4}
+    native = models.UNet2DConditionModel.from_config(config, rngs=nnx.Rngs(10))
+    write_039_folder(tmp_path / "flax" / "unet", native, "diffusion_flax_model.msgpack", config)
+    native.save_pretrained(tmp_path / "pt" / "unet")  # PyTorch-layout safetensors
+    with pytest.raises(FileNotFoundError, match="from_pt=True"):
+        compat.FlaxUNet2DConditionModel.from_pretrained(tmp_path / "flax", subfolder="unet", from_pt=True)
+    with pytest.raises(ValueError, match="from_pt"):
+        compat.FlaxUNet2DConditionModel.from_pretrained(tmp_path / "flax", subfolder="unet", from_pt="yes")
+    expected = jax_leaves(nnx.state(native))
+    for folder, from_pt in ((tmp_path / "pt", True), (tmp_path / "pt", False), (tmp_path / "flax", False)):
+        _, params = compat.FlaxUNet2DConditionModel.from_pretrained(folder, subfolder="unet", from_pt=from_pt)
+        for a, b in zip(jax_leaves(params), expected, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

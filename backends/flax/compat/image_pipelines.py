@@ -1,14 +1,20 @@
 """diffusers 0.39's Flax image-conditioned pipelines (ControlNet, img2img, inpaint) over our native ones.
 
 Each maps 0.39's call (token ids, preprocessed NCHW images, ``params``, ``prng_seed``, ``jit``) onto the
-native pipeline's public ``__call__`` through ``FlaxStableDiffusionPipeline._generate``; the start draw is
-0.39's. The VAE posterior samples (img2img, inpaint) are the native ones, drawn from ``prng_seed``.
+native pipeline's public ``__call__`` through ``FlaxStableDiffusionPipeline._generate``. Every draw is 0.39's
+(per device key under ``jit=True``), so a ``prng_seed`` gives the image 0.39 gave:
+
+- img2img: ``noise = normal(key, (B, C, h, w))``, then the posterior noise ``normal(key, (B, h, w, C))`` from the
+  *same* key (0.39 sampled its channels-last posterior with ``prng_seed`` again), transposed to (B, C, h, w);
+- inpaint: ``latents = normal(key, (B, C, h, w))``, then ``_, mask_key = split(key)`` and the masked image's
+  posterior noise ``normal(mask_key, (B, h, w, C))``, transposed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,8 +68,8 @@ class FlaxStableDiffusionControlNetPipeline(FlaxStableDiffusionPipeline):
 class FlaxStableDiffusionImg2ImgPipeline(FlaxStableDiffusionPipeline):
     """0.39's ``FlaxStableDiffusionImg2ImgPipeline`` over the native ``StableDiffusionImg2ImgPipeline``.
 
-    The start noise is 0.39's draw (``normal(prng_seed, ...)``, or ``noise=``); the VAE posterior sample is
-    the native one, drawn from ``prng_seed`` (under ``jit=True`` from the first device's key).
+    The start noise is 0.39's draw (``normal(prng_seed, ...)``, or ``noise=``), and so is the VAE posterior
+    sample's noise (:func:`posterior_noise_039`).
     """
 
     _native_class = native_pipelines.StableDiffusionImg2ImgPipeline
@@ -99,11 +105,12 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxStableDiffusionPipeline):
         size = (int(pixels.shape[2]), int(pixels.shape[3]))
         if (height or size[0], width or size[1]) != size:
             raise ValueError(f"height, width: must match the image's size {size}, got {(height, width)}")
-        key = jnp.asarray(prng_seed)[0] if jit else prng_seed
         calls = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=noise)
+        shape = (pixels.shape[0], int(self.native.vae.config["latent_channels"]), *self._latent_hw(size))
         return self._generate(
             prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls,
-            image=np.ascontiguousarray(((pixels + 1) / 2).transpose(0, 2, 3, 1)), strength=strength, key=key,
+            image=np.ascontiguousarray(((pixels + 1) / 2).transpose(0, 2, 3, 1)), strength=strength,
+            posterior_noise=posterior_noise_039(prng_seed, shape, jit, split=False), key=_first_key(prng_seed, jit),
         )  # fmt: skip
 
 
@@ -111,7 +118,7 @@ class FlaxStableDiffusionInpaintPipeline(FlaxStableDiffusionPipeline):
     """0.39's ``FlaxStableDiffusionInpaintPipeline`` over the native ``StableDiffusionInpaintPipeline``.
 
     Starts from 0.39's draw ``normal(prng_seed, (B, latent_channels, h, w))`` (or ``latents=``) at full strength;
-    the masked image's VAE posterior sample is the native one, drawn from ``prng_seed`` (jit: the first key).
+    the masked image's VAE posterior noise is 0.39's too (:func:`posterior_noise_039`, after a split).
     """
 
     _native_class = native_pipelines.StableDiffusionInpaintPipeline
@@ -155,13 +162,32 @@ class FlaxStableDiffusionInpaintPipeline(FlaxStableDiffusionPipeline):
         size = (int(pixels.shape[2]), int(pixels.shape[3]))
         if (height or size[0], width or size[1]) != size:
             raise ValueError(f"height, width: must match the image's size {size}, got {(height, width)}")
-        key = jnp.asarray(prng_seed)[0] if jit else prng_seed
         calls = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents)
+        shape = (pixels.shape[0], self._latent_channels(), *self._latent_hw(size))
         return self._generate(
             prompt_ids, params, prng_seed, size, neg_prompt_ids, jit, return_dict, calls,
             image=np.ascontiguousarray(((pixels + 1) / 2).transpose(0, 2, 3, 1)),
-            mask_image=np.ascontiguousarray(binary.transpose(0, 2, 3, 1)), strength=1.0, key=key,
+            mask_image=np.ascontiguousarray(binary.transpose(0, 2, 3, 1)), strength=1.0,
+            posterior_noise=posterior_noise_039(prng_seed, shape, jit, split=True), key=_first_key(prng_seed, jit),
         )  # fmt: skip
+
+
+def _first_key(prng_seed: Any, jit: bool) -> Any:
+    """The key the native call gets for its other draws (step noise of stochastic schedulers): device 0's."""
+    return jnp.asarray(prng_seed)[0] if jit else prng_seed
+
+
+def posterior_noise_039(prng_seed: Any, shape: tuple[int, ...], jit: bool, split: bool) -> np.ndarray:
+    """0.39's VAE posterior noise (B, C, h, w): ``normal(key, (b, h, w, C))`` transposed to channels-first, with
+    ``key = split(k)[1]`` when ``split`` (inpaint) else ``k`` itself (img2img); under ``jit`` one draw of
+    ``b = B / n`` per device key ``k``, else ``b = B`` from ``prng_seed``."""
+    keys = jnp.asarray(prng_seed)[None] if not jit else jnp.asarray(prng_seed)
+    per_key = (shape[0] // keys.shape[0], shape[2], shape[3], shape[1])  # (b, h, w, C), 0.39's channels-last
+    draws = []
+    for key in keys:
+        draw_key = jax.random.split(key)[1] if split else key
+        draws.append(np.asarray(jax.random.normal(draw_key, per_key, dtype=jnp.float32)).transpose(0, 3, 1, 2))
+    return np.concatenate(draws)
 
 
 def _pil_to_mask(mask: Any) -> np.ndarray:

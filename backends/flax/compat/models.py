@@ -97,14 +97,35 @@ class FlaxModelCompat:
         **kwargs: Any,
     ):
         """``(model, params)`` from a folder or Hub repo, read by the native loader: PyTorch-layout weights, or
-        where a local folder has none, its Flax ``*.msgpack`` weights (0.39's files). ``from_pt`` is accepted
-        for 0.39 scripts and changes nothing. Other keywords (``variant``, ``local_files_only``,
-        ``allow_pickle``) go to the native ``from_pretrained``.
+        where there are none, the Flax ``*.msgpack`` weights (0.39's files; local or on the Hub).
+
+        ``from_pt=True`` means what it meant in 0.39: read the PyTorch weights, and fail (FileNotFoundError naming
+        ``from_pt``) where there are none, instead of falling back to ``*.msgpack``. ``from_pt=False`` reads the
+        msgpack file where there is no PyTorch-layout one, and, unlike 0.39 (which refused with "load the model
+        using from_pt=True"), also PyTorch-layout weights: they are what this library reads natively. Other
+        keywords (``variant``, ``local_files_only``, ``allow_pickle``) go to the native ``from_pretrained``.
         """
+        if not isinstance(from_pt, bool):
+            raise ValueError(f"from_pt: must be True or False, got {from_pt!r}")
+        if from_pt:
+            cls._require_pytorch_weights(pretrained_model_name_or_path, subfolder, revision, kwargs)
         native = cls._native.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, dtype=dtype, revision=revision, **kwargs
         )
         return cls.from_native(native)
+
+    @classmethod
+    def _require_pytorch_weights(cls, path: Any, subfolder: str | None, revision: str | None, kwargs: dict) -> None:
+        """FileNotFoundError naming ``from_pt`` where ``path`` holds no PyTorch-layout weights (only msgpack)."""
+        names = ("variant", "local_files_only", "allow_pickle")
+        options = {name: kwargs[name] for name in names if name in kwargs}
+        try:
+            cls._native.checkpoint_layout.locate(path, subfolder=subfolder, revision=revision, **options)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"from_pt=True: no PyTorch weights for {str(path)!r} (subfolder={subfolder!r}); pass from_pt=False "
+                f"to read Flax *.msgpack weights. ({e})"
+            ) from None
 
     def init_weights(self, rng: jax.Array) -> Any:
         """Fresh random params for this config, drawn from ``rng`` (a PRNG key)."""

@@ -158,6 +158,10 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
         """Channels of the start draw: the UNet's input (0.39's text-to-image and ControlNet pipelines)."""
         return int(self.native.unet.config["in_channels"])
 
+    def _latent_hw(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the latents of a (height, width) image."""
+        return (size[0] // self.native.vae_scale_factor, size[1] // self.native.vae_scale_factor)
+
     def _embed(self, ids: Any, params: Any) -> jax.Array:
         """(B, L) ids -> (B, L, D) embeddings with ``params`` (0.39: ``text_encoder(ids, params=...)[0]``), jitted."""
         if getattr(self, "_jit_embed", None) is None:

@@ -54,9 +54,12 @@ class FlaxSchedulerCompat:
     """Abstract: 0.39's ``FlaxSchedulerMixin`` calls over the native scheduler named by ``_native_name``."""
 
     _native_name: ClassVar[str]
+    # native options whose PyTorch default differs from what 0.39's Flax class did (it had no such option)
+    _flax_039_defaults: ClassVar[dict[str, Any]] = {}
     has_state = True
 
     def __init__(self, dtype: Any = jnp.float32, **config: Any) -> None:
+        config = {**self._flax_039_defaults, **config}
         self._wrap(schedulers.get_scheduler_class(self._native_name)(**config), dtype)
 
     def _wrap(self, native: schedulers.Scheduler, dtype: Any) -> None:
@@ -77,6 +80,8 @@ class FlaxSchedulerCompat:
     @classmethod
     def from_config(cls, config: Any = None, dtype: Any = jnp.float32, **overrides: Any):
         """Build from a dict, a ``scheduler_config.json`` path or a folder (0.39 and native configs alike)."""
+        if isinstance(config, dict):  # a dict written for 0.39's Flax class lacks the newer options
+            overrides = {**{k: v for k, v in cls._flax_039_defaults.items() if k not in config}, **overrides}
         native = schedulers.get_scheduler_class(cls._native_name).from_config(config, **overrides)
         return cls.from_native(native, dtype)
 
@@ -216,6 +221,8 @@ class FlaxDPMSolverMultistepScheduler(FlaxSchedulerCompat):
     """0.39's ``FlaxDPMSolverMultistepScheduler`` over ``DPMSolverMultistepScheduler``."""
 
     _native_name = "DPMSolverMultistepScheduler"
+    # 0.39's Flax step ended at the smallest training sigma, not at 0 (checked against 0.39 in test_oracle_039)
+    _flax_039_defaults = {"final_sigmas_type": "sigma_min"}
 
 
 class FlaxEulerDiscreteScheduler(FlaxSchedulerCompat):

@@ -4,7 +4,9 @@
 The recipes (``strength`` start, noised start, extra UNet channels, inpaint blend) are
 ``diffusion_core.pipelines.sd_recipes``; here the per-image inputs are drawn. ``latents=`` (numpy) is always
 the starting Gaussian draw. VAE posterior draws of image ``b`` come from ``fold_in(key_b, POSTERIOR_STREAM + s)``
-(``s`` = 0 for the image, 1 for the masked image), so ``key=`` is needed even with ``latents=``.
+(``s`` = 0 for the image, 1 for the masked image), so ``key=`` is needed even with ``latents=``, unless
+``posterior_noise=`` (numpy, (N, C, h, w) standard normal) gives that draw's noise: img2img's image, inpaint's
+masked image (diffusion_core.flax.compat passes diffusers 0.39's draws this way).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_core.flax.pipelines.sd_base import Run, StableDiffusionBase
-from diffusion_core.flax.pipelines.sd_program import vae_encode_mode, vae_encode_sample
+from diffusion_core.flax.pipelines.sd_program import vae_encode_mode, vae_encode_sample, vae_encode_with_noise
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.sd_recipe import SDRequest
@@ -27,10 +29,20 @@ from diffusion_core.pipelines.sd_recipes import Img2ImgRecipe, InpaintRecipe, Pi
 class _ImageConditioned(StableDiffusionBase):
     """Encodes the conditioning images of a call with the VAE."""
 
-    def _sampled_latents(self, pixels: np.ndarray, keys: jax.Array, stream: int) -> jax.Array:
-        """(b, 3, H, W) pixels -> scaled posterior draws (N, C, h, w), one per generated image (tiled first)."""
+    def _sampled_latents(self, pixels: np.ndarray, keys: jax.Array, stream: int, noise: Any = None) -> jax.Array:
+        """(b, 3, H, W) pixels -> scaled posterior draws (N, C, h, w), one per generated image (tiled first);
+        the draw's standard-normal ``noise`` (N, C, h, w) is given or comes from ``keys`` and ``stream``."""
         tiled = sd_image.image_batch(jnp.asarray(pixels), keys.shape[0])  # (N, 3, H, W)
-        return sd.scale_latents(vae_encode_sample(self.vae, tiled, keys, stream), self.vae.config)
+        if noise is None:
+            return sd.scale_latents(vae_encode_sample(self.vae, tiled, keys, stream), self.vae.config)
+        expected = (keys.shape[0], int(self.vae.config["latent_channels"]), *self._latent_hw(tiled))
+        if np.shape(noise) != expected:
+            raise ValueError(f"posterior_noise: expected standard-normal noise {expected}, got {np.shape(noise)}")
+        return sd.scale_latents(vae_encode_with_noise(self.vae, tiled, jnp.asarray(noise)), self.vae.config)
+
+    def _latent_hw(self, pixels: jax.Array) -> tuple[int, int]:
+        """(h, w) of the VAE latents of (N, 3, H, W) ``pixels``."""
+        return (pixels.shape[2] // self.vae_scale_factor, pixels.shape[3] // self.vae_scale_factor)
 
 
 class StableDiffusionImg2ImgPipeline(Img2ImgRecipe, _ImageConditioned):
@@ -55,8 +67,10 @@ class StableDiffusionImg2ImgPipeline(Img2ImgRecipe, _ImageConditioned):
         clip_skip: int | None = None,
         parallel: str | None = None,
         mesh: Mesh | None = None,
+        posterior_noise: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Repaint ``image`` toward ``prompt``; ``strength`` in [0, 1] is how much of the schedule runs."""
+        """Repaint ``image`` toward ``prompt``; ``strength`` in [0, 1] is how much of the schedule runs.
+        ``posterior_noise`` (N, C, h, w): the image's VAE posterior draw noise (default: from ``key``)."""
         request = self._request(locals())  # first: the call's parameters
         pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
         sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checked before the VAE work
@@ -64,14 +78,15 @@ class StableDiffusionImg2ImgPipeline(Img2ImgRecipe, _ImageConditioned):
             request, pixels.shape[2:], parallel, mesh,
             opts=(("strength", strength),), channels=self._latent_channels(),
         )  # fmt: skip
-        return self._generate(run, request, key, latents, {"pixels": pixels}, return_dict)
+        options = {"pixels": pixels, "posterior_noise": posterior_noise}
+        return self._generate(run, request, key, latents, options, return_dict)
 
     def _needs_key(self, options: dict) -> bool:
-        return True
+        return options.get("posterior_noise") is None
 
     def _inputs(self, run: Run, keys: jax.Array, start: np.ndarray | None, options: dict) -> dict[str, Any]:
         inputs = super()._inputs(run, keys, start, options)
-        inputs["image_latents"] = self._sampled_latents(options["pixels"], keys, 0)
+        inputs["image_latents"] = self._sampled_latents(options["pixels"], keys, 0, options.get("posterior_noise"))
         return inputs
 
 
@@ -101,10 +116,15 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, _ImageConditioned):
         clip_skip: int | None = None,
         parallel: str | None = None,
         mesh: Mesh | None = None,
+        posterior_noise: Any = None,
     ) -> ImagePipelineOutput | tuple:
-        """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``."""
+        """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``.
+        ``posterior_noise`` (N, C, h, w): the masked image's VAE posterior draw noise (9-channel UNets only)."""
         request = self._request(locals())  # first: the call's parameters
         run, options = self._inpaint_run(request, image, mask_image, (height, width), strength, parallel, mesh)
+        if posterior_noise is not None and options["blend"]:
+            raise ValueError("posterior_noise: only for a 9-channel inpainting UNet (its masked-image latents)")
+        options["posterior_noise"] = posterior_noise
         return self._generate(run, request, key, latents, options, return_dict)
 
     def _inpaint_run(
@@ -122,10 +142,10 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, _ImageConditioned):
             fields["scalars"] = scalars
         run = self._run(request, size, parallel, mesh, **fields)
         needs = inpaint_needs_image_latents(strength, blend)
-        return run, {"pixels": pixels, "mask": mask, "image_latents": needs, "blend": blend}
+        return run, {"pixels": pixels, "mask": mask, "image_latents": needs, "blend": blend, "posterior_noise": None}
 
     def _needs_key(self, options: dict) -> bool:
-        return True
+        return options["image_latents"] or options.get("posterior_noise") is None
 
     def _inputs(self, run: Run, keys: jax.Array, start: np.ndarray | None, options: dict) -> dict[str, Any]:
         inputs = super()._inputs(run, keys, start, options)
@@ -134,7 +154,7 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, _ImageConditioned):
             inputs["image_latents"] = self._sampled_latents(pixels, keys, 0)
         if not options["blend"]:  # the 9-channel UNet's masked-image channels
             masked = conditioning.masked_image(jnp.asarray(pixels), mask)  # (b, 3, H, W), repaint region zeroed
-            inputs["masked_latents"] = self._sampled_latents(masked, keys, 1)
+            inputs["masked_latents"] = self._sampled_latents(masked, keys, 1, options.get("posterior_noise"))
         small = conditioning.resize_nearest(mask, run.latent_shape[2], run.latent_shape[3])  # (b, 1, h, w)
         inputs["mask"] = sd_image.image_batch(small, run.latent_shape[0], "mask_image")
         return inputs

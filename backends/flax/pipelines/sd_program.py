@@ -64,6 +64,12 @@ def vae_encode_sample(vae: nnx.Module, images: jax.Array, keys: jax.Array, strea
     return posterior.sample(per_example_normal(draw_keys, posterior.mean.shape[1:], posterior.mean.dtype))
 
 
+@nnx.jit
+def vae_encode_with_noise(vae: nnx.Module, images: jax.Array, noise: jax.Array) -> jax.Array:
+    """The posterior draw ``mean + std * noise`` (B, C, h, w) for given standard-normal ``noise`` (B, C, h, w)."""
+    return vae.encode(images).sample(noise.astype(jnp.float32))
+
+
 # --- per-image rows ---------------------------------------------------------------------------------------
 
 
