@@ -115,6 +115,8 @@ COND_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "KDownBlock2D", "KCro
 COND_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "KUpBlock2D", "KCrossAttnUpBlock2D")
 COND_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 COND_CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
+# addition_embed_type values UNet2DConditionModel implements (plans: unet_condition_config.addition_plan)
+ADDITION_EMBED_TYPES = (None, "text_time")
 K_GROUP_SIZE = 32  # K blocks norm with channels // 32 groups (diffusers' fixed resnet_group_size)
 
 # diffusers 0.42.1 UNet2DConditionModel defaults (every config.json field).
@@ -264,7 +266,6 @@ def _check_common(cfg: Mapping[str, Any], n: int) -> None:
         if heads is not None:
             check_int("attention_head_dim", heads)
     check_choice("resnet_time_scale_shift", cfg["resnet_time_scale_shift"], ("default", "scale_shift"))
-    check_choice("addition_embed_type", cfg["addition_embed_type"], (None,))
     check_choice("encoder_hid_dim_type", cfg["encoder_hid_dim_type"], (None, "text_proj"))
     if cfg["encoder_hid_dim_type"] is not None and cfg["encoder_hid_dim"] is None:
         raise ValueError("encoder_hid_dim: required when encoder_hid_dim_type is set")
@@ -309,6 +310,7 @@ def validate_unet_2d_condition_config(cfg: Mapping[str, Any]) -> None:
     check_choice("mid_block_type", cfg["mid_block_type"], COND_MID_BLOCKS)
     check_choice("time_embedding_type", cfg["time_embedding_type"], ("positional", "fourier"))
     check_choice("class_embed_type", cfg["class_embed_type"], COND_CLASS_EMBED_TYPES)
+    validate_addition_embedding(cfg)
     check_choice("dual_cross_attention", cfg["dual_cross_attention"], (False,))
     check_choice("attention_type", cfg["attention_type"], ("default",))
     transformer_layers(cfg, n)
@@ -328,6 +330,14 @@ def validate_unet_2d_condition_config(cfg: Mapping[str, Any]) -> None:
         )
 
 
+def validate_addition_embedding(cfg: Mapping[str, Any]) -> None:
+    """``addition_embed_type`` and the fields its embedding reads (one branch per type)."""
+    check_choice("addition_embed_type", cfg["addition_embed_type"], ADDITION_EMBED_TYPES)
+    if cfg["addition_embed_type"] == "text_time":
+        check_int("addition_time_embed_dim", cfg["addition_time_embed_dim"])
+        check_int("projection_class_embeddings_input_dim", cfg["projection_class_embeddings_input_dim"])
+
+
 def validate_controlnet_config(cfg: Mapping[str, Any]) -> None:
     """Check every ControlNetModel option the backends interpret; ValueError names the bad one."""
     n = len(cfg["block_out_channels"])
@@ -337,6 +347,7 @@ def validate_controlnet_config(cfg: Mapping[str, Any]) -> None:
             f"{len(cfg['down_block_types'])} and {n}"
         )
     check_choice("class_embed_type", cfg["class_embed_type"], (None, "timestep", "identity", "projection"))
+    check_choice("addition_embed_type", cfg["addition_embed_type"], (None,))
     _check_common(cfg, n)
     if cfg["norm_num_groups"] is None:
         raise ValueError("norm_num_groups: an int is required for ControlNetModel")

@@ -35,6 +35,7 @@ from diffusion_core.models.model_config import UNET_2D_CONDITION_DEFAULTS as UNE
 
 __all__ = [
     "CONTROLNET_DEFAULTS",
+    "AdditionPlan",
     "UNET_2D_CONDITION_DEFAULTS",
     "BlockPlan",
     "ControlNetPlan",
@@ -111,6 +112,22 @@ class TimePlan:
 
 
 @dataclass(frozen=True)
+class AdditionPlan:
+    """diffusers' ``addition_embed_type``: a further embedding (``add_embedding``) added to the time embedding.
+
+    ``"text_time"`` (SDXL): ``add_embedding(cat([text_embeds, add_time_proj(time_ids).reshape(B, -1)]))``, the
+    pooled text embedding and sinusoidal features of the size/crop ids.
+    """
+
+    kind: str  # an ADDITION_EMBED_TYPES entry other than None
+    in_dim: int  # add_embedding input width (text_time: projection_class_embeddings_input_dim)
+    embed_dim: int  # = the time embedding width it is added to
+    time_proj_dim: int | None = None  # text_time: add_time_proj channels per id (addition_time_embed_dim)
+    flip_sin_to_cos: bool = True  # text_time: add_time_proj options (the UNet's flip_sin_to_cos / freq_shift)
+    freq_shift: float = 0.0
+
+
+@dataclass(frozen=True)
 class UNet2DConditionPlan:
     in_channels: int
     out_channels: int
@@ -127,6 +144,7 @@ class UNet2DConditionPlan:
     act_fn: str
     num_upsamplers: int  # 2**num_upsamplers must divide H, W, else upsample sizes are forwarded
     center_input_sample: bool
+    addition: AdditionPlan | None = None  # addition_embed_type (SDXL's "text_time"), see addition_plan
 
 
 @dataclass(frozen=True)
@@ -174,6 +192,23 @@ def _time_plan(cfg: Mapping[str, Any], *, controlnet: bool = False) -> TimePlan:
         class_act_fn=cfg["act_fn"] if kind == "timestep" and not controlnet else "silu",
         class_concat=bool(cfg.get("class_embeddings_concat", False)),
     )
+
+
+def addition_plan(cfg: Mapping[str, Any], embed_dim: int) -> AdditionPlan | None:
+    """The ``addition_embed_type`` embedding of a validated config, or None (one branch per type)."""
+    kind = cfg["addition_embed_type"]
+    if kind is None:
+        return None
+    if kind == "text_time":
+        return AdditionPlan(
+            kind=kind,
+            in_dim=cfg["projection_class_embeddings_input_dim"],
+            embed_dim=embed_dim,
+            time_proj_dim=cfg["addition_time_embed_dim"],
+            flip_sin_to_cos=cfg["flip_sin_to_cos"],
+            freq_shift=cfg["freq_shift"],
+        )
+    raise ValueError(f"addition_embed_type: unsupported value {kind!r}")
 
 
 def _encoder_hid_proj(cfg: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -342,6 +377,7 @@ def unet_2d_condition_plan(cfg: Mapping[str, Any]) -> UNet2DConditionPlan:
         act_fn=cfg["act_fn"],
         num_upsamplers=len(channels) - 1,
         center_input_sample=cfg["center_input_sample"],
+        addition=addition_plan(cfg, time.embed_dim),
     )
 
 

@@ -25,6 +25,7 @@ from diffusion_core.torch.models.unet_2d_condition_blocks import (
     build_mid_block,
     build_up_block,
 )
+from diffusion_core.torch.models.unet_addition import build_addition_embedding, embed_addition
 
 
 def build_stem(owner: nn.Module, time: ucc.TimePlan, in_channels: int, width: int, kernel: int, hid_proj: Any) -> None:
@@ -108,6 +109,7 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         self.sample_size = cfg["sample_size"]
         channels = plan.block_out_channels
         build_stem(self, plan.time, plan.in_channels, channels[0], plan.conv_in_kernel, plan.encoder_hid_proj)
+        build_addition_embedding(self, plan.addition)
         act = plan.time.embed_act_fn
         self.time_embed_act = None if act is None else get_activation(act)
         self.down_blocks = nn.ModuleList(build_down_block(b) for b in plan.down)
@@ -140,12 +142,15 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the model output for ``sample`` (B, C, H, W) at ``timestep`` (scalar or (B,)).
 
         ``encoder_hidden_states``: (B, S, cross_attention_dim). ``attention_mask``/``encoder_attention_mask``:
         (B, tokens) keep(1)/discard(0) masks for self-/cross-attention keys, as diffusers applies them.
         ControlNet residuals: pass both ``down_block_additional_residuals`` and ``mid_block_additional_residual``.
+        ``added_cond_kwargs``: the ``addition_embed_type`` inputs (SDXL: ``{"text_embeds": (B, D), "time_ids":
+        (B, 6)}``).
         """
         if sample.ndim != 4:
             raise ValueError(f"sample: expected a (B, C, H, W) tensor, got shape {tuple(sample.shape)}")
@@ -163,6 +168,8 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)  # (B,)
         emb = embed_time(self, self.plan.time, timesteps, sample.dtype, class_labels, timestep_cond)
+        aug = embed_addition(self, self.plan.addition, added_cond_kwargs, emb.dtype)
+        emb = emb if aug is None else emb + aug
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         sample, skips = run_down(self.down_blocks, self.conv_in(sample), emb, ctx)

@@ -1,0 +1,48 @@
+"""Flax NNX ``addition_embed_type`` embeddings of UNet2DConditionModel (SDXL's ``"text_time"``), one branch per type.
+
+The choice and its widths are resolved in ``diffusion_core.models.unet_condition_config.addition_plan``; attribute
+names (``add_time_proj``, ``add_embedding``) are diffusers', so the one converter fills them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_core.flax.models.layers import TimestepEmbedding, Timesteps
+from diffusion_core.models import unet_condition_config as ucc
+
+
+def build_addition_embedding(owner: nnx.Module, addition: ucc.AdditionPlan | None, rngs: Any, dtype: Any) -> None:
+    """Set the addition embedding's modules on ``owner`` (nothing when ``addition`` is None)."""
+    owner.addition_plan = addition
+    if addition is None:
+        return
+    if addition.kind == "text_time":
+        owner.add_time_proj = Timesteps(addition.time_proj_dim, addition.flip_sin_to_cos, addition.freq_shift)
+        owner.add_embedding = TimestepEmbedding(addition.in_dim, addition.embed_dim, rngs=rngs, dtype=dtype)
+        return
+    raise ValueError(f"addition_embed_type: unsupported value {addition.kind!r}")
+
+
+def _required(added_cond_kwargs: Mapping[str, Any] | None, name: str, kind: str) -> jax.Array:
+    if not added_cond_kwargs or added_cond_kwargs.get(name) is None:
+        raise ValueError(f"added_cond_kwargs: {name!r} is required by addition_embed_type={kind!r}")
+    return jnp.asarray(added_cond_kwargs[name])
+
+
+def embed_addition(owner: nnx.Module, added_cond_kwargs: Mapping[str, Any] | None, dtype: Any) -> jax.Array | None:
+    """The (B, temb) embedding added to the time embedding, or None for a model without one."""
+    addition = owner.addition_plan
+    if addition is None:
+        if added_cond_kwargs:
+            raise ValueError("added_cond_kwargs: this model has no addition_embed_type; pass None")
+        return None
+    text_embeds = _required(added_cond_kwargs, "text_embeds", addition.kind)  # (B, D_text)
+    time_ids = _required(added_cond_kwargs, "time_ids", addition.kind)  # (B, n_ids)
+    time_embeds = owner.add_time_proj(time_ids.reshape(-1)).reshape(text_embeds.shape[0], -1)  # (B, n_ids * dim)
+    return owner.add_embedding(jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], -1).astype(dtype))
