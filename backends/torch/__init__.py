@@ -19,6 +19,8 @@ from diffusion_core.torch.pipelines import (
     StableDiffusionLatentUpscalePipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
 )
 from diffusion_core.torch.sampling import denoise_loop, randn_tensor
 
@@ -37,6 +39,8 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLPipeline",
     "UNet2DConditionModel",
     "UNet2DModel",
     "denoise_loop",

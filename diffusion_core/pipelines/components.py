@@ -153,6 +153,8 @@ _BACKEND_PIPELINES: dict[str, str] = {
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
         for kind in ("", "Img2Img", "Inpaint", "InstructPix2Pix", "ControlNet", "Upscale", "LatentUpscale")
     },
+    "StableDiffusionXLPipeline": "stable_diffusion_xl",
+    "StableDiffusionXLImg2ImgPipeline": "stable_diffusion_xl",
 }
 
 

@@ -113,5 +113,6 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
             callback=step_callback,
             index_model_fn=True,
             post_step=self._post_step(inputs, opts),
+            stop=self._stop(state, opts),
         )
         return self._decode(x, request.output_type, return_dict)
