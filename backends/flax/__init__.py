@@ -21,6 +21,8 @@ from diffusion_core.flax.pipelines import (
     StableDiffusionLatentUpscalePipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
 )
 from diffusion_core.flax.sampling import denoise_loop, jit_denoise_loop
 
@@ -39,6 +41,8 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLPipeline",
     "UNet2DConditionModel",
     "UNet2DModel",
     "denoise_loop",

@@ -11,6 +11,10 @@ from diffusion_core.flax.pipelines.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
+from diffusion_core.flax.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 
 __all__ = [
     "FLAX_COMPONENTS",
@@ -25,4 +29,6 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLPipeline",
 ]

@@ -1,0 +1,106 @@
+"""Flax SDXL pipelines against diffusers 0.42.1 on tiny random-weight base/refiner folders (real CLIP vocab).
+
+Same folders and start latents as the torch tests (``sdxl_tiny``); pixels within 5e-3. Each case costs an XLA
+compile on the CPU, so the options are combined into few calls; each is first checked to change the image.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.flax.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from tests.pipelines import sd_tiny, sdxl_tiny
+
+ATOL = 5e-3
+SIZE = 32
+STEPS = 3
+LATENT = (4, SIZE // 2, SIZE // 2)
+
+
+def _load(folder):
+    ours = DiffusionPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    return ours, sd_tiny.load_diffusers(folder)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return _load(sdxl_tiny.save_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "base"))
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    return _load(sdxl_tiny.save_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "refiner", refiner=True))
+
+
+def _both(pipes, batch=1, **kwargs):
+    lat = sd_tiny.start_latents((batch, *LATENT))
+    common = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np", **kwargs)
+    return pipes[0](latents=lat, **common).images, pipes[1](latents=torch.from_numpy(lat), **common).images
+
+
+def test_loads_by_model_index_class_name(base, refiner):
+    assert type(base[0]) is StableDiffusionXLPipeline
+    assert type(refiner[0]) is StableDiffusionXLImg2ImgPipeline
+
+
+def test_text_to_image_matches_diffusers(base):
+    a, b = _both(base, prompt=sd_tiny.PROMPT)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    traced = base[0].trace_count
+    again = _both(base, prompt="a cat", guidance_scale=3.0)  # same shapes and options: no recompile
+    assert base[0].trace_count == traced
+    np.testing.assert_allclose(again[0], again[1], atol=ATOL, rtol=0)
+    assert np.abs(again[1] - b).max() > 20 * ATOL
+
+
+def test_options_and_batch_match_diffusers(base):
+    options = dict(
+        prompt=[sd_tiny.PROMPT, "a cat"], negative_prompt=sd_tiny.NEGATIVE, prompt_2=["a red bird", "a dog"],
+        num_images_per_prompt=2, original_size=(64, 48), crops_coords_top_left=(3, 4), guidance_rescale=0.7,
+        negative_original_size=(20, 30), negative_target_size=(32, 32), denoising_end=0.5,
+    )  # fmt: skip
+    a, b = _both(base, batch=4, **options)
+    assert a.shape == (4, SIZE, SIZE, 3)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    plain = _both(base, batch=4, prompt=[sd_tiny.PROMPT, "a cat"], num_images_per_prompt=2)[1]
+    assert np.abs(plain - b).max() > 20 * ATOL
+
+
+def test_refiner_img2img_latents_as_given(refiner):
+    lat = sd_tiny.start_latents((1, *LATENT), seed=3)
+    kwargs = dict(prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(SIZE, SIZE), strength=0.6, output_type="np")
+    a = refiner[0](latents=lat, num_inference_steps=STEPS, **kwargs).images
+    b = refiner[1](latents=torch.from_numpy(lat), num_inference_steps=STEPS, **kwargs).images
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_refiner_encodes_the_image_with_key(refiner):
+    """Pixels are VAE-encoded (a posterior draw from the key), noised to ``strength`` and denoised."""
+    kwargs = dict(prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(SIZE, SIZE), strength=0.6, output_type="np")
+    a = refiner[0](key=jax.random.key(0), num_inference_steps=STEPS, **kwargs).images
+    b = refiner[0](key=jax.random.key(0), num_inference_steps=STEPS, **kwargs).images
+    c = refiner[0](key=jax.random.key(1), num_inference_steps=STEPS, **kwargs).images
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (1, SIZE, SIZE, 3) and np.abs(a - c).max() > 1e-3
+    with pytest.raises(ValueError, match="key"):
+        refiner[0](num_inference_steps=STEPS, **kwargs)
+
+
+def test_base_to_refiner_ensemble_matches_diffusers(base, refiner):
+    lat = sd_tiny.start_latents((1, *LATENT))
+    steps = dict(num_inference_steps=5, prompt=sd_tiny.PROMPT)
+    ours = base[0](latents=lat, height=SIZE, width=SIZE, denoising_end=0.8, output_type="latent", **steps).images
+    ref = base[1](latents=torch.from_numpy(lat), height=SIZE, width=SIZE, denoising_end=0.8, output_type="latent",
+                  **steps).images  # fmt: skip
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4, rtol=0)
+    a = refiner[0](image=ours, denoising_start=0.8, output_type="np", key=jax.random.key(0), **steps).images
+    b = refiner[1](image=ref, denoising_start=0.8, output_type="np", **steps).images
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
