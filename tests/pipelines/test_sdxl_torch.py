@@ -21,6 +21,7 @@ from tests.pipelines import sd_tiny, sdxl_tiny
 ATOL = 2e-3
 SIZE = 32  # pixels; latents (B, 4, 16, 16) with the tiny VAE (scale factor 2)
 STEPS = 3
+LATENT_SHAPE = (4, SIZE // 2, SIZE // 2)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +172,22 @@ def test_refiner_bad_arguments_raise(refiner):
             refiner[0](prompt="x", image=image, num_inference_steps=10)
     finally:
         refiner[0].settings["requires_aesthetics_score"] = True
+
+
+def test_float16_vae_decodes_in_float32_when_force_upcast(base, monkeypatch):
+    """SDXL's VAE overflows in float16: with ``force_upcast`` (the default) it runs in float32, then is cast back."""
+    ours = base[0]
+    assert ours.vae.config["force_upcast"] is True
+    seen = []
+    decode = ours.vae.decode
+    monkeypatch.setattr(ours.vae, "decode", lambda z: seen.append((ours.vae.dtype, z.dtype)) or decode(z))
+    lat = sd_tiny.start_latents((1, *LATENT_SHAPE))
+    ours.vae.to(torch.float16)
+    try:
+        half = ours(prompt=sd_tiny.PROMPT, latents=lat, num_inference_steps=2, output_type="np").images
+        assert ours.vae.dtype == torch.float16
+    finally:
+        ours.vae.to(torch.float32)
+    full = ours(prompt=sd_tiny.PROMPT, latents=lat, num_inference_steps=2, output_type="np").images
+    assert seen == [(torch.float32, torch.float32)] * 2
+    np.testing.assert_allclose(half, full, atol=1e-6, rtol=0)
