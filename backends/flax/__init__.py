@@ -22,6 +22,7 @@ from diffusion_core.flax.pipelines import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusion_core.flax.sampling import denoise_loop, jit_denoise_loop
@@ -42,6 +43,7 @@ __all__ = [
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
     "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
     "UNet2DConditionModel",
     "UNet2DModel",

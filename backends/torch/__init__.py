@@ -20,6 +20,7 @@ from diffusion_core.torch.pipelines import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusion_core.torch.sampling import denoise_loop, randn_tensor
@@ -40,6 +41,7 @@ __all__ = [
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
     "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
     "UNet2DConditionModel",
     "UNet2DModel",

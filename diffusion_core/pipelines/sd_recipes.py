@@ -94,7 +94,8 @@ class InpaintRecipe(StableDiffusionRecipe):
         if "masked_latents" in inputs:
             return None
         scheduler, image_latents, noise, mask = self.scheduler, inputs["image_latents"], inputs["noise"], inputs["mask"]
-        return lambda x, state: sd_image.keep_known_region(scheduler, state, x, image_latents, noise, mask)
+        stop = opts.get("stop")
+        return lambda x, state: sd_image.keep_known_region(scheduler, state, x, image_latents, noise, mask, stop)
 
 
 class Pix2PixRecipe(StableDiffusionRecipe):

@@ -21,8 +21,9 @@ import numpy as np
 from diffusion_core.pipelines import sd_image, sdxl
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.sd_recipe import REQUEST_ARGUMENTS, SDRequest, StableDiffusionRecipe, sd_request
+from diffusion_core.pipelines.sd_recipes import InpaintRecipe
 
-__all__ = ["SDXLImg2ImgRecipe", "SDXLRecipe", "SDXLTextToImageRecipe"]
+__all__ = ["SDXLImg2ImgRecipe", "SDXLInpaintRecipe", "SDXLRecipe", "SDXLTextToImageRecipe"]
 
 # Pipeline settings (model_index.json) and diffusers' defaults.
 SETTING_DEFAULTS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
@@ -38,6 +39,7 @@ class SDXLRecipe(StableDiffusionRecipe):
 
     _components = sdxl.SDXL_COMPONENTS
     _optional_components = sdxl.SDXL_OPTIONAL
+    _legacy_scheduler_options: tuple[str, ...] = ()  # diffusers' SDXL pipelines rewrite no scheduler option
 
     def setting(self, name: str) -> Any:
         """A pipeline setting from ``model_index.json`` (``force_zeros_for_empty_prompt``, ...), else its default."""
@@ -116,3 +118,9 @@ class SDXLImg2ImgRecipe(SDXLRecipe):
         """Whether ``image`` is already latents (B, C_latent, h, w): the base pipeline's ``output_type="latent"``."""
         is_array = array_api_compat.is_array_api_obj(image)
         return is_array and image.ndim == 4 and image.shape[1] == self._latent_channels()
+
+
+class SDXLInpaintRecipe(SDXLRecipe, InpaintRecipe):
+    """SDXL inpainting: the SD inpaint hooks (start at ``strength``, mask + masked-image channels for a 9-channel
+    UNet, the known region kept for a 4-channel one) with SDXL's text conditioning; ``latents=`` is the Gaussian
+    draw, as for SD inpainting."""

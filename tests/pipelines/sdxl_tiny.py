@@ -19,14 +19,14 @@ TEXT = {**sd_tiny.SD_TEXT, "hidden_size": 32, "intermediate_size": 37, "num_atte
 TIME_DIM = 8
 
 
-def unet_config(refiner: bool) -> dict:
+def unet_config(refiner: bool, in_channels: int = 4) -> dict:
     """The UNet of the base (cross-attention over both encoders, 64) or refiner (the second only, 32)."""
     ids, context = (5, 32) if refiner else (6, 64)
     return dict(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -51,10 +51,10 @@ SCHEDULER = dict(
 )
 
 
-def sdxl_components(refiner: bool = False) -> dict:
+def sdxl_components(refiner: bool = False, in_channels: int = 4) -> dict:
     """Seeded random SDXL components (``torch.manual_seed(0)`` before each model, as diffusers' tests)."""
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**unet_config(refiner)).eval()
+    unet = diffusers.UNet2DConditionModel(**unet_config(refiner, in_channels)).eval()
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(**sd_tiny.SD_VAE).eval()
     torch.manual_seed(0)
@@ -82,5 +82,13 @@ def save_sdxl_pipeline(folder: Path, refiner: bool = False, force_zeros: bool = 
         )
     else:
         pipe = diffusers.StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=force_zeros)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_sdxl_inpaint_pipeline(folder: Path, in_channels: int = 4) -> Path:
+    """Write a tiny ``StableDiffusionXLInpaintPipeline`` (a 4-channel UNet blends, a 9-channel one takes the mask
+    and masked-image latents) to ``folder``."""
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(**sdxl_components(False, in_channels))
     pipe.save_pretrained(folder)
     return folder

@@ -7,15 +7,21 @@ compile on the CPU, so the options are combined into few calls; each is first ch
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.flax.pipelines.sd_program import vae_encode_sample
 from diffusion_core.flax.pipelines.stable_diffusion_xl import (
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusion_core.flax.sampling import per_example_keys
+from diffusion_core.pipelines import conditioning
+from diffusion_core.pipelines import stable_diffusion as sd
 from tests.pipelines import sd_tiny, sdxl_tiny
 
 ATOL = 5e-3
@@ -104,3 +110,34 @@ def test_base_to_refiner_ensemble_matches_diffusers(base, refiner):
     a = refiner[0](image=ours, denoising_start=0.8, output_type="np", key=jax.random.key(0), **steps).images
     b = refiner[1](image=ref, denoising_start=0.8, output_type="np", **steps).images
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def _posterior_latents(pipe, pixels, key, stream):
+    """Our scaled VAE posterior draw for image 0 of a call with ``key`` (what the pipeline encodes)."""
+    draw = vae_encode_sample(pipe.vae, jnp.asarray(pixels), per_example_keys(key, pixels.shape[0]), stream)
+    return np.asarray(sd.scale_latents(draw, pipe.vae.config))
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+def test_inpaint_matches_diffusers(tmp_path, channels):
+    """Strength 1 from the same start draw; diffusers gets our VAE posterior draws (of the image for a blending
+    4-channel UNet, of the masked image for a 9-channel one) as latents, as in the SD inpaint tests."""
+    folder = sdxl_tiny.save_sdxl_inpaint_pipeline(tmp_path / "inpaint", channels)
+    ours, ref = _load(folder)
+    assert type(ours) is StableDiffusionXLInpaintPipeline
+    image, mask, key = sd_tiny.sample_image(SIZE, SIZE), sd_tiny.sample_mask(SIZE, SIZE), jax.random.key(5)
+    pixels = 2.0 * image.transpose(0, 3, 1, 2) - 1.0
+    common = dict(
+        prompt=sd_tiny.PROMPT, mask_image=mask, height=SIZE, width=SIZE, num_inference_steps=STEPS, strength=1.0,
+        denoising_end=0.9, output_type="np",
+    )  # fmt: skip
+    noise = sd_tiny.start_latents((1, *LATENT), seed=12)
+    a = ours(image=image, key=key, latents=noise, **common).images
+    if channels == 9:
+        masked = _posterior_latents(ours, conditioning.masked_image(pixels, mask.transpose(0, 3, 1, 2)), key, 1)
+        ref_image, ref_masked = image, torch.from_numpy(masked)
+    else:
+        ref_image, ref_masked = torch.from_numpy(_posterior_latents(ours, pixels, key, 0)), torch.zeros((1, *LATENT))
+    b = ref(image=ref_image, masked_image_latents=ref_masked, latents=torch.from_numpy(noise), **common).images
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    assert np.abs(b[0] - image[0]).max() > 20 * ATOL

@@ -14,6 +14,7 @@ import torch
 from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion_xl import (
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from tests.pipelines import sd_tiny, sdxl_tiny
@@ -191,3 +192,19 @@ def test_float16_vae_decodes_in_float32_when_force_upcast(base, monkeypatch):
     full = ours(prompt=sd_tiny.PROMPT, latents=lat, num_inference_steps=2, output_type="np").images
     assert seen == [(torch.float32, torch.float32)] * 2
     np.testing.assert_allclose(half, full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+def test_inpaint_matches_diffusers(tmp_path, channels):
+    folder = sdxl_tiny.save_sdxl_inpaint_pipeline(tmp_path / "inpaint", channels)
+    ours = DiffusionPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours) is StableDiffusionXLInpaintPipeline
+    ref = sd_tiny.load_diffusers(folder)
+    image, mask = sd_tiny.sample_image(SIZE, SIZE), sd_tiny.sample_mask(SIZE, SIZE)
+    kwargs = dict(prompt=sd_tiny.PROMPT, image=image, mask_image=mask, height=SIZE, width=SIZE, denoising_end=0.9)
+    for strength in (0.9999, 1.0):
+        a = _run(ours, None, True, generator=torch.Generator().manual_seed(0), strength=strength, **kwargs)
+        b = _run(ref, None, False, generator=torch.Generator().manual_seed(0), strength=strength, **kwargs)
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    assert np.abs(b[0] - image[0]).max() > 20 * ATOL

@@ -13,6 +13,7 @@ from diffusion_core.flax.pipelines.stable_diffusion import (
 )
 from diffusion_core.flax.pipelines.stable_diffusion_xl import (
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
     "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
 ]

@@ -55,7 +55,7 @@ class Run:
     stop: int | None = None  # the model call the loop ends before (SDXL's denoising_end), resolved by ``_denoise``
 
     def hook_opts(self) -> dict[str, Any]:
-        return {**dict(self.opts), "first": self.first, "num_calls": self.num_calls}
+        return {**dict(self.opts), "first": self.first, "num_calls": self.num_calls, "stop": self.stop}
 
 
 # Inputs in guidance-batch order (parts * N, ...): they travel as per-image rows (N, parts, ...).

@@ -1,4 +1,5 @@
-"""Flax SDXL pipelines: ``StableDiffusionXLPipeline`` and ``StableDiffusionXLImg2ImgPipeline`` (the refiner).
+"""Flax SDXL pipelines: ``StableDiffusionXLPipeline``, ``StableDiffusionXLImg2ImgPipeline`` (the refiner) and
+``StableDiffusionXLInpaintPipeline``.
 
 The recipes are ``diffusion_core.pipelines.sdxl_recipes``; this module binds the two text encoders and the
 per-image inputs of the compiled program (``text_embeds`` and ``time_ids`` travel in guidance-batch order like the
@@ -16,13 +17,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_core.flax.pipelines.sd_base import Run, StableDiffusionBase
+from diffusion_core.flax.pipelines.sd_image import StableDiffusionInpaintPipeline
 from diffusion_core.flax.pipelines.sd_program import encode_text_layer, vae_encode_sample
 from diffusion_core.pipelines import ImagePipelineOutput, sd_image, sd_recipe, sdxl
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.sd_recipe import SDRequest
-from diffusion_core.pipelines.sdxl_recipes import SDXLImg2ImgRecipe, SDXLTextToImageRecipe
+from diffusion_core.pipelines.sd_recipes import inpaint_needs_image_latents
+from diffusion_core.pipelines.sdxl_recipes import SDXLImg2ImgRecipe, SDXLInpaintRecipe, SDXLTextToImageRecipe
 
-__all__ = ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline"]
+__all__ = ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLPipeline"]
 
 
 class SDXLBase(StableDiffusionBase):
@@ -167,3 +170,60 @@ class StableDiffusionXLImg2ImgPipeline(SDXLImg2ImgRecipe, SDXLBase):
             tiled = sd_image.image_batch(jnp.asarray(options["pixels"]), keys.shape[0])  # (N, 3, H, W)
             inputs["image_latents"] = sd.scale_latents(vae_encode_sample(self.vae, tiled, keys, 0), self.vae.config)
         return inputs
+
+
+class StableDiffusionXLInpaintPipeline(SDXLInpaintRecipe, SDXLBase, StableDiffusionInpaintPipeline):
+    """SDXL inpainting; diffusers' ``StableDiffusionXLInpaintPipeline`` for Flax (inputs as SD inpainting's)."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 0.9999,
+        num_inference_steps: int = 50,
+        denoising_end: float | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        key: jax.Array | None = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        pooled_prompt_embeds: Any = None,
+        negative_pooled_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``; ``latents``
+        (numpy (N, C, h, w)) is the starting Gaussian draw."""
+        a = locals()  # first: the call's parameters
+        request = self._request(a)
+        blend, size, pixels, mask = sd_image.inpaint_inputs(
+            self.unet.config, self.vae.config, image, mask_image, (height, width),
+            (self.scheduler, num_inference_steps, strength), type(self).__name__,
+        )  # fmt: skip
+        aesthetics = bool(self.setting("requires_aesthetics_score"))
+        cond = sdxl.sdxl_conditions(request, a, sdxl.refiner_time_ids(a, size, aesthetics))
+        opts = (("strength", strength), ("denoising_end", cond.denoising_end))
+        run = self._run(request, size, parallel, mesh, opts=opts, channels=self._latent_channels())
+        needs = inpaint_needs_image_latents(strength, blend)
+        options = {"pixels": pixels, "mask": mask, "image_latents": needs, "blend": blend}
+        return self._generate(run, request, key, latents, {**options, **self._conditioned(request, cond)}, return_dict)

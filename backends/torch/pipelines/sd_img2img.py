@@ -79,13 +79,28 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, StableDiffusionBase):
     ) -> ImagePipelineOutput | tuple:
         """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``."""
         request = self._request(locals())  # first: the call's parameters
-        # blend: a text-to-image (4-channel) UNet keeps the known region after each step
-        blend, (height, width), pixels, mask = sd_image.inpaint_inputs(
-            self.unet.config, self.vae.config, image, mask_image, (height, width),
-            (self.scheduler, num_inference_steps, strength), type(self).__name__,
+        checked = self._inpaint_checks(image, mask_image, (height, width), num_inference_steps, strength)
+        inputs = self._inpaint_inputs(request, checked, strength, latents, generator)
+        inputs["context"] = self._context(request)
+        opts = (("strength", strength),)
+        return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
+
+    def _inpaint_checks(
+        self, image: Any, mask_image: Any, size: tuple[int | None, int | None], steps: int, strength: float
+    ) -> tuple[bool, tuple[int, int], Any, Any]:
+        """``(blend, (height, width), pixels, mask)``; blend: a 4-channel UNet keeps the known region each step."""
+        return sd_image.inpaint_inputs(
+            self.unet.config, self.vae.config, image, mask_image, size, (self.scheduler, steps, strength),
+            type(self).__name__,
         )  # fmt: skip
+
+    def _inpaint_inputs(
+        self, request: Any, checked: tuple, strength: float, latents: Any, generator: Generators
+    ) -> dict[str, Any]:
+        """The per-image inputs but the text: drawn and encoded in diffusers' generator order."""
+        blend, (height, width), pixels, mask = checked
         batch, scale = request.batch, self.vae_scale_factor
-        inputs = {"context": self._context(request)}
+        inputs = {}
         if inpaint_needs_image_latents(strength, blend):
             inputs["image_latents"] = sd.scale_latents(self._encode_image(pixels, batch, generator), self.vae.config)
         shape = sd.latent_shape(batch, self._latent_channels(), height, width, scale)
@@ -97,8 +112,7 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, StableDiffusionBase):
             inputs["masked_latents"] = masked_latents
         small = conditioning.resize_nearest(self._as_tensor(mask), shape[2], shape[3])  # (b, 1, h, w)
         inputs["mask"] = sd_image.image_batch(small, batch, "mask_image")
-        opts = (("strength", strength),)
-        return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
+        return inputs
 
 
 class StableDiffusionInstructPix2PixPipeline(Pix2PixRecipe, StableDiffusionBase):

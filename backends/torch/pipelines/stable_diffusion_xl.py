@@ -1,4 +1,5 @@
-"""PyTorch SDXL pipelines: ``StableDiffusionXLPipeline`` and ``StableDiffusionXLImg2ImgPipeline`` (the refiner).
+"""PyTorch SDXL pipelines: ``StableDiffusionXLPipeline``, ``StableDiffusionXLImg2ImgPipeline`` (the refiner) and
+``StableDiffusionXLInpaintPipeline``.
 
 The recipes are ``diffusion_core.pipelines.sdxl_recipes``; this module binds the two text encoders, the float16
 VAE's ``force_upcast`` and the inputs drawn in diffusers' generator order. ``latents=`` is the starting Gaussian
@@ -17,11 +18,12 @@ import torch
 from diffusion_core.models.clip_config import CLIPTextWithProjectionOutput
 from diffusion_core.pipelines import ImagePipelineOutput, sd_image, sd_recipe, sdxl
 from diffusion_core.pipelines import stable_diffusion as sd
-from diffusion_core.pipelines.sdxl_recipes import SDXLImg2ImgRecipe, SDXLTextToImageRecipe
+from diffusion_core.pipelines.sdxl_recipes import SDXLImg2ImgRecipe, SDXLInpaintRecipe, SDXLTextToImageRecipe
 from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback
+from diffusion_core.torch.pipelines.sd_img2img import StableDiffusionInpaintPipeline
 from diffusion_core.torch.sampling import Generators
 
-__all__ = ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline"]
+__all__ = ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLPipeline"]
 
 
 class SDXLBase(StableDiffusionBase):
@@ -174,3 +176,55 @@ class StableDiffusionXLImg2ImgPipeline(SDXLImg2ImgRecipe, SDXLBase):
             return sd_image.image_batch(self._as_tensor(image), batch, "image")
         pixels = sd_image.preprocess_image(image, self.vae_scale_factor)  # (b, 3, H, W) in [-1, 1]
         return sd.scale_latents(self._encode_image(pixels, batch, generator), self.vae.config)
+
+
+class StableDiffusionXLInpaintPipeline(SDXLInpaintRecipe, SDXLBase, StableDiffusionInpaintPipeline):
+    """SDXL inpainting; diffusers' ``StableDiffusionXLInpaintPipeline`` (inputs drawn as the SD inpaint pipeline)."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 0.9999,
+        num_inference_steps: int = 50,
+        denoising_end: float | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generators = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        pooled_prompt_embeds: Any = None,
+        negative_pooled_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: StepCallback | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``; ``latents``
+        (numpy (N, C, h, w)) is the starting Gaussian draw."""
+        a = locals()  # first: the call's parameters
+        request = self._request(a)
+        checked = self._inpaint_checks(image, mask_image, (height, width), num_inference_steps, strength)
+        aesthetics = bool(self.setting("requires_aesthetics_score"))
+        cond = sdxl.sdxl_conditions(request, a, sdxl.refiner_time_ids(a, checked[1], aesthetics))
+        inputs = self._inpaint_inputs(request, checked, strength, latents, generator)
+        inputs.update(self._sdxl_inputs(request, cond))
+        opts = (("strength", strength), ("denoising_end", cond.denoising_end))
+        return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
