@@ -347,7 +347,7 @@ def validate_controlnet_config(cfg: Mapping[str, Any]) -> None:
             f"{len(cfg['down_block_types'])} and {n}"
         )
     check_choice("class_embed_type", cfg["class_embed_type"], (None, "timestep", "identity", "projection"))
-    check_choice("addition_embed_type", cfg["addition_embed_type"], (None,))
+    validate_addition_embedding(cfg)
     _check_common(cfg, n)
     if cfg["norm_num_groups"] is None:
         raise ValueError("norm_num_groups: an int is required for ControlNetModel")

@@ -160,6 +160,7 @@ class ControlNetPlan:
     controlnet_down_channels: tuple[int, ...]  # zero 1x1 conv widths, one per down residual
     flip_channels: bool  # controlnet_conditioning_channel_order == "bgr"
     global_pool_conditions: bool
+    addition: AdditionPlan | None = None  # addition_embed_type (SDXL ControlNets: "text_time")
 
 
 def _time_plan(cfg: Mapping[str, Any], *, controlnet: bool = False) -> TimePlan:
@@ -405,6 +406,7 @@ def controlnet_plan(cfg: Mapping[str, Any]) -> ControlNetPlan:
         controlnet_down_channels=tuple(zero_convs),
         flip_channels=cfg["controlnet_conditioning_channel_order"] == "bgr",
         global_pool_conditions=bool(cfg["global_pool_conditions"]),
+        addition=addition_plan(cfg, time.embed_dim),
     )
 
 
