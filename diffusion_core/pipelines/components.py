@@ -156,6 +156,7 @@ _BACKEND_PIPELINES: dict[str, str] = {
     "StableDiffusionXLPipeline": "stable_diffusion_xl",
     "StableDiffusionXLImg2ImgPipeline": "stable_diffusion_xl",
     "StableDiffusionXLInpaintPipeline": "stable_diffusion_xl",
+    "StableDiffusionXLControlNetPipeline": "stable_diffusion_xl",
 }
 
 

@@ -137,20 +137,29 @@ class ControlNetRecipe(StableDiffusionRecipe):
         b = inputs["noise"].shape[0]
         control = sd_control.control_image_batch(inputs["control"], b, 1, g.parts, guess_mode)
         cond_context = context[-b:] if guess_mode else context  # guess mode: the conditional half only
+        kwargs = self._unet_kwargs(inputs, g, scalars)  # SDXL: the added conditioning, for both networks
+        cond_kwargs = conditional_rows(kwargs, b) if guess_mode else kwargs
         keep = arrays.host_to_like(sd_control.controlnet_keep(opts["num_calls"], begin, end), context)
 
         def model_fn(x: Any, t: Any, i: Any) -> Any:
             weight = scalars["controlnet_conditioning_scale"] * keep[i]
             x_in = x if guess_mode else sd.model_input(x, g)
             down, mid = controlnet(
-                x_in, t, cond_context, controlnet_cond=control, conditioning_scale=weight, guess_mode=guess_mode
-            )
+                x_in, t, cond_context, controlnet_cond=control, conditioning_scale=weight, guess_mode=guess_mode,
+                **cond_kwargs,
+            )  # fmt: skip
             if guess_mode:
                 down, mid = sd_control.guess_mode_residuals(down, mid, g.parts)
             residuals = {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
-            return sd.combine(unet(sd.model_input(x, g), t, context, **residuals), g)
+            return sd.combine(unet(sd.model_input(x, g), t, context, **residuals, **kwargs), g)
 
         return model_fn
+
+
+def conditional_rows(kwargs: Mapping[str, Any], b: int) -> dict[str, Any]:
+    """Model keywords (arrays, or mappings of arrays) cut to their last ``b`` rows: the conditional half of a
+    guidance batch, which a guess-mode ControlNet sees (diffusers' ``chunk(2)[1]``)."""
+    return {k: conditional_rows(v, b) if isinstance(v, Mapping) else v[-b:] for k, v in kwargs.items()}
 
 
 class UpscaleRecipe(StableDiffusionRecipe):

@@ -21,9 +21,9 @@ import numpy as np
 from diffusion_core.pipelines import sd_image, sdxl
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.sd_recipe import REQUEST_ARGUMENTS, SDRequest, StableDiffusionRecipe, sd_request
-from diffusion_core.pipelines.sd_recipes import InpaintRecipe
+from diffusion_core.pipelines.sd_recipes import ControlNetRecipe, InpaintRecipe
 
-__all__ = ["SDXLImg2ImgRecipe", "SDXLInpaintRecipe", "SDXLRecipe", "SDXLTextToImageRecipe"]
+__all__ = ["SDXLControlNetRecipe", "SDXLImg2ImgRecipe", "SDXLInpaintRecipe", "SDXLRecipe", "SDXLTextToImageRecipe"]
 
 # Pipeline settings (model_index.json) and diffusers' defaults.
 SETTING_DEFAULTS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
@@ -124,3 +124,10 @@ class SDXLInpaintRecipe(SDXLRecipe, InpaintRecipe):
     """SDXL inpainting: the SD inpaint hooks (start at ``strength``, mask + masked-image channels for a 9-channel
     UNet, the known region kept for a 4-channel one) with SDXL's text conditioning; ``latents=`` is the Gaussian
     draw, as for SD inpainting."""
+
+
+class SDXLControlNetRecipe(SDXLRecipe, ControlNetRecipe):
+    """SDXL with one ControlNet: the SD ControlNet hooks (residuals weighted per call, guess mode) with SDXL's
+    text conditioning, which the ControlNet receives too (its conditional half in guess mode)."""
+
+    _components = (*sdxl.SDXL_COMPONENTS[:6], "controlnet", *sdxl.SDXL_COMPONENTS[6:])

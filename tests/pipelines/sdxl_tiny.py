@@ -92,3 +92,28 @@ def save_sdxl_inpaint_pipeline(folder: Path, in_channels: int = 4) -> Path:
     pipe = diffusers.StableDiffusionXLInpaintPipeline(**sdxl_components(False, in_channels))
     pipe.save_pretrained(folder)
     return folder
+
+
+SDXL_CONTROLNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    in_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    conditioning_embedding_out_channels=(16, 32),  # one stride-2 conv: the control image at pixel size
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TIME_DIM,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=6 * TIME_DIM + TEXT["projection_dim"],
+    cross_attention_dim=64,
+)
+
+
+def save_sdxl_controlnet_pipeline(folder: Path) -> Path:
+    """Write a tiny ``StableDiffusionXLControlNetPipeline`` (its zero convs given small random weights)."""
+    torch.manual_seed(0)
+    controlnet = sd_tiny._nonzero(diffusers.ControlNetModel(**SDXL_CONTROLNET).eval())
+    pipe = diffusers.StableDiffusionXLControlNetPipeline(**sdxl_components(), controlnet=controlnet)
+    pipe.save_pretrained(folder)
+    return folder

@@ -15,6 +15,7 @@ import torch
 from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
 from diffusion_core.flax.pipelines.sd_program import vae_encode_sample
 from diffusion_core.flax.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -141,3 +142,14 @@ def test_inpaint_matches_diffusers(tmp_path, channels):
     b = ref(image=ref_image, masked_image_latents=ref_masked, latents=torch.from_numpy(noise), **common).images
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
     assert np.abs(b[0] - image[0]).max() > 20 * ATOL
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(guess_mode=True, controlnet_conditioning_scale=0.7)], ids=["default", "guess-mode"]
+)
+def test_controlnet_matches_diffusers(tmp_path_factory, options):
+    folder = sdxl_tiny.save_sdxl_controlnet_pipeline(tmp_path_factory.mktemp("sdxl") / "controlnet")
+    pipes = _load(folder)
+    assert type(pipes[0]) is StableDiffusionXLControlNetPipeline
+    a, b = _both(pipes, prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(SIZE, SIZE, seed=4), **options)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)

@@ -13,6 +13,7 @@ import torch
 
 from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -208,3 +209,25 @@ def test_inpaint_matches_diffusers(tmp_path, channels):
         b = _run(ref, None, False, generator=torch.Generator().manual_seed(0), strength=strength, **kwargs)
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
     assert np.abs(b[0] - image[0]).max() > 20 * ATOL
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(guess_mode=True, controlnet_conditioning_scale=0.7), dict(control_guidance_end=0.5)],
+    ids=["default", "guess-mode", "guidance-window"],
+)
+def test_controlnet_matches_diffusers(controlnet, options):
+    control = sd_tiny.sample_image(SIZE, SIZE, seed=4)
+    a, b = _both(controlnet, prompt=sd_tiny.PROMPT, image=control, **options)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    other = _both(controlnet, prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(SIZE, SIZE, seed=5), **options)[1]
+    assert np.abs(other - b).max() > 5 * ATOL  # the control image matters
+
+
+@pytest.fixture(scope="module")
+def controlnet(tmp_path_factory):
+    folder = sdxl_tiny.save_sdxl_controlnet_pipeline(tmp_path_factory.mktemp("sdxl") / "controlnet")
+    ours = DiffusionPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours) is StableDiffusionXLControlNetPipeline
+    return ours, sd_tiny.load_diffusers(folder)

@@ -1,5 +1,5 @@
 """Flax SDXL pipelines: ``StableDiffusionXLPipeline``, ``StableDiffusionXLImg2ImgPipeline`` (the refiner) and
-``StableDiffusionXLInpaintPipeline``.
+``StableDiffusionXLInpaintPipeline``, ``StableDiffusionXLControlNetPipeline``.
 
 The recipes are ``diffusion_core.pipelines.sdxl_recipes``; this module binds the two text encoders and the
 per-image inputs of the compiled program (``text_embeds`` and ``time_ids`` travel in guidance-batch order like the
@@ -23,9 +23,19 @@ from diffusion_core.pipelines import ImagePipelineOutput, sd_image, sd_recipe, s
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.sd_recipe import SDRequest
 from diffusion_core.pipelines.sd_recipes import inpaint_needs_image_latents
-from diffusion_core.pipelines.sdxl_recipes import SDXLImg2ImgRecipe, SDXLInpaintRecipe, SDXLTextToImageRecipe
+from diffusion_core.pipelines.sdxl_recipes import (
+    SDXLControlNetRecipe,
+    SDXLImg2ImgRecipe,
+    SDXLInpaintRecipe,
+    SDXLTextToImageRecipe,
+)
 
-__all__ = ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLPipeline"]
+__all__ = [
+    "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
+]
 
 
 class SDXLBase(StableDiffusionBase):
@@ -227,3 +237,57 @@ class StableDiffusionXLInpaintPipeline(SDXLInpaintRecipe, SDXLBase, StableDiffus
         needs = inpaint_needs_image_latents(strength, blend)
         options = {"pixels": pixels, "mask": mask, "image_latents": needs, "blend": blend}
         return self._generate(run, request, key, latents, {**options, **self._conditioned(request, cond)}, return_dict)
+
+
+class StableDiffusionXLControlNetPipeline(SDXLControlNetRecipe, SDXLBase):
+    """SDXL with one ``ControlNetModel``; diffusers' ``StableDiffusionXLControlNetPipeline`` for Flax."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        key: jax.Array | None = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        pooled_prompt_embeds: Any = None,
+        negative_pooled_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        controlnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for ``prompt`` following the control ``image`` (edges, depth, pose, ...)."""
+        a = locals()  # first: the call's parameters
+        request = self._request(a)
+        control, size, opts, scalars = self._control_inputs(
+            request, image, (height, width), guess_mode, controlnet_conditioning_scale,
+            (control_guidance_start, control_guidance_end),
+        )  # fmt: skip
+        cond = sdxl.sdxl_conditions(request, a, sdxl.base_time_ids(a, size))
+        run = self._run(request, size, parallel, mesh, scalars=scalars, opts=opts)
+        options = {**self._conditioned(request, cond), "control": control}
+        return self._generate(run, request, key, latents, options, return_dict)
+
+    def _inputs(self, run: Run, keys: jax.Array, start: np.ndarray | None, options: dict) -> dict[str, Any]:
+        return {**super()._inputs(run, keys, start, options), "control": options["control"]}  # (N, 3, H, W)

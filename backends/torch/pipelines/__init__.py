@@ -12,6 +12,7 @@ from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionUpscalePipeline,
 )
 from diffusion_core.torch.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -30,6 +31,7 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "StableDiffusionXLControlNetPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",

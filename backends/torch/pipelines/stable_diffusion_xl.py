@@ -1,5 +1,5 @@
 """PyTorch SDXL pipelines: ``StableDiffusionXLPipeline``, ``StableDiffusionXLImg2ImgPipeline`` (the refiner) and
-``StableDiffusionXLInpaintPipeline``.
+``StableDiffusionXLInpaintPipeline``, ``StableDiffusionXLControlNetPipeline``.
 
 The recipes are ``diffusion_core.pipelines.sdxl_recipes``; this module binds the two text encoders, the float16
 VAE's ``force_upcast`` and the inputs drawn in diffusers' generator order. ``latents=`` is the starting Gaussian
@@ -18,12 +18,22 @@ import torch
 from diffusion_core.models.clip_config import CLIPTextWithProjectionOutput
 from diffusion_core.pipelines import ImagePipelineOutput, sd_image, sd_recipe, sdxl
 from diffusion_core.pipelines import stable_diffusion as sd
-from diffusion_core.pipelines.sdxl_recipes import SDXLImg2ImgRecipe, SDXLInpaintRecipe, SDXLTextToImageRecipe
+from diffusion_core.pipelines.sdxl_recipes import (
+    SDXLControlNetRecipe,
+    SDXLImg2ImgRecipe,
+    SDXLInpaintRecipe,
+    SDXLTextToImageRecipe,
+)
 from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback
 from diffusion_core.torch.pipelines.sd_img2img import StableDiffusionInpaintPipeline
 from diffusion_core.torch.sampling import Generators
 
-__all__ = ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLPipeline"]
+__all__ = [
+    "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
+]
 
 
 class SDXLBase(StableDiffusionBase):
@@ -228,3 +238,55 @@ class StableDiffusionXLInpaintPipeline(SDXLInpaintRecipe, SDXLBase, StableDiffus
         inputs.update(self._sdxl_inputs(request, cond))
         opts = (("strength", strength), ("denoising_end", cond.denoising_end))
         return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
+
+
+class StableDiffusionXLControlNetPipeline(SDXLControlNetRecipe, SDXLBase):
+    """SDXL with one ``ControlNetModel``; diffusers' ``StableDiffusionXLControlNetPipeline``."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generators = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        pooled_prompt_embeds: Any = None,
+        negative_pooled_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        controlnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: StepCallback | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for ``prompt`` following the control ``image`` (edges, depth, pose, ...)."""
+        a = locals()  # first: the call's parameters
+        request = self._request(a)
+        control, (height, width), opts, scalars = self._control_inputs(
+            request, image, (height, width), guess_mode, controlnet_conditioning_scale,
+            (control_guidance_start, control_guidance_end),
+        )  # fmt: skip
+        cond = sdxl.sdxl_conditions(request, a, sdxl.base_time_ids(a, (height, width)))
+        inputs = self._sdxl_inputs(request, cond)
+        shape = sd.latent_shape(request.batch, self.unet.config["in_channels"], height, width, self.vae_scale_factor)
+        inputs["noise"] = self.prepare_latents(shape, latents, generator)
+        inputs["control"] = self._as_tensor(control, self.controlnet.dtype)
+        return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts, scalars)
