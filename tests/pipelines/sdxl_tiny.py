@@ -51,6 +51,11 @@ SCHEDULER = dict(
 )
 
 
+def clip_tokenizer_2() -> transformers.CLIPTokenizer:
+    """SDXL's second tokenizer: CLIP's vocabulary padded with "!" (id 0) instead of <|endoftext|>."""
+    return transformers.CLIPTokenizer.from_pretrained(sd_tiny._vocab_folder(), model_max_length=77, pad_token="!")
+
+
 def sdxl_components(refiner: bool = False, in_channels: int = 4) -> dict:
     """Seeded random SDXL components (``torch.manual_seed(0)`` before each model, as diffusers' tests)."""
     torch.manual_seed(0)
@@ -67,7 +72,7 @@ def sdxl_components(refiner: bool = False, in_channels: int = 4) -> dict:
         text_encoder=None if refiner else text_encoder,
         tokenizer=None if refiner else sd_tiny.clip_tokenizer(),
         text_encoder_2=text_encoder_2,
-        tokenizer_2=sd_tiny.clip_tokenizer(),
+        tokenizer_2=clip_tokenizer_2(),
         scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULER),
     )
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
 from diffusion_core.torch.pipelines.stable_diffusion_xl import (
     StableDiffusionXLControlNetPipeline,
@@ -60,6 +61,8 @@ def test_loads_by_model_index_class_name(base, refiner):
     assert type(refiner[0]) is StableDiffusionXLImg2ImgPipeline
     assert refiner[0].text_encoder is None and refiner[0].tokenizer is None
     assert refiner[0].settings == {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": True}
+    # as SDXL ships them: the second tokenizer pads with "!" (id 0), the first with <|endoftext|>
+    assert sd.tokenize(base[0].tokenizer_2, ["a"])[0, -1] == 0 and sd.tokenize(base[0].tokenizer, ["a"])[0, -1] == 49407
 
 
 PLAIN = dict(prompt=sd_tiny.PROMPT)
