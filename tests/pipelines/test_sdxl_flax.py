@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_core.flax.models import AutoencoderKL
 from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
 from diffusion_core.flax.pipelines.sd_program import vae_encode_sample
 from diffusion_core.flax.pipelines.stable_diffusion_xl import (
@@ -153,3 +154,18 @@ def test_controlnet_matches_diffusers(tmp_path_factory, options):
     assert type(pipes[0]) is StableDiffusionXLControlNetPipeline
     a, b = _both(pipes, prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(SIZE, SIZE, seed=4), **options)
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_float16_vae_decodes_as_a_float32_copy_when_force_upcast(base, tmp_path):
+    ours = base[0]
+    ours.vae.save_pretrained(tmp_path / "vae")
+    vae16 = AutoencoderKL.from_pretrained(tmp_path / "vae", dtype=jnp.float16)
+    pipe = StableDiffusionXLPipeline(**{**ours.components, "vae": vae16})
+    assert vae16.config["force_upcast"] is True
+    up = pipe._decoding_vae()
+    assert up is not vae16 and up.dtype == jnp.float32 and pipe._decoding_vae() is up  # made once
+    kernel16, kernel32 = vae16.decoder.conv_in.kernel[...], up.decoder.conv_in.kernel[...]
+    assert kernel32.dtype == jnp.float32 and np.array_equal(np.asarray(kernel32), np.asarray(kernel16, np.float32))
+    z = sd_tiny.start_latents((1, *LATENT))
+    np.testing.assert_allclose(pipe._vae_decode(z), ours._vae_decode(z), atol=2e-2, rtol=0)  # float16 weights
+    assert ours._decoding_vae() is ours.vae  # float32 VAEs decode as they are

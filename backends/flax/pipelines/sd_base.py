@@ -78,7 +78,11 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
         # Gathered to the host first: nnx.jit writes the VAE's state back with its inputs' sharding, so decoding
         # pmap/mesh-sharded latents would leave the VAE's weights on that device set.
         z = jnp.asarray(np.asarray(jax.device_get(z)))  # (N, C, h, w)
-        return np.asarray(jax.device_get(vae_decode(self.vae, z)))  # (N, 3, H, W)
+        return np.asarray(jax.device_get(vae_decode(self._decoding_vae(), z)))  # (N, 3, H, W)
+
+    def _decoding_vae(self) -> nnx.Module:
+        """The VAE that decodes (SDXL: a float32 copy of a float16 VAE whose config says ``force_upcast``)."""
+        return self.vae
 
     def _latent_output(self, latents: Any) -> np.ndarray:
         return np.asarray(jax.device_get(latents))

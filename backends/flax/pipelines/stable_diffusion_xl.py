@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from diffusion_core.flax.pipelines.sd_base import Run, StableDiffusionBase
@@ -44,6 +45,20 @@ class SDXLBase(StableDiffusionBase):
     def _encode_layers(self, index: int, ids: np.ndarray, clip_skip: int | None) -> tuple[jax.Array, Any]:
         """(B, L) ids -> (layer ``-(2 + clip_skip)`` (B, L, D), projected pooled text (B, P) or None)."""
         return encode_text_layer(self._text_encoders()[index], jnp.asarray(ids), -(2 + (clip_skip or 0)))
+
+    _upcast: tuple[Any, Any] = (None, None)  # (the float16 VAE, its float32 copy)
+
+    def _decoding_vae(self) -> nnx.Module:
+        """A float16 VAE whose config says ``force_upcast`` decodes as a float32 copy (SDXL's VAE overflows in
+        float16), made once per VAE."""
+        vae = self.vae
+        if jnp.dtype(vae.dtype) != jnp.float16 or not vae.config.get("force_upcast", False):
+            return vae
+        if self._upcast[0] is not vae:
+            copy = nnx.eval_shape(lambda: type(vae).from_config(vae.config, dtype=jnp.float32))
+            nnx.update(copy, jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), nnx.state(vae)))
+            self._upcast = (vae, copy)
+        return self._upcast[1]
 
     def _conditioned(self, request: SDRequest, cond: sdxl.SDXLConditions) -> dict[str, Any]:
         """The ``_generate`` options: the text context and the added conditioning (``added``)."""
