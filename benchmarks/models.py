@@ -2,6 +2,7 @@
 
     python benchmarks/models.py [--batches 1 2] [--dtypes float32 bfloat16] [--repeats 3] [--latent 64]
     python benchmarks/models.py --load-only          # just the load-time / peak-RSS part
+    python benchmarks/models.py --load-only --checkpoint /tmp/sd15_unet --loaders diffusers flax
 
 Forward: the exact SD-1.5 UNet2DConditionModel config with random weights (the same weights in
 all three), 64x64 latents, 77x768 text states. Each round times diffusers, our torch model and
@@ -9,15 +10,18 @@ our jitted Flax model (warm: compiled before timing) in turn; medians are report
 to diffusers, and achieved GFLOP/s against a matmul peak measured in the same run (FLOPs of one
 pass counted by torch's FlopCounterMode on our torch model).
 
-Load: a random SD-1.5-size checkpoint is written once with diffusers' ``save_pretrained``; each
-loader then runs in a fresh subprocess (diffusers, ours torch, ours flax) that reports wall time
-and its peak RSS above the RSS it had after imports, next to the checkpoint size.
+Load: a random SD-1.5-size checkpoint is written once with diffusers' ``save_pretrained`` (or an
+existing one reused with ``--checkpoint``); each loader then runs in a fresh subprocess (diffusers,
+ours torch, ours flax, in turn each round) that reports wall time, CPU time (user + system: steadier
+than wall time on a shared machine) and its peak RSS above the RSS it had after imports, next to the
+checkpoint size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,7 +172,7 @@ def bench_forward(args: argparse.Namespace) -> None:
 
 
 def load_child(impl: str, folder: str) -> None:
-    """Run in a subprocess: import, note RSS, load the checkpoint, print time and peak RSS above that."""
+    """Run in a subprocess: import, note RSS, load the checkpoint, print wall/CPU time and peak RSS above that."""
     import resource
 
     import torch  # noqa: F401  (imported before the baseline in every contender)
@@ -190,30 +194,46 @@ def load_child(impl: str, folder: str) -> None:
         load = lambda: jax.block_until_ready(nnx.state(UNet2DConditionModel.from_pretrained(folder)))
     with open("/proc/self/statm") as f:
         base_mib = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    cpu_start = cpu()
     seconds = timed(load)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib(), "base_mib": base_mib}))
+    cpu_seconds = cpu() - cpu_start
+    print(json.dumps({"seconds": seconds, "cpu": cpu_seconds, "peak_mib": peak_rss_mib(), "base_mib": base_mib}))
 
 
-def bench_load(args: argparse.Namespace) -> None:
+def _write_checkpoint(folder: str) -> None:
     import diffusers
     import torch
 
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(**SD15_UNET).save_pretrained(folder)
+
+
+def bench_load(args: argparse.Namespace) -> None:
+    """Each loader in a fresh process, round by round in turn; medians of wall time, CPU time and peak RSS."""
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        torch.manual_seed(0)
-        diffusers.UNet2DConditionModel(**SD15_UNET).save_pretrained(tmp)
-        size_mib = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors")) / 2**20
+        folder = args.checkpoint or tmp
+        if not (Path(folder) / "config.json").is_file():
+            _write_checkpoint(folder)
+        size_mib = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
         print(f"checkpoint: {size_mib:.0f} MiB float32 safetensors")
-        runs: dict[str, list[dict]] = {"diffusers": [], "torch": [], "flax": []}
+        runs: dict[str, list[dict]] = {impl: [] for impl in args.loaders}
         for _ in range(args.load_repeats):
             for impl in runs:
-                cmd = [sys.executable, __file__, "--load-child", impl, tmp]
+                cmd = [sys.executable, __file__, "--load-child", impl, folder]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 runs[impl].append(json.loads(out.strip().splitlines()[-1]))
         for impl, rs in runs.items():
-            secs = sorted(r["seconds"] for r in rs)[len(rs) // 2]
-            extra = sorted(r["peak_mib"] - r["base_mib"] for r in rs)[len(rs) // 2]
-            ratio = extra / size_mib
-            print(f"load {impl:9}: {secs:6.2f}s   peak RSS above imports {extra:7.0f} MiB = {ratio:.2f}x ckpt")
+            secs, cpu = (statistics.median(r[k] for r in rs) for k in ("seconds", "cpu"))
+            extra = statistics.median(r["peak_mib"] - r["base_mib"] for r in rs)
+            print(
+                f"load {impl:9}: {secs:6.2f}s wall {cpu:6.2f}s CPU   "
+                f"peak RSS above imports {extra:7.0f} MiB = {extra / size_mib:.2f}x ckpt"
+            )
 
 
 def main() -> None:
@@ -226,6 +246,10 @@ def main() -> None:
     parser.add_argument("--load-only", action="store_true")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--tmp", default=None, help="folder for the temporary checkpoint")
+    parser.add_argument("--checkpoint", default=None, help="reuse this SD-1.5 UNet folder (written there if absent)")
+    parser.add_argument(
+        "--loaders", nargs="+", default=["diffusers", "torch", "flax"], choices=["diffusers", "torch", "flax"]
+    )
     parser.add_argument("--load-child", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_child:

@@ -53,9 +53,9 @@ def build_trainer(backend: str, unet_config: dict[str, Any], config: training.Tr
     return Trainer(UNet2DModel(**unet_config, rngs=nnx.Rngs(config.seed)), scheduler, config)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    dataset = load_data(args.data, args.size)
-    config = training.TrainConfig(
+def train_config(args: argparse.Namespace) -> training.TrainConfig:
+    """The ``TrainConfig`` of the command's options."""
+    return training.TrainConfig(
         batch_size=args.batch_size,
         learning_rate=args.lr,
         lr_schedule=args.lr_schedule,
@@ -63,10 +63,33 @@ def run_train(args: argparse.Namespace) -> int:
         snr_gamma=args.snr_gamma,
         seed=args.seed,
     )
-    trainer = build_trainer(args.backend, _unet_config(args, dataset), config)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        from diffusion_core.cli_text import run_text_train
+
+        return run_text_train(args)
+    for name in ("lora_rank", "lora_alpha"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')}: needs --model (a Stable Diffusion pipeline to adapt)")
+    args.size = 16 if args.size is None else args.size
+    dataset = load_data(args.data, args.size)
+    trainer = build_trainer(args.backend, _unet_config(args, dataset), train_config(args))
+    return fit_and_report(trainer, dataset, args)
+
+
+def fit_and_report(trainer: Any, dataset: training.ImageDataset, args: argparse.Namespace) -> int:
+    """Run ``trainer.fit`` with the command's options and print a two-line summary."""
     start = time.perf_counter()
     losses = trainer.fit(
-        dataset, args.steps, args.output_dir, args.checkpoint_every, args.resume, progress=not args.no_progress
+        dataset,
+        args.steps,
+        args.output_dir,
+        args.checkpoint_every,
+        args.resume,
+        progress=not args.no_progress,
+        sample_every=args.sample_every,
     )
     seconds = time.perf_counter() - start
     tail = losses[-50:]
@@ -96,12 +119,17 @@ def _weights_summary(folder: Path) -> dict[str, Any]:
 
 
 def describe(model: str) -> dict[str, Any]:
-    """What a local pipeline folder holds: pipeline class, components, classes, parameters, dtypes, size."""
-    root = Path(model)
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"model: no model_index.json in {model!r} (a local diffusers pipeline folder)")
-    index = json.loads(index_path.read_text())
+    """What a pipeline folder or Hub id holds: pipeline class, components, classes, parameters, dtypes, size.
+
+    A Hub id is read from the local Hub cache (fetched first when the Hub is reachable), as ``generate`` does.
+    """
+    from diffusion_core.pipelines.hub import resolve_pipeline_folder
+
+    try:
+        root = resolve_pipeline_folder(model)[0]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model: {err}") from err
+    index = json.loads((root / "model_index.json").read_text())
     out: dict[str, Any] = {"pipeline": index.get("_class_name"), "components": {}}
     total = 0
     for name, spec in index.items():

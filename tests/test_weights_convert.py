@@ -77,6 +77,9 @@ def test_rule_chosen_by_target_leaf() -> None:
     assert match_torch_key("a.weight", {("a", "kernel"): (1, 2, 3)}) is None  # no rank-3 kernel rule
     assert match_flax_path(("a", "kernel"), 4) == ("a.weight", RULES[0])
     assert match_flax_path(("a", "rngs", "key"), 0) is None
+    # bare parameters (PriorTransformer's clip statistics) keep their name and layout, only where listed
+    assert match_torch_key("clip_std", {("clip_std",): (1, 4)})[0] == ("clip_std",)
+    assert match_torch_key("other", {("other",): (1, 4)}) is None
 
 
 def test_streaming_yields_one_at_a_time() -> None:

@@ -38,8 +38,25 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def accumulated_value_and_grad(loss_fn: Any, params: Any, batch: tuple, accum: int) -> tuple[jax.Array, Any]:
+    """Mean (loss, grads) of ``loss_fn(params, *micro)`` over ``accum`` equal slices of ``batch`` (leading axis).
+
+    A Python loop, not ``lax.scan``: XLA:CPU runs the UNet's convolutions inside a while loop ~30x slower
+    (measured: one digits step at batch 32, 27 s in a scan, 0.8 s straight; see benchmarks/RESULTS.md).
+    """
+    size = next(a for a in batch if a is not None).shape[0] // accum
+    total = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    for i in range(accum):
+        part = slice(i * size, (i + 1) * size)
+        micro = jax.tree.map(lambda a, part=part: a[part], batch)  # (B/A, ...); None labels stay None
+        total = jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, *micro))
+    return jax.tree.map(lambda a: a / accum, total)
+
+
 class Trainer(FitMixin):
     """``Trainer(unet, noise_scheduler, config, mesh=None).fit(dataset, steps=..., output_dir=...)``."""
+
+    trainable: Any = nnx.Param  # the nnx filter of what the optimiser updates (a LoRA run: its factors only)
 
     def __init__(
         self, unet: nnx.Module, noise_scheduler: Any, config: TrainConfig | None = None, mesh: Mesh | None = None
@@ -47,46 +64,41 @@ class Trainer(FitMixin):
         self.unet, self.noise_scheduler, self.mesh = unet, noise_scheduler, mesh
         self.config = config if config is not None else TrainConfig()
         self.prediction_type = self.config.prediction_type or core.scheduler_prediction_type(noise_scheduler)
-        self.graphdef, self.params, self.rest = nnx.split(unet, nnx.Param, ...)
+        self.graphdef, self.params, self.rest = nnx.split(unet, self.trainable, ...)
         self.tx = make_optimizer(self.config)
         self.opt_state = self.tx.init(self.params)
         self.ema = jax.tree.map(jnp.copy, self.params) if self.config.ema is not None else None
         self._step = jax.jit(self._step_fn)  # no donation: restored optimiser leaves may share buffers
+        self._sampler: Any = None  # one DDIM pipeline, so its compiled program is reused grid after grid
 
-    def _loss_fn(self, params, x0, noise, timesteps, labels):
-        """Scalar loss of one micro-batch as a function of the trainable parameters."""
+    def _loss_fn(self, params, x0, noise, timesteps, labels, context=None):
+        """Scalar loss of one micro-batch as a function of the trainable parameters (``context``: the text
+        context (B, L, D) a UNet2DConditionModel takes as ``encoder_hidden_states``)."""
         compute = params
         if self.config.mixed_precision == "bf16":
             compute = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
         model = nnx.merge(self.graphdef, compute, self.rest)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         dtype = jnp.bfloat16 if self.config.mixed_precision == "bf16" else x0.dtype
-        out = model(noisy.astype(dtype), timesteps, class_labels=labels).astype(jnp.float32)
+        text = () if context is None else (context.astype(dtype),)
+        out = model(noisy.astype(dtype), timesteps, *text, class_labels=labels).astype(jnp.float32)
         return core.diffusion_loss(
             self.noise_scheduler, out, x0, noise, timesteps, self.prediction_type, self.config.snr_gamma
         )
 
-    def loss_and_grads(self, images, noise, timesteps, labels=None):
+    def loss_and_grads(self, images, noise, timesteps, labels=None, context=None):
         """(loss, grads) of one batch at the current parameters (grads: an ``nnx.State`` like the params)."""
         args = (
             jnp.asarray(images),
             jnp.asarray(noise),
             jnp.asarray(timesteps),
             None if labels is None else jnp.asarray(labels),
+            None if context is None else jnp.asarray(context),
         )
         return jax.jit(jax.value_and_grad(self._loss_fn))(self.params, *args)
 
     def _step_fn(self, params, opt_state, ema, batch, lr, decay):
-        accum = self.config.gradient_accumulation_steps
-        micro = jax.tree.map(lambda a: a.reshape((accum, a.shape[0] // accum, *a.shape[1:])), batch)  # (A, B/A, ...)
-
-        def add(carry, mb):
-            loss, grads = jax.value_and_grad(self._loss_fn)(params, *mb)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(add, zero, micro)
-        loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
+        loss, grads = accumulated_value_and_grad(self._loss_fn, params, batch, self.config.gradient_accumulation_steps)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         if ema is not None:
@@ -95,7 +107,7 @@ class Trainer(FitMixin):
 
     def _place(self, batch: StepBatch) -> tuple:
         arrays = (batch.images, batch.noise, batch.timesteps.astype(np.int32))
-        arrays += (None if batch.labels is None else batch.labels.astype(np.int32),)
+        arrays += (None if batch.labels is None else batch.labels.astype(np.int32), batch.conditioning)
         if self.mesh is None:
             return tuple(None if a is None else jnp.asarray(a) for a in arrays)
         spec = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
@@ -118,10 +130,41 @@ class Trainer(FitMixin):
         params = self.ema if ema and self.ema is not None else self.params
         return nnx.merge(self.graphdef, params, self.rest)
 
+    def sample_images(
+        self, num_images: int, class_labels: np.ndarray | None, num_inference_steps: int, seed: int
+    ) -> np.ndarray:
+        """(B, H, W, C) images in [0, 1] from the EMA weights with DDIM; image i starts from fold_in(key(seed), i)."""
+        from diffusion_core.flax import DDIMPipeline
+
+        if self._sampler is None:
+            self._sampler = DDIMPipeline(unet=self.model(ema=True), scheduler=self.noise_scheduler)
+            self._sampler.set_progress_bar_config(disable=True)
+        else:
+            self._sampler.unet = self.model(ema=True)
+        out = self._sampler(
+            batch_size=num_images,
+            key=jax.random.key(seed),
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+            class_labels=class_labels,
+        )
+        return out.images
+
     def write_state(self, folder: Path) -> None:
+        self.write_weights(folder)
+        self.write_optimizer(folder)
+
+    def read_state(self, folder: Path) -> None:
+        self.read_weights(folder)
+        self.read_optimizer(folder)
+
+    def write_weights(self, folder: Path) -> None:
+        """The trained weights (and their EMA) into a checkpoint folder."""
         self.model().save_pretrained(folder / ckpt.UNET)
         if self.ema is not None:
             self.model(ema=True).save_pretrained(folder / ckpt.UNET_EMA)
+
+    def write_optimizer(self, folder: Path) -> None:
         leaves = jax.tree_util.tree_flatten_with_path(self.opt_state)[0]
         arrays = {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}  # named by path, not position
         ckpt.save_arrays(folder / ckpt.OPTIMIZER_FILE, arrays)
@@ -130,12 +173,14 @@ class Trainer(FitMixin):
         # a clone: merge can hand back the very Variables of self.params, which loading would overwrite
         model = nnx.clone(self.model())
         load_torch_state_dict(model, load_file(str(path)))
-        return nnx.split(model, nnx.Param, ...)[1]
+        return nnx.split(model, self.trainable, ...)[1]
 
-    def read_state(self, folder: Path) -> None:
+    def read_weights(self, folder: Path) -> None:
         self.params = self._load_params(folder / ckpt.UNET / WEIGHTS_FILE)
         if self.ema is not None:
             self.ema = self._load_params(folder / ckpt.UNET_EMA / WEIGHTS_FILE)
+
+    def read_optimizer(self, folder: Path) -> None:
         saved = ckpt.load_arrays(folder / ckpt.OPTIMIZER_FILE)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
         restored = []

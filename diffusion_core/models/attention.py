@@ -9,12 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from diffusion_core.arrays import namespace
 from diffusion_core.models.model_config import K_GROUP_SIZE
 
-__all__ = ["K_GROUP_SIZE", "MASK_BIAS", "AttentionContext", "attention_mask_bias", "attention_norm_groups"]
+__all__ = [
+    "K_GROUP_SIZE",
+    "MASK_BIAS",
+    "AttentionContext",
+    "added_kv_mask_bias",
+    "attention_mask_bias",
+    "attention_norm_groups",
+]
 
 MASK_BIAS = -10000.0  # what diffusers adds to the attention scores of a discarded key
 
@@ -48,3 +56,19 @@ class AttentionContext:
     encoder_hidden_states: Any
     attention_mask: Any = None
     encoder_attention_mask: Any = None
+
+
+def added_kv_mask_bias(ctx: AttentionContext, num_self_tokens: int, only_cross_attention: bool) -> Any:
+    """(B, 1, S [+ HW]) bias over the keys of a Simple* block's added-K/V attention, or None.
+
+    The keys are the encoder tokens, then (unless ``only_cross_attention``) the block's own H*W
+    positions, which are never masked. diffusers hands these blocks ``attention_mask`` when one is
+    given (unCLIP passes its text mask that way), else ``encoder_attention_mask``.
+    """
+    bias = ctx.attention_mask if ctx.attention_mask is not None else ctx.encoder_attention_mask
+    if bias is None or only_cross_attention:
+        return bias
+    xp = namespace(bias)
+    device = None if array_api_compat.is_jax_array(bias) else array_api_compat.device(bias)
+    zeros = xp.zeros((bias.shape[0], 1, num_self_tokens), dtype=bias.dtype, device=device)
+    return xp.concat([bias, zeros], axis=-1)  # (B, 1, S + HW)

@@ -128,16 +128,18 @@ def check_text_inputs(
 ) -> None:
     """Raise ValueError naming the argument for ids or masks a CLIP text model cannot encode.
 
-    ``input_ids`` must be a (batch, sequence) integer array no longer than ``max_position_embeddings``;
+    ``input_ids`` must be a (batch, sequence) integer array no longer than ``max_position_embeddings``
+    (when the config has one);
     ``attention_mask`` None or of the same shape. Token ids are range-checked against ``vocab_size``
     only when ``check_values`` (not under ``jax.jit``, where values are unknown).
     """
     if not _is_integer_array(input_ids) or input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected a (batch, sequence) integer array, got {_describe(input_ids)}")
     batch, seq_len = (int(d) for d in input_ids.shape)
-    limit = cfg["max_position_embeddings"]
-    if not 0 < seq_len <= limit:
-        raise ValueError(f"input_ids: sequence length {seq_len} must be in [1, max_position_embeddings={limit}]")
+    limit = cfg.get("max_position_embeddings")  # None: relative positions (T5), any length
+    if seq_len < 1 or (limit is not None and seq_len > limit):
+        accepted = "at least 1" if limit is None else f"in [1, max_position_embeddings={limit}]"
+        raise ValueError(f"input_ids: sequence length {seq_len} must be {accepted}")
     if check_values and batch:
         xp = namespace(input_ids)
         if int(xp.min(input_ids)) < 0 or int(xp.max(input_ids)) >= cfg["vocab_size"]:

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 # UNet2DModel options this library implements (diffusers names)
-UNET_2D_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
-UNET_2D_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
+# Resnet{Down,Up}sampleBlock2D (unCLIP's super-resolution UNets) are Down/UpBlock2D with a resnet resampler
+UNET_2D_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+UNET_2D_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 UNET_2D_MID_BLOCKS = ("UNetMidBlock2D", None)
 TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
 CLASS_EMBED_TYPES = (None, "timestep", "identity")
@@ -111,12 +112,24 @@ def init_kwargs_from_config(config: Any, fields: Iterable[str], owner: str) -> d
 # Block types this library implements (diffusers names; the legacy "UNetRes" prefix is accepted).
 CROSS_ATTN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn")
 K_BLOCKS = ("KDownBlock2D", "KCrossAttnDownBlock2D", "KUpBlock2D", "KCrossAttnUpBlock2D")
-COND_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "KDownBlock2D", "KCrossAttnDownBlock2D")
-COND_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "KUpBlock2D", "KCrossAttnUpBlock2D")
-COND_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+# DeepFloyd IF / unCLIP blocks: attention with added K/V projections of the encoder states (``Simple*``), and
+# resnet (not conv) resamplers; their resnets read resnet_skip_time_act and resnet_out_scale_factor.
+SIMPLE_CROSS_ATTN_BLOCKS = ("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnUpBlock2D", "UNetMidBlock2DSimpleCrossAttn")
+RESNET_RESAMPLE_BLOCKS = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D")
+COND_DOWN_BLOCKS = (
+    "DownBlock2D", "CrossAttnDownBlock2D", "KDownBlock2D", "KCrossAttnDownBlock2D",
+    "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D",
+)  # fmt: skip
+COND_UP_BLOCKS = (
+    "UpBlock2D", "CrossAttnUpBlock2D", "KUpBlock2D", "KCrossAttnUpBlock2D",
+    "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D",
+)  # fmt: skip
+COND_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "UNetMidBlock2DSimpleCrossAttn", None)
 COND_CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
 # addition_embed_type values UNet2DConditionModel implements (plans: unet_condition_config.addition_plan)
-ADDITION_EMBED_TYPES = (None, "text_time")
+ADDITION_EMBED_TYPES = (None, "text", "text_time")
+CROSS_ATTENTION_NORMS = (None, "layer_norm", "group_norm")  # Simple* blocks' norm of the encoder states
+CROSS_ATTENTION_NORM_GROUPS = 32  # diffusers' fixed GroupNorm groups of cross_attention_norm="group_norm"
 K_GROUP_SIZE = 32  # K blocks norm with channels // 32 groups (diffusers' fixed resnet_group_size)
 
 # diffusers 0.42.1 UNet2DConditionModel defaults (every config.json field).
@@ -154,8 +167,8 @@ UNET_2D_CONDITION_DEFAULTS: dict[str, Any] = {
     "num_class_embeds": None,
     "upcast_attention": False,
     "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,  # only read by Simple* blocks (not implemented): no effect here
-    "resnet_out_scale_factor": 1.0,  # only read by ResnetDownsample/Simple* blocks: no effect here
+    "resnet_skip_time_act": False,  # only read by the Simple*/Resnet* resample blocks
+    "resnet_out_scale_factor": 1.0,  # only read by the Simple*/Resnet* resample blocks
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
@@ -166,9 +179,9 @@ UNET_2D_CONDITION_DEFAULTS: dict[str, Any] = {
     "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,  # only read by the SimpleCrossAttn mid block: no effect here
-    "cross_attention_norm": None,  # only read by Simple* blocks: no effect here
-    "addition_embed_type_num_heads": 64,  # only read by addition_embed_type="text": no effect here
+    "mid_block_only_cross_attention": None,  # only read by the SimpleCrossAttn mid block
+    "cross_attention_norm": None,  # only read by Simple* blocks
+    "addition_embed_type_num_heads": 64,  # only read by addition_embed_type="text" (its attention pooling)
 }
 
 # diffusers 0.42.1 ControlNetModel defaults (every config.json field).
@@ -311,6 +324,7 @@ def validate_unet_2d_condition_config(cfg: Mapping[str, Any]) -> None:
     check_choice("time_embedding_type", cfg["time_embedding_type"], ("positional", "fourier"))
     check_choice("class_embed_type", cfg["class_embed_type"], COND_CLASS_EMBED_TYPES)
     validate_addition_embedding(cfg)
+    _check_simple_blocks(cfg, n)
     check_choice("dual_cross_attention", cfg["dual_cross_attention"], (False,))
     check_choice("attention_type", cfg["attention_type"], ("default",))
     transformer_layers(cfg, n)
@@ -336,6 +350,33 @@ def validate_addition_embedding(cfg: Mapping[str, Any]) -> None:
     if cfg["addition_embed_type"] == "text_time":
         check_int("addition_time_embed_dim", cfg["addition_time_embed_dim"])
         check_int("projection_class_embeddings_input_dim", cfg["projection_class_embeddings_input_dim"])
+    elif cfg["addition_embed_type"] == "text":
+        width = cfg["encoder_hid_dim"] or cfg["cross_attention_dim"]
+        check_int("addition_embed_type_num_heads", cfg["addition_embed_type_num_heads"])
+        if not isinstance(width, int) or width % cfg["addition_embed_type_num_heads"]:
+            raise ValueError(
+                f"addition_embed_type_num_heads: {cfg['addition_embed_type_num_heads']} must divide the text width "
+                f"(encoder_hid_dim or cross_attention_dim, an int), got {width!r}"
+            )
+
+
+def _check_simple_blocks(cfg: Mapping[str, Any], n: int) -> None:
+    """Options of the Simple* (added K/V attention) blocks."""
+    check_choice("cross_attention_norm", cfg["cross_attention_norm"], CROSS_ATTENTION_NORMS)
+    check_choice("mid_block_only_cross_attention", cfg["mid_block_only_cross_attention"], (None, False, True))
+    names = [block_name(b) for b in (*cfg["down_block_types"], *cfg["up_block_types"], cfg["mid_block_type"] or "")]
+    if cfg["mid_block_type"] == "UNetMidBlock2DSimpleCrossAttn" and per_block(cfg, "attention_head_dim", n)[-1] is None:
+        raise ValueError("attention_head_dim: UNetMidBlock2DSimpleCrossAttn needs an int head dim, got None")
+    if any(b in SIMPLE_CROSS_ATTN_BLOCKS for b in names):
+        for dim in per_block(cfg, "cross_attention_dim", n):
+            check_int("cross_attention_dim", dim)
+    if cfg["cross_attention_norm"] == "group_norm" and any(b in SIMPLE_CROSS_ATTN_BLOCKS for b in names):
+        for dim in per_block(cfg, "cross_attention_dim", n):
+            if dim % CROSS_ATTENTION_NORM_GROUPS:
+                raise ValueError(
+                    f"cross_attention_dim: cross_attention_norm='group_norm' needs a multiple of "
+                    f"{CROSS_ATTENTION_NORM_GROUPS}, got {dim}"
+                )
 
 
 def validate_controlnet_config(cfg: Mapping[str, Any]) -> None:
@@ -347,6 +388,7 @@ def validate_controlnet_config(cfg: Mapping[str, Any]) -> None:
             f"{len(cfg['down_block_types'])} and {n}"
         )
     check_choice("class_embed_type", cfg["class_embed_type"], (None, "timestep", "identity", "projection"))
+    check_choice("addition_embed_type", cfg["addition_embed_type"], (None, "text_time"))  # IF's "text": UNet only
     validate_addition_embedding(cfg)
     _check_common(cfg, n)
     if cfg["norm_num_groups"] is None:

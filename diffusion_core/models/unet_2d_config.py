@@ -82,16 +82,17 @@ def unet_2d_down_blocks(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any
     for i, name in enumerate(cfg["down_block_types"]):
         kind = block_name(name)
         attention = kind == "AttnDownBlock2D"
+        resample = "resnet" if kind == "ResnetDownsampleBlock2D" else cfg["downsample_type"] if attention else "conv"
         kwargs = {
             "in_channels": channels[max(i - 1, 0)],
             "out_channels": channels[i],
             "num_layers": cfg["layers_per_block"],
             "add_downsample": i < len(channels) - 1,
             "downsample_padding": cfg["downsample_padding"],
-            "downsample_type": cfg["downsample_type"] if attention else "conv",
+            "downsample_type": resample,
             "attention_head_dim": cfg["attention_head_dim"] or channels[i],
         }
-        blocks.append((kind, kwargs))
+        blocks.append(("DownBlock2D" if kind == "ResnetDownsampleBlock2D" else kind, kwargs))
     return blocks
 
 
@@ -102,16 +103,17 @@ def unet_2d_up_blocks(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]
     for i, name in enumerate(cfg["up_block_types"]):
         kind = block_name(name)
         attention = kind == "AttnUpBlock2D"
+        resample = "resnet" if kind == "ResnetUpsampleBlock2D" else cfg["upsample_type"] if attention else "conv"
         kwargs = {
             "in_channels": rev[min(i + 1, len(rev) - 1)],
             "prev_output_channel": rev[max(i - 1, 0)],
             "out_channels": rev[i],
             "num_layers": cfg["layers_per_block"] + 1,
             "add_upsample": i < len(rev) - 1,
-            "upsample_type": cfg["upsample_type"] if attention else "conv",
+            "upsample_type": resample,
             "attention_head_dim": cfg["attention_head_dim"] or rev[i],
         }
-        blocks.append((kind, kwargs))
+        blocks.append(("UpBlock2D" if kind == "ResnetUpsampleBlock2D" else kind, kwargs))
     return blocks
 
 

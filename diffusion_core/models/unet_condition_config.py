@@ -20,6 +20,8 @@ from diffusion_core.models.model_config import (
     CROSS_ATTN_BLOCKS,
     K_BLOCKS,
     K_GROUP_SIZE,
+    RESNET_RESAMPLE_BLOCKS,
+    SIMPLE_CROSS_ATTN_BLOCKS,
     block_name,
     check_int,
     controlnet_kwargs,
@@ -44,6 +46,7 @@ __all__ = [
     "controlnet_kwargs",
     "controlnet_plan",
     "controlnet_residual_scales",
+    "required_addition",
     "attention_mask_bias",
     "resolve_config",
     "unet_2d_condition_kwargs",
@@ -60,7 +63,8 @@ class BlockPlan:
     Attention layout: standard cross-attention blocks run ``Transformer2DModel`` with
     ``num_attention_heads`` heads of ``attention_head_dim`` channels (inner width = their product,
     which may be below ``out_channels``). K blocks' ``KAttentionBlock`` uses ``attention_head_dim``
-    channels per head and ``channels // attention_head_dim`` heads for an attention over ``channels``.
+    channels per head and ``channels // attention_head_dim`` heads for an attention over ``channels``;
+    so do the Simple* blocks' added-K/V attentions (``attention_head_dim`` None: one head over ``channels``).
     """
 
     block_type: str  # canonical diffusers class name
@@ -88,6 +92,8 @@ class BlockPlan:
     time_scale_shift: str = "default"  # standard resnets: "default" add or "scale_shift" FiLM
     output_scale_factor: float = 1.0
     dropout: float = 0.0
+    skip_time_act: bool = False  # Simple*/Resnet* resample blocks: resnets project temb without the activation
+    cross_attention_norm: str | None = None  # Simple* blocks: None, "layer_norm" or "group_norm" of the context
 
 
 @dataclass(frozen=True)
@@ -115,13 +121,17 @@ class TimePlan:
 class AdditionPlan:
     """diffusers' ``addition_embed_type``: a further embedding (``add_embedding``) added to the time embedding.
 
+    ``"text"`` (DeepFloyd IF): ``TextTimeEmbedding`` of the encoder states before ``encoder_hid_proj``
+    (LayerNorm, attention pooling with ``num_heads`` heads, linear, LayerNorm).
     ``"text_time"`` (SDXL): ``add_embedding(cat([text_embeds, add_time_proj(time_ids).reshape(B, -1)]))``, the
     pooled text embedding and sinusoidal features of the size/crop ids.
     """
 
     kind: str  # an ADDITION_EMBED_TYPES entry other than None
-    in_dim: int  # add_embedding input width (text_time: projection_class_embeddings_input_dim)
+    in_dim: int  # add_embedding input width (text: encoder_hid_dim or cross_attention_dim;
+    # text_time: projection_class_embeddings_input_dim)
     embed_dim: int  # = the time embedding width it is added to
+    num_heads: int | None = None  # text: attention-pooling heads (addition_embed_type_num_heads)
     time_proj_dim: int | None = None  # text_time: add_time_proj channels per id (addition_time_embed_dim)
     flip_sin_to_cos: bool = True  # text_time: add_time_proj options (the UNet's flip_sin_to_cos / freq_shift)
     freq_shift: float = 0.0
@@ -209,7 +219,18 @@ def addition_plan(cfg: Mapping[str, Any], embed_dim: int) -> AdditionPlan | None
             flip_sin_to_cos=cfg["flip_sin_to_cos"],
             freq_shift=cfg["freq_shift"],
         )
+    if kind == "text":
+        width = cfg["encoder_hid_dim"] or cfg["cross_attention_dim"]
+        heads = cfg["addition_embed_type_num_heads"]
+        return AdditionPlan(kind=kind, in_dim=width, embed_dim=embed_dim, num_heads=heads)
     raise ValueError(f"addition_embed_type: unsupported value {kind!r}")
+
+
+def required_addition(added_cond_kwargs: Mapping[str, Any] | None, name: str, kind: str) -> Any:
+    """``added_cond_kwargs[name]``, which ``addition_embed_type=kind`` reads; ValueError when it is missing."""
+    if not added_cond_kwargs or added_cond_kwargs.get(name) is None:
+        raise ValueError(f"added_cond_kwargs: {name!r} is required by addition_embed_type={kind!r}")
+    return added_cond_kwargs[name]
 
 
 def _encoder_hid_proj(cfg: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -231,8 +252,10 @@ def _layers_tuple(value: Any, num_layers: int) -> tuple[int, ...]:
     return layers[:num_layers]
 
 
-def _attention(kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, layers: tuple[int, ...]) -> dict[str, Any]:
-    """Attention fields of a block: diffusers' head-count/head-dim quirk is resolved here."""
+def _attention(
+    kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, layers: tuple[int, ...], norm: str | None = None
+) -> dict[str, Any]:
+    """Attention fields of a block: diffusers' head-count/head-dim quirk is resolved here (norm: of the context)."""
     if kind in CROSS_ATTN_BLOCKS:
         if heads_or_dim is None or heads_or_dim > channels:
             raise ValueError(f"attention_head_dim: {heads_or_dim!r} heads do not fit {channels} channels")
@@ -245,11 +268,16 @@ def _attention(kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, laye
             cross_attention_dim=cross_dim,
             transformer_layers=layers,
         )
-    if kind in ("KCrossAttnDownBlock2D", "KCrossAttnUpBlock2D"):
+    if kind in ("KCrossAttnDownBlock2D", "KCrossAttnUpBlock2D", *SIMPLE_CROSS_ATTN_BLOCKS):
         head_dim = heads_or_dim or channels  # here it is the channels per head
         if head_dim > channels:
             raise ValueError(f"attention_head_dim: head dim {head_dim} exceeds {channels} channels")
         check_int("cross_attention_dim", cross_dim)
+        if kind in SIMPLE_CROSS_ATTN_BLOCKS and norm == "layer_norm" and cross_dim != channels:
+            raise ValueError(  # diffusers sizes that LayerNorm by the block width but applies it to the context
+                f"cross_attention_norm: 'layer_norm' needs cross_attention_dim == the block width ({channels}), "
+                f"got {cross_dim}"
+            )
         return dict(
             has_cross_attention=True,
             num_attention_heads=channels // head_dim,
@@ -261,7 +289,16 @@ def _attention(kind: str, channels: int, heads_or_dim: Any, cross_dim: Any, laye
 
 def _resnet_fields(cfg: Mapping[str, Any], kind: str, temb: int) -> dict[str, Any]:
     k_block = kind in K_BLOCKS
+    if kind in SIMPLE_CROSS_ATTN_BLOCKS or kind in RESNET_RESAMPLE_BLOCKS:  # only these read the resnet_* options
+        simple = dict(
+            skip_time_act=bool(cfg["resnet_skip_time_act"]),
+            cross_attention_norm=cfg["cross_attention_norm"],
+            output_scale_factor=cfg["resnet_out_scale_factor"],
+        )
+    else:
+        simple = {}
     return dict(
+        **simple,
         temb_channels=temb,
         norm_groups=None if k_block else cfg["norm_num_groups"],
         norm_eps=cfg["norm_eps"],
@@ -295,7 +332,14 @@ def _down_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
                 downsample_padding=cfg["downsample_padding"],
                 only_cross_attention=bool(only_cross[i]),
                 add_self_attention=kind == "KCrossAttnDownBlock2D" and final,
-                **_attention(kind, channels[i], heads[i], cross[i], _layers_tuple(layers[i], lpb[i])),
+                **_attention(
+                    kind,
+                    channels[i],
+                    heads[i],
+                    cross[i],
+                    _layers_tuple(layers[i], lpb[i]),
+                    cfg.get("cross_attention_norm"),
+                ),
                 **_resnet_fields(cfg, kind, temb),
             )
         )
@@ -305,7 +349,7 @@ def _down_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
 def _up_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
     rev = list(reversed(cfg["block_out_channels"]))
     n = len(rev)
-    heads = per_block(cfg, "attention_head_dim", n)  # K blocks read it un-reversed (diffusers' indexing)
+    heads = per_block(cfg, "attention_head_dim", n)  # K and Simple* blocks read it un-reversed (diffusers' indexing)
     rev_heads = list(reversed(heads))
     cross = list(reversed(per_block(cfg, "cross_attention_dim", n)))
     lpb = list(reversed(per_block(cfg, "layers_per_block", n)))
@@ -315,7 +359,7 @@ def _up_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
     for i, name in enumerate(cfg["up_block_types"]):
         kind = block_name(name)
         final = i == n - 1
-        head_arg = heads[i] if kind in K_BLOCKS else rev_heads[i]
+        head_arg = heads[i] if kind in K_BLOCKS or kind in SIMPLE_CROSS_ATTN_BLOCKS else rev_heads[i]
         in_ch, out_ch = rev[min(i + 1, n - 1)], rev[i]
         plans.append(
             BlockPlan(
@@ -327,7 +371,14 @@ def _up_plans(cfg: Mapping[str, Any], temb: int) -> tuple[BlockPlan, ...]:
                 add_upsample=not final,
                 only_cross_attention=bool(only_cross[i]),
                 add_self_attention=kind == "KCrossAttnUpBlock2D" and in_ch == out_ch == temb,
-                **_attention(kind, out_ch, head_arg, cross[i], _layers_tuple(layers[i], lpb[i] + 1)),
+                **_attention(
+                    kind,
+                    out_ch,
+                    head_arg,
+                    cross[i],
+                    _layers_tuple(layers[i], lpb[i] + 1),
+                    cfg.get("cross_attention_norm"),
+                ),
                 **_resnet_fields(cfg, kind, temb),
             )
         )
@@ -340,8 +391,12 @@ def _mid_plan(cfg: Mapping[str, Any], temb: int) -> BlockPlan | None:
         return None
     channels = cfg["block_out_channels"][-1]
     n = len(cfg["block_out_channels"])
-    fields = {**_resnet_fields(cfg, kind, temb), "norm_groups": cfg["norm_num_groups"] or min(channels // 4, 32)}
-    num_layers = 1 if kind == "UNetMidBlock2DCrossAttn" else 0  # attention layers; resnets = num_layers + 1
+    fields = {
+        **_resnet_fields(cfg, kind, temb),
+        "norm_groups": cfg["norm_num_groups"] or min(channels // 4, 32),
+        "output_scale_factor": cfg["mid_block_scale_factor"],
+    }
+    num_layers = 0 if kind == "UNetMidBlock2D" else 1  # attention layers; resnets = num_layers + 1
     layers = per_block(cfg, "transformer_layers_per_block", n)[-1]
     heads = per_block(cfg, "attention_head_dim", n)[-1]
     cross = per_block(cfg, "cross_attention_dim", n)[-1]
@@ -350,10 +405,18 @@ def _mid_plan(cfg: Mapping[str, Any], temb: int) -> BlockPlan | None:
         in_channels=channels,
         out_channels=channels,
         num_layers=num_layers,
-        output_scale_factor=cfg["mid_block_scale_factor"],
-        **_attention(kind, channels, heads, cross, _layers_tuple(layers, num_layers)),
+        only_cross_attention=kind == "UNetMidBlock2DSimpleCrossAttn" and _mid_only_cross_attention(cfg),
+        **_attention(kind, channels, heads, cross, _layers_tuple(layers, num_layers), cfg.get("cross_attention_norm")),
         **fields,
     )
+
+
+def _mid_only_cross_attention(cfg: Mapping[str, Any]) -> bool:
+    """diffusers: ``mid_block_only_cross_attention``, else a bool ``only_cross_attention``, else False."""
+    value = cfg.get("mid_block_only_cross_attention")
+    if value is None and isinstance(cfg["only_cross_attention"], bool):
+        value = cfg["only_cross_attention"]
+    return bool(value)
 
 
 def unet_2d_condition_plan(cfg: Mapping[str, Any]) -> UNet2DConditionPlan:

@@ -21,6 +21,7 @@ from diffusion_core.pipelines.components import (
     ComponentClass,
     canonical_class_name,
     component_kind,
+    hub_folders,
     library_of,
     load_component,
     lookup_component_class,
@@ -164,7 +165,7 @@ class PipelineBase:
 
         def select(index: ModelIndex) -> list[str]:
             plan = cls._pipeline_class(index.class_name)._load_plan(index, set(components))
-            return [name for name, entry in plan.items() if entry is not None]
+            return [folder for name, entry in plan.items() if entry is not None for folder in hub_folders(name, entry)]
 
         folder, index = resolve_pipeline_folder(
             path_or_repo_id, revision=revision, variant=variant, local_files_only=local_files_only, select=select

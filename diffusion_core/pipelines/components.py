@@ -32,6 +32,8 @@ class ComponentClass:
     library: str
     target: str  # "package.module:ClassName", imported on first use
     kind: Kind = "model"
+    # Saved as ``<name>/`` plus ``<name>_1/``, ``<name>_2/``, ... beside it (MultiControlNetModel's layout).
+    sibling_folders: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -125,19 +127,33 @@ _BACKEND_MODELS: dict[str, tuple[str, str]] = {
     "AutoencoderKL": ("diffusers", "vae"),
     "UNet2DConditionModel": ("diffusers", "unet_2d_condition"),
     "ControlNetModel": ("diffusers", "controlnet"),
+    "MultiControlNetModel": ("diffusers", "multicontrolnet"),
     "CLIPTextModel": ("transformers", "clip_text"),
     "CLIPTextModelWithProjection": ("transformers", "clip_text"),
+    "T5EncoderModel": ("transformers", "t5"),
+    "PriorTransformer": ("diffusers", "unclip"),
+    "UnCLIPTextProjModel": ("diffusers", "unclip"),
 }
+_SIBLING_FOLDER_MODELS = frozenset({"MultiControlNetModel"})
 _SHARED_CLASSES: dict[str, ComponentClass] = {
     "CLIPTokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:CLIPTokenizer", "tokenizer"),
+    "T5Tokenizer": ComponentClass("transformers", "diffusion_core.tokenizers:T5Tokenizer", "tokenizer"),
+    "T5TokenizerFast": ComponentClass("transformers", "diffusion_core.tokenizers:T5TokenizerFast", "tokenizer"),
 }
+
+
+def hub_folders(name: str, entry: ComponentClass) -> list[str]:
+    """The folders (``fnmatch`` patterns) a Hub snapshot needs for component ``name`` loaded as ``entry``."""
+    return [name, f"{name}_[0-9]*"] if entry.sibling_folders else [name]
 
 
 def backend_component_table(models_package: str) -> dict[str, ComponentClass]:
     """``{class name: ComponentClass}`` for a backend whose networks live in ``models_package``
     (``"diffusion_core.torch.models"``); modules are imported on first use, so missing ones only fail then."""
     table = {
-        name: ComponentClass(library, f"{models_package}.{module}:{name}")
+        name: ComponentClass(
+            library, f"{models_package}.{module}:{name}", sibling_folders=name in _SIBLING_FOLDER_MODELS
+        )
         for name, (library, module) in _BACKEND_MODELS.items()
     }
     return {**table, **_SHARED_CLASSES}
@@ -149,9 +165,26 @@ def backend_component_table(models_package: str) -> dict[str, ComponentClass]:
 _BACKEND_PIPELINES: dict[str, str] = {
     "DDPMPipeline": "ddpm",
     "DDIMPipeline": "ddpm",
+    "IFPipeline": "deepfloyd_if",
+    "IFImg2ImgPipeline": "deepfloyd_if",
+    "IFInpaintingPipeline": "deepfloyd_if",
+    "IFImg2ImgSuperResolutionPipeline": "deepfloyd_if",
+    "IFInpaintingSuperResolutionPipeline": "deepfloyd_if",
+    "IFSuperResolutionPipeline": "deepfloyd_if",
+    "UnCLIPPipeline": "unclip",
     **{
         f"StableDiffusion{kind}Pipeline": "stable_diffusion"
-        for kind in ("", "Img2Img", "Inpaint", "InstructPix2Pix", "ControlNet", "Upscale", "LatentUpscale")
+        for kind in (
+            "",
+            "Img2Img",
+            "Inpaint",
+            "InstructPix2Pix",
+            "ControlNet",
+            "ControlNetImg2Img",
+            "ControlNetInpaint",
+            "Upscale",
+            "LatentUpscale",
+        )  # fmt: skip
     },
     "StableDiffusionXLPipeline": "stable_diffusion_xl",
     "StableDiffusionXLImg2ImgPipeline": "stable_diffusion_xl",

@@ -66,3 +66,18 @@ def repeat_batch(x: Any, times: int) -> Any:
     """``cat([x] * times)`` along the batch axis."""
     xp = arrays.namespace(x)
     return xp.concat([x] * times, axis=0)
+
+
+def learned_variance_guidance(model_output: Any, guidance_scale: float, channels: int) -> Any:
+    """CFG for a model that also predicts its variance (DeepFloyd IF, unCLIP): ``cat([uncond, cond])`` of
+    (B, 2C, H, W) outputs -> (B/2, 2C, H, W): the first ``channels`` guided, the conditional variance kept."""
+    uncond, cond = _halves(model_output, 2)
+    xp = arrays.namespace(model_output)
+    guided = uncond[:, :channels, ...] + guidance_scale * (cond[:, :channels, ...] - uncond[:, :channels, ...])
+    return xp.concat([guided, cond[:, channels:, ...]], axis=1)
+
+
+def uses_learned_variance(scheduler_config: Any) -> bool:
+    """Whether a scheduler reads variance channels (diffusers: ``config.variance_type`` "learned"/"learned_range");
+    the pipelines hand the others only the first half of a variance-predicting model's output."""
+    return scheduler_config.get("variance_type") in ("learned", "learned_range")

@@ -17,8 +17,8 @@ from diffusion_core.pipelines.model_index import MODEL_INDEX_NAME, ModelIndex, r
 from diffusion_core.weights.hub import download_snapshot, hub_allow_patterns, hub_fetch, local_or_repo_id
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, check_variant
 
-# Non-weight files a component folder may need: configs, tokenizer vocabularies and merges.
-_CONFIG_PATTERNS = ("*.json", "*.txt")
+# Non-weight files a component folder may need: configs, tokenizer vocabularies and merges, T5's spiece.model.
+_CONFIG_PATTERNS = ("*.json", "*.txt", "spiece.model")
 
 
 def pipeline_allow_patterns(component_names: Iterable[str], variant: str | None) -> list[str]:
@@ -70,4 +70,22 @@ def resolve_pipeline_folder(
     folder = download_snapshot(
         repo_id, pipeline_allow_patterns(wanted, variant), revision=commit, local_files_only=local_files_only
     )
+    return folder, index
+
+
+def resolve_pipeline_configs(
+    path_or_repo_id: str | os.PathLike, *, revision: str | None = None, local_files_only: bool = False
+) -> tuple[Path, ModelIndex]:
+    """A pipeline folder's ``model_index.json`` and every component's configs and vocabularies, no weights.
+
+    A local folder is returned as is; for a Hub id only the JSON/text files are fetched (what ``convert``
+    needs to lay out a single-file checkpoint as that pipeline).
+    """
+    repo_id = local_or_repo_id(path_or_repo_id)
+    if isinstance(repo_id, Path):
+        return repo_id, read_model_index(repo_id)
+    index_file = _fetch_model_index(repo_id, revision, local_files_only)
+    index = read_model_index(index_file.parent)
+    patterns = [MODEL_INDEX_NAME] + [f"{n}/{p}" for n in index.components for p in _CONFIG_PATTERNS]
+    folder = download_snapshot(repo_id, patterns, revision=index_file.parent.name, local_files_only=local_files_only)
     return folder, index

@@ -6,12 +6,15 @@ resizing are host-side numpy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffusion_core import arrays
+from diffusion_core.configuration import write_bytes_atomic
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -98,3 +101,35 @@ def images_to_output(images_nchw: np.ndarray, output_type: str) -> Any:
     check_output_type(output_type, ("pil", "np"))
     out = nchw_to_nhwc(denormalize(np.asarray(images_nchw, dtype=np.float32)))
     return numpy_to_pil(out) if output_type == "pil" else out
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """(B, H, W, C) -> one (rows * H, cols * W, C) canvas, filled row by row; ``cols`` defaults to ceil(sqrt(B))."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"images: expected a non-empty (B, H, W, C) array, got shape {images.shape}")
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n))) if cols is None else cols
+    if not isinstance(cols, int) or cols < 1:
+        raise ValueError(f"cols must be a positive int or None, got {cols!r}")
+    rows = -(-n // cols)
+    canvas = np.zeros((rows * h, cols * w, c), images.dtype)  # unused cells stay black
+    for i, im in enumerate(images):
+        r, k = divmod(i, cols)
+        canvas[r * h : (r + 1) * h, k * w : (k + 1) * w] = im
+    return canvas
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write one (H, W, C) uint8 image (C = 1 or 3) as a PNG atomically (beside, then renamed); returns the path."""
+    import io
+
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise ValueError(f"image: expected (H, W, 1 or 3) uint8, got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+    return Path(path)

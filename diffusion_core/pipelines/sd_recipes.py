@@ -7,7 +7,7 @@ hooks it needs. Per-image ``inputs`` each backend builds (with its VAE and RNG) 
 - inpaint: ``noise``, ``mask`` (latent size), ``image_latents`` (strength < 1 or a 4-channel UNet),
   ``masked_latents`` (9-channel UNet only);
 - InstructPix2Pix: ``noise``, ``image_latents`` (unscaled posterior mode);
-- ControlNet: ``noise``, ``control`` (N, 3, H, W);
+- ControlNet: ``noise``, ``control`` (N, nets, 3, H, W); with img2img / inpaint, their inputs too;
 - x4 upscaler: ``noise``, ``low_res`` (the noised low-res image, tiled to N);
 - x2 latent upscaler: ``noise``, ``low_res`` (scaled latents), ``time_cond`` (guidance-batch order).
 """
@@ -23,9 +23,12 @@ import numpy as np
 from diffusion_core import arrays
 from diffusion_core.pipelines import conditioning, sd_control, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.pipelines.components import lookup_component_class
 from diffusion_core.pipelines.sd_recipe import SDRequest, StableDiffusionRecipe, repeat_parts
 
 __all__ = [
+    "ControlNetImg2ImgRecipe",
+    "ControlNetInpaintRecipe",
     "ControlNetRecipe",
     "Img2ImgRecipe",
     "InpaintRecipe",
@@ -106,52 +109,84 @@ class Pix2PixRecipe(StableDiffusionRecipe):
 
 
 class ControlNetRecipe(StableDiffusionRecipe):
-    """SD with one ControlNet (Zhang et al. 2023): its residuals, weighted per model call, feed the UNet."""
+    """SD with one ControlNet or several (Zhang et al. 2023): their residuals, each weighted per model call, summed
+    into the UNet. ``controlnet=[cn1, cn2, ...]`` becomes the backend's ``MultiControlNetModel`` (as diffusers)."""
 
     _components = (*sd.SD_COMPONENTS[:4], "controlnet", *sd.SD_COMPONENTS[4:])
     _loop_networks = ("unet", "controlnet")
 
+    def __init__(self, **components: Any) -> None:
+        if isinstance(components.get("controlnet"), (list, tuple)):
+            components["controlnet"] = self._multi_controlnet_class()(components["controlnet"])
+        super().__init__(**components)
+
+    @classmethod
+    def _multi_controlnet_class(cls) -> type:
+        return lookup_component_class(cls._component_table, "MultiControlNetModel", component="controlnet").resolve()
+
+    def _controlnets(self) -> tuple[list[Any], bool]:
+        """``(the ControlNets, whether they run as one MultiControlNetModel)``."""
+        if isinstance(self.controlnet, self._multi_controlnet_class()):
+            return list(self.controlnet.nets), True
+        return [self.controlnet], False
+
     def _control_inputs(
         self, request: SDRequest, image: Any, size: tuple[int | None, int | None], guess_mode: bool,
-        conditioning_scale: float, window: tuple[float, float],
+        conditioning_scale: Any, window: tuple[Any, Any], name: str = "image",
     ) -> tuple[np.ndarray, tuple[int, int], tuple, tuple]:  # fmt: skip
-        """Checks and host inputs: ``(control images per generated image (N, 3, H, W), (height, width), opts,
-        scalars)``; guess mode is on when asked or when the ControlNet pools its conditions."""
-        if image is None:
-            raise ValueError("image: the ControlNet conditioning image is required (PIL image(s) or numpy in [0, 1])")
-        sd_control.check_control_options(conditioning_scale, window[0], window[1])
-        guess = bool(guess_mode or self.controlnet.config.get("global_pool_conditions", False))
-        control = sd_image.preprocess_control_image(image, self.vae_scale_factor, size[0], size[1])  # (b, 3, H, W)
-        size = sd.resolve_size(control.shape[2], control.shape[3], self.unet.config, self.vae.config)
-        per_image = sd_control.control_image_batch(control, request.batch, request.num_images_per_prompt, 1, guess)
-        opts = (("guess_mode", guess), ("control_guidance", (float(window[0]), float(window[1]))))
-        return per_image, size, opts, (*request.scalars, ("controlnet_conditioning_scale", float(conditioning_scale)))
+        """Checks and host inputs: ``(control images per generated image and net (N, nets, 3, H, W), (height,
+        width), opts, scalars)``; guess mode is on when asked or when the (first) ControlNet pools its conditions.
+        ``name``: the call's argument holding the control images."""
+        nets, multi = self._controlnets()
+        images = sd_control.control_images(image, len(nets), multi, name)
+        settings = sd_control.control_settings(len(nets), conditioning_scale, window[0], window[1])
+        guess = bool(guess_mode or nets[0].config.get("global_pool_conditions", False))
+        controls = [sd_image.preprocess_control_image(im, self.vae_scale_factor, size[0], size[1]) for im in images]
+        sizes = {c.shape[2:] for c in controls}  # each (b, 3, H, W)
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: the control images must share one size (height x width), got {sorted(sizes)}")
+        size = sd.resolve_size(controls[0].shape[2], controls[0].shape[3], self.unet.config, self.vae.config)
+        batch, per_prompt = request.batch, request.num_images_per_prompt
+        per_image = np.stack([sd_control.control_image_batch(c, batch, per_prompt, 1, guess) for c in controls], 1)
+        # static options (the flax program's cache key): the guidance windows; the scales are traced scalars
+        opts = (
+            ("guess_mode", guess),
+            ("multi_controlnet", multi),
+            ("control_guidance", (settings.starts, settings.ends)),
+        )
+        return per_image, size, opts, (*request.scalars, ("controlnet_conditioning_scale", settings.scales))
 
     def _model_fn(
         self, nets: Mapping[str, Any], inputs: Mapping[str, Any], g: sd.Guidance, scalars: Mapping[str, Any],
         state: Any, opts: Mapping[str, Any],
     ) -> Callable[[Any, Any, Any], Any]:  # fmt: skip
-        """``(x, t, i)``: ControlNet residuals (weighted by the guidance window at call i) into the guided UNet."""
-        unet, controlnet, context = nets["unet"], nets["controlnet"], inputs["context"]
-        guess_mode, (begin, end) = opts["guess_mode"], opts["control_guidance"]
-        b = inputs["noise"].shape[0]
-        control = sd_control.control_image_batch(inputs["control"], b, 1, g.parts, guess_mode)
+        """``(x, t, i)``: each ControlNet's residuals, weighted by its scale and guidance window at call i, summed
+        into the guided UNet."""
+        unet, controlnet, context, extra = nets["unet"], nets["controlnet"], inputs["context"], self._extra(inputs, g)
+        guess_mode, multi, (starts, ends) = opts["guess_mode"], opts["multi_controlnet"], opts["control_guidance"]
+        b, count = inputs["noise"].shape[0], len(starts)
+        controls = [  # per net: (N or parts * N, 3, H, W)
+            sd_control.control_image_batch(inputs["control"][:, k], b, 1, g.parts, guess_mode) for k in range(count)
+        ]
         cond_context = context[-b:] if guess_mode else context  # guess mode: the conditional half only
         kwargs = self._unet_kwargs(inputs, g, scalars)  # SDXL: the added conditioning, for both networks
         cond_kwargs = conditional_rows(kwargs, b) if guess_mode else kwargs
-        keep = arrays.host_to_like(sd_control.controlnet_keep(opts["num_calls"], begin, end), context)
+        keeps = sd_control.controlnet_keeps(opts["num_calls"], starts, ends, opts["first"])  # (calls, nets)
+        keep = arrays.host_to_like(keeps, context)
+        scales = scalars["controlnet_conditioning_scale"]  # (nets,): traced by the flax program
 
         def model_fn(x: Any, t: Any, i: Any) -> Any:
-            weight = scalars["controlnet_conditioning_scale"] * keep[i]
+            weights = [scales[k] * keep[i, k] for k in range(count)]
             x_in = x if guess_mode else sd.model_input(x, g)
+            cond, weight = (controls, weights) if multi else (controls[0], weights[0])
             down, mid = controlnet(
-                x_in, t, cond_context, controlnet_cond=control, conditioning_scale=weight, guess_mode=guess_mode,
+                x_in, t, cond_context, controlnet_cond=cond, conditioning_scale=weight, guess_mode=guess_mode,
                 **cond_kwargs,
             )  # fmt: skip
             if guess_mode:
                 down, mid = sd_control.guess_mode_residuals(down, mid, g.parts)
             residuals = {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
-            return sd.combine(unet(sd.model_input(x, g), t, context, **residuals, **kwargs), g)
+            return sd.combine(unet(sd.model_input(x, g, extra), t, context, **residuals, **kwargs), g)
 
         return model_fn
 
@@ -160,6 +195,19 @@ def conditional_rows(kwargs: Mapping[str, Any], b: int) -> dict[str, Any]:
     """Model keywords (arrays, or mappings of arrays) cut to their last ``b`` rows: the conditional half of a
     guidance batch, which a guess-mode ControlNet sees (diffusers' ``chunk(2)[1]``)."""
     return {k: conditional_rows(v, b) if isinstance(v, Mapping) else v[-b:] for k, v in kwargs.items()}
+
+
+class ControlNetImg2ImgRecipe(ControlNetRecipe, Img2ImgRecipe):
+    """Image-to-image steered by ControlNets: img2img's noised start, the ControlNet model function."""
+
+    _legacy_scheduler_options = ()  # diffusers' ControlNet pipelines leave the scheduler config as given
+
+
+class ControlNetInpaintRecipe(ControlNetRecipe, InpaintRecipe):
+    """Inpainting steered by ControlNets: inpaint's start, extra channels and blend; the ControlNets see the
+    4-channel latents, the UNet its inpainting input."""
+
+    _legacy_scheduler_options = ()
 
 
 class UpscaleRecipe(StableDiffusionRecipe):

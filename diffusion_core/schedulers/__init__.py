@@ -35,6 +35,7 @@ _CLASS_MODULES: dict[str, str] = {
     "LCMScheduler": "lcm",
     "EDMEulerScheduler": "edm_euler",
     "FlowMatchEulerDiscreteScheduler": "flow_match_euler",
+    "UnCLIPScheduler": "unclip",
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_CLASS_MODULES)

@@ -371,11 +371,15 @@ class AlphaScheduler(Scheduler):
         # The training table exactly as diffusers holds it (float32 betas and alpha_bar): the numbers
         # the models were trained with, whose rounding fixes sigma_min and where sigma_to_t timesteps
         # truncate. Every inference schedule built on it is float64 (see schedule.alphas_cumprod_float32).
-        betas32 = schedule.betas_float32(self._options, self._extra_beta_schedules)
+        betas32 = self._betas_float32()
         self.betas = betas32.astype(np.float64)
         self.alphas_cumprod = schedule.alphas_cumprod_float32(betas32)
         if self._floors_zero_snr and self._options.get("rescale_betas_zero_snr"):
             self.alphas_cumprod = schedule.floor_zero_snr(self.alphas_cumprod)
+
+    def _betas_float32(self) -> np.ndarray:
+        """The (T,) float32 training betas this config describes, as diffusers builds them."""
+        return schedule.betas_float32(self._options, self._extra_beta_schedules)
 
     def _alpha_sigma_at(self, timesteps, like):
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) gathered at integer ``timesteps``."""

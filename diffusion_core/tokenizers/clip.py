@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,16 @@ from typing import Any
 import numpy as np
 
 from diffusion_core.tokenizers.bpe import ByteLevelBPE
+from diffusion_core.tokenizers.encoding import (
+    BatchEncoding,
+    encode_batch,
+    padding_mode,
+    split_added,
+    text_list,
+    token_pattern,
+)
 from diffusion_core.tokenizers.files import (
+    DROPPED_CONFIG_KEYS,
     SPECIAL_TOKEN_KEYS,
     AddedToken,
     TokenizerFiles,
@@ -29,50 +37,6 @@ from diffusion_core.tokenizers.text import normalize, pre_tokenize
 logger = logging.getLogger(__name__)
 
 CLIP_MODEL_MAX_LENGTH = 77
-_NO_LIMIT = 10**9  # transformers writes ~1e30 for "no model_max_length"
-_PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
-_RETURN_TENSORS = (None, "np")
-# Config keys we write ourselves or that only describe where a folder came from.
-_DROPPED_CONFIG_KEYS = {
-    "added_tokens_decoder",
-    "tokenizer_file",
-    "special_tokens_map_file",
-    "name_or_path",
-    "is_local",
-    "local_files_only",
-}
-
-
-class BatchEncoding(dict):
-    """``{"input_ids": ..., "attention_mask": ...}`` that also reads as attributes (``enc.input_ids``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _token_pattern(tokens: Iterable[str]) -> re.Pattern[str] | None:
-    """Leftmost-longest matcher for whole added tokens."""
-    ordered = sorted(set(tokens), key=len, reverse=True)
-    return re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
-
-
-def _split(text: str, pattern: re.Pattern[str] | None) -> list[tuple[str, bool]]:
-    """``text`` cut into (piece, is_added_token) around the matches of ``pattern``."""
-    if pattern is None:
-        return [(text, False)] if text else []
-    pieces: list[tuple[str, bool]] = []
-    start = 0
-    for match in pattern.finditer(text):
-        if match.start() > start:
-            pieces.append((text[start : match.start()], False))
-        pieces.append((match.group(), True))
-        start = match.end()
-    if start < len(text):
-        pieces.append((text[start:], False))
-    return pieces
 
 
 class CLIPTokenizer:
@@ -96,7 +60,7 @@ class CLIPTokenizer:
             raise ValueError(f"model_max_length must be an int >= 2, got {model_max_length!r}")
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
-        self.extra_config = {k: v for k, v in (extra_config or {}).items() if k not in _DROPPED_CONFIG_KEYS}
+        self.extra_config = {k: v for k, v in (extra_config or {}).items() if k not in DROPPED_CONFIG_KEYS}
         self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token}
         self.special_tokens["pad_token"] = pad_token
         self.added_tokens = self._with_special_tokens(dict(vocab), list(added_tokens))
@@ -106,8 +70,8 @@ class CLIPTokenizer:
         self._id_to_token = {i: t for t, i in vocab.items()} | {t.id: t.content for t in self.added_tokens}
         self._added_ids = added_ids
         self._special_ids = {t.id for t in self.added_tokens if t.special}
-        self._raw_pattern = _token_pattern(t.content for t in self.added_tokens if not t.normalized)
-        self._normalized_pattern = _token_pattern(normalize(t.content) for t in self.added_tokens if t.normalized)
+        self._raw_pattern = token_pattern(t.content for t in self.added_tokens if not t.normalized)
+        self._normalized_pattern = token_pattern(normalize(t.content) for t in self.added_tokens if t.normalized)
         self._normalized_ids = {normalize(t.content): t.id for t in self.added_tokens if t.normalized}
 
     def _with_special_tokens(self, vocab: dict[str, int], added: list[AddedToken]) -> list[AddedToken]:
@@ -216,7 +180,7 @@ class CLIPTokenizer:
 
     # ------------------------------------------------------------------------------------------ encoding
     def _encode_normalized(self, text: str, ids: list[int]) -> None:
-        for piece, is_added in _split(normalize(text), self._normalized_pattern):
+        for piece, is_added in split_added(normalize(text), self._normalized_pattern):
             if is_added:
                 ids.append(self._normalized_ids[piece])
                 continue
@@ -228,7 +192,7 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise ValueError(f"text must be a str or a list of str, got an item of type {type(text).__name__}")
         ids: list[int] = []
-        for piece, is_added in _split(text, self._raw_pattern):
+        for piece, is_added in split_added(text, self._raw_pattern):
             if is_added:
                 ids.append(self._added_ids[piece])
             else:
@@ -244,33 +208,14 @@ class CLIPTokenizer:
         ids = self._text_ids(text)
         return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
 
-    def _truncate(self, ids: list[int], max_length: int, add_special_tokens: bool) -> list[int]:
-        room = max_length - 2 if add_special_tokens else max_length
-        if len(ids) <= room:
-            return ids
-        dropped = self.decode(ids[room:])
+    def _truncate(self, ids: list[int], room: int, max_length: int) -> list[int]:
+        """The first ``room`` ids, logging the text dropped."""
         logger.warning(
             "The following part of your input was truncated because the tokenizer handles at most %d tokens: %r",
             max_length,
-            dropped,
+            self.decode(ids[room:]),
         )
         return ids[:room]
-
-    def _check_call_args(self, padding: Any, max_length: Any, truncation: Any, return_tensors: Any) -> str | None:
-        if not isinstance(padding, (bool, str)) or padding not in _PADDING:
-            raise ValueError(f"padding must be one of 'max_length', 'longest', True, False, got {padding!r}")
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        if not isinstance(truncation, bool):
-            raise ValueError(f"truncation must be True or False, got {truncation!r}")
-        if return_tensors not in _RETURN_TENSORS:
-            raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
-        mode = _PADDING[padding]
-        if mode is not None and self.pad_token_id is None:
-            raise ValueError(f"padding={padding!r} needs a pad_token; this tokenizer has none")
-        return mode
 
     def __call__(
         self,
@@ -285,34 +230,21 @@ class CLIPTokenizer:
 
         ``max_length`` defaults to ``model_max_length``; truncation keeps BOS/EOS and logs the dropped text.
         """
-        mode = self._check_call_args(padding, max_length, truncation, return_tensors)
-        single = isinstance(text, str)
-        texts = [text] if single else text
-        if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Sequence) or not texts:
-            raise ValueError(f"text must be a str or a non-empty list of str, got {text!r}")
+        mode = padding_mode(padding, max_length, truncation, return_tensors, self.pad_token_id)
+        texts, single = text_list(text)
         limit = max_length if max_length is not None else self.model_max_length
-        if add_special_tokens and limit < 2:
-            raise ValueError(f"max_length must be >= 2 to hold BOS and EOS, got {limit}")
-        rows = []
-        for t in texts:
-            ids = self._text_ids(t)
-            if truncation and limit < _NO_LIMIT:
-                ids = self._truncate(ids, limit, add_special_tokens)
-            rows.append([self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids)
-        if mode == "max_length" and limit >= _NO_LIMIT:
-            raise ValueError("padding='max_length' needs max_length: model_max_length is unset")
-        width = limit if mode == "max_length" else max(map(len, rows))
-        masks = [[1] * len(r) + [0] * max(0, width - len(r)) for r in rows] if mode else [[1] * len(r) for r in rows]
-        if mode:
-            rows = [r + [self.pad_token_id] * max(0, width - len(r)) for r in rows]
-        if return_tensors == "np":
-            if len({len(r) for r in rows}) > 1:
-                raise ValueError("return_tensors='np' needs rows of equal length: use padding or truncation=True")
-            return BatchEncoding(
-                input_ids=np.asarray(rows, dtype=np.int64).reshape(len(rows), -1),  # (batch, length)
-                attention_mask=np.asarray(masks, dtype=np.int64).reshape(len(rows), -1),
-            )
-        return BatchEncoding(input_ids=rows[0] if single else rows, attention_mask=masks[0] if single else masks)
+        return encode_batch(
+            texts,
+            single,
+            text_ids=self._text_ids,
+            wrap=(lambda ids: [self.bos_token_id, *ids, self.eos_token_id]) if add_special_tokens else list,
+            num_special=2 if add_special_tokens else 0,
+            truncate=self._truncate if truncation else None,
+            limit=limit,
+            mode=mode,
+            pad_token_id=self.pad_token_id,
+            return_tensors=return_tensors,
+        )
 
     # ------------------------------------------------------------------------------------------ decoding
     def decode(

@@ -23,6 +23,17 @@ CONFIG_NAME = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
 TOKENIZER_FILES = (VOCAB_NAME, MERGES_NAME, TOKENIZER_JSON_NAME, CONFIG_NAME, SPECIAL_TOKENS_MAP_NAME)
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# tokenizer_config.json keys that describe where a folder came from, or that the writer fills in itself.
+DROPPED_CONFIG_KEYS = frozenset(
+    {
+        "added_tokens_decoder",
+        "tokenizer_file",
+        "special_tokens_map_file",
+        "name_or_path",
+        "is_local",
+        "local_files_only",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -46,15 +57,19 @@ class TokenizerFiles:
 
 
 def resolve_tokenizer_folder(
-    path_or_repo_id: str | os.PathLike, subfolder: str | None, revision: str | None, local_files_only: bool
+    path_or_repo_id: str | os.PathLike,
+    subfolder: str | None,
+    revision: str | None,
+    local_files_only: bool,
+    names: tuple[str, ...] = TOKENIZER_FILES,
 ) -> Path:
-    """A local folder, or the Hub snapshot of the tokenizer files of ``subfolder`` (nothing else is fetched)."""
+    """A local folder, or the Hub snapshot of the tokenizer files ``names`` of ``subfolder`` (nothing else)."""
     if subfolder is not None and not isinstance(subfolder, str):
         raise ValueError(f"subfolder must be a relative folder name, got {subfolder!r}")
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     return resolve_folder(
         path_or_repo_id,
-        [prefix + name for name in TOKENIZER_FILES],
+        [prefix + name for name in names],
         subfolder=subfolder,
         revision=revision,
         local_files_only=local_files_only,
@@ -115,6 +130,14 @@ def read_tokenizer_files(folder: Path) -> TokenizerFiles:
         raise FileNotFoundError(
             f"tokenizer: {str(folder)!r} holds neither {VOCAB_NAME} + {MERGES_NAME} nor {TOKENIZER_JSON_NAME}"
         )
+    config = read_tokenizer_config(folder)
+    for token_id, spec in (config.get("added_tokens_decoder") or {}).items():
+        added.append(_added_token(spec["content"], int(token_id), spec, CONFIG_NAME))
+    return TokenizerFiles(vocab, merges, config, added)
+
+
+def read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    """``tokenizer_config.json`` (or ``{}``) completed from ``special_tokens_map.json``; special tokens as strings."""
     config: dict[str, Any] = {}
     if (folder / CONFIG_NAME).is_file():
         config = _read_json(folder / CONFIG_NAME)
@@ -125,11 +148,9 @@ def read_tokenizer_files(folder: Path) -> TokenizerFiles:
         for key in SPECIAL_TOKEN_KEYS:  # tokenizer_config.json wins, as in transformers
             if config.get(key) is None and isinstance(special_map, dict) and special_map.get(key) is not None:
                 config[key] = special_map[key]
-    for token_id, spec in (config.get("added_tokens_decoder") or {}).items():
-        added.append(_added_token(spec["content"], int(token_id), spec, CONFIG_NAME))
     for key in SPECIAL_TOKEN_KEYS:
         config[key] = _token_content(config.get(key), key)
-    return TokenizerFiles(vocab, merges, config, added)
+    return config
 
 
 def write_tokenizer_files(folder: Path, files: TokenizerFiles) -> list[Path]:

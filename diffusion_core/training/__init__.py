@@ -4,10 +4,12 @@ Framework-neutral (numpy + array API); ``diffusion_core.flax.training`` and ``di
 bind an optimiser step to it.
 """
 
+from diffusion_core.training.captions import CaptionedImages, captioned_images, load_captioned_folder
 from diffusion_core.training.checkpoint import checkpoint_steps, latest_checkpoint
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.data import ImageDataset, StepBatch, load_digits, load_image_folder, step_batch
 from diffusion_core.training.loop import fit
+from diffusion_core.training.lora import LoraTrainConfig
 from diffusion_core.training.objectives import (
     PREDICTION_TYPES,
     diffusion_loss,
@@ -19,6 +21,10 @@ from diffusion_core.training.objectives import (
 from diffusion_core.training.schedules import EMAConfig, ema_decay, learning_rate
 
 __all__ = [
+    "CaptionedImages",
+    "LoraTrainConfig",
+    "captioned_images",
+    "load_captioned_folder",
     "PREDICTION_TYPES",
     "EMAConfig",
     "ImageDataset",

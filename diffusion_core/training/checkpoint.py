@@ -2,9 +2,11 @@
 
 ``output_dir/checkpoints/checkpoint-<step>/`` holds ``unet/`` (diffusers layout), ``unet_ema/`` (the EMA
 weights, same layout), ``optimizer.safetensors`` (the optimiser state as flat arrays) and
-``trainer_state.json`` (step, seed, config, data position). A checkpoint is written in a hidden folder
-beside its final name, fsynced, then renamed, so one that exists is complete. The output folder
-itself is a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``).
+``trainer_state.json`` (step, seed, config, data position). A LoRA run keeps its adapters there instead of
+``unet/``: ``pytorch_lora_weights.safetensors`` (and ``pytorch_lora_weights_ema.safetensors``), PEFT format.
+A checkpoint is written in a hidden folder beside its final name, fsynced, then renamed, so one that exists
+is complete. The output folder itself is a diffusers pipeline folder (``model_index.json``, ``unet/``,
+``scheduler/``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ class ImageDataset(NamedTuple):
     images: np.ndarray  # (N, C, H, W) float32 in [-1, 1]
     labels: np.ndarray | None  # (N,) int64 class ids, or None (unconditional)
     class_names: tuple[str, ...]  # label i's name; () when unconditional
+    conditioning: np.ndarray | None = None  # (N, L, D) per-example text context (encoder_hidden_states), or None
 
 
 class StepBatch(NamedTuple):
@@ -25,6 +26,7 @@ class StepBatch(NamedTuple):
     labels: np.ndarray | None  # (B,) int64
     noise: np.ndarray  # (B, C, H, W) float32, standard normal
     timesteps: np.ndarray  # (B,) int64 in [0, num_train_timesteps)
+    conditioning: np.ndarray | None = None  # (B, L, D) float32 text context, or None
 
 
 def _resize(gray_or_rgb: np.ndarray, size: int) -> np.ndarray:
@@ -101,4 +103,5 @@ def step_batch(dataset: ImageDataset, step: int, batch_size: int, seed: int, num
     timesteps = rng.integers(0, num_train_timesteps, size=batch_size, dtype=np.int64)
     noise = rng.standard_normal(images.shape, dtype=np.float32)
     labels = None if dataset.labels is None else dataset.labels[idx]
-    return StepBatch(images, labels, noise, timesteps)
+    context = None if dataset.conditioning is None else dataset.conditioning[idx]
+    return StepBatch(images, labels, noise, timesteps, context)

@@ -16,6 +16,7 @@ from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.data import ImageDataset, StepBatch, step_batch
 from diffusion_core.training.plots import write_loss_curve
+from diffusion_core.training.samples import check_sample_every, write_sample_grid
 from diffusion_core.training.schedules import ema_decay, learning_rate
 
 LOSS_FILE = "loss.csv"
@@ -32,6 +33,8 @@ class BackendTrainer(Protocol):
     def read_state(self, folder: Path) -> None: ...
 
     def export_pipeline(self, folder: Path) -> None: ...
+
+    def sample_images(self, num_images: int, class_labels: Any, num_inference_steps: int, seed: int) -> Any: ...
 
 
 def _check_fit_args(steps: int, checkpoint_every: int | None) -> None:
@@ -86,15 +89,18 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool = False,
     progress: bool = True,
+    sample_every: int | None = None,
 ) -> list[float]:
     """Train to ``steps`` optimisation steps; write checkpoints and, at the end, the pipeline folder.
 
     With ``resume`` the newest checkpoint under ``output_dir`` is restored first and the run continues
-    exactly as if it had never stopped. Returns the losses of the steps run by this call.
+    exactly as if it had never stopped. ``sample_every`` writes ``samples/step-<step>.png`` (a grid from
+    the EMA weights) every that many steps. Returns the losses of the steps run by this call.
     """
     from tqdm.auto import tqdm
 
     _check_fit_args(steps, checkpoint_every)
+    check_sample_every(sample_every)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = _resume(trainer, out) if resume else 0
@@ -116,6 +122,8 @@ def fit(
             if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
                 log_file.flush()
                 ckpt.write_checkpoint(out, done, _state(trainer, done, dataset), trainer.write_state)
+            if sample_every and done % sample_every == 0:
+                write_sample_grid(trainer, dataset, out, done, cfg.seed)
     finally:
         bar.close()
         log_file.close()
@@ -145,6 +153,7 @@ class FitMixin:
         checkpoint_every: int | None = None,
         resume: bool = False,
         progress: bool = True,
+        sample_every: int | None = None,
     ) -> list[float]:
         """Train (see :func:`fit`); returns this call's per-step losses."""
-        return fit(self, dataset, steps, output_dir, checkpoint_every, resume, progress)
+        return fit(self, dataset, steps, output_dir, checkpoint_every, resume, progress, sample_every)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffusion_core.weights.transpose import transpose_copy
+
 FlaxPath = tuple[str | int, ...]
 Shape = tuple[int, ...]
 
@@ -30,12 +32,12 @@ class Rule:
     to_flax: tuple[int, ...] | None = None  # np.transpose axes; None keeps the layout
 
     def flax_array(self, array: np.ndarray) -> np.ndarray:
-        return array if self.to_flax is None else np.ascontiguousarray(np.transpose(array, self.to_flax))
+        """``array`` in the Flax layout: itself when the layout is kept, else a new aligned contiguous copy."""
+        return array if self.to_flax is None else transpose_copy(array, self.to_flax)
 
     def torch_array(self, array: np.ndarray) -> np.ndarray:
-        if self.to_flax is None:
-            return array
-        return np.ascontiguousarray(np.transpose(array, np.argsort(self.to_flax)))
+        """``array`` in the PyTorch layout: itself when the layout is kept, else a new aligned contiguous copy."""
+        return array if self.to_flax is None else transpose_copy(array, np.argsort(self.to_flax))
 
     def flax_shape(self, torch_shape: Shape) -> Shape:
         return torch_shape if self.to_flax is None else tuple(torch_shape[i] for i in self.to_flax)
@@ -48,6 +50,12 @@ RULES: tuple[Rule, ...] = (
     Rule("weight", "embedding", 2),  # nn.Embedding <-> nnx.Embed
     Rule("bias", "bias", 1),
     Rule("weight", "weight", None),  # a tensor kept as is (GaussianFourierProjection's frozen weight)
+    Rule("positional_embedding", "positional_embedding", None),  # AttentionPooling's (1, C) class-token position
+    # PriorTransformer's / UnCLIPTextProjModel's bare parameters, kept as is (the prior's positional table above)
+    Rule("prd_embedding", "prd_embedding", None),
+    Rule("clip_mean", "clip_mean", None),
+    Rule("clip_std", "clip_std", None),
+    Rule("learned_classifier_free_guidance_embeddings", "learned_classifier_free_guidance_embeddings", None),
 )
 
 

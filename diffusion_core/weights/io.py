@@ -206,13 +206,16 @@ def iter_tensors(
     variant: str | None = None,
     allow_pickle: bool = False,
     validate: bool = True,
+    reuse_buffer: bool = False,
 ) -> Iterator[tuple[str, Any]]:
     """Yield ``(key, tensor)`` one at a time from a checkpoint folder (or resolved files).
 
     Files are memory-mapped; each tensor is materialised only when yielded, and cast to
     ``dtype`` (a numpy dtype or ``"bfloat16"``) if given. ``framework`` is ``"numpy"``,
     ``"pt"`` (torch tensors) or ``"flax"`` (jax arrays). Shard indexes are validated first
-    unless ``validate=False``. Keys come file by file, in each file's key order.
+    unless ``validate=False``. Keys come file by file, in each file's key order. ``reuse_buffer`` (numpy,
+    safetensors): uncast arrays are views of one buffer that the next tensor overwrites (no fresh memory per
+    tensor), for a consumer that copies each tensor before asking for the next.
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {sorted(FRAMEWORKS)}, got {framework!r}")
@@ -221,10 +224,12 @@ def iter_tensors(
     files = _resolve(source, weights_name, variant, allow_pickle)
     if validate:
         validate_index(files)
-    return _generate(files, framework, target)
+    return _generate(files, framework, target, reuse_buffer and framework == "numpy")
 
 
-def _generate(files: WeightFiles, framework: str, target: np.dtype | None) -> Iterator[tuple[str, Any]]:
+def _generate(
+    files: WeightFiles, framework: str, target: np.dtype | None, reuse_buffer: bool = False
+) -> Iterator[tuple[str, Any]]:
     for path in files.files:
         if files.is_pickle:
             for key, tensor in read_pickle_state_dict(path).items():
@@ -236,25 +241,37 @@ def _generate(files: WeightFiles, framework: str, target: np.dtype | None) -> It
                 for key in f.keys():
                     yield key, cast_tensor(f.get_tensor(key), target, framework)
             continue
-        for key, array in read_safetensors_plain(path):
+        for key, array in read_safetensors_plain(path, reuse_buffer):
             yield key, cast_tensor(from_torch(array, framework), target, framework)
 
 
-def read_safetensors_plain(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+def read_safetensors_plain(path: str | os.PathLike, reuse_buffer: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Each tensor of a safetensors file, read with ordinary file reads into its own numpy array.
 
     No memory map: a loader that copies every tensor into its own parameters (Flax, numpy) then
     holds one model plus one tensor, not a model plus the mapped file's resident pages.
-    Keys come in ``safe_open``'s order (sorted).
+    ``reuse_buffer``: every tensor is read into one buffer (grown to the largest tensor) and yielded as a
+    view of it that the next read overwrites: a copying consumer then touches no fresh memory per tensor
+    (on a 3.3 GB checkpoint, page faults were half the read and copy time). Keys come in ``safe_open``'s
+    order (sorted).
     """
     header = read_header(path)
+    buffer = np.empty(0, np.uint8)
     with open(path, "rb") as f:
         for key in sorted(header.tensors):
             entry = header.tensors[key]
             dtype = numpy_dtype(entry.dtype)
             f.seek(header.data_start + entry.start)
-            array = np.fromfile(f, dtype=dtype, count=(entry.end - entry.start) // dtype.itemsize)
-            yield key, array.reshape(entry.shape)
+            size = entry.end - entry.start
+            if not reuse_buffer:
+                array = np.fromfile(f, dtype=dtype, count=size // dtype.itemsize)
+                yield key, array.reshape(entry.shape)
+                continue
+            if buffer.size < size:
+                buffer = np.empty(size, np.uint8)
+            if f.readinto(memoryview(buffer)[:size]) != size:
+                raise InvalidCheckpointError(f"safetensors file {str(path)!r}: tensor {key!r} is cut short")
+            yield key, buffer[:size].view(dtype).reshape(entry.shape)
 
 
 def load_tensors(source: Source, **kwargs: Any) -> dict[str, Any]:

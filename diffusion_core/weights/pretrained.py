@@ -94,21 +94,22 @@ class CheckpointSource(NamedTuple):
     """What a backend's loader needs, from either a pretrained folder or a single file, before any weight is read.
 
     ``infos`` maps every model key to ``(dtype name, shape)`` from the file headers; ``tensors(framework,
-    dtype)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/``"flax"``,
-    ``dtype`` None keeps the stored one).
+    dtype, reuse_buffer=False)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/
+    ``"flax"``, ``dtype`` None keeps the stored one; ``reuse_buffer``: numpy arrays may be views of one
+    buffer that the next tensor overwrites, for a consumer that copies each one before asking for the next).
     """
 
     name: str  # where the weights come from, for error messages
     config: dict[str, Any]
     infos: dict[str, TensorInfo]
-    tensors: Callable[[str, Any], Iterator[tuple[str, Any]]]
+    tensors: Callable[..., Iterator[tuple[str, Any]]]
 
 
 def finite_checked(source: CheckpointSource) -> CheckpointSource:
     """``source`` whose tensor stream raises InvalidCheckpointError at the first NaN or inf value."""
 
-    def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
-        for key, tensor in source.tensors(framework, dtype):
+    def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+        for key, tensor in source.tensors(framework, dtype, reuse_buffer):
             if nonfinite_mask(tensor).any():
                 raise InvalidCheckpointError(f"{source.name}: tensor {key!r} holds NaN or inf values")
             yield key, tensor
@@ -132,32 +133,52 @@ class CheckpointLayout:
     its ``config.json`` carries). ``strip_prefix``: older writers saved every key of this model
     under that prefix (transformers 4 saved a bare ``CLIPTextModel`` as ``text_model.*``); it is
     removed on loading. ``dropped_keys``: keys (after stripping) older writers saved that are not
-    weights (non-persistent buffers such as ``embeddings.position_ids``); they are ignored. Every
-    other key must match the model exactly.
+    weights (non-persistent buffers such as ``embeddings.position_ids``); they are ignored, and so
+    are keys under ``dropped_prefixes`` (the decoder of a full T5 checkpoint read by its encoder).
+    ``tied_keys``: ``(alias, name)`` pairs of tied weights some writers save under both names
+    (``encoder.embed_tokens.weight`` of T5 is ``shared.weight``); the alias loads as the name, and when
+    both are present the second one read is skipped. ``keep_in_float32``: module names whose
+    weights stay float32 when the model loads in float16 (transformers' ``_keep_in_fp32_modules``).
+    Every other key must match the model exactly.
     """
 
     weights_name: str = DIFFUSERS_WEIGHTS_NAME
     model_type: str | None = None
     strip_prefix: str = ""
     dropped_keys: frozenset[str] = frozenset()
+    dropped_prefixes: tuple[str, ...] = ()
+    tied_keys: tuple[tuple[str, str], ...] = ()
+    keep_in_float32: tuple[str, ...] = ()
 
     def model_key(self, key: str) -> str | None:
         """The model's name for a checkpoint key, or None when the key is to be ignored."""
         if self.strip_prefix and key.startswith(self.strip_prefix):
             key = key[len(self.strip_prefix) :]
-        return None if key in self.dropped_keys else key
+        if key in self.dropped_keys or any(key.startswith(prefix) for prefix in self.dropped_prefixes):
+            return None
+        return dict(self.tied_keys).get(key, key)
 
     def rename(self, items: Iterable[tuple[str, V]]) -> Iterator[tuple[str, V]]:
-        """Stream ``(checkpoint_key, value)`` as ``(model_key, value)``; ValueError on two keys for one name."""
+        """Stream ``(checkpoint_key, value)`` as ``(model_key, value)``; ValueError on two keys for one name
+        (except a tied weight saved under both its names: the second is skipped)."""
         seen: dict[str, str] = {}
+        tied = {name for _, name in self.tied_keys}
         for key, value in items:
             name = self.model_key(key)
             if name is None:
                 continue
             if name in seen:
+                if name in tied:
+                    continue
                 raise ValueError(f"checkpoint holds both {seen[name]!r} and {key!r}, which name the same weight")
             seen[name] = key
             yield name, value
+
+    def weight_dtype(self, key: str, dtype_name: str) -> str:
+        """The dtype a weight named ``key`` loads in when the model loads in ``dtype_name``."""
+        if dtype_name == "float16" and any(part in self.keep_in_float32 for part in key.split(".")):
+            return "float32"
+        return dtype_name
 
     def locate(
         self,
@@ -211,8 +232,11 @@ class CheckpointLayout:
             return self.open_flax_msgpack(flax_file)
         infos = dict(self.rename(tensor_infos(found.files).items()))
 
-        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
-            return self.rename(iter_tensors(found.files, framework=framework, dtype=dtype, validate=False))
+        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+            files = found.files
+            return self.rename(
+                iter_tensors(files, framework=framework, dtype=dtype, validate=False, reuse_buffer=reuse_buffer)
+            )
 
         return CheckpointSource(f"checkpoint {str(found.folder)!r}", found.config, infos, tensors)
 
@@ -234,7 +258,7 @@ class CheckpointLayout:
         state = dict(self.rename(read_flax_msgpack(file).items()))  # renamed through the one converter, checked
         infos: dict[str, TensorInfo] = {key: (array.dtype.name, tuple(array.shape)) for key, array in state.items()}
 
-        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
+        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
             target = None if dtype is None else numpy_dtype(dtype)  # a numpy dtype or "bfloat16", as iter_tensors
             for key, array in state.items():
                 yield key, cast_tensor(numpy_to_framework(array, framework), target, framework)
@@ -261,8 +285,8 @@ class CheckpointLayout:
         found = open_single_file(path, component, config, extract_ema=extract_ema, allow_pickle=allow_pickle)
         infos = dict(self.rename(found.infos.items()))
 
-        def tensors(framework: str, dtype: Any) -> Iterator[tuple[str, Any]]:
-            return self.rename(found.tensors(framework, dtype))
+        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+            return self.rename(found.tensors(framework, dtype))  # single files are read tensor by tensor as is
 
         return CheckpointSource(f"single-file checkpoint {str(found.path)!r}", config, infos, tensors)
 
@@ -288,6 +312,16 @@ CLIP_TEXT_PROJECTION_LAYOUT = CheckpointLayout(
     TRANSFORMERS_WEIGHTS_NAME,
     model_type="clip_text_model",
     dropped_keys=frozenset({"text_model.embeddings.position_ids"}),
+)
+# transformers' T5EncoderModel: transformers 5 saves the tied token embedding once, as ``shared.weight``;
+# older writers (DeepFloyd IF's text encoders) may also hold ``encoder.embed_tokens.weight``; a full T5
+# checkpoint's decoder and LM head are ignored, as transformers does.
+T5_ENCODER_LAYOUT = CheckpointLayout(
+    TRANSFORMERS_WEIGHTS_NAME,
+    model_type="t5",
+    dropped_prefixes=("decoder.", "lm_head."),
+    tied_keys=(("encoder.embed_tokens.weight", "shared.weight"),),
+    keep_in_float32=("wo",),
 )
 
 

@@ -27,8 +27,10 @@ CALLS = [
     ("AutoencoderKL", "encode", "encode"),
     ("AutoencoderKL", "decode", "decode"),
     ("ControlNetModel", "forward", "__call__"),
+    ("MultiControlNetModel", "forward", "__call__"),
     ("CLIPTextModel", "forward", "__call__"),
     ("CLIPTextModelWithProjection", "forward", "__call__"),
+    ("T5EncoderModel", "forward", "__call__"),
 ]
 
 SD1_TINY = SD1  # diffusers' SD fast-test UNet: all attention runs at 8x8 for a 16x16 sample

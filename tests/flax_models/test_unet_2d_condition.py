@@ -309,11 +309,11 @@ def test_state_dict_round_trip_and_names() -> None:
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("down_block_types", ("SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D")),
+        ("down_block_types", ("SkipDownBlock2D", "CrossAttnDownBlock2D")),
         ("up_block_types", ("CrossAttnUpBlock2D", "AttnUpBlock2D")),
-        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+        ("mid_block_type", "UNetMidBlock2DAttn"),
         ("num_attention_heads", 4),
-        ("addition_embed_type", "text"),
+        ("addition_embed_type", "text_image"),
         ("block_out_channels", (4, 8, 16)),
         ("act_fn", "tanh"),
         ("not_an_option", 1),

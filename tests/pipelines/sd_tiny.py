@@ -123,9 +123,9 @@ def clip_tokenizer() -> transformers.CLIPTokenizer:
     return transformers.CLIPTokenizer.from_pretrained(_vocab_folder(), model_max_length=MAX_LENGTH)
 
 
-def _nonzero(model: torch.nn.Module) -> torch.nn.Module:
+def _nonzero(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """ControlNet's zero-initialised convolutions get small random weights, so its residuals matter in tests."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             if not param.any():
@@ -149,8 +149,7 @@ def sd_components(kind: str = "StableDiffusionPipeline", unet_in_channels: int |
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD_TEXT)).eval()
     extra = {}
     if kind == "StableDiffusionControlNetPipeline":
-        torch.manual_seed(0)
-        extra["controlnet"] = _nonzero(diffusers.ControlNetModel(**SD_CONTROLNET).eval())
+        extra["controlnet"] = random_controlnet(0)
     return dict(
         **extra,
         unet=unet,
@@ -162,6 +161,24 @@ def sd_components(kind: str = "StableDiffusionPipeline", unet_in_channels: int |
         feature_extractor=None,
         image_encoder=None,
     )
+
+
+def random_controlnet(seed: int) -> diffusers.ControlNetModel:
+    """A tiny diffusers ControlNet, every parameter random (its zero-initialised ones too), from ``seed``."""
+    torch.manual_seed(seed)
+    return _nonzero(diffusers.ControlNetModel(**SD_CONTROLNET).eval(), seed + 1)
+
+
+def save_multi_controlnet_pipeline(
+    folder: Path, nets: int = 2, kind: str = "StableDiffusionControlNetPipeline", unet_in_channels: int = 4
+) -> Path:
+    """A tiny diffusers ControlNet pipeline of ``kind`` with ``nets`` different random ControlNets (one: a plain
+    ``ControlNetModel``), saved by diffusers (``controlnet/``, ``controlnet_1/``, ...; ``MultiControlNetModel`` in
+    model_index.json)."""
+    components = sd_components("StableDiffusionControlNetPipeline", unet_in_channels)
+    components["controlnet"] = [random_controlnet(seed) for seed in range(nets)] if nets > 1 else random_controlnet(0)
+    getattr(diffusers, kind)(**components, requires_safety_checker=False).save_pretrained(folder)
+    return folder
 
 
 def diffusers_sd_pipeline(kind: str = "StableDiffusionPipeline", **kwargs):

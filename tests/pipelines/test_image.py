@@ -51,3 +51,28 @@ def test_layouts_output_types_and_resizing():
     with pytest.raises(ValueError, match="resample"):
         image.resize_pil(src, 8, 6, "area")
     assert image.round_to_multiple(517, 389, 8) == (512, 384)
+
+
+def test_image_grid_fills_rows_and_leaves_the_rest_black():
+    from diffusion_core.pipelines.image import image_grid
+
+    images = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 3, 1), np.uint8)  # (5, 2, 3, 1)
+    grid = image_grid(images)  # 3 columns, 2 rows
+    assert grid.shape == (4, 9, 1)
+    np.testing.assert_array_equal(grid[::2, ::3, 0], [[1, 2, 3], [4, 5, 0]])
+    assert image_grid(images, cols=5).shape == (2, 15, 1)
+    with pytest.raises(ValueError, match="cols"):
+        image_grid(images, cols=0)
+
+
+def test_save_png_is_atomic_and_round_trips(tmp_path):
+    from PIL import Image
+
+    from diffusion_core.pipelines.image import save_png
+
+    image = np.random.default_rng(0).integers(0, 255, (4, 5, 3), dtype=np.uint8)
+    path = save_png(image, tmp_path / "sub" / "x.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.png"]
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(image.astype(np.float32), tmp_path / "y.png")

@@ -82,6 +82,7 @@ def test_allow_patterns_pick_the_variant_safetensors_and_never_pickles():
         "text_encoder/model.safetensors.index.fp16.json",
         "text_encoder/model.safetensors",
         "tokenizer/merges.txt",
+        "tokenizer_2/spiece.model",
         "vae/diffusion_pytorch_model.safetensors",
     ]
 
@@ -89,6 +90,7 @@ def test_allow_patterns_pick_the_variant_safetensors_and_never_pickles():
         patterns = pipeline_allow_patterns(names, variant)
         return sorted(f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns))
 
+    assert chosen(["tokenizer_2"], None) == ["model_index.json", "tokenizer_2/spiece.model"]  # T5 (DeepFloyd IF)
     assert chosen(["unet", "text_encoder", "tokenizer"], "fp16") == [
         "model_index.json",
         "text_encoder/model.fp16-00001-of-00002.safetensors",

@@ -161,6 +161,8 @@ SD_PIPELINES = [
     ("StableDiffusionInpaintPipeline", "InpaintRecipe"),
     ("StableDiffusionInstructPix2PixPipeline", "Pix2PixRecipe"),
     ("StableDiffusionControlNetPipeline", "ControlNetRecipe"),
+    ("StableDiffusionControlNetImg2ImgPipeline", "ControlNetImg2ImgRecipe"),
+    ("StableDiffusionControlNetInpaintPipeline", "ControlNetInpaintRecipe"),
     ("StableDiffusionUpscalePipeline", "UpscaleRecipe"),
     ("StableDiffusionLatentUpscalePipeline", "LatentUpscaleRecipe"),
 ]

@@ -91,11 +91,11 @@ def test_keep_schedule_and_bad_options():
     np.testing.assert_array_equal(sd_control.controlnet_keep(4, 0.25, 0.75), [0, 1, 1, 0])
     np.testing.assert_array_equal(sd_control.controlnet_keep(3, 0.0, 1.0), [1, 1, 1])
     with pytest.raises(ValueError, match="smaller than control_guidance_end"):
-        sd_control.check_control_options(1.0, 0.5, 0.5)
+        sd_control.control_settings(1, 1.0, 0.5, 0.5)
     with pytest.raises(ValueError, match="control_guidance_end must be"):
-        sd_control.check_control_options(1.0, 0.0, 1.5)
+        sd_control.control_settings(1, 1.0, 0.0, 1.5)
     with pytest.raises(ValueError, match="controlnet_conditioning_scale"):
-        sd_control.check_control_options([1.0], 0.0, 1.0)
+        sd_control.control_settings(1, [1.0, 0.5], 0.0, 1.0)
 
 
 def test_missing_control_image_raises(pair):

@@ -133,6 +133,17 @@ def test_controlnet_paths_agree(tmp_path_factory):
     _paths_agree(pipe, prompt=sd_tiny.PROMPT, image=sd_tiny.sample_image(), num_inference_steps=STEPS)
 
 
+@pytest.mark.slow
+def test_multi_controlnet_paths_agree(tmp_path_factory):
+    """Two ControlNets: per-net scales (traced, shared by the batch) and per-image control rows split over devices."""
+    pipe = DiffusionPipeline.from_pretrained(sd_tiny.save_multi_controlnet_pipeline(tmp_path_factory.mktemp("mcn")))
+    pipe.set_progress_bar_config(disable=True)
+    image = [sd_tiny.sample_image(seed=1), sd_tiny.sample_image(seed=2)]
+    _paths_agree(
+        pipe, prompt=sd_tiny.PROMPT, image=image, num_inference_steps=STEPS, controlnet_conditioning_scale=[0.5, 1.5]
+    )
+
+
 def test_bad_key_parallel_and_mesh_raise(ours):
     common = dict(prompt=sd_tiny.PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS)
     for bad in (jnp.zeros(4, jnp.uint32), jnp.zeros(2, jnp.float32), jax.random.split(jax.random.key(0)), 7):

@@ -78,7 +78,16 @@ def test_trained_betas_round_trip(tmp_path):
     np.testing.assert_allclose(schedulers.from_config(tmp_path).betas, betas)
 
 
-@pytest.mark.parametrize("target", [n for n in NAMES if n != "DDIMScheduler"])
+def test_swap_to_unclip_from_a_non_cosine_schedule_raises_like_diffusers():
+    src = diffusers.DDIMScheduler(**SD)
+    with pytest.raises(ValueError):
+        diffusers.UnCLIPScheduler.from_config(src.config)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        schedulers.from_config({**schedulers.DDIMScheduler(**SD).config, "_class_name": "UnCLIPScheduler"})
+
+
+# UnCLIPScheduler takes the cosine schedule only: its swap is the test above
+@pytest.mark.parametrize("target", [n for n in NAMES if n not in ("DDIMScheduler", "UnCLIPScheduler")])
 def test_swap_from_another_class_uses_the_same_options_as_diffusers(target):
     src = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False)
     ref = getattr(diffusers, target).from_config(src.config)

@@ -59,6 +59,12 @@ CASES: dict[str, dict[str, Any]] = {
         "attn_norm_num_groups": 2,
     },
     "timestep_class_no_mid": {"class_embed_type": "timestep", "mid_block_type": None, "layers_per_block": 2},
+    # unCLIP's super-resolution UNets: resnet resamplers in Resnet{Down,Up}sampleBlock2D, FiLM time embedding
+    "unclip_super_res": {
+        "down_block_types": ("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
+        "up_block_types": ("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
+        "resnet_time_scale_shift": "scale_shift",
+    },
     "learned_time": {"time_embedding_type": "learned", "num_train_timesteps": 1000},
 }
 

@@ -360,12 +360,12 @@ def test_config_fields_and_defaults_match_diffusers() -> None:
 @pytest.mark.parametrize(
     ("option", "value", "named"),
     [
-        ("down_block_types", ("DownBlock2D", "SimpleCrossAttnDownBlock2D"), None),
-        ("up_block_types", ("ResnetUpsampleBlock2D", "UpBlock2D"), None),
-        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", None),
+        ("down_block_types", ("DownBlock2D", "SkipDownBlock2D"), None),
+        ("up_block_types", ("SkipUpBlock2D", "UpBlock2D"), None),
+        ("mid_block_type", "UNetMidBlock2DAttn", None),
         ("time_embedding_type", "learned", None),
         ("class_embed_type", "projection", "projection_class_embeddings_input_dim"),
-        ("addition_embed_type", "text", None),
+        ("addition_embed_type", "text_image", None),
         ("encoder_hid_dim_type", "image_proj", None),
         ("dual_cross_attention", True, None),
         ("attention_type", "gated", None),

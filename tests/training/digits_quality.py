@@ -50,7 +50,7 @@ def quality(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, 
 
 
 def generate(model: str | None, backend: str, per_class: int, steps: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    from diffusion_core.cli import generate_images
+    from diffusion_core.cli_generate import generate_images
     from diffusion_core.training.presets import default_model_path
 
     labels = np.repeat(np.arange(10), per_class)

@@ -51,6 +51,8 @@ def trained(image_folder, tmp_path_factory):
         str(config),
         "--checkpoint-every",
         "2",
+        "--sample-every",
+        "2",
         "--no-progress",
     ]
     assert cli.main(args) == 0
@@ -60,6 +62,7 @@ def trained(image_folder, tmp_path_factory):
 def test_train_writes_a_pipeline_folder_with_checkpoints(trained):
     assert (trained / "model_index.json").is_file()
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (trained / "samples").iterdir()) == ["step-000002.png"]
 
 
 def test_generate_grid_and_output_dir(trained, tmp_path):

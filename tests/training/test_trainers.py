@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from diffusion_core import training
 from diffusion_core.training.checkpoint import read_state
 from tests.training import tiny
+from tests.training.harness import CONFIG as HARNESS_CONFIG
 from tests.training.harness import make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,3 +131,35 @@ def test_twenty_kills_at_random_moments_then_resume_equals_an_uninterrupted_run(
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     leftovers = [p.name for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if ".tmp-" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_flax_accumulation_is_straight_line_code(accum):
+    """XLA:CPU runs convolutions inside a while loop ~30x slower: the step's gradients must not loop."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_core.flax.training import accumulated_value_and_grad
+
+    def loss_fn(w, x, labels):  # (O, I, kh, kw) conv of (B, I, H, W)
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")
+        return jnp.mean(y**2) + 0.0 * jnp.sum(labels)
+
+    w, x = jnp.ones((2, 1, 3, 3)), jnp.arange(6 * 16, dtype=jnp.float32).reshape(6, 1, 4, 4) / 96
+    labels = jnp.arange(6)
+    jaxpr = str(jax.make_jaxpr(lambda w: accumulated_value_and_grad(loss_fn, w, (x, labels), accum))(w))
+    assert "while" not in jaxpr and "scan" not in jaxpr and "conv_general_dilated" in jaxpr
+    loss, grads = accumulated_value_and_grad(loss_fn, w, (x, labels), accum)
+    ref_loss, ref_grads = jax.value_and_grad(loss_fn)(w, x, labels)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5)
+
+
+@pytest.mark.slow  # two flax compiles
+def test_flax_accumulation_equals_one_batch():
+    import dataclasses
+
+    batch = training.step_batch(tiny.dataset(), 0, 6, 0, 100)
+    one = make_trainer("flax").train_step(batch, 1e-3, 0.0)
+    three = make_trainer("flax", dataclasses.replace(HARNESS_CONFIG, gradient_accumulation_steps=3))
+    assert abs(three.train_step(batch, 1e-3, 0.0) - one) < 1e-5 * one

@@ -14,6 +14,7 @@ from diffusion_core.flax.models.clip_text import (
     CLIPTextWithProjectionOutput,
 )
 from diffusion_core.flax.models.controlnet import ControlNetConditioningEmbedding, ControlNetModel
+from diffusion_core.flax.models.embeddings import AttentionPooling, TextTimeEmbedding
 from diffusion_core.flax.models.layers import (
     Downsample2D,
     FrozenWeight,
@@ -25,6 +26,9 @@ from diffusion_core.flax.models.layers import (
     Upsample2D,
 )
 from diffusion_core.flax.models.loading import flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.multicontrolnet import MultiControlNetModel
+from diffusion_core.flax.models.t5 import T5EncoderModel, T5EncoderOutput
+from diffusion_core.flax.models.unclip import PriorTransformer, UnCLIPTextProjModel
 from diffusion_core.flax.models.unet_2d import UNet2DModel
 from diffusion_core.flax.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -44,10 +48,18 @@ from diffusion_core.flax.models.unet_2d_condition_blocks import (
     KUpBlock2D,
     UNetMidBlock2DCrossAttn,
 )
+from diffusion_core.flax.models.unet_2d_simple_blocks import (
+    AddedKVAttention,
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
+)
 from diffusion_core.flax.models.vae import AutoencoderKL, Decoder, DownEncoderBlock2D, Encoder, UpDecoderBlock2D
 
 __all__ = [
+    "AddedKVAttention",
     "Attention",
+    "AttentionPooling",
     "AttnDownBlock2D",
     "AttnUpBlock2D",
     "AutoencoderKL",
@@ -73,16 +85,25 @@ __all__ = [
     "KCrossAttnUpBlock2D",
     "KDownBlock2D",
     "KUpBlock2D",
+    "MultiControlNetModel",
     "ResnetBlock2D",
     "ResnetOptions",
+    "SimpleCrossAttnDownBlock2D",
+    "SimpleCrossAttnUpBlock2D",
     "SpatialSelfAttention",
+    "T5EncoderModel",
+    "T5EncoderOutput",
+    "TextTimeEmbedding",
     "TimestepEmbedding",
     "Timesteps",
     "Transformer2DModel",
     "UNet2DConditionModel",
     "UNet2DModel",
+    "PriorTransformer",
+    "UnCLIPTextProjModel",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
+    "UNetMidBlock2DSimpleCrossAttn",
     "UpBlock2D",
     "UpDecoderBlock2D",
     "Upsample2D",

@@ -100,14 +100,40 @@ class GEGLU(nnx.Module):
         return value * jax.nn.gelu(gate, approximate=False)
 
 
-class FeedForward(nnx.Module):
-    """``net = [GEGLU(dim, 4 dim), Dropout, Linear(4 dim, dim)]`` (diffusers' default "geglu")."""
+class GELU(nnx.Module):
+    """``gelu(proj(x))`` (diffusers' ``GELU`` with its ``proj``: the "gelu" feed-forward of the unCLIP prior)."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, *, rngs: nnx.Rngs, dtype: jnp.dtype) -> None:
+    def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: jnp.dtype) -> None:
+        self.proj = linear(dim_in, dim_out, rngs, dtype)
+
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.proj(hidden_states), approximate=False)
+
+
+FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu": GELU}
+
+
+class FeedForward(nnx.Module):
+    """``net = [GEGLU (or GELU)(dim, 4 dim), Dropout, Linear(4 dim, dim)]`` (diffusers' default "geglu")."""
+
+    def __init__(
+        self,
+        dim: int,
+        mult: int = 4,
+        dropout: float = 0.0,
+        activation_fn: str = "geglu",
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+    ) -> None:
+        if activation_fn not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(
+                f"activation_fn: unsupported {activation_fn!r}; accepted: {list(FEED_FORWARD_ACTIVATIONS)}"
+            )
         inner_dim = dim * mult
         self.net = nnx.List(
             [
-                GEGLU(dim, inner_dim, rngs=rngs, dtype=dtype),
+                FEED_FORWARD_ACTIVATIONS[activation_fn](dim, inner_dim, rngs=rngs, dtype=dtype),
                 make_dropout(dropout, rngs),
                 linear(inner_dim, dim, rngs, dtype),
             ]
@@ -138,6 +164,7 @@ class BasicTransformerBlock(nnx.Module):
         double_self_attention: bool = False,
         upcast_attention: bool = False,
         norm_eps: float = 1e-5,
+        activation_fn: str = "geglu",
         *,
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
@@ -157,7 +184,7 @@ class BasicTransformerBlock(nnx.Module):
         self.norm2 = layer_norm(dim, rngs, dtype, norm_eps) if has_attn2 else None
         self.attn2 = attention(None if double_self_attention else cross_attention_dim) if has_attn2 else None
         self.norm3 = layer_norm(dim, rngs, dtype, norm_eps)
-        self.ff = FeedForward(dim, dropout=dropout, rngs=rngs, dtype=dtype)
+        self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn, rngs=rngs, dtype=dtype)
 
     def __call__(
         self,

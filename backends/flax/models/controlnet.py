@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_core.flax.models.embeddings import build_add_embedding, embed_addition
 from diffusion_core.flax.models.layers import conv
 from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.flax.models.unet_2d_condition import (
@@ -27,7 +28,6 @@ from diffusion_core.flax.models.unet_2d_condition import (
     to_nhwc,
 )
 from diffusion_core.flax.models.unet_2d_condition_blocks import build_down_block, build_mid_block
-from diffusion_core.flax.models.unet_addition import build_addition_embedding, embed_addition
 from diffusion_core.models import unet_condition_config as ucc
 from diffusion_core.models.attention import AttentionContext, attention_mask_bias
 
@@ -69,7 +69,7 @@ class ControlNetModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         first = plan.block_out_channels[0]
         self.conv_in = conv(plan.in_channels, first, 3, rngs, dtype)
         self._build_embeddings(plan.time, plan.encoder_hid_proj, rngs, dtype)
-        build_addition_embedding(self, plan.addition, rngs, dtype)
+        self.add_embedding = build_add_embedding(plan.addition, rngs, dtype)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             first, plan.conditioning_channels, plan.conditioning_embedding_out_channels, rngs=rngs, dtype=dtype
         )
@@ -151,12 +151,10 @@ class ControlNetModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         cond = to_nhwc(controlnet_cond, "controlnet_cond", self.dtype)  # (B, 8H, 8W, C_cond)
         if self.plan.flip_channels:
             cond = cond[..., ::-1]  # bgr checkpoints
-        aug = embed_addition(self, added_cond_kwargs, self.dtype)  # (B, D) or None
+        context = self._context(encoder_hidden_states, project=False)  # diffusers never applies encoder_hid_proj here
+        aug = embed_addition(self.add_embedding, self.plan.addition, context, added_cond_kwargs, self.dtype)  # (B, D)
         emb = self._embed(batch_timesteps(timestep, x.shape[0]), class_labels, timestep_cond, aug)  # (B, D)
-        # diffusers never applies encoder_hid_proj here
-        ctx = AttentionContext(
-            self._context(encoder_hidden_states, project=False), attention_mask=attention_mask_bias(attention_mask, x)
-        )
+        ctx = AttentionContext(context, attention_mask=attention_mask_bias(attention_mask, x))
         x = self.conv_in(x) + self.controlnet_cond_embedding(cond)
         x, skips = run_down(self.down_blocks, x, emb, ctx)
         x = run_mid(self.mid_block, x, emb, ctx)

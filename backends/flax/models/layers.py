@@ -46,21 +46,25 @@ ATTENTION_QUERY_CHUNK = 128  # queries per step: a (chunk, S) score block per he
 def scaled_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """``softmax(q k^T / sqrt(D) + bias) v`` on (B, L, N, D) queries and (B, S, N, D) keys/values.
 
-    ``bias`` broadcasts to (B, N, 1, S). On GPU/TPU this is ``jax.nn.dot_product_attention`` (fused
-    kernels); on XLA:CPU it is :func:`blocked_attention`, 4x faster there at 4096 tokens.
+    ``bias`` broadcasts to (B, N, 1, S), or to (B, N, L, S) for a per-query bias (the unCLIP prior's
+    causal mask). On GPU/TPU this is ``jax.nn.dot_product_attention`` (fused kernels); on XLA:CPU it is
+    :func:`blocked_attention`, 4x faster there at 4096 tokens (one block under a per-query bias).
     """
-    if bias is not None and bias.ndim == 4 and bias.shape[2] != 1:
-        raise ValueError(f"bias: expected a (B, N, 1, S)-broadcastable bias, got shape {tuple(bias.shape)}")
+    per_query = bias is not None and bias.ndim == 4 and bias.shape[2] != 1
+    if per_query and bias.shape[2] != q.shape[1]:
+        raise ValueError(f"bias: expected a (B, N, 1 or {q.shape[1]}, S) bias, got shape {tuple(bias.shape)}")
     if jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q, k, v, bias=bias)
-    return blocked_attention(q, k, v, bias)
+    return blocked_attention(q, k, v, bias, query_chunk=q.shape[1] if per_query else ATTENTION_QUERY_CHUNK)
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """Attention with queries in blocks of ``ATTENTION_QUERY_CHUNK`` under ``lax.map``: the (B, N, L, S)
-    scores are never held at once, each block's stay in cache. Scores and softmax are float32."""
+def blocked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, query_chunk: int = 0
+) -> jax.Array:
+    """Attention with queries in blocks of ``query_chunk`` (default ``ATTENTION_QUERY_CHUNK``) under ``lax.map``:
+    the (B, N, L, S) scores are never held at once, each block's stay in cache. Scores and softmax are float32."""
     batch, length, heads, dim = q.shape
-    chunk = min(length, ATTENTION_QUERY_CHUNK)
+    chunk = min(length, query_chunk or ATTENTION_QUERY_CHUNK)
     blocks = -(-length // chunk)
     q = jnp.pad(q * dim**-0.5, ((0, 0), (0, blocks * chunk - length), (0, 0), (0, 0)))  # (B, blocks*chunk, N, D)
     q = q.reshape(batch, blocks, chunk, heads, dim).transpose(1, 0, 3, 2, 4)  # (blocks, B, N, chunk, D)
@@ -209,13 +213,14 @@ class TimestepEmbedding(nnx.Module):
         act_fn: str = "silu",
         cond_proj_dim: int | None = None,
         post_act_fn: str | None = None,
+        out_dim: int | None = None,
         *,
         rngs: nnx.Rngs,
         dtype: jnp.dtype,
     ) -> None:
         self.linear_1 = linear(in_channels, time_embed_dim, rngs, dtype)
         self.act = get_activation(act_fn)
-        self.linear_2 = linear(time_embed_dim, time_embed_dim, rngs, dtype)
+        self.linear_2 = linear(time_embed_dim, time_embed_dim if out_dim is None else out_dim, rngs, dtype)
         self.cond_proj = linear(cond_proj_dim, in_channels, rngs, dtype, bias=False) if cond_proj_dim else None
         self.post_act = get_activation(post_act_fn) if post_act_fn is not None else None
 
@@ -314,6 +319,7 @@ class ResnetBlock2D(nnx.Module):
         output_scale_factor: float = 1.0,
         up: bool = False,
         down: bool = False,
+        skip_time_act: bool = False,
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
     ) -> None:
@@ -323,6 +329,7 @@ class ResnetBlock2D(nnx.Module):
             )
         out_channels = in_channels if out_channels is None else out_channels
         self.time_embedding_norm = time_embedding_norm
+        self.skip_time_act = skip_time_act  # project temb as is (DeepFloyd IF), not through the nonlinearity
         self.output_scale_factor = output_scale_factor
         self.norm1 = group_norm(in_channels, groups, eps, rngs, dtype)
         self.conv1 = conv(in_channels, out_channels, 3, rngs, dtype)
@@ -344,7 +351,8 @@ class ResnetBlock2D(nnx.Module):
             hidden_states = self.resample(hidden_states)
         hidden_states = self.conv1(hidden_states)
         if self.time_emb_proj is not None and temb is not None:
-            temb = self.time_emb_proj(self.nonlinearity(temb))[:, None, None, :]  # (B, 1, 1, C or 2C)
+            temb = temb if self.skip_time_act else self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, None, None, :]  # (B, 1, 1, C or 2C)
         hidden_states = self._apply_time(hidden_states, temb)
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
         if self.conv_shortcut is not None:

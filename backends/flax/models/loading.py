@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -32,17 +33,40 @@ def _items(state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterato
         yield key, as_numpy(value)
 
 
+def _on_device(array: np.ndarray, dtype: Any, fresh: bool) -> jax.Array:
+    """``array`` as a jax array of ``dtype``, independent of the caller's memory.
+
+    A ``fresh`` array (the converter's own copy) is adopted by XLA:CPU without a copy (``may_alias``); any other
+    is first copied on the host, since XLA may read a host buffer after the call returns and the caller (or a
+    reading buffer that the next tensor overwrites) may change it.
+    """
+    if not fresh:
+        array = np.array(array, copy=True)
+    if array.dtype == dtype:
+        return jax.device_put(array, may_alias=True)
+    return jnp.array(array, dtype=dtype, copy=True)
+
+
 def load_torch_state_dict(model: nnx.Module, state_dict_items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
     """Copy a diffusers state dict (mapping or ``(key, tensor)`` stream) into ``model``, strictly.
 
-    Tensors are converted one at a time and cast to each parameter's dtype.
+    Tensors are converted one at a time (layout changes by ``transpose_copy``) and cast to each
+    parameter's dtype; nothing is assigned unless every tensor converted.
     """
     state = nnx.state(model, WEIGHTS)
     variables = dict(nnx.to_flat_state(state))
     target = {tuple(path): tuple(var.shape) for path, var in variables.items()}
+    last_input: list[np.ndarray] = []  # the tensor being converted, to tell the converter's copies from inputs
+
+    def inputs() -> Iterator[tuple[str, np.ndarray]]:
+        for key, array in _items(state_dict_items):
+            last_input[:] = [array]
+            yield key, array
+
     new_values = {}
-    for path, array in torch_to_flax(_items(state_dict_items), target):
-        new_values[path] = jnp.asarray(array, dtype=variables[path].dtype)
+    for path, array in torch_to_flax(inputs(), target):
+        fresh = not np.may_share_memory(array, last_input[0])
+        new_values[path] = _on_device(array, variables[path].dtype, fresh)
     for path, value in new_values.items():  # reached only when the converter found no problem
         variables[path].set_value(value)
     nnx.update(model, state)

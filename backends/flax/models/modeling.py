@@ -77,7 +77,7 @@ class PretrainedMixin(CheckpointModel):
         """Build abstractly, check ``source.infos`` strictly, then stream the tensors in (cast to ``dtype``)."""
         model = _abstract_model(cls, source.config, dtype)
         check_keys(torch_shapes(model), source.infos, name=source.name)
-        load_torch_state_dict(model, source.tensors("numpy", None))
+        load_torch_state_dict(model, source.tensors("numpy", None, True))  # it copies each tensor before the next
         return model
 
     @classmethod

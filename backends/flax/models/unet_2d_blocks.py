@@ -39,6 +39,8 @@ class ResnetOptions:
     time_scale_shift: str = "default"  # "default": add temb; "scale_shift": FiLM after norm2
     dropout: float = 0.0  # inside each resnet, before conv2
     dtype: Any = jnp.float32  # parameter and computation dtype
+    skip_time_act: bool = False  # IF-style resnets: temb projected without the nonlinearity
+    output_scale_factor: float = 1.0  # resnet output divided by this (config ``resnet_out_scale_factor``)
 
     def resnet(self, in_channels: int, out_channels: int, rngs: nnx.Rngs, **kwargs: Any) -> ResnetBlock2D:
         """Build a ResnetBlock2D with these settings (kwargs: output_scale_factor, up, down)."""
@@ -51,9 +53,10 @@ class ResnetOptions:
             dropout=self.dropout,
             non_linearity=self.act_fn,
             time_embedding_norm=self.time_scale_shift,
+            skip_time_act=self.skip_time_act,
             rngs=rngs,
             dtype=self.dtype,
-            **kwargs,
+            **{"output_scale_factor": self.output_scale_factor, **kwargs},
         )
 
     def attention(self, channels: int, head_dim: int | None, rngs: nnx.Rngs, **kwargs: Any) -> SpatialSelfAttention:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_core.configuration import FrozenConfig
+from diffusion_core.flax.models.embeddings import build_add_embedding, embed_addition
 from diffusion_core.flax.models.layers import (
     GaussianFourierProjection,
     ParamKeys,
@@ -31,7 +32,6 @@ from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.flax.models.unet_2d import _batch_timesteps as batch_timesteps
 from diffusion_core.flax.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 from diffusion_core.flax.models.unet_2d_condition_blocks import build_down_block, build_mid_block, build_up_block
-from diffusion_core.flax.models.unet_addition import build_addition_embedding, embed_addition
 from diffusion_core.models import unet_condition_config as ucc
 from diffusion_core.models.attention import AttentionContext, attention_mask_bias
 
@@ -89,9 +89,8 @@ class ConditionEmbeddings:
             return linear(time.class_in_dim, dim, rngs, dtype)
         return None  # None or "identity"
 
-    def _embed(self, timesteps: jax.Array, class_labels: Any, timestep_cond: Any, aug: Any = None) -> jax.Array:
-        """(B, embed_dim) time embedding [+ or | class embedding] [+ addition embedding ``aug``], as every resnet
-        receives it."""
+    def _embed(self, timesteps: jax.Array, class_labels: Any, timestep_cond: Any, addition: Any = None) -> jax.Array:
+        """(B, embed_dim) time embedding [+ or | class embedding] [+ addition], as every resnet receives it."""
         kind = self.time_plan.class_embed
         if kind is None and class_labels is not None:
             raise ValueError("class_labels: this model has no class embedding (set num_class_embeds)")
@@ -109,7 +108,8 @@ class ConditionEmbeddings:
             class_emb = labels if kind == "identity" else self.class_embedding(labels)
             class_emb = class_emb.astype(self.dtype)
             emb = jnp.concatenate([emb, class_emb], -1) if self.time_plan.class_concat else emb + class_emb
-        emb = emb if aug is None else emb + aug
+        if addition is not None:
+            emb = emb + addition
         return emb if self.time_embed_act is None else self.time_embed_act(emb)
 
     def _context(self, encoder_hidden_states: Any, project: bool = True) -> jax.Array:
@@ -136,7 +136,7 @@ class UNet2DConditionModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
             plan.in_channels, channels[0], plan.conv_in_kernel, rngs, dtype, padding=plan.conv_in_kernel // 2
         )
         self._build_embeddings(plan.time, plan.encoder_hid_proj, rngs, dtype)
-        build_addition_embedding(self, plan.addition, rngs, dtype)
+        self.add_embedding = build_add_embedding(plan.addition, rngs, dtype)
         self.down_blocks = nnx.List([build_down_block(b, rngs, dtype) for b in plan.down])
         self.mid_block = build_mid_block(plan.mid, rngs, dtype) if plan.mid is not None else None
         self.up_blocks = nnx.List([build_up_block(b, rngs, dtype) for b in plan.up])
@@ -182,7 +182,10 @@ class UNet2DConditionModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
             attention_mask=attention_mask_bias(attention_mask, x),  # (B, 1, HW) or None
             encoder_attention_mask=attention_mask_bias(encoder_attention_mask, x),  # (B, 1, S) or None
         )
-        aug = embed_addition(self, added_cond_kwargs, self.dtype)  # (B, D) or None
+        aug = embed_addition(  # (B, D) or None
+            self.add_embedding, self.plan.addition, self._context(encoder_hidden_states, False), added_cond_kwargs,
+            self.dtype,
+        )  # fmt: skip
         emb = self._embed(batch_timesteps(timestep, x.shape[0]), class_labels, timestep_cond, aug)  # (B, D)
         x, skips = run_down(self.down_blocks, self.conv_in(x), emb, ctx)
         skips = self._add_down_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)

@@ -21,22 +21,18 @@ from diffusion_core.flax.models.unet_2d_blocks import (
     KDownsample2D,
     KUpsample2D,
     ResnetBlockCondNorm2D,
-    ResnetOptions,
     UNetMidBlock2D,
     UpBlock2D,
+)
+from diffusion_core.flax.models.unet_2d_simple_blocks import (
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
+    resnet_options,
 )
 from diffusion_core.models import block_layout
 from diffusion_core.models.attention import AttentionContext
 from diffusion_core.models.unet_condition_config import BlockPlan
-
-
-def resnet_options(plan: BlockPlan, dtype: Any) -> ResnetOptions:
-    """Settings of the standard ResnetBlock2D stack of a block."""
-    if plan.norm_groups is None:
-        raise ValueError(f"norm_num_groups: {plan.block_type} needs an int group count")
-    return ResnetOptions(
-        plan.temb_channels, plan.norm_groups, plan.norm_eps, plan.act_fn, plan.time_scale_shift, plan.dropout, dtype
-    )
 
 
 def _transformers(plan: BlockPlan, rngs: nnx.Rngs, dtype: Any) -> nnx.List:
@@ -204,30 +200,34 @@ DOWN_BLOCKS = {
     "CrossAttnDownBlock2D": CrossAttnDownBlock2D,
     "KDownBlock2D": KDownBlock2D,
     "KCrossAttnDownBlock2D": KCrossAttnDownBlock2D,
+    "SimpleCrossAttnDownBlock2D": SimpleCrossAttnDownBlock2D,
 }
 UP_BLOCKS = {
     "CrossAttnUpBlock2D": CrossAttnUpBlock2D,
     "KUpBlock2D": KUpBlock2D,
     "KCrossAttnUpBlock2D": KCrossAttnUpBlock2D,
+    "SimpleCrossAttnUpBlock2D": SimpleCrossAttnUpBlock2D,
 }
 
 
 def build_down_block(plan: BlockPlan, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
     """The down block a resolved plan describes."""
-    if plan.block_type == "DownBlock2D":
+    if plan.block_type in ("DownBlock2D", "ResnetDownsampleBlock2D"):
+        kind = "resnet" if plan.block_type == "ResnetDownsampleBlock2D" else "conv"  # pooling resnet or strided conv
         return DownBlock2D(
             plan.in_channels, plan.out_channels, resnet_options(plan, dtype), plan.num_layers, plan.add_downsample,
-            plan.downsample_padding, rngs=rngs,
+            plan.downsample_padding, kind, rngs=rngs,
         )  # fmt: skip
     return DOWN_BLOCKS[plan.block_type](plan, rngs=rngs, dtype=dtype)
 
 
 def build_up_block(plan: BlockPlan, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
     """The up block a resolved plan describes (``num_layers`` counts the skips it consumes)."""
-    if plan.block_type == "UpBlock2D":
+    if plan.block_type in ("UpBlock2D", "ResnetUpsampleBlock2D"):
+        kind = "resnet" if plan.block_type == "ResnetUpsampleBlock2D" else "conv"  # interpolating resnet or up + conv
         return UpBlock2D(
             plan.in_channels, plan.prev_output_channel, plan.out_channels, resnet_options(plan, dtype),
-            plan.num_layers, plan.add_upsample, rngs=rngs,
+            plan.num_layers, plan.add_upsample, kind, rngs=rngs,
         )  # fmt: skip
     return UP_BLOCKS[plan.block_type](plan, rngs=rngs, dtype=dtype)
 
@@ -241,4 +241,6 @@ def build_mid_block(plan: BlockPlan | None, rngs: nnx.Rngs, dtype: Any) -> nnx.M
             plan.out_channels, resnet_options(plan, dtype), num_layers=0, add_attention=False,
             output_scale_factor=plan.output_scale_factor, rngs=rngs,
         )  # fmt: skip
+    if plan.block_type == "UNetMidBlock2DSimpleCrossAttn":
+        return UNetMidBlock2DSimpleCrossAttn(plan, rngs=rngs, dtype=dtype)
     return UNetMidBlock2DCrossAttn(plan, rngs=rngs, dtype=dtype)

@@ -25,6 +25,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from diffusion_core.configuration import config_to_json_string
 from diffusion_core.flax.compilation import compile_timer
+from diffusion_core.flax.lora import FlaxLoraLayers
 from diffusion_core.flax.sampling import ScanProgress
 from diffusion_core.pipelines import ComponentClass, PipelineBase
 from diffusion_core.pipelines.components import backend_component_table, backend_pipeline_registry
@@ -130,8 +131,12 @@ def _replicate(params: Any, mode: str, mesh: Mesh | None) -> Any:
     return jax.tree.map(put, params)
 
 
-class DiffusionPipeline(PipelineBase):
-    """Base of the Flax pipelines; ``DiffusionPipeline.from_pretrained`` picks the class from the folder."""
+class DiffusionPipeline(FlaxLoraLayers, PipelineBase):
+    """Base of the Flax pipelines; ``DiffusionPipeline.from_pretrained`` picks the class from the folder.
+
+    LoRA (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ...): ``diffusion_core.pipelines.lora``; the
+    factors and adapter weights are inputs of the compiled programs (``diffusion_core.flax.lora``).
+    """
 
     _component_table = FLAX_COMPONENTS
     _pipeline_registry = FLAX_PIPELINES
@@ -143,6 +148,8 @@ class DiffusionPipeline(PipelineBase):
         self._placed: dict[Hashable, tuple[list, Any]] = {}  # (mode, mesh) -> (weights as given, weights placed)
         self.last_compile_seconds = 0.0  # compile time of the last call's denoising program (0.0: cached)
         self._progress = ScanProgress()
+        self._ahead_of_time = False  # inside ``compile``: programs are lowered and compiled, not run
+        self._pmap_executables: dict[Hashable, Callable] = {}  # ``compile``'s pmap programs, by program and inputs
 
     def _scheduler_key(self) -> tuple[str, str]:
         return type(self.scheduler).__name__, config_to_json_string(self.scheduler.config)
@@ -150,16 +157,59 @@ class DiffusionPipeline(PipelineBase):
     def compiled(self, mode: str, mesh: Mesh | None, static: Hashable, build: Callable[[], Program]) -> Callable:
         """The cached compiled program for ``(mode, mesh, network, static)``; ``build()`` makes it on a miss.
 
-        The network is keyed by identity (NNX graph definitions hold configs and are not hashable);
-        the entry keeps the network alive so the identity cannot be reused.
+        The network is keyed by identity (NNX graph definitions hold configs and are not hashable) and by the
+        layout of its LoRA layers (not their values); the entry keeps the network alive so the identity cannot be
+        reused.
         """
-        key = (mode, mesh, id(self.unet), static)
+        key = (mode, mesh, id(self.unet), self.lora_structure(), static)
         entry = self._programs.get(key)
         if entry is None or entry[0] is not self.unet:
             program = build()
             fn = jax.pmap(program, in_axes=((0, None), None, 0, 0)) if mode == "pmap" else jax.jit(program)
             entry = self._programs[key] = (self.unet, fn)
         return entry[1]
+
+    def _placeholder_call(self, batch_size: int) -> dict[str, Any]:
+        """The call arguments ``compile`` fills in for a batch of ``batch_size`` images (before the caller's own)."""
+        return {"batch_size": batch_size}
+
+    def compile(self, batch_size: int = 1, **call_kwargs: Any) -> float:
+        """Compile ahead of time what a call of this shape runs, so the first such call does not compile (serving).
+
+        ``call_kwargs`` are the call's own arguments that fix shapes and static options: ``height``/``width``,
+        ``num_inference_steps``, ``guidance_scale`` (guidance on or off), ``num_images_per_prompt``,
+        ``parallel``/``mesh``, an ``image`` of the size to serve, ... Later calls with the same shapes and options
+        and any prompt, seed or guidance scale reuse the programs. The denoising program is traced, lowered and
+        compiled (``jax.jit(program).lower(*args).compile()``) without running; the text encoder and VAE, which
+        compile on first use, run once on placeholder inputs. Returns the seconds spent compiling the denoising
+        program (also ``last_compile_seconds``; 0.0 when it was compiled already). With
+        :func:`~diffusion_core.flax.enable_compilation_cache` the compiled programs also serve later processes.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        call = {**self._placeholder_call(batch_size), "key": jax.random.key(0), "output_type": "np", **call_kwargs}
+        self._ahead_of_time = True
+        try:
+            self(**call)
+        finally:
+            self._ahead_of_time = False
+        return self.last_compile_seconds
+
+    def _execute(self, fn: Callable, mode: str, *args: Any) -> Any:
+        """``fn(*args)``; inside ``compile``, ``fn`` lowered and compiled for ``args`` instead, and zeros of its output.
+
+        ``jax.jit`` keeps what ``lower(...).compile()`` made and finds it on the first real call; ``jax.pmap`` does
+        not, so its executables are kept here, by program and input shapes, and called directly.
+        """
+        key = (id(fn), jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+        if not self._ahead_of_time:
+            return self._pmap_executables.get(key, fn)(*args)
+        compiled = fn.lower(*args).compile()
+        if mode == "pmap":
+            self._pmap_executables[key] = compiled
+            jax.block_until_ready(jax.device_put(args, compiled.input_shardings[0]))  # compiles the input split
+        # placed as the real output is, so what follows the program (reshapes, slices) compiles here too
+        return jax.tree.map(lambda info: jnp.zeros(info.shape, info.dtype, device=info.sharding), compiled.out_info)
 
     def progress_for_trace(self) -> ScanProgress | None:
         """The progress object a traced loop should tick (None when the bar is disabled)."""
@@ -194,7 +244,9 @@ class DiffusionPipeline(PipelineBase):
                 n = jax.local_device_count()
                 x, keys = pad_batch(x, n), pad_batch(keys, n)
                 xs = x.reshape((n, x.shape[0] // n) + x.shape[1:])  # (devices, B/devices, ...)
-                out = fn((placed, scalars), make_state(xs[0]), xs, keys.reshape((n, x.shape[0] // n)))
+                out = self._execute(
+                    fn, mode, (placed, scalars), make_state(xs[0]), xs, keys.reshape((n, x.shape[0] // n))
+                )
                 out = out.reshape((x.shape[0],) + out.shape[2:])
             elif mode == "mesh":
                 mesh = auto_mesh(mesh)
@@ -202,11 +254,11 @@ class DiffusionPipeline(PipelineBase):
                 rows, whole = NamedSharding(mesh, PartitionSpec(DATA_AXIS)), NamedSharding(mesh, PartitionSpec())
                 state = put_global(make_state(x), whole)
                 x, keys = put_global(x, rows), put_global(keys, rows)
-                out = fn((placed, put_global(scalars, whole)), state, x, keys)
+                out = self._execute(fn, mode, (placed, put_global(scalars, whole)), state, x, keys)
                 if jax.process_count() > 1:  # every process gets the whole batch
                     out = multihost_utils.process_allgather(out, tiled=True)
             else:
-                out = fn((placed, scalars), make_state(x), x, keys)
+                out = self._execute(fn, mode, (placed, scalars), make_state(x), x, keys)
             out = jax.block_until_ready(out)
         self.last_compile_seconds = timer.seconds
         if timer.seconds:

@@ -96,6 +96,9 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
         """Per-image inputs besides the text context, each (N, ...): here the starting Gaussian draw."""
         return {"noise": self.prepare_latents(run.latent_shape, start, keys)}
 
+    def _placeholder_call(self, batch_size: int) -> dict[str, Any]:
+        return {"prompt": [""] * batch_size}
+
     def _needs_key(self, options: dict) -> bool:
         """Whether the call draws randomness besides the start/step noise (VAE posterior samples)."""
         return False

@@ -20,6 +20,7 @@ from diffusion_core.flax.pipelines.sd_base import Run, StableDiffusionBase
 from diffusion_core.flax.pipelines.sd_program import vae_encode_mode, vae_encode_sample
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.pipelines.sd_recipe import SDRequest
 from diffusion_core.pipelines.sd_recipes import Img2ImgRecipe, InpaintRecipe, Pix2PixRecipe, inpaint_needs_image_latents
 
 
@@ -103,18 +104,25 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, _ImageConditioned):
     ) -> ImagePipelineOutput | tuple:
         """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``."""
         request = self._request(locals())  # first: the call's parameters
+        run, options = self._inpaint_run(request, image, mask_image, (height, width), strength, parallel, mesh)
+        return self._generate(run, request, key, latents, options, return_dict)
+
+    def _inpaint_run(
+        self, request: SDRequest, image: Any, mask_image: Any, size: tuple[int | None, int | None], strength: float,
+        parallel: str | None, mesh: Mesh | None, opts: tuple = (), scalars: tuple | None = None,
+    ) -> tuple[Run, dict[str, Any]]:  # fmt: skip
+        """Checks, then ``(run, options for _inputs)``; ``opts``/``scalars``: the caller's (ControlNet) extras."""
         # blend: a text-to-image (4-channel) UNet keeps the known region after each step
         blend, size, pixels, mask = sd_image.inpaint_inputs(
-            self.unet.config, self.vae.config, image, mask_image, (height, width),
-            (self.scheduler, num_inference_steps, strength), type(self).__name__,
+            self.unet.config, self.vae.config, image, mask_image, size,
+            (self.scheduler, request.num_inference_steps, strength), type(self).__name__,
         )  # fmt: skip
-        run = self._run(
-            request, size, parallel, mesh,
-            opts=(("strength", strength),), channels=self._latent_channels(),
-        )  # fmt: skip
+        fields = {"opts": (*opts, ("strength", strength)), "channels": self._latent_channels()}
+        if scalars is not None:
+            fields["scalars"] = scalars
+        run = self._run(request, size, parallel, mesh, **fields)
         needs = inpaint_needs_image_latents(strength, blend)
-        options = {"pixels": pixels, "mask": mask, "image_latents": needs, "blend": blend}
-        return self._generate(run, request, key, latents, options, return_dict)
+        return run, {"pixels": pixels, "mask": mask, "image_latents": needs, "blend": blend}
 
     def _needs_key(self, options: dict) -> bool:
         return True

@@ -12,7 +12,11 @@ import jax
 from jax.sharding import Mesh
 
 from diffusion_core.flax.pipelines.sd_base import StableDiffusionBase
-from diffusion_core.flax.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
+from diffusion_core.flax.pipelines.sd_controlnet import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+)
 from diffusion_core.flax.pipelines.sd_image import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -73,6 +77,8 @@ class StableDiffusionPipeline(TextToImageRecipe, StableDiffusionBase):
 
 __all__ = [
     "StableDiffusionBase",
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

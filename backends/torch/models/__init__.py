@@ -15,6 +15,7 @@ from diffusion_core.torch.models.clip_text import (
     CLIPTextWithProjectionOutput,
 )
 from diffusion_core.torch.models.controlnet import ControlNetModel
+from diffusion_core.torch.models.embeddings import AttentionPooling, TextTimeEmbedding
 from diffusion_core.torch.models.layers import (
     Downsample2D,
     GaussianFourierProjection,
@@ -24,6 +25,9 @@ from diffusion_core.torch.models.layers import (
     Timesteps,
     Upsample2D,
 )
+from diffusion_core.torch.models.multicontrolnet import MultiControlNetModel
+from diffusion_core.torch.models.t5 import T5EncoderModel, T5EncoderOutput
+from diffusion_core.torch.models.unclip import PriorTransformer, UnCLIPTextProjModel
 from diffusion_core.torch.models.unet_2d import UNet2DModel
 from diffusion_core.torch.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -43,6 +47,12 @@ from diffusion_core.torch.models.unet_2d_condition_blocks import (
     KUpBlock2D,
     UNetMidBlock2DCrossAttn,
 )
+from diffusion_core.torch.models.unet_2d_simple_blocks import (
+    AddedKVAttention,
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
+)
 from diffusion_core.torch.models.vae import (
     AutoencoderKL,
     Decoder,
@@ -52,7 +62,9 @@ from diffusion_core.torch.models.vae import (
 )
 
 __all__ = [
+    "AddedKVAttention",
     "Attention",
+    "AttentionPooling",
     "AttnDownBlock2D",
     "AttnUpBlock2D",
     "AutoencoderKL",
@@ -77,9 +89,16 @@ __all__ = [
     "KCrossAttnUpBlock2D",
     "KDownBlock2D",
     "KUpBlock2D",
+    "MultiControlNetModel",
+    "PriorTransformer",
     "ResnetBlock2D",
     "ResnetOptions",
+    "SimpleCrossAttnDownBlock2D",
+    "SimpleCrossAttnUpBlock2D",
     "SpatialSelfAttention",
+    "T5EncoderModel",
+    "T5EncoderOutput",
+    "TextTimeEmbedding",
     "TimestepEmbedding",
     "Timesteps",
     "Transformer2DModel",
@@ -87,6 +106,8 @@ __all__ = [
     "UNet2DModel",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
+    "UNetMidBlock2DSimpleCrossAttn",
+    "UnCLIPTextProjModel",
     "UpBlock2D",
     "UpDecoderBlock2D",
     "Upsample2D",

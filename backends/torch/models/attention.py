@@ -1,7 +1,7 @@
 """PyTorch attention and transformer layers of the conditional UNets, with diffusers' parameter names.
 
 ``Attention`` (``to_q``/``to_k``/``to_v``/``to_out.0``, optional ``norm_cross``), ``FeedForward``
-with GEGLU (``ff.net.0.proj``, ``ff.net.2``), ``BasicTransformerBlock`` (``norm1``/``attn1``/
+with GEGLU or GELU (``ff.net.0.proj``, ``ff.net.2``), ``BasicTransformerBlock`` (``norm1``/``attn1``/
 ``norm2``/``attn2``/``norm3``/``ff``) and ``Transformer2DModel`` (``norm``, ``proj_in``,
 ``transformer_blocks``, ``proj_out``) as in diffusers 0.42.1, and the K-UNet's ``KAttentionBlock``.
 Masks are additive biases of shape (B, 1, S) over the key tokens (the UNet turns 0/1 masks into
@@ -87,13 +87,32 @@ class GEGLU(nn.Module):
         return hidden_states * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    """``net.0`` GEGLU to ``mult * dim``, ``net.1`` dropout, ``net.2`` linear back to ``dim``."""
+class GELU(nn.Module):
+    """``gelu(proj(x))`` (diffusers' ``GELU`` with its ``proj``: the "gelu" feed-forward of the unCLIP prior)."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+    def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(hidden_states))
+
+
+FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu": GELU}
+
+
+class FeedForward(nn.Module):
+    """``net.0`` GEGLU (or GELU) to ``mult * dim``, ``net.1`` dropout, ``net.2`` linear back to ``dim``."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation_fn: str = "geglu") -> None:
+        super().__init__()
+        if activation_fn not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(
+                f"activation_fn: unsupported {activation_fn!r}; accepted: {list(FEED_FORWARD_ACTIVATIONS)}"
+            )
         inner_dim = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim)])
+        act = FEED_FORWARD_ACTIVATIONS[activation_fn](dim, inner_dim)
+        self.net = nn.ModuleList([act, nn.Dropout(dropout), nn.Linear(inner_dim, dim)])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -118,6 +137,8 @@ class BasicTransformerBlock(nn.Module):
         only_cross_attention: bool = False,
         double_self_attention: bool = False,
         upcast_attention: bool = False,
+        attention_bias: bool = False,
+        activation_fn: str = "geglu",
     ) -> None:
         super().__init__()
         if only_cross_attention and cross_attention_dim is None:
@@ -125,7 +146,11 @@ class BasicTransformerBlock(nn.Module):
         self.only_cross_attention = only_cross_attention
         self.double_self_attention = double_self_attention
         attn = dict(
-            heads=num_attention_heads, dim_head=attention_head_dim, dropout=dropout, upcast_attention=upcast_attention
+            heads=num_attention_heads,
+            dim_head=attention_head_dim,
+            dropout=dropout,
+            bias=attention_bias,
+            upcast_attention=upcast_attention,
         )
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, cross_attention_dim if only_cross_attention else None, **attn)
@@ -134,7 +159,7 @@ class BasicTransformerBlock(nn.Module):
             self.norm2 = nn.LayerNorm(dim, eps=1e-5)
             self.attn2 = Attention(dim, None if double_self_attention else cross_attention_dim, **attn)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
-        self.ff = FeedForward(dim, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
 
     def forward(
         self,

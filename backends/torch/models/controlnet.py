@@ -16,6 +16,7 @@ from torch import nn
 from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import unet_condition_config as ucc
 from diffusion_core.models.attention import AttentionContext, attention_mask_bias
+from diffusion_core.torch.models.embeddings import build_add_embedding, embed_addition
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_condition import (
     UNet2DConditionModel,
@@ -27,7 +28,6 @@ from diffusion_core.torch.models.unet_2d_condition import (
     run_mid,
 )
 from diffusion_core.torch.models.unet_2d_condition_blocks import build_down_block, build_mid_block
-from diffusion_core.torch.models.unet_addition import build_addition_embedding, embed_addition
 
 # UNet config fields a ControlNet copies in ``from_unet`` (diffusers' list).
 _FROM_UNET_FIELDS = (
@@ -85,7 +85,7 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         self.plan = plan
         channels = plan.block_out_channels
         build_stem(self, plan.time, plan.in_channels, channels[0], 3, plan.encoder_hid_proj)
-        build_addition_embedding(self, plan.addition)
+        self.add_embedding = build_add_embedding(plan.addition)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             channels[0], plan.conditioning_channels, plan.conditioning_embedding_out_channels
         )
@@ -159,7 +159,7 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         ctx = AttentionContext(context, attention_mask=attention_mask_bias(attention_mask, sample))
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)  # (B,)
         emb = embed_time(self, self.plan.time, timesteps, sample.dtype, class_labels, None)
-        aug = embed_addition(self, self.plan.addition, added_cond_kwargs, emb.dtype)
+        aug = embed_addition(self.add_embedding, self.plan.addition, context, added_cond_kwargs, emb.dtype)
         emb = emb if aug is None else emb + aug
         sample = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
         sample, skips = run_down(self.down_blocks, sample, emb, ctx)
@@ -169,11 +169,12 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         return self._scale(down, mid_res, conditioning_scale, guess_mode)
 
     def _scale(
-        self, down: list[torch.Tensor], mid: torch.Tensor, conditioning_scale: float, guess_mode: bool
+        self, down: list[torch.Tensor], mid: torch.Tensor, conditioning_scale: float | torch.Tensor, guess_mode: bool
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Apply the conditioning scale (log-ramped in guess mode) and optional global pooling."""
         guess = guess_mode and not self.plan.global_pool_conditions
-        factors = [float(f) for f in ucc.controlnet_residual_scales(len(down), conditioning_scale, guess)]
+        # conditioning_scale may be a tensor on the model's device (a pipeline's per-call weight): applied in torch
+        factors = [float(f) * conditioning_scale for f in ucc.controlnet_residual_scales(len(down), 1.0, guess)]
         down = [s * f for s, f in zip(down, factors, strict=False)]
         mid = mid * factors[-1]
         if self.plan.global_pool_conditions:

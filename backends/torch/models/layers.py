@@ -81,12 +81,13 @@ class TimestepEmbedding(nn.Module):
         act_fn: str = "silu",
         post_act_fn: str | None = None,
         cond_proj_dim: int | None = None,
+        out_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.act = get_activation(act_fn)
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim if out_dim is None else out_dim)
         self.post_act = None if post_act_fn is None else get_activation(post_act_fn)
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,6 +156,7 @@ class ResnetBlock2D(nn.Module):
         output_scale_factor: float = 1.0,
         up: bool = False,
         down: bool = False,
+        skip_time_act: bool = False,
     ) -> None:
         super().__init__()
         if time_embedding_norm not in TIME_SCALE_SHIFTS:
@@ -163,6 +165,7 @@ class ResnetBlock2D(nn.Module):
             )
         out_channels = in_channels if out_channels is None else out_channels
         self.time_embedding_norm = time_embedding_norm
+        self.skip_time_act = skip_time_act  # project temb as is (DeepFloyd IF), not through the nonlinearity
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
@@ -190,7 +193,8 @@ class ResnetBlock2D(nn.Module):
             hidden_states = self.resample(hidden_states)
         hidden_states = self.conv1(hidden_states)
         if self.time_emb_proj is not None and temb is not None:
-            temb = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (B, C or 2C, 1, 1)
+            temb = temb if self.skip_time_act else self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]  # (B, C or 2C, 1, 1)
         hidden_states = self._apply_time(hidden_states, temb)
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
         if self.conv_shortcut is not None:

@@ -11,7 +11,7 @@ it reads is its ``single_file_component``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,8 +45,19 @@ class PretrainedMixin(CheckpointModel):
             model = cls.from_config(source.config)  # type: ignore[attr-defined]
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_keys(expected, source.infos, name=source.name)
-        model.load_state_dict(dict(source.tensors("pt", target)), strict=True, assign=True)
+        model.load_state_dict(dict(cls._cast_tensors(source, target)), strict=True, assign=True)
         return model.eval()
+
+    @classmethod
+    def _cast_tensors(cls, source: CheckpointSource, target: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """``source``'s tensors cast to ``target``, except those the layout keeps float32 (T5's ``wo`` in float16)."""
+        layout = cls.checkpoint_layout
+        if all(layout.weight_dtype(key, target) == target for key in source.infos):
+            yield from source.tensors("pt", target)
+            return
+        for key, tensor in source.tensors("pt", None):
+            dtype = getattr(torch, layout.weight_dtype(key, target))
+            yield key, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     @classmethod
     def from_pretrained(

@@ -27,6 +27,8 @@ class ResnetOptions:
     act_fn: str = "silu"  # resnet nonlinearity (config ``act_fn``)
     time_scale_shift: str = "default"  # "default": add temb; "scale_shift": FiLM after norm2
     dropout: float = 0.0  # inside each resnet, before conv2
+    skip_time_act: bool = False  # IF-style resnets: temb projected without the nonlinearity
+    output_scale_factor: float = 1.0  # resnet output divided by this (config ``resnet_out_scale_factor``)
 
     def resnet(self, in_channels: int, out_channels: int, **kwargs: object) -> ResnetBlock2D:
         """Build a ResnetBlock2D with these settings (kwargs: output_scale_factor, up, down)."""
@@ -39,7 +41,8 @@ class ResnetOptions:
             dropout=self.dropout,
             non_linearity=self.act_fn,
             time_embedding_norm=self.time_scale_shift,
-            **kwargs,
+            skip_time_act=self.skip_time_act,
+            **{"output_scale_factor": self.output_scale_factor, **kwargs},
         )
 
     def attention(self, channels: int, head_dim: int | None) -> SpatialSelfAttention:

@@ -17,6 +17,7 @@ from torch import nn
 from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import unet_condition_config as ucc
 from diffusion_core.models.attention import AttentionContext, attention_mask_bias
+from diffusion_core.torch.models.embeddings import build_add_embedding, embed_addition
 from diffusion_core.torch.models.layers import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
@@ -25,7 +26,6 @@ from diffusion_core.torch.models.unet_2d_condition_blocks import (
     build_mid_block,
     build_up_block,
 )
-from diffusion_core.torch.models.unet_addition import build_addition_embedding, embed_addition
 
 
 def build_stem(owner: nn.Module, time: ucc.TimePlan, in_channels: int, width: int, kernel: int, hid_proj: Any) -> None:
@@ -109,7 +109,7 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         self.sample_size = cfg["sample_size"]
         channels = plan.block_out_channels
         build_stem(self, plan.time, plan.in_channels, channels[0], plan.conv_in_kernel, plan.encoder_hid_proj)
-        build_addition_embedding(self, plan.addition)
+        self.add_embedding = build_add_embedding(plan.addition)
         act = plan.time.embed_act_fn
         self.time_embed_act = None if act is None else get_activation(act)
         self.down_blocks = nn.ModuleList(build_down_block(b) for b in plan.down)
@@ -168,7 +168,9 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)  # (B,)
         emb = embed_time(self, self.plan.time, timesteps, sample.dtype, class_labels, timestep_cond)
-        aug = embed_addition(self, self.plan.addition, added_cond_kwargs, emb.dtype)
+        aug = embed_addition(
+            self.add_embedding, self.plan.addition, encoder_hidden_states, added_cond_kwargs, emb.dtype
+        )  # (B, D) or None
         emb = emb if aug is None else emb + aug
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)

@@ -22,16 +22,13 @@ from diffusion_core.torch.models.layers import (
     ResnetBlockCondNorm2D,
     Upsample2D,
 )
-from diffusion_core.torch.models.unet_2d_blocks import DownBlock2D, ResnetOptions, UNetMidBlock2D, UpBlock2D
-
-
-def resnet_options(plan: BlockPlan) -> ResnetOptions:
-    """Settings of the standard ResnetBlock2D stack of a block."""
-    if plan.norm_groups is None:
-        raise ValueError(f"norm_num_groups: {plan.block_type} needs an int group count")
-    return ResnetOptions(
-        plan.temb_channels, plan.norm_groups, plan.norm_eps, plan.act_fn, plan.time_scale_shift, plan.dropout
-    )
+from diffusion_core.torch.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
+from diffusion_core.torch.models.unet_2d_simple_blocks import (
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
+    resnet_options,
+)
 
 
 def _transformer(plan: BlockPlan, num_layers: int) -> Transformer2DModel:
@@ -206,11 +203,13 @@ DOWN_BLOCKS = {
     "CrossAttnDownBlock2D": CrossAttnDownBlock2D,
     "KDownBlock2D": KDownBlock2D,
     "KCrossAttnDownBlock2D": KCrossAttnDownBlock2D,
+    "SimpleCrossAttnDownBlock2D": SimpleCrossAttnDownBlock2D,
 }
 UP_BLOCKS = {
     "CrossAttnUpBlock2D": CrossAttnUpBlock2D,
     "KUpBlock2D": KUpBlock2D,
     "KCrossAttnUpBlock2D": KCrossAttnUpBlock2D,
+    "SimpleCrossAttnUpBlock2D": SimpleCrossAttnUpBlock2D,
 }
 CROSS_ATTENTION_BLOCKS = (
     CrossAttnDownBlock2D,
@@ -218,11 +217,15 @@ CROSS_ATTENTION_BLOCKS = (
     UNetMidBlock2DCrossAttn,
     KCrossAttnDownBlock2D,
     KCrossAttnUpBlock2D,
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
 )
 
 
 def build_down_block(plan: BlockPlan) -> nn.Module:
-    if plan.block_type == "DownBlock2D":
+    if plan.block_type in ("DownBlock2D", "ResnetDownsampleBlock2D"):
+        resnet_down = plan.block_type == "ResnetDownsampleBlock2D"  # a pooling resnet instead of a strided conv
         return DownBlock2D(
             plan.in_channels,
             plan.out_channels,
@@ -230,12 +233,14 @@ def build_down_block(plan: BlockPlan) -> nn.Module:
             num_layers=plan.num_layers,
             add_downsample=plan.add_downsample,
             downsample_padding=plan.downsample_padding,
+            downsample_type="resnet" if resnet_down else "conv",
         )
     return DOWN_BLOCKS[plan.block_type](plan)
 
 
 def build_up_block(plan: BlockPlan) -> nn.Module:
-    if plan.block_type == "UpBlock2D":
+    if plan.block_type in ("UpBlock2D", "ResnetUpsampleBlock2D"):
+        resnet_up = plan.block_type == "ResnetUpsampleBlock2D"  # an interpolating resnet instead of up + conv
         return UpBlock2D(
             plan.in_channels,
             plan.prev_output_channel,
@@ -243,6 +248,7 @@ def build_up_block(plan: BlockPlan) -> nn.Module:
             resnet_options(plan),
             num_layers=plan.num_layers,
             add_upsample=plan.add_upsample,
+            upsample_type="resnet" if resnet_up else "conv",
         )
     return UP_BLOCKS[plan.block_type](plan)
 
@@ -258,4 +264,6 @@ def build_mid_block(plan: BlockPlan | None) -> nn.Module | None:
             add_attention=False,
             output_scale_factor=plan.output_scale_factor,
         )
+    if plan.block_type == "UNetMidBlock2DSimpleCrossAttn":
+        return UNetMidBlock2DSimpleCrossAttn(plan)
     return UNetMidBlock2DCrossAttn(plan)

@@ -6,6 +6,7 @@ import torch
 
 from diffusion_core.pipelines import ComponentClass, PipelineBase
 from diffusion_core.pipelines.components import backend_component_table, backend_pipeline_registry
+from diffusion_core.torch.lora import TorchLoraLayers
 
 # model_index.json class name -> where the torch class lives (imported only when a pipeline needs it).
 TORCH_COMPONENTS: dict[str, ComponentClass] = backend_component_table("diffusion_core.torch.models")
@@ -14,8 +15,11 @@ TORCH_COMPONENTS: dict[str, ComponentClass] = backend_component_table("diffusion
 TORCH_PIPELINES: dict[str, str] = backend_pipeline_registry("diffusion_core.torch.pipelines")
 
 
-class DiffusionPipeline(PipelineBase):
-    """Base of the PyTorch pipelines; ``DiffusionPipeline.from_pretrained`` picks the class from the folder."""
+class DiffusionPipeline(TorchLoraLayers, PipelineBase):
+    """Base of the PyTorch pipelines; ``DiffusionPipeline.from_pretrained`` picks the class from the folder.
+
+    LoRA (``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ...): ``diffusion_core.pipelines.lora``.
+    """
 
     _component_table = TORCH_COMPONENTS
     _pipeline_registry = TORCH_PIPELINES

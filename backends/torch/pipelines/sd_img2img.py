@@ -12,6 +12,7 @@ from typing import Any
 
 from diffusion_core.pipelines import ImagePipelineOutput, conditioning, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
+from diffusion_core.pipelines.sd_recipe import SDRequest
 from diffusion_core.pipelines.sd_recipes import Img2ImgRecipe, InpaintRecipe, Pix2PixRecipe, inpaint_needs_image_latents
 from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback
 from diffusion_core.torch.sampling import Generators
@@ -42,13 +43,20 @@ class StableDiffusionImg2ImgPipeline(Img2ImgRecipe, StableDiffusionBase):
         """Repaint ``image`` toward ``prompt``; ``strength`` in [0, 1] is how much of the schedule runs."""
         request = self._request(locals())  # first: the call's parameters
         pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
-        sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checks before the work
+        inputs = self._img2img_inputs(request, pixels, strength, generator, latents)
+        opts = (("strength", strength),)
+        return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
+
+    def _img2img_inputs(
+        self, request: SDRequest, pixels: Any, strength: float, generator: Generators, latents: Any
+    ) -> dict[str, Any]:
+        """Checks ``strength``, then the recipe's inputs in diffusers' generator order: the text context, the
+        scaled posterior draw of ``pixels`` (b, 3, H, W), the start noise."""
+        sd_image.strength_start(self.scheduler, request.num_inference_steps, strength)  # checks before the work
         context = self._context(request)
         image_latents = sd.scale_latents(self._encode_image(pixels, request.batch, generator), self.vae.config)
         noise = self.prepare_latents(tuple(image_latents.shape), latents, generator)
-        inputs = {"context": context, "noise": noise, "image_latents": image_latents}
-        opts = (("strength", strength),)
-        return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
+        return {"context": context, "noise": noise, "image_latents": image_latents}
 
 
 class StableDiffusionInpaintPipeline(InpaintRecipe, StableDiffusionBase):
@@ -80,8 +88,10 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, StableDiffusionBase):
         """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``."""
         request = self._request(locals())  # first: the call's parameters
         checked = self._inpaint_checks(image, mask_image, (height, width), num_inference_steps, strength)
-        inputs = self._inpaint_inputs(request, checked, strength, latents, generator)
-        inputs["context"] = self._context(request)
+        inputs = {
+            "context": self._context(request),
+            **self._inpaint_inputs(request, checked, strength, generator, latents),
+        }
         opts = (("strength", strength),)
         return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
 
@@ -95,9 +105,10 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, StableDiffusionBase):
         )  # fmt: skip
 
     def _inpaint_inputs(
-        self, request: Any, checked: tuple, strength: float, latents: Any, generator: Generators
+        self, request: SDRequest, checked: tuple, strength: float, generator: Generators, latents: Any
     ) -> dict[str, Any]:
-        """The per-image inputs but the text: drawn and encoded in diffusers' generator order."""
+        """The recipe's inputs but the text (``checked`` from ``_inpaint_checks``), in diffusers' generator order:
+        image latents (if needed), start noise, masked-image latents (9-channel UNets), the latent-size mask."""
         blend, (height, width), pixels, mask = checked
         batch, scale = request.batch, self.vae_scale_factor
         inputs = {}

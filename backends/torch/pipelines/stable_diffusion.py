@@ -13,7 +13,11 @@ from diffusion_core.pipelines import ImagePipelineOutput, sd_recipe
 from diffusion_core.pipelines import stable_diffusion as sd
 from diffusion_core.pipelines.sd_recipes import TextToImageRecipe
 from diffusion_core.torch.pipelines.sd_base import StableDiffusionBase, StepCallback
-from diffusion_core.torch.pipelines.sd_controlnet import StableDiffusionControlNetPipeline
+from diffusion_core.torch.pipelines.sd_controlnet import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+)
 from diffusion_core.torch.pipelines.sd_img2img import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -24,6 +28,8 @@ from diffusion_core.torch.pipelines.sd_upscale import StableDiffusionUpscalePipe
 from diffusion_core.torch.sampling import Generators
 
 __all__ = [
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

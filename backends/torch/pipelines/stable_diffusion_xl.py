@@ -234,7 +234,7 @@ class StableDiffusionXLInpaintPipeline(SDXLInpaintRecipe, SDXLBase, StableDiffus
         checked = self._inpaint_checks(image, mask_image, (height, width), num_inference_steps, strength)
         aesthetics = bool(self.setting("requires_aesthetics_score"))
         cond = sdxl.sdxl_conditions(request, a, sdxl.refiner_time_ids(a, checked[1], aesthetics))
-        inputs = self._inpaint_inputs(request, checked, strength, latents, generator)
+        inputs = self._inpaint_inputs(request, checked, strength, generator, latents)
         inputs.update(self._sdxl_inputs(request, cond))
         opts = (("strength", strength), ("denoising_end", cond.denoising_end))
         return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
