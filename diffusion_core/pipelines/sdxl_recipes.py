@@ -127,7 +127,7 @@ class SDXLInpaintRecipe(SDXLRecipe, InpaintRecipe):
 
 
 class SDXLControlNetRecipe(SDXLRecipe, ControlNetRecipe):
-    """SDXL with one ControlNet: the SD ControlNet hooks (residuals weighted per call, guess mode) with SDXL's
+    """SDXL with ControlNets: the SD ControlNet hooks (residuals weighted per call, guess mode) with SDXL's
     text conditioning, which the ControlNet receives too (its conditional half in guess mode)."""
 
     _components = (*sdxl.SDXL_COMPONENTS[:6], "controlnet", *sdxl.SDXL_COMPONENTS[6:])

@@ -115,10 +115,14 @@ SDXL_CONTROLNET = dict(
 )
 
 
-def save_sdxl_controlnet_pipeline(folder: Path) -> Path:
-    """Write a tiny ``StableDiffusionXLControlNetPipeline`` (its zero convs given small random weights)."""
-    torch.manual_seed(0)
-    controlnet = sd_tiny._nonzero(diffusers.ControlNetModel(**SDXL_CONTROLNET).eval())
+def save_sdxl_controlnet_pipeline(folder: Path, nets: int = 1) -> Path:
+    """Write a tiny ``StableDiffusionXLControlNetPipeline`` (its zero convs given small random weights); with
+    ``nets`` > 1, that many different ControlNets (diffusers' ``controlnet/``, ``controlnet_1/``, ... layout)."""
+    controlnets = []
+    for seed in range(nets):
+        torch.manual_seed(seed)
+        controlnets.append(sd_tiny._nonzero(diffusers.ControlNetModel(**SDXL_CONTROLNET).eval(), seed + 1))
+    controlnet = controlnets[0] if nets == 1 else controlnets
     pipe = diffusers.StableDiffusionXLControlNetPipeline(**sdxl_components(), controlnet=controlnet)
     pipe.save_pretrained(folder)
     return folder

@@ -169,3 +169,17 @@ def test_float16_vae_decodes_as_a_float32_copy_when_force_upcast(base, tmp_path)
     z = sd_tiny.start_latents((1, *LATENT))
     np.testing.assert_allclose(pipe._vae_decode(z), ours._vae_decode(z), atol=2e-2, rtol=0)  # float16 weights
     assert ours._decoding_vae() is ours.vae  # float32 VAEs decode as they are
+
+
+def test_multi_controlnet_matches_diffusers(tmp_path):
+    """Two ControlNets (``MultiControlNetModel``) each given the SDXL added conditioning, per-net scales/windows."""
+    pipes = _load(sdxl_tiny.save_sdxl_controlnet_pipeline(tmp_path / "multi", nets=2))
+    assert type(pipes[0]) is StableDiffusionXLControlNetPipeline and len(pipes[0].controlnet.nets) == 2
+    images = [sd_tiny.sample_image(SIZE, SIZE, seed=s) for s in (4, 5)]
+    lat = sd_tiny.start_latents((1, *LATENT))
+    common = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np", prompt=sd_tiny.PROMPT)
+    options = dict(controlnet_conditioning_scale=[0.8, 1.3], control_guidance_end=[1.0, 0.5])
+    a = pipes[0](latents=lat, image=images, **common, **options).images
+    torch_images = [torch.from_numpy(im).permute(0, 3, 1, 2) for im in images]
+    b = pipes[1](latents=torch.from_numpy(lat), image=torch_images, **common, **options).images
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)

@@ -234,3 +234,22 @@ def controlnet(tmp_path_factory):
     ours.set_progress_bar_config(disable=True)
     assert type(ours) is StableDiffusionXLControlNetPipeline
     return ours, sd_tiny.load_diffusers(folder)
+
+
+def test_multi_controlnet_matches_diffusers(tmp_path):
+    """Two ControlNets (``MultiControlNetModel``), each given the SDXL added conditioning, per-net images, scales
+    and guidance windows."""
+    folder = sdxl_tiny.save_sdxl_controlnet_pipeline(tmp_path / "multi", nets=2)
+    ours = DiffusionPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours) is StableDiffusionXLControlNetPipeline and len(ours.controlnet.nets) == 2
+    pipes = ours, sd_tiny.load_diffusers(folder)
+    images = [sd_tiny.sample_image(SIZE, SIZE, seed=s) for s in (4, 5)]
+    options = dict(controlnet_conditioning_scale=[0.8, 1.3], control_guidance_end=[1.0, 0.5])
+    a = _run(pipes[0], sd_tiny.start_latents((1, *LATENT_SHAPE)), True, prompt=sd_tiny.PROMPT, image=images, **options)
+    torch_images = [torch.from_numpy(im).permute(0, 3, 1, 2) for im in images]
+    lat = sd_tiny.start_latents((1, *LATENT_SHAPE))
+    b = _run(pipes[1], lat, False, prompt=sd_tiny.PROMPT, image=torch_images, **options)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    swapped = _run(pipes[1], lat, False, prompt=sd_tiny.PROMPT, image=torch_images[::-1], **options)
+    assert np.abs(swapped - b).max() > 5 * ATOL  # each net sees its own image

@@ -255,7 +255,8 @@ class StableDiffusionXLInpaintPipeline(SDXLInpaintRecipe, SDXLBase, StableDiffus
 
 
 class StableDiffusionXLControlNetPipeline(SDXLControlNetRecipe, SDXLBase):
-    """SDXL with one ``ControlNetModel``; diffusers' ``StableDiffusionXLControlNetPipeline`` for Flax."""
+    """SDXL with one ``ControlNetModel`` or several (``MultiControlNetModel``); diffusers'
+    ``StableDiffusionXLControlNetPipeline`` for Flax."""
 
     def __call__(
         self,
@@ -278,10 +279,10 @@ class StableDiffusionXLControlNetPipeline(SDXLControlNetRecipe, SDXLBase):
         negative_pooled_prompt_embeds: Any = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        controlnet_conditioning_scale: float = 1.0,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
         guess_mode: bool = False,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
