@@ -24,7 +24,7 @@ from diffusion_core.flax.pipelines.stable_diffusion_xl import (
 from diffusion_core.flax.sampling import per_example_keys
 from diffusion_core.pipelines import conditioning
 from diffusion_core.pipelines import stable_diffusion as sd
-from tests.pipelines import sd_tiny, sdxl_tiny
+from tests.pipelines import lora_tiny, sd_tiny, sdxl_tiny
 
 ATOL = 5e-3
 SIZE = 32
@@ -182,4 +182,29 @@ def test_multi_controlnet_matches_diffusers(tmp_path):
     a = pipes[0](latents=lat, image=images, **common, **options).images
     torch_images = [torch.from_numpy(im).permute(0, 3, 1, 2) for im in images]
     b = pipes[1](latents=torch.from_numpy(lat), image=torch_images, **common, **options).images
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_compile_then_first_call_does_not_compile(base):
+    """``pipe.compile`` (AOT) on SDXL: the later call of that shape neither traces nor compiles the loop."""
+    ours = base[0]
+    shape = dict(height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=6.5)
+    traced = ours.trace_count
+    assert ours.compile(batch_size=1, **shape) > 0.0 and ours.trace_count == traced + 1
+    out = ours(prompt=sd_tiny.PROMPT, key=jax.random.key(2), output_type="np", **shape)
+    assert ours.trace_count == traced + 1 and ours.last_compile_seconds == 0.0
+    assert out.images.shape == (1, SIZE, SIZE, 3) and np.isfinite(out.images).all()
+
+
+def test_lora_matches_diffusers(tmp_path, base):
+    """A diffusers+peft LoRA on the UNet and both text encoders (``lora_tiny.save_sdxl_peft_lora``); the LoRA
+    structure is in the compiled-program key, so the base pipeline's program is not reused wrongly."""
+    folder = sdxl_tiny.save_sdxl_pipeline(tmp_path / "base")
+    pipes = _load(folder)
+    plain = _both(pipes, prompt=sd_tiny.PROMPT)[0]
+    lora = lora_tiny.save_sdxl_peft_lora(tmp_path / "lora")
+    for pipe in pipes:
+        pipe.load_lora_weights(lora, adapter_name="x")
+    a, b = _both(pipes, prompt=sd_tiny.PROMPT)
+    assert np.abs(a - plain).max() > 10 * ATOL
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
