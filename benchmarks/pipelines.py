@@ -1,6 +1,7 @@
-"""Text-to-image end to end: ours (torch, flax warm) vs diffusers' StableDiffusionPipeline, same run.
+"""Text-to-image end to end: ours (torch, flax warm) vs diffusers' StableDiffusion(XL)Pipeline, same run.
 
-    python benchmarks/pipelines.py [--configs tiny sd15 if-tiny if-m] [--repeats 3] [--unclip unclip-tiny karlo]
+    python benchmarks/pipelines.py [--configs tiny sd15 sdxl_tiny sdxl if-tiny if-m] [--repeats 3]
+                                   [--unclip unclip-tiny karlo]
 
 Two random-weight pipelines are written once in diffusers' folder layout (tokenizer built from CLIP's
 real vocabulary): "tiny" (diffusers' fast-test components) at 64x64 with 25 steps, and "sd15" (the
@@ -9,6 +10,8 @@ our torch pipeline and our Flax pipeline load the same folder and run the same p
 numpy latents (DPM-Solver++ 2M, guidance 7.5, output "np"), interleaved round by round; medians and
 ratios to diffusers are printed. The Flax compile time (first call minus a warm call) is its own line.
 "if-tiny" / "if-m" are DeepFloyd IF stage I (``IFPipeline`` vs diffusers'; see benchmarks/if_pipelines.py).
+"sdxl" is the SDXL base architecture (UNet, VAE, CLIP ViT-L and OpenCLIP bigG text encoders; random weights,
+about 3.5B parameters: a GPU-sized run) at 512x512 with 4 steps; "sdxl_tiny" the SDXL fast-test components.
 """
 
 from __future__ import annotations
@@ -62,6 +65,79 @@ CONFIGS = {
         ),
         "text": dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2),
     },
+    # diffusers' SDXL fast-test components (two text encoders, text_time addition embedding)
+    "sdxl_tiny": {
+        "kind": "sdxl",
+        "size": 64,
+        "steps": 25,
+        "unet": dict(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64,
+            norm_num_groups=1,
+        ),
+        "vae": dict(
+            block_out_channels=(4, 8),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=2,
+        ),
+        "text": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
+        "text_2": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+        ),
+    },
+    # stabilityai/stable-diffusion-xl-base-1.0 architectures (random weights)
+    "sdxl": {
+        "kind": "sdxl",
+        "size": 512,
+        "steps": 4,
+        "unet": dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            attention_head_dim=(5, 10, 20),
+            block_out_channels=(320, 640, 1280),
+            cross_attention_dim=2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            projection_class_embeddings_input_dim=2816,
+            sample_size=128,
+            transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=1024,
+            scaling_factor=0.13025,
+        ),
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
+        ),
+        "text_2": dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            projection_dim=1280,
+            hidden_act="gelu",
+        ),  # fmt: skip
+    },
     # stable-diffusion-v1-5 architectures (random weights)
     "sd15": {
         "size": 256,
@@ -83,7 +159,7 @@ CONFIGS = {
 
 
 def write_pipeline(name: str, folder: Path) -> None:
-    """A random-weight diffusers StableDiffusionPipeline folder for config ``name``."""
+    """A random-weight diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) folder for config ``name``."""
     import diffusers
     import torch
     import transformers
@@ -94,17 +170,24 @@ def write_pipeline(name: str, folder: Path) -> None:
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**cfg["unet"])
     vae = diffusers.AutoencoderKL(**cfg["vae"])
-    text = transformers.CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        **cfg["text"],
-    )  # fmt: skip
-    encoder = transformers.CLIPTextModel(text)
+    clip = dict(
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407
+    )
+    encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip, **cfg["text"]))
     vocab_dir = folder / "_vocab"
     write_clip_vocab(vocab_dir)
     tokenizer = transformers.CLIPTokenizer(
         str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), model_max_length=77
     )
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SCHEDULER)
+    if cfg.get("kind") == "sdxl":
+        encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**clip, **cfg["text_2"]))
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+            unet=unet, scheduler=scheduler,
+        )  # fmt: skip
+        pipe.save_pretrained(folder / name)
+        return
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -128,7 +211,10 @@ def contenders(name: str, folder: Path, compile_line: list[str]):
     latent = size // (2 ** (len(cfg["vae"]["block_out_channels"]) - 1))
     latents = np.random.default_rng(0).standard_normal((1, 4, latent, latent)).astype(np.float32)
     kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="np")
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    if cfg.get("kind") == "sdxl":
+        ref = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
+    else:
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     ours_t = TorchPipeline.from_pretrained(path)
     ours_f = FlaxPipeline.from_pretrained(path)

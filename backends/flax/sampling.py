@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from diffusion_core.pipelines.sdxl import check_stop
 from diffusion_core.schedulers import Scheduler
 
 
@@ -115,8 +116,10 @@ def denoise_loop(
     first: int = 0,
     index_model_fn: bool = False,
     post_step: Callable[[Any, Any], Any] | None = None,
+    stop: int | None = None,
 ):
-    """Run model calls ``first .. len(state.timesteps) - 1`` as one ``lax.scan``: returns ``(sample, final_state)``.
+    """Run model calls ``first .. len(state.timesteps) - 1`` (or ``.. stop - 1``: SDXL's ``denoising_end``) as one
+    ``lax.scan``: returns ``(sample, final_state)``.
 
     ``model_fn(model_input, t)`` is the network; ``latents`` are already scaled by
     ``state.init_noise_sigma``. Noise comes from ``noise_fn(i)`` (tests), per-image ``keys`` (B,)
@@ -147,7 +150,7 @@ def denoise_loop(
             jax.debug.callback(progress.tick, i)
         return (x, st), None
 
-    (x, state), _ = jax.lax.scan(body, (latents, state), jnp.arange(first, num_calls))
+    (x, state), _ = jax.lax.scan(body, (latents, state), jnp.arange(first, check_stop(stop, first, num_calls)))
     return x, state
 
 

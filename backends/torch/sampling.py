@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_core.pipelines.sdxl import check_stop
 from diffusion_core.schedulers import Scheduler
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -60,8 +61,10 @@ def denoise_loop(
     callback: Callable[[int, torch.Tensor, Any], torch.Tensor | None] | None = None,
     index_model_fn: bool = False,
     post_step: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    stop: int | None = None,
 ):
-    """Run every remaining model call of ``state``; returns ``(sample, final_state)``.
+    """Run every remaining model call of ``state`` (up to call ``stop``, exclusive, when given: SDXL's
+    ``denoising_end``); returns ``(sample, final_state)``.
 
     Noise (where the scheduler needs it) comes from ``noise_fn(i)`` or ``randn_tensor`` with
     ``generator`` (drawn on the generator's device, moved to ``latents.device``: the same numbers on
@@ -74,6 +77,7 @@ def denoise_loop(
     draws = scheduler.noise_calls(state, **step_kwargs)  # (num_calls,) host bool: where diffusers draws
     x = latents
     first, num_calls = int(state.step_index), int(state.timesteps.shape[0])
+    num_calls = check_stop(stop, first, num_calls)
     with torch.inference_mode():
         for i in tqdm(range(first, num_calls), disable=not progress):
             t = scheduler.current_timestep(state)

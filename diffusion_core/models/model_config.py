@@ -127,7 +127,7 @@ COND_UP_BLOCKS = (
 COND_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "UNetMidBlock2DSimpleCrossAttn", None)
 COND_CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
 # addition_embed_type values UNet2DConditionModel implements (plans: unet_condition_config.addition_plan)
-ADDITION_EMBED_TYPES = (None, "text")
+ADDITION_EMBED_TYPES = (None, "text", "text_time")
 CROSS_ATTENTION_NORMS = (None, "layer_norm", "group_norm")  # Simple* blocks' norm of the encoder states
 CROSS_ATTENTION_NORM_GROUPS = 32  # diffusers' fixed GroupNorm groups of cross_attention_norm="group_norm"
 K_GROUP_SIZE = 32  # K blocks norm with channels // 32 groups (diffusers' fixed resnet_group_size)
@@ -347,7 +347,10 @@ def validate_unet_2d_condition_config(cfg: Mapping[str, Any]) -> None:
 def validate_addition_embedding(cfg: Mapping[str, Any]) -> None:
     """``addition_embed_type`` and the fields its embedding reads (one branch per type)."""
     check_choice("addition_embed_type", cfg["addition_embed_type"], ADDITION_EMBED_TYPES)
-    if cfg["addition_embed_type"] == "text":
+    if cfg["addition_embed_type"] == "text_time":
+        check_int("addition_time_embed_dim", cfg["addition_time_embed_dim"])
+        check_int("projection_class_embeddings_input_dim", cfg["projection_class_embeddings_input_dim"])
+    elif cfg["addition_embed_type"] == "text":
         width = cfg["encoder_hid_dim"] or cfg["cross_attention_dim"]
         check_int("addition_embed_type_num_heads", cfg["addition_embed_type_num_heads"])
         if not isinstance(width, int) or width % cfg["addition_embed_type_num_heads"]:
@@ -385,7 +388,8 @@ def validate_controlnet_config(cfg: Mapping[str, Any]) -> None:
             f"{len(cfg['down_block_types'])} and {n}"
         )
     check_choice("class_embed_type", cfg["class_embed_type"], (None, "timestep", "identity", "projection"))
-    check_choice("addition_embed_type", cfg["addition_embed_type"], (None,))
+    check_choice("addition_embed_type", cfg["addition_embed_type"], (None, "text_time"))  # IF's "text": UNet only
+    validate_addition_embedding(cfg)
     _check_common(cfg, n)
     if cfg["norm_num_groups"] is None:
         raise ValueError("norm_num_groups: an int is required for ControlNetModel")

@@ -46,6 +46,7 @@ __all__ = [
     "controlnet_kwargs",
     "controlnet_plan",
     "controlnet_residual_scales",
+    "required_addition",
     "attention_mask_bias",
     "resolve_config",
     "unet_2d_condition_kwargs",
@@ -122,12 +123,18 @@ class AdditionPlan:
 
     ``"text"`` (DeepFloyd IF): ``TextTimeEmbedding`` of the encoder states before ``encoder_hid_proj``
     (LayerNorm, attention pooling with ``num_heads`` heads, linear, LayerNorm).
+    ``"text_time"`` (SDXL): ``add_embedding(cat([text_embeds, add_time_proj(time_ids).reshape(B, -1)]))``, the
+    pooled text embedding and sinusoidal features of the size/crop ids.
     """
 
     kind: str  # an ADDITION_EMBED_TYPES entry other than None
-    in_dim: int  # add_embedding input width (text: encoder_hid_dim, else cross_attention_dim)
+    in_dim: int  # add_embedding input width (text: encoder_hid_dim or cross_attention_dim;
+    # text_time: projection_class_embeddings_input_dim)
     embed_dim: int  # = the time embedding width it is added to
     num_heads: int | None = None  # text: attention-pooling heads (addition_embed_type_num_heads)
+    time_proj_dim: int | None = None  # text_time: add_time_proj channels per id (addition_time_embed_dim)
+    flip_sin_to_cos: bool = True  # text_time: add_time_proj options (the UNet's flip_sin_to_cos / freq_shift)
+    freq_shift: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,7 @@ class UNet2DConditionPlan:
     act_fn: str
     num_upsamplers: int  # 2**num_upsamplers must divide H, W, else upsample sizes are forwarded
     center_input_sample: bool
-    addition: AdditionPlan | None = None  # addition_embed_type, see addition_plan
+    addition: AdditionPlan | None = None  # addition_embed_type (SDXL's "text_time"), see addition_plan
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,7 @@ class ControlNetPlan:
     controlnet_down_channels: tuple[int, ...]  # zero 1x1 conv widths, one per down residual
     flip_channels: bool  # controlnet_conditioning_channel_order == "bgr"
     global_pool_conditions: bool
+    addition: AdditionPlan | None = None  # addition_embed_type (SDXL ControlNets: "text_time")
 
 
 def _time_plan(cfg: Mapping[str, Any], *, controlnet: bool = False) -> TimePlan:
@@ -202,11 +210,27 @@ def addition_plan(cfg: Mapping[str, Any], embed_dim: int) -> AdditionPlan | None
     kind = cfg["addition_embed_type"]
     if kind is None:
         return None
+    if kind == "text_time":
+        return AdditionPlan(
+            kind=kind,
+            in_dim=cfg["projection_class_embeddings_input_dim"],
+            embed_dim=embed_dim,
+            time_proj_dim=cfg["addition_time_embed_dim"],
+            flip_sin_to_cos=cfg["flip_sin_to_cos"],
+            freq_shift=cfg["freq_shift"],
+        )
     if kind == "text":
         width = cfg["encoder_hid_dim"] or cfg["cross_attention_dim"]
         heads = cfg["addition_embed_type_num_heads"]
         return AdditionPlan(kind=kind, in_dim=width, embed_dim=embed_dim, num_heads=heads)
     raise ValueError(f"addition_embed_type: unsupported value {kind!r}")
+
+
+def required_addition(added_cond_kwargs: Mapping[str, Any] | None, name: str, kind: str) -> Any:
+    """``added_cond_kwargs[name]``, which ``addition_embed_type=kind`` reads; ValueError when it is missing."""
+    if not added_cond_kwargs or added_cond_kwargs.get(name) is None:
+        raise ValueError(f"added_cond_kwargs: {name!r} is required by addition_embed_type={kind!r}")
+    return added_cond_kwargs[name]
 
 
 def _encoder_hid_proj(cfg: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -445,6 +469,7 @@ def controlnet_plan(cfg: Mapping[str, Any]) -> ControlNetPlan:
         controlnet_down_channels=tuple(zero_convs),
         flip_channels=cfg["controlnet_conditioning_channel_order"] == "bgr",
         global_pool_conditions=bool(cfg["global_pool_conditions"]),
+        addition=addition_plan(cfg, time.embed_dim),
     )
 
 

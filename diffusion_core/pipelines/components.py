@@ -186,6 +186,10 @@ _BACKEND_PIPELINES: dict[str, str] = {
             "LatentUpscale",
         )  # fmt: skip
     },
+    "StableDiffusionXLPipeline": "stable_diffusion_xl",
+    "StableDiffusionXLImg2ImgPipeline": "stable_diffusion_xl",
+    "StableDiffusionXLInpaintPipeline": "stable_diffusion_xl",
+    "StableDiffusionXLControlNetPipeline": "stable_diffusion_xl",
 }
 
 

@@ -234,16 +234,20 @@ def check_latent_upscaler_call(
     return batch, prompt, sd.guidance(guidance_scale, 0.0, {})
 
 
-def keep_known_region(scheduler: Any, state: Any, x: Any, image_latents: Any, noise: Any, mask: Any) -> Any:
+def keep_known_region(
+    scheduler: Any, state: Any, x: Any, image_latents: Any, noise: Any, mask: Any, stop: int | None = None
+) -> Any:
     """4-channel inpainting after a step (``state`` already advanced to call ``k``): outside the mask, the
-    image latents re-noised to ``timesteps[k]`` (clean after the last call); inside, the new sample.
+    image latents re-noised to ``timesteps[k]`` (clean after the last call, or the call before ``stop`` where the
+    loop ends early: SDXL's ``denoising_end``); inside, the new sample.
 
     Branch-free (``xp.where`` on the step counter), so it runs inside a compiled loop.
     """
     xp = arrays.namespace(x)
     n = state.timesteps.shape[0]
+    end = n if stop is None else stop
     idx = xp.minimum(state.step_index, xp.asarray(n - 1, dtype=state.step_index.dtype))
     t = xp.repeat(xp.reshape(state.timesteps[idx], (1,)), x.shape[0], axis=0)  # (B,)
     noised = scheduler.add_noise(image_latents, noise, t, state=state)
-    known = xp.where(state.step_index < n, noised, image_latents)
+    known = xp.where(state.step_index < end, noised, image_latents)
     return conditioning.inpaint_blend(x, known, mask)

@@ -205,6 +205,10 @@ class StableDiffusionRecipe:
         """``(x, new state) -> x`` after every scheduler step, or None."""
         return None
 
+    def _stop(self, state: Any, opts: Mapping[str, Any]) -> int | None:
+        """The model call the loop ends before (SDXL's ``denoising_end``), or None: the whole schedule."""
+        return None
+
     # --- output -----------------------------------------------------------------------------------------
 
     def _vae_config(self) -> Mapping[str, Any]:

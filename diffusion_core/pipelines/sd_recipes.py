@@ -97,7 +97,8 @@ class InpaintRecipe(StableDiffusionRecipe):
         if "masked_latents" in inputs:
             return None
         scheduler, image_latents, noise, mask = self.scheduler, inputs["image_latents"], inputs["noise"], inputs["mask"]
-        return lambda x, state: sd_image.keep_known_region(scheduler, state, x, image_latents, noise, mask)
+        stop = opts.get("stop")
+        return lambda x, state: sd_image.keep_known_region(scheduler, state, x, image_latents, noise, mask, stop)
 
 
 class Pix2PixRecipe(StableDiffusionRecipe):
@@ -168,6 +169,8 @@ class ControlNetRecipe(StableDiffusionRecipe):
             sd_control.control_image_batch(inputs["control"][:, k], b, 1, g.parts, guess_mode) for k in range(count)
         ]
         cond_context = context[-b:] if guess_mode else context  # guess mode: the conditional half only
+        kwargs = self._unet_kwargs(inputs, g, scalars)  # SDXL: the added conditioning, for both networks
+        cond_kwargs = conditional_rows(kwargs, b) if guess_mode else kwargs
         keeps = sd_control.controlnet_keeps(opts["num_calls"], starts, ends, opts["first"])  # (calls, nets)
         keep = arrays.host_to_like(keeps, context)
         scales = scalars["controlnet_conditioning_scale"]  # (nets,): traced by the flax program
@@ -177,14 +180,21 @@ class ControlNetRecipe(StableDiffusionRecipe):
             x_in = x if guess_mode else sd.model_input(x, g)
             cond, weight = (controls, weights) if multi else (controls[0], weights[0])
             down, mid = controlnet(
-                x_in, t, cond_context, controlnet_cond=cond, conditioning_scale=weight, guess_mode=guess_mode
-            )
+                x_in, t, cond_context, controlnet_cond=cond, conditioning_scale=weight, guess_mode=guess_mode,
+                **cond_kwargs,
+            )  # fmt: skip
             if guess_mode:
                 down, mid = sd_control.guess_mode_residuals(down, mid, g.parts)
             residuals = {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
-            return sd.combine(unet(sd.model_input(x, g, extra), t, context, **residuals), g)
+            return sd.combine(unet(sd.model_input(x, g, extra), t, context, **residuals, **kwargs), g)
 
         return model_fn
+
+
+def conditional_rows(kwargs: Mapping[str, Any], b: int) -> dict[str, Any]:
+    """Model keywords (arrays, or mappings of arrays) cut to their last ``b`` rows: the conditional half of a
+    guidance batch, which a guess-mode ControlNet sees (diffusers' ``chunk(2)[1]``)."""
+    return {k: conditional_rows(v, b) if isinstance(v, Mapping) else v[-b:] for k, v in kwargs.items()}
 
 
 class ControlNetImg2ImgRecipe(ControlNetRecipe, Img2ImgRecipe):

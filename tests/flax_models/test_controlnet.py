@@ -38,6 +38,14 @@ VARIANT = {  # bgr control image, pooled residuals, timestep class labels, linea
 }
 
 
+SDXL = {  # text_time addition embedding (SDXL ControlNets)
+    **CONTROLNET,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "projection_class_embeddings_input_dim": 32,  # 6 ids * 4 + 8 pooled text
+}
+
+
 def build_controlnet(config: dict[str, Any], dtype: Any = jnp.float32) -> tuple[torch.nn.Module, ControlNetModel]:
     """diffusers ControlNet whose zero-initialised convs are given random weights, and ours loaded from it."""
     torch.manual_seed(0)
@@ -63,11 +71,18 @@ def controlnet_inputs(config: dict[str, Any]) -> dict[str, Any]:
     }
     if config.get("class_embed_type") == "timestep":
         args["class_labels"] = np.array([7, 300])
+    if config.get("addition_embed_type") == "text_time":
+        time_ids = np.array([[64, 48, 0, 8, 32, 40], [32, 32, 4, 0, 64, 64]], np.float32)
+        args["added_cond_kwargs"] = {
+            "text_embeds": rng.standard_normal((2, 8)).astype(np.float32),
+            "time_ids": time_ids,
+        }
     return args
 
 
 def reference(ref: torch.nn.Module, args: dict[str, Any], **kwargs: Any) -> tuple[list[np.ndarray], np.ndarray]:
-    tensors = {k: torch.as_tensor(v) for k, v in args.items()}
+    tensors = {k: {n: torch.as_tensor(x) for n, x in v.items()} if isinstance(v, dict) else torch.as_tensor(v)
+               for k, v in args.items()}  # fmt: skip
     with torch.no_grad():
         out = ref(**tensors, **kwargs)
     return [d.float().numpy() for d in out.down_block_res_samples], out.mid_block_res_sample.float().numpy()
@@ -89,6 +104,12 @@ def test_residuals_under_jit_with_traced_scale() -> None:
     run = jax.jit(lambda s, a, scale: nnx.merge(graphdef, s)(**a, conditioning_scale=scale))
     for scale in (1.0, 0.6):  # one compile: the scale is traced
         assert_residuals_close(run(state, args, scale), reference(ref, args, conditioning_scale=scale), REL_TOL)
+
+
+def test_sdxl_text_time_residuals() -> None:
+    ref, ours = build_controlnet(SDXL)
+    args = controlnet_inputs(SDXL)
+    assert_residuals_close(ours(**args, conditioning_scale=0.8), reference(ref, args, conditioning_scale=0.8), REL_TOL)
 
 
 def test_residuals_eager_guess_mode() -> None:

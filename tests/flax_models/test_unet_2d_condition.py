@@ -74,8 +74,23 @@ X2_LATENT = {  # sd-x2-latent-upscaler style: K blocks, fourier time, timestep_c
     "time_embedding_type": "fourier",
     "timestep_post_act": "gelu",
 }
+SDXL = {  # SDXL style: text_time addition embedding, per-block transformer depth, 1 norm group
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "transformer_layers_per_block": (1, 2),
+    "projection_class_embeddings_input_dim": 32,  # 6 time ids * 4 + 8 pooled text
+    "cross_attention_dim": 16,
+    "norm_num_groups": 1,
+}
 CASES: dict[str, dict[str, Any]] = {
     "sd1": SD1,
+    "sdxl": SDXL,
     "sd2": SD2,
     "inpaint": {**SD1, "in_channels": 9},
     "pix2pix": {**SD1, "in_channels": 8},
@@ -103,7 +118,9 @@ CASES: dict[str, dict[str, Any]] = {
 SIZES = {"sd2": 9, "timestep_class_no_mid": 9}  # 9 -> 5 -> 9: exercises forwarded upsample sizes
 # Each case costs one XLA compile (seconds on a shared CPU); the default run keeps one case per code path
 # family; inpaint and pix2pix (sd1 with a wider conv_in) are marked slow.
-FAST_CASES = ("sd1", "sd2", "x4_upscaler", "x2_latent_upscaler", "projection_class_text_proj", "timestep_class_no_mid")
+FAST_CASES = (
+    "sd1", "sdxl", "sd2", "x4_upscaler", "x2_latent_upscaler", "projection_class_text_proj", "timestep_class_no_mid"
+)  # fmt: skip
 
 
 def build(config: dict[str, Any], dtype: Any = jnp.float32) -> tuple[torch.nn.Module, UNet2DConditionModel]:
@@ -134,11 +151,17 @@ def inputs(name: str, config: dict[str, Any]) -> dict[str, np.ndarray]:
         args["class_labels"] = rng.standard_normal((2, 6)).astype(np.float32)
     if "time_cond_proj_dim" in config:
         args["timestep_cond"] = rng.standard_normal((2, config["time_cond_proj_dim"])).astype(np.float32)
+    if config.get("addition_embed_type") == "text_time":
+        time_ids = np.array([[64, 48, 0, 8, 32, 40], [32, 32, 4, 0, 64, 64]], np.float32)
+        text_embeds = rng.standard_normal((2, 8)).astype(np.float32)
+        args["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
     return args
 
 
 def reference(ref: torch.nn.Module, args: dict[str, Any], dtype: torch.dtype = torch.float32) -> np.ndarray:
     def cast(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: cast(x) for k, x in v.items()}
         t = torch.as_tensor(v)
         return t.to(dtype) if t.is_floating_point() and t.ndim > 1 else t
 
@@ -308,6 +331,11 @@ def test_bad_inputs_raise() -> None:
         model(sample, jnp.array([1, 2, 3]), context)
     with pytest.raises(ValueError, match="class_labels"):
         model(sample, 1, context, class_labels=jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        model(sample, 1, context, added_cond_kwargs={"text_embeds": jnp.zeros((2, 4))})
+    sdxl = nnx.eval_shape(lambda: UNet2DConditionModel(**SDXL))
+    with pytest.raises(ValueError, match="added_cond_kwargs: 'time_ids'"):
+        sdxl(sample, 1, jnp.zeros((2, 5, 16)), added_cond_kwargs={"text_embeds": jnp.zeros((2, 8))})
     with pytest.raises(ValueError, match="sample"):
         model(sample[0], 1, context)
     with pytest.raises(ValueError, match="encoder_hidden_states"):

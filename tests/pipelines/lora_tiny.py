@@ -3,7 +3,8 @@
 ``save_peft_lora`` injects a PEFT LoRA with random, non-zero ``lora_B`` (``init_lora_weights=False``) into the
 tiny UNet (attention projections, ``proj_in`` 1x1 convs, resnet 3x3 convs) and optionally the text encoder, and
 writes it with diffusers' own ``save_lora_weights`` (with its ``lora_adapter_metadata``: alpha != rank).
-``write_kohya`` rewrites the same weights in kohya / sd-scripts names with ``.alpha`` keys.
+``write_kohya`` rewrites the same weights in kohya / sd-scripts names with ``.alpha`` keys. ``save_sdxl_peft_lora``
+does the same on the tiny SDXL base of ``sdxl_tiny`` (UNet and both text encoders).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tests.pipelines import sd_tiny
+from tests.pipelines import sd_tiny, sdxl_tiny
 
 SIZE = 32
 STEPS = 2
@@ -40,11 +41,31 @@ def save_peft_lora(folder: Path, seed: int, rank: int = 4, alpha: int = 8, text_
     layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
     metadata = {"unet_lora_adapter_metadata": unet_config.to_dict()}
     if text_encoder:
-        text_config = LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, target_modules=TEXT_TARGETS)
-        inject_adapter_in_model(text_config, pipe.text_encoder)  # transformers' add_adapter needs peft >= 0.22
-        layers["text_encoder_lora_layers"] = _lora_state(pipe.text_encoder)
-        metadata["text_encoder_lora_adapter_metadata"] = text_config.to_dict()
+        _add_text_lora(pipe, "text_encoder", layers, metadata, rank=2, alpha=3)
     diffusers.StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata)
+    return folder
+
+
+def _add_text_lora(pipe, name: str, layers: dict, metadata: dict, rank: int, alpha: int) -> None:
+    """Inject a PEFT LoRA into ``pipe.<name>`` (a CLIP text encoder) and record its layers and metadata."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=TEXT_TARGETS)
+    inject_adapter_in_model(config, getattr(pipe, name))  # transformers' add_adapter needs peft >= 0.22
+    layers[f"{name}_lora_layers"] = _lora_state(getattr(pipe, name))
+    metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
+
+
+def save_sdxl_peft_lora(folder: Path, seed: int = 1) -> Path:
+    """A PEFT LoRA of the tiny SDXL base (``sdxl_tiny``) on the UNet and both text encoders (each its own rank and
+    alpha != rank), saved by diffusers' ``StableDiffusionXLPipeline.save_lora_weights`` into ``folder``."""
+    pipe = diffusers.StableDiffusionXLPipeline(**sdxl_tiny.sdxl_components())
+    torch.manual_seed(seed)
+    unet_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=UNET_TARGETS)
+    pipe.unet.add_adapter(unet_config)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
+    metadata = {"unet_lora_adapter_metadata": unet_config.to_dict()}
+    _add_text_lora(pipe, "text_encoder", layers, metadata, rank=2, alpha=3)
+    _add_text_lora(pipe, "text_encoder_2", layers, metadata, rank=3, alpha=6)
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(folder, **layers, **metadata)
     return folder
 
 

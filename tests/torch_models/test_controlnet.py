@@ -63,6 +63,15 @@ CASES: dict[str, dict[str, Any]] = {
         "norm_num_groups": 4,
         "transformer_layers_per_block": 2,
     },
+    "sdxl_text_time": {  # diffusers' SDXL ControlNet fast-test shape: text_time addition embedding
+        **CONTROLNET_TINY,
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 2),
+        "projection_class_embeddings_input_dim": 80,
+    },
 }
 
 
@@ -95,6 +104,8 @@ def _inputs(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[
         kwargs["class_labels"] = torch.tensor([1, 7])
     elif config.get("class_embed_type") == "timestep":
         kwargs["class_labels"] = torch.tensor([20, 700])
+    if config.get("addition_embed_type") == "text_time":
+        kwargs["added_cond_kwargs"] = unet_tests.text_time_inputs(config, 2, g)
     return kwargs
 
 
@@ -248,7 +259,7 @@ def test_config_fields_and_defaults_match_diffusers() -> None:
         ("down_block_types", ("DownBlock2D", "KCrossAttnDownBlock2D")),
         ("mid_block_type", None),
         ("class_embed_type", "simple_projection"),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "text"),
         ("controlnet_conditioning_channel_order", "rgba"),
         ("conditioning_embedding_out_channels", ()),
         ("layers_per_block", (2, 2)),
@@ -280,3 +291,16 @@ def test_residual_scales() -> None:
     np.testing.assert_array_equal(ramp, (torch.logspace(-1, 0, 13) * 0.7).numpy())  # bit-identical to diffusers'
     with pytest.raises(ValueError, match="num_down"):
         controlnet_residual_scales(0, 1.0, True)
+
+
+def test_from_unet_copies_the_sdxl_addition_embedding() -> None:
+    torch.manual_seed(0)
+    ref_unet = RefUNet2DConditionModel(**unet_tests.SDXL_TINY).eval()
+    ours_unet = UNet2DConditionModel(**unet_tests.SDXL_TINY).eval()
+    ours_unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    ref = RefControlNetModel.from_unet(ref_unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    ours = ControlNetModel.from_unet(ours_unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    ref_state, ours_state = ref.state_dict(), ours.state_dict()
+    assert list(ours_state) == list(ref_state)
+    added = [k for k in ours_state if k.startswith("add_embedding.")]
+    assert added and all(torch.equal(ours_state[k], ref_state[k]) for k in added)

@@ -61,7 +61,36 @@ X2_TINY: dict[str, Any] = {
     "up_block_types": ("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
 }
 
+# diffusers' SDXL fast-test UNet (tests/pipelines/stable_diffusion_xl): text_time addition embedding.
+SDXL_TINY: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 2),
+    "projection_class_embeddings_input_dim": 80,  # 6 time ids * 8 + 32 pooled text
+    "cross_attention_dim": 64,
+    "norm_num_groups": 1,
+}
+
 CASES: dict[str, dict[str, Any]] = {
+    "sdxl_tiny": SDXL_TINY,
+    "sdxl_refiner_like": {
+        **SDXL_TINY,
+        "addition_time_embed_dim": 4,
+        "projection_class_embeddings_input_dim": 52,  # 5 time ids (aesthetic score) * 4 + 32
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "time_embedding_act_fn": "silu",
+        "transformer_layers_per_block": (2, 3),
+    },
     "sd1_tiny": SD1_TINY,
     "sd2_tiny": {
         **SD1_TINY,
@@ -172,7 +201,16 @@ def _inputs(config: dict[str, Any], size: int = 16, batch: int = 2) -> dict[str,
         kwargs["class_labels"] = torch.randn(batch, config["projection_class_embeddings_input_dim"], generator=g)
     if config.get("time_cond_proj_dim"):
         kwargs["timestep_cond"] = torch.randn(batch, config["time_cond_proj_dim"], generator=g)
+    if config.get("addition_embed_type") == "text_time":
+        kwargs["added_cond_kwargs"] = text_time_inputs(config, batch, g)
     return kwargs
+
+
+def text_time_inputs(config: dict[str, Any], batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """SDXL's ``added_cond_kwargs``: pooled text (B, D) and size/crop ids (B, n), widths from the config."""
+    ids = (config["projection_class_embeddings_input_dim"] - 32) // config["addition_time_embed_dim"]
+    time_ids = torch.tensor([[64.0, 48.0, 0.0, 8.0, 32.0, 40.0, 6.0][:ids]] * batch)
+    return {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": time_ids + torch.arange(batch)[:, None]}
 
 
 def _timesteps(config: dict[str, Any]) -> list[Any]:
@@ -362,6 +400,23 @@ def test_bad_inputs_raise() -> None:
         ours(kwargs["sample"], 1, kwargs["encoder_hidden_states"][0])
     with pytest.raises(ValueError, match="sample"):
         ours(kwargs["sample"][0], 1, kwargs["encoder_hidden_states"])
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        ours(timestep=1, added_cond_kwargs={"text_embeds": torch.zeros(2, 4)}, **kwargs)
+
+
+@pytest.mark.parametrize("missing", ["addition_time_embed_dim", "projection_class_embeddings_input_dim"])
+def test_text_time_needs_its_widths(missing: str) -> None:
+    with pytest.raises(ValueError, match=missing):
+        UNet2DConditionModel(**{**SDXL_TINY, missing: None})
+
+
+@pytest.mark.parametrize("dropped", ["text_embeds", "time_ids"])
+def test_text_time_inputs_are_required(dropped: str) -> None:
+    _, ours = _build(SDXL_TINY)
+    kwargs = _inputs(SDXL_TINY)
+    del kwargs["added_cond_kwargs"][dropped]
+    with pytest.raises(ValueError, match=f"added_cond_kwargs: '{dropped}'"):
+        ours(timestep=1, **kwargs)
 
 
 # Published UNet configs (unet/config.json of stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1).

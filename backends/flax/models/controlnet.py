@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_core.flax.models.embeddings import build_add_embedding, embed_addition
 from diffusion_core.flax.models.layers import conv
 from diffusion_core.flax.models.modeling import PretrainedMixin
 from diffusion_core.flax.models.unet_2d_condition import (
@@ -68,6 +69,7 @@ class ControlNetModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         first = plan.block_out_channels[0]
         self.conv_in = conv(plan.in_channels, first, 3, rngs, dtype)
         self._build_embeddings(plan.time, plan.encoder_hid_proj, rngs, dtype)
+        self.add_embedding = build_add_embedding(plan.addition, rngs, dtype)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             first, plan.conditioning_channels, plan.conditioning_embedding_out_channels, rngs=rngs, dtype=dtype
         )
@@ -109,8 +111,9 @@ class ControlNetModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
             return cls(**config, rngs=nnx.Rngs(seed), dtype=unet.dtype)
         # Built abstractly, then filled on the host: eager XLA initialisation is slow on CPU.
         model = nnx.eval_shape(lambda: cls(**config, dtype=unet.dtype))
-        for name in ("conv_in", "time_embedding", "class_embedding", "encoder_hid_proj", "down_blocks", "mid_block"):
-            source = getattr(unet, name)
+        names = ("conv_in", "time_embedding", "class_embedding", "encoder_hid_proj", "add_embedding", "down_blocks")
+        for name in (*names, "mid_block"):
+            source = getattr(unet, name, None)  # add_embedding: only with an addition_embed_type
             if source is not None:
                 nnx.update(getattr(model, name), jax.tree_util.tree_map(jnp.copy, nnx.state(source, nnx.Param)))
         rng = np.random.default_rng(seed)
@@ -136,6 +139,7 @@ class ControlNetModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         timestep_cond: Any = None,
         attention_mask: Any = None,
         guess_mode: bool = False,
+        added_cond_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """Residuals for the UNet: (one NCHW array per down skip, the NCHW mid residual).
 
@@ -147,11 +151,10 @@ class ControlNetModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         cond = to_nhwc(controlnet_cond, "controlnet_cond", self.dtype)  # (B, 8H, 8W, C_cond)
         if self.plan.flip_channels:
             cond = cond[..., ::-1]  # bgr checkpoints
-        emb = self._embed(batch_timesteps(timestep, x.shape[0]), class_labels, timestep_cond)  # (B, D)
-        # diffusers never applies encoder_hid_proj here
-        ctx = AttentionContext(
-            self._context(encoder_hidden_states, project=False), attention_mask=attention_mask_bias(attention_mask, x)
-        )
+        context = self._context(encoder_hidden_states, project=False)  # diffusers never applies encoder_hid_proj here
+        aug = embed_addition(self.add_embedding, self.plan.addition, context, added_cond_kwargs, self.dtype)  # (B, D)
+        emb = self._embed(batch_timesteps(timestep, x.shape[0]), class_labels, timestep_cond, aug)  # (B, D)
+        ctx = AttentionContext(context, attention_mask=attention_mask_bias(attention_mask, x))
         x = self.conv_in(x) + self.controlnet_cond_embedding(cond)
         x, skips = run_down(self.down_blocks, x, emb, ctx)
         x = run_mid(self.mid_block, x, emb, ctx)

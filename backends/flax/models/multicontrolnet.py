@@ -8,7 +8,7 @@ program splits and merges them like any network) and calls each with its own ima
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,10 @@ class MultiControlNetModel(nnx.Module):
         timestep_cond: Any = None,
         attention_mask: Any = None,
         guess_mode: bool = False,
+        added_cond_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[list[jax.Array], jax.Array]:
         """The summed residuals of every net: net i sees ``controlnet_cond[i]`` scaled by ``conditioning_scale[i]``
-        (which may be traced)."""
+        (which may be traced); every net gets the same ``added_cond_kwargs`` (SDXL)."""
         if len(controlnet_cond) != len(self.nets) or len(conditioning_scale) != len(self.nets):
             raise ValueError(
                 f"controlnet_cond, conditioning_scale: one entry per ControlNet ({len(self.nets)}), got "
@@ -75,7 +76,7 @@ class MultiControlNetModel(nnx.Module):
             )
         outputs = [
             net(sample, timestep, encoder_hidden_states, image, scale, class_labels, timestep_cond, attention_mask,
-                guess_mode)
+                guess_mode, added_cond_kwargs)
             for net, image, scale in zip(self.nets, controlnet_cond, conditioning_scale, strict=True)
         ]  # fmt: skip
         return mcn.sum_residuals(outputs)

@@ -166,11 +166,13 @@ class UNet2DConditionModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
         down_block_additional_residuals: Sequence[Any] | None = None,
         mid_block_additional_residual: Any = None,
         encoder_attention_mask: Any = None,
+        added_cond_kwargs: Mapping[str, Any] | None = None,
     ) -> jax.Array:
         """Predict the model output for ``sample`` (B, C, H, W) at ``timestep`` given the text context (B, S, D).
 
         ``attention_mask``/``encoder_attention_mask``: (B, tokens) keep(1)/discard(0) masks for self-/cross-attention
-        keys, as diffusers applies them. ControlNet residuals (NCHW): pass both or neither.
+        keys, as diffusers applies them. ControlNet residuals (NCHW): pass both or neither. ``added_cond_kwargs``:
+        the ``addition_embed_type`` inputs (SDXL: ``{"text_embeds": (B, D), "time_ids": (B, 6)}``).
         """
         x = to_nhwc(sample, "sample", self.dtype)  # (B, H, W, C)
         if self.plan.center_input_sample:
@@ -180,7 +182,10 @@ class UNet2DConditionModel(ConditionEmbeddings, PretrainedMixin, nnx.Module):
             attention_mask=attention_mask_bias(attention_mask, x),  # (B, 1, HW) or None
             encoder_attention_mask=attention_mask_bias(encoder_attention_mask, x),  # (B, 1, S) or None
         )
-        aug = embed_addition(self.add_embedding, self.plan.addition, self._context(encoder_hidden_states, False))
+        aug = embed_addition(  # (B, D) or None
+            self.add_embedding, self.plan.addition, self._context(encoder_hidden_states, False), added_cond_kwargs,
+            self.dtype,
+        )  # fmt: skip
         emb = self._embed(batch_timesteps(timestep, x.shape[0]), class_labels, timestep_cond, aug)  # (B, D)
         x, skips = run_down(self.down_blocks, self.conv_in(x), emb, ctx)
         skips = self._add_down_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)

@@ -52,13 +52,14 @@ class Run:
     opts: tuple[tuple[str, Any], ...] = ()  # the recipe's static options (strength, custom schedule, switches)
     first: int = 0  # first model call, resolved by ``_denoise``
     num_calls: int = 0  # model calls in the schedule, resolved by ``_denoise``
+    stop: int | None = None  # the model call the loop ends before (SDXL's denoising_end), resolved by ``_denoise``
 
     def hook_opts(self) -> dict[str, Any]:
-        return {**dict(self.opts), "first": self.first, "num_calls": self.num_calls}
+        return {**dict(self.opts), "first": self.first, "num_calls": self.num_calls, "stop": self.stop}
 
 
 # Inputs in guidance-batch order (parts * N, ...): they travel as per-image rows (N, parts, ...).
-GUIDED_INPUTS = ("context", "time_cond")
+GUIDED_INPUTS = ("context", "time_cond", "text_embeds", "time_ids")
 
 
 class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
@@ -77,7 +78,11 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
         # Gathered to the host first: nnx.jit writes the VAE's state back with its inputs' sharding, so decoding
         # pmap/mesh-sharded latents would leave the VAE's weights on that device set.
         z = jnp.asarray(np.asarray(jax.device_get(z)))  # (N, C, h, w)
-        return np.asarray(jax.device_get(vae_decode(self.vae, z)))  # (N, 3, H, W)
+        return np.asarray(jax.device_get(vae_decode(self._decoding_vae(), z)))  # (N, 3, H, W)
+
+    def _decoding_vae(self) -> nnx.Module:
+        """The VAE that decodes (SDXL: a float32 copy of a float16 VAE whose config says ``force_upcast``)."""
+        return self.vae
 
     def _latent_output(self, latents: Any) -> np.ndarray:
         return np.asarray(jax.device_get(latents))
@@ -139,6 +144,7 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
 
         state, first = self._state(run, 1)
         run = dataclasses.replace(run, first=first, num_calls=int(state.timesteps.shape[0]))
+        run = dataclasses.replace(run, stop=self._stop(state, run.hook_opts()))
         traced = dict(run.scalars)
         untraced = dataclasses.replace(run.guidance, **dict.fromkeys(_GUIDANCE_FIELDS & set(traced), 0.0))
         opts = tuple((k, tuple(n for n, _ in v) if k == "custom" else v) for k, v in run.opts)  # values are traced
@@ -186,7 +192,7 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
             x = self._start(inputs, state, opts)
             model_fn = self._model_fn(nets, inputs, guidance, scalars, state, opts)
             loop_options = dict(keys=keys, step_kwargs=step_kwargs, progress=progress, first=run.first)
-            loop_options.update(index_model_fn=True, post_step=self._post_step(inputs, opts))
+            loop_options.update(index_model_fn=True, post_step=self._post_step(inputs, opts), stop=run.stop)
             return denoise_loop(scheduler, model_fn, x, state, **loop_options)[0]
 
         return program

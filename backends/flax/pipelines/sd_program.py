@@ -18,6 +18,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from diffusion_core.flax.sampling import per_example_normal
+from diffusion_core.models.clip_config import CLIPTextWithProjectionOutput
 
 # Posterior draws of the VAE (img2img / inpaint encodes) use image b's key folded with a stream id from here
 # on (one per encoded input), far from the model-call indices that the step noise folds in.
@@ -34,6 +35,14 @@ def encode_text(text_encoder: nnx.Module, input_ids: jax.Array, clip_skip: int |
         return text_encoder(input_ids).last_hidden_state
     states = text_encoder(input_ids, output_hidden_states=True).hidden_states
     return text_encoder.final_layer_norm(states[-(clip_skip + 1)])
+
+
+@nnx.jit(static_argnames=("layer",))
+def encode_text_layer(text_encoder: nnx.Module, input_ids: jax.Array, layer: int) -> tuple[jax.Array, Any]:
+    """(B, L) ids -> (hidden states ``[layer]`` (B, L, D) without the final norm, projected pooled text (B, P) or
+    None for a plain CLIPTextModel): what SDXL conditions on (``layer=-2``: the penultimate layer)."""
+    out = text_encoder(input_ids, output_hidden_states=True)
+    return out.hidden_states[layer], out.text_embeds if isinstance(out, CLIPTextWithProjectionOutput) else None
 
 
 @nnx.jit

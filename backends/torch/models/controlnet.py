@@ -16,6 +16,7 @@ from torch import nn
 from diffusion_core.configuration import FrozenConfig
 from diffusion_core.models import unet_condition_config as ucc
 from diffusion_core.models.attention import AttentionContext, attention_mask_bias
+from diffusion_core.torch.models.embeddings import build_add_embedding, embed_addition
 from diffusion_core.torch.models.modeling import PretrainedMixin
 from diffusion_core.torch.models.unet_2d_condition import (
     UNet2DConditionModel,
@@ -84,6 +85,7 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         self.plan = plan
         channels = plan.block_out_channels
         build_stem(self, plan.time, plan.in_channels, channels[0], 3, plan.encoder_hid_proj)
+        self.add_embedding = build_add_embedding(plan.addition)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             channels[0], plan.conditioning_channels, plan.conditioning_embedding_out_channels
         )
@@ -117,8 +119,8 @@ class ControlNetModel(PretrainedMixin, nn.Module):
             conditioning_channels=conditioning_channels,
         ).to(unet.dtype)
         if load_weights_from_unet:
-            for name in ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block"):
-                target = getattr(controlnet, name)
+            for name in ("conv_in", "time_embedding", "class_embedding", "add_embedding", "down_blocks", "mid_block"):
+                target = getattr(controlnet, name, None)  # add_embedding: only with an addition_embed_type
                 if target is not None:
                     target.load_state_dict(getattr(unet, name).state_dict())
         return controlnet
@@ -138,11 +140,13 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         timestep_cond: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         guess_mode: bool = False,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Residuals for the UNet skips and mid block, scaled by ``conditioning_scale``.
 
         ``controlnet_cond``: (B, conditioning_channels, 8H, 8W) image for latents (B, C, H, W).
         ``guess_mode``: residuals scaled from 0.1 (first skip) to 1.0 (mid block), log-spaced.
+        ``added_cond_kwargs``: the ``addition_embed_type`` inputs (SDXL: ``text_embeds``, ``time_ids``).
         """
         if sample.ndim != 4 or controlnet_cond.ndim != 4:
             raise ValueError("sample, controlnet_cond: expected (B, C, H, W) tensors")
@@ -155,6 +159,8 @@ class ControlNetModel(PretrainedMixin, nn.Module):
         ctx = AttentionContext(context, attention_mask=attention_mask_bias(attention_mask, sample))
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)  # (B,)
         emb = embed_time(self, self.plan.time, timesteps, sample.dtype, class_labels, None)
+        aug = embed_addition(self.add_embedding, self.plan.addition, context, added_cond_kwargs, emb.dtype)
+        emb = emb if aug is None else emb + aug
         sample = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
         sample, skips = run_down(self.down_blocks, sample, emb, ctx)
         sample = run_mid(self.mid_block, sample, emb, ctx)

@@ -64,8 +64,10 @@ class MultiControlNetModel(nn.Module):
         timestep_cond: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         guess_mode: bool = False,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The summed residuals of every net: net i sees ``controlnet_cond[i]`` scaled by ``conditioning_scale[i]``."""
+        """The summed residuals of every net: net i sees ``controlnet_cond[i]`` scaled by ``conditioning_scale[i]``;
+        every net gets the same ``added_cond_kwargs`` (SDXL)."""
         if len(controlnet_cond) != len(self.nets) or len(conditioning_scale) != len(self.nets):
             raise ValueError(
                 f"controlnet_cond, conditioning_scale: one entry per ControlNet ({len(self.nets)}), got "
@@ -73,7 +75,7 @@ class MultiControlNetModel(nn.Module):
             )
         outputs = [
             net(sample, timestep, encoder_hidden_states, image, scale, class_labels, timestep_cond, attention_mask,
-                guess_mode)
+                guess_mode, added_cond_kwargs)
             for net, image, scale in zip(self.nets, controlnet_cond, conditioning_scale, strict=True)
         ]  # fmt: skip
         return mcn.sum_residuals(outputs)

@@ -142,12 +142,15 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the model output for ``sample`` (B, C, H, W) at ``timestep`` (scalar or (B,)).
 
         ``encoder_hidden_states``: (B, S, cross_attention_dim). ``attention_mask``/``encoder_attention_mask``:
         (B, tokens) keep(1)/discard(0) masks for self-/cross-attention keys, as diffusers applies them.
         ControlNet residuals: pass both ``down_block_additional_residuals`` and ``mid_block_additional_residual``.
+        ``added_cond_kwargs``: the ``addition_embed_type`` inputs (SDXL: ``{"text_embeds": (B, D), "time_ids":
+        (B, 6)}``).
         """
         if sample.ndim != 4:
             raise ValueError(f"sample: expected a (B, C, H, W) tensor, got shape {tuple(sample.shape)}")
@@ -165,9 +168,10 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)  # (B,)
         emb = embed_time(self, self.plan.time, timesteps, sample.dtype, class_labels, timestep_cond)
-        aug = embed_addition(self.add_embedding, self.plan.addition, encoder_hidden_states)
-        if aug is not None:
-            emb = emb + aug
+        aug = embed_addition(
+            self.add_embedding, self.plan.addition, encoder_hidden_states, added_cond_kwargs, emb.dtype
+        )  # (B, D) or None
+        emb = emb if aug is None else emb + aug
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         sample, skips = run_down(self.down_blocks, self.conv_in(sample), emb, ctx)

@@ -21,6 +21,12 @@ from diffusion_core.torch.pipelines.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
+from diffusion_core.torch.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusion_core.torch.pipelines.unclip import UnCLIPPipeline
 
 __all__ = [
@@ -44,5 +50,9 @@ __all__ = [
     "StableDiffusionLatentUpscalePipeline",
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
+    "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
     "UnCLIPPipeline",
 ]

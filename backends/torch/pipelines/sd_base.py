@@ -93,6 +93,7 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
         opts = dict(opts)
         state, first = self._schedule(request.num_inference_steps, inputs["noise"], opts)
         opts.update(first=first, num_calls=int(state.timesteps.shape[0]))
+        opts.update(stop=self._stop(state, opts))
         nets = {name: getattr(self, name) for name in self._loop_networks}
         model_fn = self._model_fn(nets, inputs, request.guidance, dict(scalars), state, opts)
         step_callback = None
@@ -113,5 +114,6 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
             callback=step_callback,
             index_model_fn=True,
             post_step=self._post_step(inputs, opts),
+            stop=opts["stop"],
         )
         return self._decode(x, request.output_type, return_dict)

@@ -138,7 +138,11 @@ class StableDiffusionControlNetInpaintPipeline(ControlNetInpaintRecipe, StableDi
             request, control_image, (height, width), guess_mode, controlnet_conditioning_scale,
             (control_guidance_start, control_guidance_end), "control_image",
         )  # fmt: skip
-        inputs = self._inpaint_inputs(request, image, mask_image, size, strength, generator, latents)
+        checked = self._inpaint_checks(image, mask_image, size, num_inference_steps, strength)
+        inputs = {
+            "context": self._context(request),
+            **self._inpaint_inputs(request, checked, strength, generator, latents),
+        }
         inputs["control"] = self._as_tensor(control, self.controlnet.dtype)
         opts = (*opts, ("strength", strength))
         return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts, scalars)

@@ -87,23 +87,31 @@ class StableDiffusionInpaintPipeline(InpaintRecipe, StableDiffusionBase):
     ) -> ImagePipelineOutput | tuple:
         """Repaint the white (>= 0.5) region of ``mask_image`` in ``image`` following ``prompt``."""
         request = self._request(locals())  # first: the call's parameters
-        inputs = self._inpaint_inputs(request, image, mask_image, (height, width), strength, generator, latents)
+        checked = self._inpaint_checks(image, mask_image, (height, width), num_inference_steps, strength)
+        inputs = {
+            "context": self._context(request),
+            **self._inpaint_inputs(request, checked, strength, generator, latents),
+        }
         opts = (("strength", strength),)
         return self._generate(request, inputs, generator, callback_on_step_end, return_dict, opts)
 
-    def _inpaint_inputs(
-        self, request: SDRequest, image: Any, mask_image: Any, size: tuple[int | None, int | None], strength: float,
-        generator: Generators, latents: Any,
-    ) -> dict[str, Any]:  # fmt: skip
-        """Checks, then the recipe's inputs in diffusers' generator order: text context, image latents (if needed),
-        start noise, masked-image latents (9-channel UNets), the latent-size mask."""
-        # blend: a text-to-image (4-channel) UNet keeps the known region after each step
-        blend, (height, width), pixels, mask = sd_image.inpaint_inputs(
-            self.unet.config, self.vae.config, image, mask_image, size,
-            (self.scheduler, request.num_inference_steps, strength), type(self).__name__,
+    def _inpaint_checks(
+        self, image: Any, mask_image: Any, size: tuple[int | None, int | None], steps: int, strength: float
+    ) -> tuple[bool, tuple[int, int], Any, Any]:
+        """``(blend, (height, width), pixels, mask)``; blend: a 4-channel UNet keeps the known region each step."""
+        return sd_image.inpaint_inputs(
+            self.unet.config, self.vae.config, image, mask_image, size, (self.scheduler, steps, strength),
+            type(self).__name__,
         )  # fmt: skip
+
+    def _inpaint_inputs(
+        self, request: SDRequest, checked: tuple, strength: float, generator: Generators, latents: Any
+    ) -> dict[str, Any]:
+        """The recipe's inputs but the text (``checked`` from ``_inpaint_checks``), in diffusers' generator order:
+        image latents (if needed), start noise, masked-image latents (9-channel UNets), the latent-size mask."""
+        blend, (height, width), pixels, mask = checked
         batch, scale = request.batch, self.vae_scale_factor
-        inputs = {"context": self._context(request)}
+        inputs = {}
         if inpaint_needs_image_latents(strength, blend):
             inputs["image_latents"] = sd.scale_latents(self._encode_image(pixels, batch, generator), self.vae.config)
         shape = sd.latent_shape(batch, self._latent_channels(), height, width, scale)
