@@ -1,9 +1,11 @@
-"""Loading original CompVis / Stable Diffusion 1.x-2.x single-file checkpoints as diffusers state dicts.
+"""Loading original CompVis / Stable Diffusion 1.x-2.x and SGM SDXL single-file checkpoints as diffusers state dicts.
 
 One ``.safetensors`` (or, with ``allow_pickle=True``, ``.ckpt``) holds the whole pipeline:
-``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` or ``vae.*`` (VAE),
-``cond_stage_model.transformer.*`` (SD 1.x CLIP, already in Hugging Face names) or
-``cond_stage_model.model.*`` (SD 2.x OpenCLIP). ``iter_single_file`` yields one component's
+``model.diffusion_model.*`` (UNet; SDXL's ``label_emb`` is its ``add_embedding``), ``first_stage_model.*``
+or ``vae.*`` (VAE), ``cond_stage_model.transformer.*`` (SD 1.x CLIP, already in Hugging Face names) or
+``cond_stage_model.model.*`` (SD 2.x OpenCLIP); SDXL: ``conditioner.embedders.0.transformer.*`` (CLIP-L,
+``text_encoder``) and ``conditioner.embedders.1.model.*`` (OpenCLIP bigG, ``text_encoder_2``; the refiner's
+is ``conditioner.embedders.0.model.*``). ``iter_single_file`` yields one component's
 tensors under diffusers / transformers 5 names and layouts, one at a time from the
 memory-mapped file; ``single_file_infos`` gives the same keys and shapes from the header;
 ``open_single_file`` does the header check once and returns both (what the models'
@@ -18,8 +20,8 @@ under the component's prefix must be used; otherwise a ValueError lists the prob
 tensor is read. Deliberately ignored: keys outside the component's prefix (other components,
 ``model_ema.*`` unless EMA weights are asked for, ``alphas_cumprod``, ``betas``, ``lvlb_weights``
 and the other schedule buffers), the CLIP ``position_ids`` buffer, and OpenCLIP's
-``text_projection``, ``logit_scale``, ``attn_mask``, image tower (``visual.*``) and the resblocks
-past ``num_hidden_layers`` (SD 2.x uses the penultimate layer).
+``text_projection`` (read only for ``text_encoder_2``), ``logit_scale``, ``attn_mask``, image tower
+(``visual.*``) and the resblocks past ``num_hidden_layers`` (SD 2.x uses the penultimate layer).
 """
 
 from __future__ import annotations
@@ -47,9 +49,14 @@ from diffusion_core.weights.io import (
 )
 from diffusion_core.weights.single_file_keys import Entry, Shape, clip_plan, open_clip_plan, unet_plan, vae_plan
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # The component each class reads from a single file (``pretrained.SingleFileModel``'s default).
-SINGLE_FILE_COMPONENTS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
+SINGLE_FILE_COMPONENTS = {
+    "UNet2DConditionModel": "unet",
+    "AutoencoderKL": "vae",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
+}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -60,8 +67,8 @@ PROBES = {  # key probes, as diffusers' single-file loader uses them
     "conv_in": "model.diffusion_model.input_blocks.0.0.weight",
     "upscale": "model.diffusion_model.input_blocks.10.0.skip_connection.bias",
     "controlnet": "control_model.time_embed.0.weight",
-    "xl_base": "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
-    "xl_refiner": "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",
+    "xl_base": "conditioner.embedders.1.model.positional_embedding",  # SDXL base: OpenCLIP bigG second
+    "xl_refiner": "conditioner.embedders.0.model.positional_embedding",  # SDXL refiner: bigG only
 }
 _OPEN_CLIP_IGNORED = re.compile(r"text_projection|logit_scale|attn_mask|visual\..*|transformer\.resblocks\.(\d+)\..*")
 
@@ -88,10 +95,9 @@ def _root(keys: Mapping[str, Any]) -> str:
 
 def detect_model_type(infos: Mapping[str, Any] | str | os.PathLike) -> str:
     """The checkpoint family from key probes: ``"v1"``, ``"v2"``, ``"inpainting"``, ``"inpainting_v2"``,
-    ``"pix2pix"``, ``"upscale"``, ``"controlnet"``, ``"xl_base"`` or ``"xl_refiner"``.
+    ``"pix2pix"``, ``"upscale"``, ``"controlnet"``, ``"xl_base"``, ``"xl_refiner"`` or ``"xl_inpaint"``.
 
     ``infos`` maps keys to shapes or ``(dtype, shape)`` pairs (``file_infos``), or is a checkpoint path.
-    Only the first four families have text encoders and UNets this module converts.
     """
     if not isinstance(infos, Mapping):
         infos = _read_infos(Path(infos), allow_pickle=False)
@@ -105,15 +111,17 @@ def detect_model_type(infos: Mapping[str, Any] | str | os.PathLike) -> str:
     is_v2 = width("v2", -1) == 1024
     if PROBES["controlnet"] in infos:
         return "controlnet"
+    for family in ("xl_base", "xl_refiner"):
+        if PROBES[family] in infos:
+            return "xl_inpaint" if family == "xl_base" and width("conv_in", 1) == 9 else family
     if width("conv_in", 1) == 9:
         return "inpainting_v2" if is_v2 else "inpainting"
     if width("conv_in", 1) == 8:
         return "pix2pix"
     if is_v2:
         return "v2"
-    for family in ("xl_base", "xl_refiner", "upscale"):
-        if PROBES[family] in infos:
-            return family
+    if PROBES["upscale"] in infos:
+        return "upscale"
     if any(k.startswith(UNET_PREFIX) for k in infos):
         return "v1"
     raise ValueError(
@@ -149,18 +157,8 @@ def _with_prefix(keys: Mapping[str, Any], *prefixes: str) -> str | None:
     return next((p for p in prefixes if any(k.startswith(p) for k in keys)), None)
 
 
-def _text_layout(keys: Mapping[str, Any], root: str, config: Mapping[str, Any]) -> _Layout:
-    hf = f"{root}cond_stage_model.transformer."
-    prefix = _with_prefix(keys, f"{hf}text_model.", hf)
-    if prefix is not None:
-        return _Layout(prefix, clip_plan(config), lambda key: key == "embeddings.position_ids")
-    prefix = _with_prefix(keys, f"{root}cond_stage_model.model.")
-    if prefix is None:
-        raise ValueError(
-            "checkpoint holds no SD 1.x/2.x text encoder (no key starts with 'cond_stage_model.transformer.' or "
-            "'cond_stage_model.model.'; SDXL's 'conditioner.embedders.*' is not supported)"
-        )
-    entries = open_clip_plan(config)  # validates the config first
+def _open_clip_layout(prefix: str, config: Mapping[str, Any], projection: bool) -> _Layout:
+    entries = open_clip_plan(config, projection)  # validates the config first
     layers = config["num_hidden_layers"]
 
     def ignored(key: str) -> bool:
@@ -170,10 +168,39 @@ def _text_layout(keys: Mapping[str, Any], root: str, config: Mapping[str, Any]) 
     return _Layout(prefix, entries, ignored)
 
 
+def _text_layout(keys: Mapping[str, Any], root: str, config: Mapping[str, Any]) -> _Layout:
+    """``text_encoder``: SD 1.x CLIP, SD 2.x OpenCLIP or SDXL's CLIP-L (``conditioner.embedders.0.transformer``)."""
+    hf = f"{root}cond_stage_model.transformer."
+    prefix = _with_prefix(keys, f"{hf}text_model.", hf, f"{root}conditioner.embedders.0.transformer.text_model.")
+    if prefix is not None:
+        return _Layout(prefix, clip_plan(config), lambda key: key == "embeddings.position_ids")
+    prefix = _with_prefix(keys, f"{root}cond_stage_model.model.")
+    if prefix is None:
+        raise ValueError(
+            "checkpoint holds no text_encoder (no key starts with 'cond_stage_model.transformer.', "
+            "'cond_stage_model.model.' or 'conditioner.embedders.0.transformer.'; an SDXL refiner's only "
+            "encoder, 'conditioner.embedders.0.model.', is text_encoder_2: CLIPTextModelWithProjection)"
+        )
+    return _open_clip_layout(prefix, config, projection=False)
+
+
+def _text_2_layout(keys: Mapping[str, Any], root: str, config: Mapping[str, Any]) -> _Layout:
+    """``text_encoder_2``: SDXL's OpenCLIP bigG with its projection (base: embedder 1, refiner: embedder 0)."""
+    prefix = _with_prefix(keys, f"{root}conditioner.embedders.1.model.", f"{root}conditioner.embedders.0.model.")
+    if prefix is None:
+        raise ValueError(
+            "checkpoint holds no text_encoder_2 (no key starts with 'conditioner.embedders.1.model.' (SDXL base) "
+            "or 'conditioner.embedders.0.model.' (SDXL refiner); SD 1.x/2.x files have only text_encoder)"
+        )
+    return _open_clip_layout(prefix, config, projection=True)
+
+
 def _layout(keys: Mapping[str, Any], component: str, config: Mapping[str, Any]) -> _Layout:
     root = _root(keys)
     if component == "text_encoder":
         return _text_layout(keys, root, config)
+    if component == "text_encoder_2":
+        return _text_2_layout(keys, root, config)
     if component == "unet":
         prefix, entries = _with_prefix(keys, root + UNET_PREFIX), unet_plan(config)
     else:
@@ -210,6 +237,8 @@ def _fitted(shape: Shape, entry: Entry) -> Shape | None:
         if not shape or shape[0] % count:
             return None
         shape = (shape[0] // count, *shape[1:])
+    if entry.transpose:
+        shape = shape[::-1] if len(shape) == 2 else ()
     if shape == entry.shape:
         return shape
 
@@ -363,13 +392,20 @@ def _block(entry: Entry, rows: int) -> slice:
     return slice(entry.part[0] * size, (entry.part[0] + 1) * size)
 
 
+def _arranged(tensor: Any, entry: Entry, framework: str) -> Any:
+    """``tensor`` in the target layout: transposed (contiguous) when ``entry.transpose``, else reshaped."""
+    if not entry.transpose:
+        return tensor.reshape(entry.shape)
+    return tensor.T.contiguous() if framework == "pt" else tensor.T.copy()
+
+
 def _generate(path: Path, entries: list[Entry], sources: Mapping[str, str], framework: str, target: Any):
     if _is_pickle(path):
         state = read_pickle_state_dict(path, unwrap_lightning=True)
         for entry in entries:
             tensor = state[sources[entry.source]]
             tensor = from_torch(tensor[_block(entry, tensor.shape[0])], framework)
-            yield entry.target, cast_tensor(tensor.reshape(entry.shape), target, framework)
+            yield entry.target, cast_tensor(_arranged(tensor, entry, framework), target, framework)
         return
     with safe_open(path, framework=framework) as f:
         for entry in entries:
@@ -379,7 +415,7 @@ def _generate(path: Path, entries: list[Entry], sources: Mapping[str, str], fram
             else:
                 view = f.get_slice(key)
                 tensor = view[_block(entry, view.get_shape()[0])]
-            yield entry.target, cast_tensor(tensor.reshape(entry.shape), target, framework)
+            yield entry.target, cast_tensor(_arranged(tensor, entry, framework), target, framework)
 
 
 def load_single_file(
