@@ -63,6 +63,9 @@ def test_helper_layout_matches_diffusers_single_file_loader(pipes: dict[str, Sgm
 def test_detect_model_type(pipes: dict[str, SgmPipe]) -> None:
     assert sf.detect_model_type(pipes["base"].path) == "xl_base"
     assert sf.detect_model_type(pipes["refiner"].path) == "xl_refiner"
+    assert sf.file_components(pipes["base"].path) == ("unet", "vae", "text_encoder", "text_encoder_2")
+    assert sf.file_components(pipes["refiner"].path) == ("unet", "vae", "text_encoder_2")
+    assert set(pipes["refiner"].states) == set(sf.file_components(pipes["refiner"].path))
 
 
 def test_unet_plan_agrees_with_lora_sgm_names(pipes: dict[str, SgmPipe]) -> None:

@@ -49,7 +49,13 @@ from diffusion_core.weights.io import (
 )
 from diffusion_core.weights.single_file_keys import Entry, Shape, clip_plan, open_clip_plan, unet_plan, vae_plan
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "vae", "text_encoder")  # an SD 1.x/2.x file's parts
+ALL_COMPONENTS = (*COMPONENTS, "text_encoder_2")  # every part this module reads
+FAMILY_COMPONENTS = {  # the parts of SDXL files; other families hold COMPONENTS
+    "xl_base": ALL_COMPONENTS,
+    "xl_inpaint": ALL_COMPONENTS,
+    "xl_refiner": ("unet", "vae", "text_encoder_2"),
+}
 # The component each class reads from a single file (``pretrained.SingleFileModel``'s default).
 SINGLE_FILE_COMPONENTS = {
     "UNet2DConditionModel": "unet",
@@ -128,6 +134,12 @@ def detect_model_type(infos: Mapping[str, Any] | str | os.PathLike) -> str:
         f"infos: not a CompVis / Stable Diffusion checkpoint (no key starts with {UNET_PREFIX!r} "
         f"or {PROBES['controlnet']!r}); first keys: {sorted(infos)[:5]}"
     )
+
+
+def file_components(infos: Mapping[str, Any] | str | os.PathLike) -> tuple[str, ...]:
+    """The components a checkpoint holds, by its family (:func:`detect_model_type`): SDXL base
+    ``unet, vae, text_encoder, text_encoder_2``, refiner ``unet, vae, text_encoder_2``, else ``COMPONENTS``."""
+    return FAMILY_COMPONENTS.get(detect_model_type(infos), COMPONENTS)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -327,8 +339,8 @@ def open_single_file(
 
     Raises ValueError listing missing, unexpected and mis-shaped keys (see :func:`single_file_infos`).
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
+    if component not in ALL_COMPONENTS:
+        raise ValueError(f"component must be one of {list(ALL_COMPONENTS)}, got {component!r}")
     for name, flag in (("extract_ema", extract_ema), ("allow_pickle", allow_pickle)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -353,8 +365,8 @@ def single_file_infos(
 
     Shapes are the converted ones (VAE attention 1x1 convs as linear layers, OpenCLIP's fused
     q/k/v split, ``proj_in``/``proj_out`` as ``use_linear_projection`` asks). ``component`` is
-    ``"unet"``, ``"vae"`` or ``"text_encoder"``; ``config`` is that component's diffusers
-    ``config.json`` (transformers' ``CLIPTextConfig`` for the text encoder) as a dict or a path.
+    ``"unet"``, ``"vae"``, ``"text_encoder"`` or ``"text_encoder_2"`` (SDXL's bigG); ``config`` is that component's
+    diffusers ``config.json`` (transformers' ``CLIPTextConfig`` for the text encoders) as a dict or a path.
     Raises ValueError listing missing, unexpected and mis-shaped keys.
     """
     return open_single_file(path, component, config, extract_ema=extract_ema, allow_pickle=allow_pickle).infos
