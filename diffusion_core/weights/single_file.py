@@ -27,9 +27,8 @@ and the other schedule buffers), the CLIP ``position_ids`` buffer, and OpenCLIP'
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ from diffusion_core.weights.io import (
     numpy_dtype,
     read_pickle_state_dict,
 )
-from diffusion_core.weights.single_file_keys import Entry, Shape, clip_plan, open_clip_plan, unet_plan, vae_plan
+from diffusion_core.weights.single_file_keys import Entry, Shape
+from diffusion_core.weights.single_file_layouts import UNET_PREFIX, Layout, component_layout
 
 COMPONENTS = ("unet", "vae", "text_encoder")  # an SD 1.x/2.x file's parts
 ALL_COMPONENTS = (*COMPONENTS, "text_encoder_2")  # every part this module reads
@@ -64,7 +64,6 @@ SINGLE_FILE_COMPONENTS = {
     "CLIPTextModelWithProjection": "text_encoder_2",
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 MIN_EMA_KEYS = 100  # as diffusers: EMA weights count as present when more than this many keys exist
 PROBES = {  # key probes, as diffusers' single-file loader uses them
@@ -76,16 +75,6 @@ PROBES = {  # key probes, as diffusers' single-file loader uses them
     "xl_base": "conditioner.embedders.1.model.positional_embedding",  # SDXL base: OpenCLIP bigG second
     "xl_refiner": "conditioner.embedders.0.model.positional_embedding",  # SDXL refiner: bigG only
 }
-_OPEN_CLIP_IGNORED = re.compile(r"text_projection|logit_scale|attn_mask|visual\..*|transformer\.resblocks\.(\d+)\..*")
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """One component inside a checkpoint: its key prefix, its plan and the keys skipped on purpose."""
-
-    prefix: str
-    entries: list[Entry]
-    ignored: Callable[[str], bool]  # relative key -> deliberately not loaded
 
 
 def _shape(info: Any) -> Shape:
@@ -162,73 +151,13 @@ def _read_infos(path: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
     return file_infos(path, is_pickle=True, unwrap_lightning=True)
 
 
-# ----------------------------------------------------------------------------- layouts
-
-
-def _with_prefix(keys: Mapping[str, Any], *prefixes: str) -> str | None:
-    return next((p for p in prefixes if any(k.startswith(p) for k in keys)), None)
-
-
-def _open_clip_layout(prefix: str, config: Mapping[str, Any], projection: bool) -> _Layout:
-    entries = open_clip_plan(config, projection)  # validates the config first
-    layers = config["num_hidden_layers"]
-
-    def ignored(key: str) -> bool:
-        match = _OPEN_CLIP_IGNORED.fullmatch(key)
-        return match is not None and (match.group(1) is None or int(match.group(1)) >= layers)
-
-    return _Layout(prefix, entries, ignored)
-
-
-def _text_layout(keys: Mapping[str, Any], root: str, config: Mapping[str, Any]) -> _Layout:
-    """``text_encoder``: SD 1.x CLIP, SD 2.x OpenCLIP or SDXL's CLIP-L (``conditioner.embedders.0.transformer``)."""
-    hf = f"{root}cond_stage_model.transformer."
-    prefix = _with_prefix(keys, f"{hf}text_model.", hf, f"{root}conditioner.embedders.0.transformer.text_model.")
-    if prefix is not None:
-        return _Layout(prefix, clip_plan(config), lambda key: key == "embeddings.position_ids")
-    prefix = _with_prefix(keys, f"{root}cond_stage_model.model.")
-    if prefix is None:
-        raise ValueError(
-            "checkpoint holds no text_encoder (no key starts with 'cond_stage_model.transformer.', "
-            "'cond_stage_model.model.' or 'conditioner.embedders.0.transformer.'; an SDXL refiner's only "
-            "encoder, 'conditioner.embedders.0.model.', is text_encoder_2: CLIPTextModelWithProjection)"
-        )
-    return _open_clip_layout(prefix, config, projection=False)
-
-
-def _text_2_layout(keys: Mapping[str, Any], root: str, config: Mapping[str, Any]) -> _Layout:
-    """``text_encoder_2``: SDXL's OpenCLIP bigG with its projection (base: embedder 1, refiner: embedder 0)."""
-    prefix = _with_prefix(keys, f"{root}conditioner.embedders.1.model.", f"{root}conditioner.embedders.0.model.")
-    if prefix is None:
-        raise ValueError(
-            "checkpoint holds no text_encoder_2 (no key starts with 'conditioner.embedders.1.model.' (SDXL base) "
-            "or 'conditioner.embedders.0.model.' (SDXL refiner); SD 1.x/2.x files have only text_encoder)"
-        )
-    return _open_clip_layout(prefix, config, projection=True)
-
-
-def _layout(keys: Mapping[str, Any], component: str, config: Mapping[str, Any]) -> _Layout:
-    root = _root(keys)
-    if component == "text_encoder":
-        return _text_layout(keys, root, config)
-    if component == "text_encoder_2":
-        return _text_2_layout(keys, root, config)
-    if component == "unet":
-        prefix, entries = _with_prefix(keys, root + UNET_PREFIX), unet_plan(config)
-    else:
-        prefix, entries = _with_prefix(keys, f"{root}first_stage_model.", f"{root}vae."), vae_plan(config)
-    if prefix is None:
-        raise ValueError(f"checkpoint holds no {component} weights (no key starts with the CompVis prefix)")
-    return _Layout(prefix, entries, lambda key: False)
-
-
 def _ema_key(prefix: str, relative: str) -> str:
     """LDM's EMA name: ``model.diffusion_model.a.0.b`` -> ``model_ema.diffusion_modela0b``."""
     root = prefix[: -len(UNET_PREFIX)]
     return f"{root}{EMA_PREFIX}" + f"diffusion_model.{relative}".replace(".", "")
 
 
-def _sources(layout: _Layout, keys: Mapping[str, Any], component: str, extract_ema: bool) -> dict[str, str]:
+def _sources(layout: Layout, keys: Mapping[str, Any], component: str, extract_ema: bool) -> dict[str, str]:
     """``{relative source key: key read from the file}`` (the EMA copy when asked for and present)."""
     relatives = dict.fromkeys(e.source for e in layout.entries)
     if not extract_ema or component != "unet":
@@ -262,7 +191,7 @@ def _fitted(shape: Shape, entry: Entry) -> Shape | None:
     return None
 
 
-def _check(layout: _Layout, infos: Mapping[str, TensorInfo], sources: Mapping[str, str], component: str) -> None:
+def _check(layout: Layout, infos: Mapping[str, TensorInfo], sources: Mapping[str, str], component: str) -> None:
     """Raise one ValueError listing missing keys, unexpected keys and shape mismatches (CompVis names)."""
     missing, mismatched = [], []
     for entry in layout.entries:
@@ -346,7 +275,7 @@ def open_single_file(
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     path = Path(path)
     infos = _read_infos(path, allow_pickle)
-    layout = _layout(infos, component, read_component_config(config))
+    layout = component_layout(infos, _root(infos), component, read_component_config(config))
     sources = _sources(layout, infos, component, extract_ema)
     _check(layout, infos, sources, component)
     converted = {e.target: (infos[sources[e.source]][0], e.shape) for e in layout.entries}
