@@ -168,3 +168,16 @@ def test_wrong_layout_errors(pipes: dict[str, SgmPipe], tmp_path: Path) -> None:
         UNet2DConditionModel.from_single_file(base.path, refiner.configs["unet"])
     with pytest.raises(ValueError, match="addition_embed_type"):
         UNet2DConditionModel.from_single_file(base.path, {**base.configs["unet"], "addition_embed_type": "image"})
+
+
+def test_projection_from_pickle_and_any_framework(pipes: dict[str, SgmPipe], tmp_path: Path) -> None:
+    """The transposed ``text_projection`` comes out right from a Lightning ``.ckpt`` and in every framework."""
+    pipe = pipes["refiner"]
+    expected = pipe.states["text_encoder_2"]["text_projection.weight"]
+    path = tmp_path / "refiner.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(v.copy()) for k, v in pipe.tensors.items()}}, path)
+    model = TORCH["text_encoder_2"].from_single_file(path, pipe.configs["text_encoder_2"], allow_pickle=True)
+    np.testing.assert_array_equal(model.state_dict()["text_projection.weight"].numpy(), expected)
+    for framework in ("numpy", "pt", "flax"):
+        tensors = sf.load_single_file(pipe.path, "text_encoder_2", pipe.configs["text_encoder_2"], framework=framework)
+        np.testing.assert_array_equal(np.asarray(tensors["text_projection.weight"]), expected, err_msg=framework)
