@@ -24,7 +24,7 @@ from diffusion_core.pipelines.model_index import ComponentSpec, ModelIndex, writ
 from diffusion_core.weights import save_state_dict
 from diffusion_core.weights.io import file_infos
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME
-from diffusion_core.weights.single_file import COMPONENTS, PICKLE_SUFFIXES, SingleFileComponent, open_single_file
+from diffusion_core.weights.single_file import PICKLE_SUFFIXES, SingleFileComponent, file_components, open_single_file
 
 MODEL_CONFIG = "config.json"  # a component folder holding one has weights (others: tokenizer, scheduler, ...)
 
@@ -44,14 +44,16 @@ def _copy_configs(source: Path, target: Path) -> None:
 def _open_components(
     checkpoint: Path, reference: Path, index: ModelIndex, extract_ema: bool, allow_pickle: bool
 ) -> dict[str, SingleFileComponent]:
-    """Each converted component, validated from the checkpoint's header against the reference's config."""
-    missing = [name for name in COMPONENTS if name not in index.components or index.components[name].is_absent]
+    """Each component the checkpoint holds (SD: unet, vae, text_encoder; SDXL base adds text_encoder_2, the
+    refiner has no text_encoder), validated from the checkpoint's header against the reference's config."""
+    held = file_components(checkpoint, allow_pickle)
+    missing = [name for name in held if name not in index.components or index.components[name].is_absent]
     if missing:
         raise ValueError(
-            f"--config: the reference pipeline {index.class_name} has no {missing}; it must hold {list(COMPONENTS)}"
+            f"--config: the reference pipeline {index.class_name} has no {missing}; it must hold {list(held)}"
         )
     opened = {}
-    for name in COMPONENTS:
+    for name in held:
         try:
             opened[name] = open_single_file(
                 checkpoint, name, reference / name, extract_ema=extract_ema, allow_pickle=allow_pickle
@@ -144,7 +146,7 @@ def verify(checkpoint: str, output_dir: str, extract_ema: bool = False, allow_pi
     folder = Path(output_dir)
     index = read_model_index(folder)
     checked = {}
-    for name in COMPONENTS:
+    for name in file_components(checkpoint, allow_pickle):
         states = _backend_states(folder, name, index.components[name].class_name)
         found = open_single_file(checkpoint, name, folder / name, extract_ema=extract_ema, allow_pickle=allow_pickle)
         count = 0

@@ -47,6 +47,7 @@ def unet_to_compvis(state: Mapping[str, np.ndarray], layers_per_block: int) -> d
         (r"time_embedding\.linear_2\.(.*)", lambda m: f"time_embed.2.{m[1]}"),
         (r"class_embedding\.linear_(\d)\.(.*)", lambda m: f"label_emb.0.{2 * int(m[1]) - 2}.{m[2]}"),
         (r"class_embedding\.weight", lambda m: "label_emb.weight"),
+        (r"add_embedding\.linear_(\d)\.(.*)", lambda m: f"label_emb.0.{2 * int(m[1]) - 2}.{m[2]}"),  # SGM SDXL
         (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
          lambda m: f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.0.{_resnet_tail(m[3])}"),
         (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)",
@@ -107,30 +108,40 @@ def vae_to_compvis(state: Mapping[str, np.ndarray], num_blocks: int) -> dict[str
     return out
 
 
-def clip_to_compvis(state: Mapping[str, np.ndarray], max_positions: int) -> dict[str, np.ndarray]:
-    """SD 1.x: ``cond_stage_model.transformer.text_model.*`` (Hugging Face names) plus the position_ids buffer."""
-    out = {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(max_positions)[None]
+def clip_to_compvis(
+    state: Mapping[str, np.ndarray], max_positions: int, prefix: str = "cond_stage_model.transformer.text_model."
+) -> dict[str, np.ndarray]:
+    """SD 1.x: ``cond_stage_model.transformer.text_model.*`` (Hugging Face names) plus the position_ids buffer
+    (SDXL's CLIP-L: ``prefix="conditioner.embedders.0.transformer.text_model."``)."""
+    out = {f"{prefix}{k.removeprefix('text_model.')}": v for k, v in state.items()}
+    out[f"{prefix}embeddings.position_ids"] = np.arange(max_positions)[None]
     return out
 
 
 def clip_to_open_clip(
-    state: Mapping[str, np.ndarray], projection_dim: int, extra_layer: Mapping[str, np.ndarray] | None = None
+    state: Mapping[str, np.ndarray],
+    projection_dim: int,
+    extra_layer: Mapping[str, np.ndarray] | None = None,
+    prefix: str = "cond_stage_model.model.",
 ) -> dict[str, np.ndarray]:
     """SD 2.x: the OpenCLIP text tower ``cond_stage_model.model.*`` (fused ``in_proj``, resblocks, ln_final).
 
     ``extra_layer`` (a transformers encoder layer's tensors, names relative to the layer) is appended
-    as one more resblock, like the last layer SD 2.x checkpoints carry but do not use.
+    as one more resblock, like the last layer SD 2.x checkpoints carry but do not use. A
+    ``CLIPTextModelWithProjection`` state (SDXL's bigG, ``prefix="conditioner.embedders.1.model."``) gives
+    its ``text_projection.weight`` transposed as OpenCLIP's ``text_projection`` (x @ P), else an identity is made up.
     """
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    prefix = "cond_stage_model.model."
     width = state["embeddings.token_embedding.weight"].shape[1]
+    projection = state.pop("text_projection.weight", None)
     out = {
         f"{prefix}token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
         f"{prefix}positional_embedding": state.pop("embeddings.position_embedding.weight"),
         f"{prefix}ln_final.weight": state.pop("final_layer_norm.weight"),
         f"{prefix}ln_final.bias": state.pop("final_layer_norm.bias"),
-        f"{prefix}text_projection": np.eye(width, projection_dim, dtype=np.float32),  # (width, embed_dim)
+        f"{prefix}text_projection": (  # (width, embed_dim)
+            np.eye(width, projection_dim, dtype=np.float32) if projection is None else projection.T.copy()
+        ),
         f"{prefix}logit_scale": np.array(4.6052, dtype=np.float32),
     }
     layers = {int(k.split(".")[2]) for k in state}

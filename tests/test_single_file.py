@@ -261,7 +261,7 @@ def test_vae_prefix(pipes: dict[str, Pipe], tmp_path: Path) -> None:
                                   pipe.states["vae"]["decoder.up_blocks.0.resnets.1.conv2.weight"])  # fmt: skip
     with pytest.raises(ValueError, match="no unet weights"):
         sf.single_file_infos(path, "unet", pipe.configs["unet"])
-    with pytest.raises(ValueError, match="no SD 1.x/2.x text encoder"):
+    with pytest.raises(ValueError, match="holds no text_encoder"):
         sf.single_file_infos(path, "text_encoder", pipe.text_config)
 
 
@@ -334,7 +334,7 @@ def test_bad_arguments(pipes: dict[str, Pipe], tmp_path: Path) -> None:
     for text in (pipe, pipes["sd2"]):  # HF CLIP and OpenCLIP layouts
         with pytest.raises(ValueError, match="integer fields"):
             sf.single_file_infos(text.path, "text_encoder", {"hidden_size": 32})
-    for field, value in (("addition_embed_type", "text_time"), ("down_block_types", ("SimpleDown",) * 2),
+    for field, value in (("addition_embed_type", "image"), ("down_block_types", ("SimpleDown",) * 2),
                          ("mid_block_type", "UNetMidBlock2D"), ("layers_per_block", (1, 2, 3))):  # fmt: skip
         with pytest.raises(ValueError, match=field):
             sf.single_file_infos(pipe.path, "unet", {**pipe.configs["unet"], field: value})
@@ -403,6 +403,7 @@ def _infos(conv_in: int = 4, to_k: int = 768, **extra: tuple[int, ...]) -> dict[
         (_infos(**{sf.PROBES["controlnet"]: (1280, 320)}), "controlnet"),
         ({sf.PROBES["xl_base"]: ("float16", (1280,)), "model.diffusion_model.x": ("float16", (1,))}, "xl_base"),
         ({sf.PROBES["xl_refiner"]: (1280,)}, "xl_refiner"),
+        ({**_infos(conv_in=9), sf.PROBES["xl_base"]: (77, 1280)}, "xl_inpaint"),
         ({f"state_dict.{k}": v for k, v in _infos(to_k=1024).items()}, "v2"),
     ],
 )

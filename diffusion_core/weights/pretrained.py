@@ -48,7 +48,7 @@ from diffusion_core.weights.layout import (
 )
 from diffusion_core.weights.safetensors_header import InvalidCheckpointError
 from diffusion_core.weights.single_file import (
-    COMPONENTS,
+    ALL_COMPONENTS,
     SINGLE_FILE_COMPONENTS,
     open_single_file,
     read_component_config,
@@ -357,7 +357,7 @@ class CheckpointModel:
         cls, path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike, **kwargs: Any
     ) -> CheckpointSource:
         """This class's component of a CompVis single file (``subfolder``, ``extract_ema``, ``allow_pickle``)."""
-        if cls.single_file_component not in COMPONENTS:
+        if cls.single_file_component not in ALL_COMPONENTS:
             raise ValueError(
                 f"{cls.__name__} cannot be loaded from a single file (single_file_component="
                 f"{cls.single_file_component!r}); classes that can: {sorted(SINGLE_FILE_COMPONENTS)}"

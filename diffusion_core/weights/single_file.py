@@ -1,9 +1,11 @@
-"""Loading original CompVis / Stable Diffusion 1.x-2.x single-file checkpoints as diffusers state dicts.
+"""Loading original CompVis / Stable Diffusion 1.x-2.x and SGM SDXL single-file checkpoints as diffusers state dicts.
 
 One ``.safetensors`` (or, with ``allow_pickle=True``, ``.ckpt``) holds the whole pipeline:
-``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` or ``vae.*`` (VAE),
-``cond_stage_model.transformer.*`` (SD 1.x CLIP, already in Hugging Face names) or
-``cond_stage_model.model.*`` (SD 2.x OpenCLIP). ``iter_single_file`` yields one component's
+``model.diffusion_model.*`` (UNet; SDXL's ``label_emb`` is its ``add_embedding``), ``first_stage_model.*``
+or ``vae.*`` (VAE), ``cond_stage_model.transformer.*`` (SD 1.x CLIP, already in Hugging Face names) or
+``cond_stage_model.model.*`` (SD 2.x OpenCLIP); SDXL: ``conditioner.embedders.0.transformer.*`` (CLIP-L,
+``text_encoder``) and ``conditioner.embedders.1.model.*`` (OpenCLIP bigG, ``text_encoder_2``; the refiner's
+is ``conditioner.embedders.0.model.*``). ``iter_single_file`` yields one component's
 tensors under diffusers / transformers 5 names and layouts, one at a time from the
 memory-mapped file; ``single_file_infos`` gives the same keys and shapes from the header;
 ``open_single_file`` does the header check once and returns both (what the models'
@@ -18,16 +20,15 @@ under the component's prefix must be used; otherwise a ValueError lists the prob
 tensor is read. Deliberately ignored: keys outside the component's prefix (other components,
 ``model_ema.*`` unless EMA weights are asked for, ``alphas_cumprod``, ``betas``, ``lvlb_weights``
 and the other schedule buffers), the CLIP ``position_ids`` buffer, and OpenCLIP's
-``text_projection``, ``logit_scale``, ``attn_mask``, image tower (``visual.*``) and the resblocks
-past ``num_hidden_layers`` (SD 2.x uses the penultimate layer).
+``text_projection`` (read only for ``text_encoder_2``), ``logit_scale``, ``attn_mask``, image tower
+(``visual.*``) and the resblocks past ``num_hidden_layers`` (SD 2.x uses the penultimate layer).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,24 @@ from diffusion_core.weights.io import (
     numpy_dtype,
     read_pickle_state_dict,
 )
-from diffusion_core.weights.single_file_keys import Entry, Shape, clip_plan, open_clip_plan, unet_plan, vae_plan
+from diffusion_core.weights.single_file_keys import Entry, Shape
+from diffusion_core.weights.single_file_layouts import UNET_PREFIX, Layout, component_layout
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder")  # an SD 1.x/2.x file's parts
+ALL_COMPONENTS = (*COMPONENTS, "text_encoder_2")  # every part this module reads
+FAMILY_COMPONENTS = {  # the parts of SDXL files; other families hold COMPONENTS
+    "xl_base": ALL_COMPONENTS,
+    "xl_inpaint": ALL_COMPONENTS,
+    "xl_refiner": ("unet", "vae", "text_encoder_2"),
+}
 # The component each class reads from a single file (``pretrained.SingleFileModel``'s default).
-SINGLE_FILE_COMPONENTS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
+SINGLE_FILE_COMPONENTS = {
+    "UNet2DConditionModel": "unet",
+    "AutoencoderKL": "vae",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
+}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 MIN_EMA_KEYS = 100  # as diffusers: EMA weights count as present when more than this many keys exist
 PROBES = {  # key probes, as diffusers' single-file loader uses them
@@ -60,19 +72,9 @@ PROBES = {  # key probes, as diffusers' single-file loader uses them
     "conv_in": "model.diffusion_model.input_blocks.0.0.weight",
     "upscale": "model.diffusion_model.input_blocks.10.0.skip_connection.bias",
     "controlnet": "control_model.time_embed.0.weight",
-    "xl_base": "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
-    "xl_refiner": "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",
+    "xl_base": "conditioner.embedders.1.model.positional_embedding",  # SDXL base: OpenCLIP bigG second
+    "xl_refiner": "conditioner.embedders.0.model.positional_embedding",  # SDXL refiner: bigG only
 }
-_OPEN_CLIP_IGNORED = re.compile(r"text_projection|logit_scale|attn_mask|visual\..*|transformer\.resblocks\.(\d+)\..*")
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """One component inside a checkpoint: its key prefix, its plan and the keys skipped on purpose."""
-
-    prefix: str
-    entries: list[Entry]
-    ignored: Callable[[str], bool]  # relative key -> deliberately not loaded
 
 
 def _shape(info: Any) -> Shape:
@@ -88,10 +90,9 @@ def _root(keys: Mapping[str, Any]) -> str:
 
 def detect_model_type(infos: Mapping[str, Any] | str | os.PathLike) -> str:
     """The checkpoint family from key probes: ``"v1"``, ``"v2"``, ``"inpainting"``, ``"inpainting_v2"``,
-    ``"pix2pix"``, ``"upscale"``, ``"controlnet"``, ``"xl_base"`` or ``"xl_refiner"``.
+    ``"pix2pix"``, ``"upscale"``, ``"controlnet"``, ``"xl_base"``, ``"xl_refiner"`` or ``"xl_inpaint"``.
 
     ``infos`` maps keys to shapes or ``(dtype, shape)`` pairs (``file_infos``), or is a checkpoint path.
-    Only the first four families have text encoders and UNets this module converts.
     """
     if not isinstance(infos, Mapping):
         infos = _read_infos(Path(infos), allow_pickle=False)
@@ -105,21 +106,32 @@ def detect_model_type(infos: Mapping[str, Any] | str | os.PathLike) -> str:
     is_v2 = width("v2", -1) == 1024
     if PROBES["controlnet"] in infos:
         return "controlnet"
+    for family in ("xl_base", "xl_refiner"):
+        if PROBES[family] in infos:
+            return "xl_inpaint" if family == "xl_base" and width("conv_in", 1) == 9 else family
     if width("conv_in", 1) == 9:
         return "inpainting_v2" if is_v2 else "inpainting"
     if width("conv_in", 1) == 8:
         return "pix2pix"
     if is_v2:
         return "v2"
-    for family in ("xl_base", "xl_refiner", "upscale"):
-        if PROBES[family] in infos:
-            return family
+    if PROBES["upscale"] in infos:
+        return "upscale"
     if any(k.startswith(UNET_PREFIX) for k in infos):
         return "v1"
     raise ValueError(
         f"infos: not a CompVis / Stable Diffusion checkpoint (no key starts with {UNET_PREFIX!r} "
         f"or {PROBES['controlnet']!r}); first keys: {sorted(infos)[:5]}"
     )
+
+
+def file_components(infos: Mapping[str, Any] | str | os.PathLike, allow_pickle: bool = False) -> tuple[str, ...]:
+    """The components a checkpoint holds, by its family (:func:`detect_model_type`): SDXL base
+    ``unet, vae, text_encoder, text_encoder_2``, refiner ``unet, vae, text_encoder_2``, else ``COMPONENTS``.
+    ``allow_pickle``: a ``.ckpt`` path may be read (weights only) to find out."""
+    if not isinstance(infos, Mapping):
+        infos = _read_infos(Path(infos), allow_pickle)
+    return FAMILY_COMPONENTS.get(detect_model_type(infos), COMPONENTS)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -142,54 +154,13 @@ def _read_infos(path: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
     return file_infos(path, is_pickle=True, unwrap_lightning=True)
 
 
-# ----------------------------------------------------------------------------- layouts
-
-
-def _with_prefix(keys: Mapping[str, Any], *prefixes: str) -> str | None:
-    return next((p for p in prefixes if any(k.startswith(p) for k in keys)), None)
-
-
-def _text_layout(keys: Mapping[str, Any], root: str, config: Mapping[str, Any]) -> _Layout:
-    hf = f"{root}cond_stage_model.transformer."
-    prefix = _with_prefix(keys, f"{hf}text_model.", hf)
-    if prefix is not None:
-        return _Layout(prefix, clip_plan(config), lambda key: key == "embeddings.position_ids")
-    prefix = _with_prefix(keys, f"{root}cond_stage_model.model.")
-    if prefix is None:
-        raise ValueError(
-            "checkpoint holds no SD 1.x/2.x text encoder (no key starts with 'cond_stage_model.transformer.' or "
-            "'cond_stage_model.model.'; SDXL's 'conditioner.embedders.*' is not supported)"
-        )
-    entries = open_clip_plan(config)  # validates the config first
-    layers = config["num_hidden_layers"]
-
-    def ignored(key: str) -> bool:
-        match = _OPEN_CLIP_IGNORED.fullmatch(key)
-        return match is not None and (match.group(1) is None or int(match.group(1)) >= layers)
-
-    return _Layout(prefix, entries, ignored)
-
-
-def _layout(keys: Mapping[str, Any], component: str, config: Mapping[str, Any]) -> _Layout:
-    root = _root(keys)
-    if component == "text_encoder":
-        return _text_layout(keys, root, config)
-    if component == "unet":
-        prefix, entries = _with_prefix(keys, root + UNET_PREFIX), unet_plan(config)
-    else:
-        prefix, entries = _with_prefix(keys, f"{root}first_stage_model.", f"{root}vae."), vae_plan(config)
-    if prefix is None:
-        raise ValueError(f"checkpoint holds no {component} weights (no key starts with the CompVis prefix)")
-    return _Layout(prefix, entries, lambda key: False)
-
-
 def _ema_key(prefix: str, relative: str) -> str:
     """LDM's EMA name: ``model.diffusion_model.a.0.b`` -> ``model_ema.diffusion_modela0b``."""
     root = prefix[: -len(UNET_PREFIX)]
     return f"{root}{EMA_PREFIX}" + f"diffusion_model.{relative}".replace(".", "")
 
 
-def _sources(layout: _Layout, keys: Mapping[str, Any], component: str, extract_ema: bool) -> dict[str, str]:
+def _sources(layout: Layout, keys: Mapping[str, Any], component: str, extract_ema: bool) -> dict[str, str]:
     """``{relative source key: key read from the file}`` (the EMA copy when asked for and present)."""
     relatives = dict.fromkeys(e.source for e in layout.entries)
     if not extract_ema or component != "unet":
@@ -210,6 +181,8 @@ def _fitted(shape: Shape, entry: Entry) -> Shape | None:
         if not shape or shape[0] % count:
             return None
         shape = (shape[0] // count, *shape[1:])
+    if entry.transpose:
+        shape = shape[::-1] if len(shape) == 2 else ()
     if shape == entry.shape:
         return shape
 
@@ -221,7 +194,7 @@ def _fitted(shape: Shape, entry: Entry) -> Shape | None:
     return None
 
 
-def _check(layout: _Layout, infos: Mapping[str, TensorInfo], sources: Mapping[str, str], component: str) -> None:
+def _check(layout: Layout, infos: Mapping[str, TensorInfo], sources: Mapping[str, str], component: str) -> None:
     """Raise one ValueError listing missing keys, unexpected keys and shape mismatches (CompVis names)."""
     missing, mismatched = [], []
     for entry in layout.entries:
@@ -298,14 +271,14 @@ def open_single_file(
 
     Raises ValueError listing missing, unexpected and mis-shaped keys (see :func:`single_file_infos`).
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
+    if component not in ALL_COMPONENTS:
+        raise ValueError(f"component must be one of {list(ALL_COMPONENTS)}, got {component!r}")
     for name, flag in (("extract_ema", extract_ema), ("allow_pickle", allow_pickle)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     path = Path(path)
     infos = _read_infos(path, allow_pickle)
-    layout = _layout(infos, component, read_component_config(config))
+    layout = component_layout(infos, _root(infos), component, read_component_config(config))
     sources = _sources(layout, infos, component, extract_ema)
     _check(layout, infos, sources, component)
     converted = {e.target: (infos[sources[e.source]][0], e.shape) for e in layout.entries}
@@ -324,8 +297,8 @@ def single_file_infos(
 
     Shapes are the converted ones (VAE attention 1x1 convs as linear layers, OpenCLIP's fused
     q/k/v split, ``proj_in``/``proj_out`` as ``use_linear_projection`` asks). ``component`` is
-    ``"unet"``, ``"vae"`` or ``"text_encoder"``; ``config`` is that component's diffusers
-    ``config.json`` (transformers' ``CLIPTextConfig`` for the text encoder) as a dict or a path.
+    ``"unet"``, ``"vae"``, ``"text_encoder"`` or ``"text_encoder_2"`` (SDXL's bigG); ``config`` is that component's
+    diffusers ``config.json`` (transformers' ``CLIPTextConfig`` for the text encoders) as a dict or a path.
     Raises ValueError listing missing, unexpected and mis-shaped keys.
     """
     return open_single_file(path, component, config, extract_ema=extract_ema, allow_pickle=allow_pickle).infos
@@ -363,13 +336,20 @@ def _block(entry: Entry, rows: int) -> slice:
     return slice(entry.part[0] * size, (entry.part[0] + 1) * size)
 
 
+def _arranged(tensor: Any, entry: Entry, framework: str) -> Any:
+    """``tensor`` in the target layout: transposed (contiguous) when ``entry.transpose``, else reshaped."""
+    if not entry.transpose:
+        return tensor.reshape(entry.shape)
+    return tensor.T.contiguous() if framework == "pt" else tensor.T.copy()
+
+
 def _generate(path: Path, entries: list[Entry], sources: Mapping[str, str], framework: str, target: Any):
     if _is_pickle(path):
         state = read_pickle_state_dict(path, unwrap_lightning=True)
         for entry in entries:
             tensor = state[sources[entry.source]]
             tensor = from_torch(tensor[_block(entry, tensor.shape[0])], framework)
-            yield entry.target, cast_tensor(tensor.reshape(entry.shape), target, framework)
+            yield entry.target, cast_tensor(_arranged(tensor, entry, framework), target, framework)
         return
     with safe_open(path, framework=framework) as f:
         for entry in entries:
@@ -379,7 +359,7 @@ def _generate(path: Path, entries: list[Entry], sources: Mapping[str, str], fram
             else:
                 view = f.get_slice(key)
                 tensor = view[_block(entry, view.get_shape()[0])]
-            yield entry.target, cast_tensor(tensor.reshape(entry.shape), target, framework)
+            yield entry.target, cast_tensor(_arranged(tensor, entry, framework), target, framework)
 
 
 def load_single_file(

@@ -1,4 +1,4 @@
-"""Key plans from CompVis / Stable Diffusion 1.x-2.x single-file names to diffusers/transformers names.
+"""Key plans from CompVis / Stable Diffusion 1.x-2.x / SGM SDXL single-file names to diffusers/transformers names.
 
 A plan is a list of :class:`Entry`: one diffusers (or transformers 5) state-dict key, its shape as
 the diffusers model built from ``config`` holds it, and where it comes from in the original
@@ -24,13 +24,15 @@ class Entry:
     """One target tensor: ``target`` (diffusers key) of ``shape``, read from ``source``.
 
     ``part = (index, count)`` takes the ``index``-th of ``count`` equal row blocks of the source
-    (OpenCLIP's fused ``in_proj`` holds q, k and v stacked along axis 0).
+    (OpenCLIP's fused ``in_proj`` holds q, k and v stacked along axis 0). ``transpose``: the source is
+    the (2-D) transpose of the target (OpenCLIP's ``text_projection`` is ``x @ P``, a linear layer's ``P.T``).
     """
 
     source: str
     target: str
     shape: Shape
     part: tuple[int, int] | None = None
+    transpose: bool = False
 
 
 def _affine(src: str, dst: str, weight: Shape, bias: bool = True) -> list[Entry]:
@@ -76,7 +78,6 @@ _UNET_DEFAULTS: dict[str, Any] = {
 }
 # Config fields whose non-default values add weights this plan does not know (SDXL, Kandinsky, ...).
 _UNET_UNSUPPORTED = {
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "time_cond_proj_dim": None,
     "dual_cross_attention": False,
@@ -110,6 +111,14 @@ def _unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
         raise ValueError(
             f"config['mid_block_type'] must be 'UNetMidBlock2DCrossAttn' or None, got {cfg['mid_block_type']!r}"
+        )
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise ValueError(
+            f"config['addition_embed_type'] must be None or 'text_time' (SDXL), got {cfg['addition_embed_type']!r}"
+        )
+    if cfg.get("addition_embed_type") and not isinstance(cfg["projection_class_embeddings_input_dim"], int):
+        raise ValueError(
+            "config['projection_class_embeddings_input_dim'] must be an int when addition_embed_type is set"
         )
     if cfg["class_embed_type"] not in (None, "projection"):
         raise ValueError(f"config['class_embed_type'] must be None or 'projection', got {cfg['class_embed_type']!r}")
@@ -165,6 +174,10 @@ def _unet_embeddings(cfg: dict[str, Any], temb: int) -> list[Entry]:
         entries += _affine("label_emb.0.2", "class_embedding.linear_2", (temb, temb))
     elif cfg["num_class_embeds"] is not None:
         entries += _affine("label_emb", "class_embedding", (cfg["num_class_embeds"], temb), False)
+    if cfg.get("addition_embed_type") == "text_time":  # SGM SDXL: label_emb is the size/crop/pooled-text MLP
+        width = cfg["projection_class_embeddings_input_dim"]
+        entries += _affine("label_emb.0.0", "add_embedding.linear_1", (temb, width))
+        entries += _affine("label_emb.0.2", "add_embedding.linear_2", (temb, temb))
     return entries
 
 
@@ -204,7 +217,7 @@ def _unet_up(cfg: dict[str, Any], dims: _UNetDims) -> list[Entry]:
 
 
 def unet_plan(config: Mapping[str, Any]) -> list[Entry]:
-    """Entries for a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, inpainting, pix2pix, x4 upscaler).
+    """Entries for a diffusers ``UNet2DConditionModel`` (SD 1.x/2.x, inpainting, pix2pix, x4 upscaler, SDXL).
 
     Sources are relative to ``model.diffusion_model.``. ``use_linear_projection`` sets the target
     shape of ``proj_in``/``proj_out``; the reader adapts a 1x1 conv to a linear layer and back.
@@ -349,14 +362,21 @@ def clip_plan(config: Mapping[str, Any]) -> list[Entry]:
     return entries + _norm("final_layer_norm", "final_layer_norm", d)
 
 
-def open_clip_plan(config: Mapping[str, Any]) -> list[Entry]:
-    """Entries for transformers 5's ``CLIPTextModel`` from an SD 2.x OpenCLIP text tower.
+def open_clip_plan(config: Mapping[str, Any], projection: bool = False) -> list[Entry]:
+    """Entries for transformers 5's ``CLIPTextModel`` from an OpenCLIP text tower (SD 2.x, SDXL's bigG).
 
-    Sources are relative to ``cond_stage_model.model.``. The fused ``attn.in_proj_weight`` (3d, d)
-    is split into q, k, v row blocks. Only resblocks ``0 .. num_hidden_layers - 1`` are read: SD 2.x
-    conditions on the penultimate layer, so its diffusers text encoder has 23 of the 24 layers.
+    Sources are relative to the tower (``cond_stage_model.model.``, ``conditioner.embedders.N.model.``).
+    The fused ``attn.in_proj_weight`` (3d, d) is split into q, k, v row blocks. Only resblocks
+    ``0 .. num_hidden_layers - 1`` are read: SD 2.x conditions on the penultimate layer, so its diffusers
+    text encoder has 23 of the 24 layers. ``projection=True``: a ``CLIPTextModelWithProjection`` (SDXL's
+    second encoder), whose targets sit under ``text_model.`` beside ``text_projection.weight``, read
+    transposed from OpenCLIP's (width, projection_dim) ``text_projection`` matrix.
     """
     vocab, d, inner, layers, positions = _clip_dims(config)
+    if projection and not isinstance(config.get("projection_dim"), int):
+        raise ValueError(
+            f"config: a CLIPTextModelWithProjection needs an integer 'projection_dim' (got {dict(config)})"
+        )
     entries = [
         Entry("token_embedding.weight", "embeddings.token_embedding.weight", (vocab, d)),
         Entry("positional_embedding", "embeddings.position_embedding.weight", (positions, d)),
@@ -367,4 +387,8 @@ def open_clip_plan(config: Mapping[str, Any]) -> list[Entry]:
             entries.append(Entry(f"{src}.attn.in_proj_weight", f"{dst}.self_attn.{proj}.weight", (d, d), (index, 3)))
             entries.append(Entry(f"{src}.attn.in_proj_bias", f"{dst}.self_attn.{proj}.bias", (d,), (index, 3)))
         entries += _clip_layer_rest(src, dst, _OPEN_CLIP_LAYER, d, inner)
-    return entries + _norm("ln_final", "final_layer_norm", d)
+    entries += _norm("ln_final", "final_layer_norm", d)
+    if not projection:
+        return entries
+    entries = [Entry(e.source, f"text_model.{e.target}", e.shape, e.part) for e in entries]
+    return [*entries, Entry("text_projection", "text_projection.weight", (config["projection_dim"], d), None, True)]

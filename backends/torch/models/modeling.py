@@ -99,11 +99,12 @@ class PretrainedMixin(CheckpointModel):
         extract_ema: bool = False,
         allow_pickle: bool = False,
     ) -> M:
-        """Load this model's part of an original CompVis / SD 1.x-2.x single-file checkpoint.
+        """Load this model's part of an original CompVis / SD 1.x-2.x or SGM SDXL single-file checkpoint.
 
         ``config``: the model's config as a dict, a ``config.json``, or a folder holding one
         (``subfolder`` inside it, e.g. a diffusers pipeline folder and ``"unet"``). SD 2.x OpenCLIP
-        text towers load into ``CLIPTextModel`` (the caller's config gives its size). ``extract_ema``
+        text towers load into ``CLIPTextModel`` (the caller's config gives its size); SDXL's CLIP-L into
+        ``CLIPTextModel``, its OpenCLIP bigG (base or refiner) into ``CLIPTextModelWithProjection``. ``extract_ema``
         reads the UNet's EMA copy; ``.ckpt`` files need ``allow_pickle=True``. Raises ValueError
         listing missing/unexpected/mis-shaped keys before any weight is read.
         """
