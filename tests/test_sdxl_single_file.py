@@ -8,6 +8,7 @@ within 1e-4, ``slow``: eager Flax compiles every op).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from diffusion_core.flax.models import clip_text as flax_clip
 from diffusion_core.flax.models.loading import flax_state_to_torch
@@ -181,3 +183,23 @@ def test_projection_from_pickle_and_any_framework(pipes: dict[str, SgmPipe], tmp
     for framework in ("numpy", "pt", "flax"):
         tensors = sf.load_single_file(pipe.path, "text_encoder_2", pipe.configs["text_encoder_2"], framework=framework)
         np.testing.assert_array_equal(np.asarray(tensors["text_projection.weight"]), expected, err_msg=framework)
+
+
+@pytest.mark.parametrize("name", ["base", "refiner"])
+def test_convert_cli_writes_every_component_the_file_holds(
+    pipes: dict[str, SgmPipe], name: str, tmp_path: Path
+) -> None:
+    """``diffusion-core convert --verify``: an SDXL base gets both text encoders, a refiner only text_encoder_2."""
+    from diffusion_core import cli
+
+    pipe, out = pipes[name], tmp_path / "converted"
+    assert cli.main(["convert", str(pipe.path), str(out), "--config", str(pipe.folder), "--verify"]) == 0
+    for component, state in pipe.states.items():
+        loaded = getattr(
+            diffusers if component in ("unet", "vae") else transformers, type(pipe.models[component]).__name__
+        )
+        loaded = loaded.from_pretrained(out, subfolder=component).state_dict()
+        for key, value in state.items():
+            np.testing.assert_array_equal(loaded[key].numpy(), value, err_msg=f"{component}: {key}")
+    index = json.loads((out / "model_index.json").read_text())
+    assert (index["text_encoder"] == [None, None]) == (name == "refiner")
