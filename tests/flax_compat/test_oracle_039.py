@@ -7,6 +7,7 @@ see constraints-compat.txt), which sets DIFFUSION_CORE_COMPAT_ORACLE=1 and selec
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ if os.environ.get("DIFFUSION_CORE_COMPAT_ORACLE") != "1":
 
 import diffusers  # noqa: E402  (0.39 in that session)
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import transformers  # noqa: E402
 from flax.jax_utils import replicate  # noqa: E402
 from flax.training.common_utils import shard  # noqa: E402
@@ -110,9 +112,14 @@ def tokenizer(tmp_path_factory):
     return transformers.CLIPTokenizer.from_pretrained(vocab, model_max_length=77)
 
 
-def _saved(kind: str, tokenizer, folder, unet_in_channels: int = 4):
-    """0.39's pipeline ``kind`` with random weights, saved by 0.39 (msgpack) to ``folder``; ``(pipeline, params)``."""
+def _saved(kind: str, tokenizer, folder, unet_in_channels: int = 4, extra: tuple = ()):
+    """0.39's pipeline ``kind`` with random weights, saved by 0.39 (msgpack) to ``folder``; ``(pipeline, params)``.
+
+    ``extra``: more ``(name, model, params)`` components (a ControlNet).
+    """
     components, params = _components(unet_in_channels)
+    for name, model, model_params in extra:
+        components[name], params[name] = model, model_params
     pipe = getattr(diffusers, kind)(**components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None)
     pipe.save_pretrained(folder, params=params)
     assert (folder / "unet" / "diffusion_flax_model.msgpack").is_file()
@@ -132,8 +139,9 @@ def test_txt2img_matches_039(tokenizer, tmp_path):
     call = dict(num_inference_steps=3, height=32, width=32, guidance_scale=7.5)
     ref = ref_pipe(ids, ref_params, key, **call).images
     np.testing.assert_allclose(pipe(ids, params, key, **call).images, ref, atol=ATOL)
-    # the HF blog's call: replicate / shard / one key per device, jit=True
+    # the HF blog's call: replicate / shard / one key per device, jit=True, over the 8 forced CPU devices
     n = jax.device_count()
+    assert n == 8, "tests/conftest.py forces 8 CPU devices (XLA_FLAGS)"
     ids = shard(pipe.prepare_inputs([PROMPT] * n))
     keys = jax.random.split(key, n)
     ref = ref_pipe(ids, replicate(ref_params), keys, jit=True, **call).images
@@ -166,3 +174,56 @@ def test_inpaint_matches_039_with_the_same_seed(tokenizer, tmp_path):
     key = jax.random.PRNGKey(4)
     ref = ref_pipe(ref_ids, ref_binary, ref_masked, ref_params, key, num_inference_steps=3).images
     np.testing.assert_allclose(pipe(ids, binary, masked, params, key, num_inference_steps=3).images, ref, atol=ATOL)
+
+
+def test_native_pipeline_loads_039_folder_and_matches(tokenizer, tmp_path):
+    """The folder 0.39 saved (msgpack, model_index naming Flax classes) loads through the native
+    ``diffusion_core.flax.DiffusionPipeline`` and gives 0.39's image for the same explicit latents (DDIM)."""
+    from diffusion_core.flax import DiffusionPipeline
+
+    ref_pipe, ref_params = _saved("FlaxStableDiffusionPipeline", tokenizer, tmp_path / "sd")
+    assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["unet"][1] == "FlaxUNet2DConditionModel"
+    native = DiffusionPipeline.from_pretrained(tmp_path / "sd")
+    native.set_progress_bar_config(disable=True)
+    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (1, 4, 16, 16)))
+    call = dict(num_inference_steps=3, guidance_scale=7.5)
+    ids = ref_pipe.prepare_inputs([PROMPT])
+    ref = ref_pipe(ids, ref_params, jax.random.PRNGKey(0), latents=latents, **call).images
+    ours = native(PROMPT, height=32, width=32, latents=latents, output_type="np", **call).images
+    np.testing.assert_allclose(ours, np.asarray(ref), atol=ATOL)
+
+
+def _controlnet() -> tuple:
+    """0.39's Flax ControlNet with random weights; its conditioning embedding halves the size, as the tiny VAE."""
+    net = diffusers.FlaxControlNetModel(
+        **{k: v for k, v in UNET.items() if k not in ("up_block_types", "out_channels")},
+        conditioning_embedding_out_channels=(16, 32),
+    )
+    params_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(2))
+    sample, cond = jnp.zeros((1, 4, 16, 16)), jnp.zeros((1, 3, 32, 32))  # jax arrays: 0.39 wraps numpy timesteps
+    context = jnp.zeros((1, 1, UNET["cross_attention_dim"]))
+    rngs = {"params": params_rng, "dropout": dropout_rng}
+    params = net.init(rngs, sample, jnp.ones((1,), jnp.int32), context, cond)["params"]
+    # 0.39 zero-initialises the output convs (no effect until trained): give them random weights
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    leaves = [0.05 * jax.random.normal(k, x.shape) if not x.any() else x for k, x in zip(keys, leaves, strict=True)]
+    return "controlnet", net, jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def test_controlnet_matches_039(tokenizer, tmp_path):
+    kind = "FlaxStableDiffusionControlNetPipeline"
+    ref_pipe, ref_params = _saved(kind, tokenizer, tmp_path / "cn", extra=(_controlnet(),))
+    pipe, params = compat.FlaxStableDiffusionControlNetPipeline.from_pretrained(tmp_path / "cn", safety_checker=None)
+    picture = _picture(6).resize((64, 64))  # 0.39 crops its control image to multiples of 64
+    image = pipe.prepare_image_inputs(picture)
+    np.testing.assert_allclose(image, np.asarray(ref_pipe.prepare_image_inputs(picture)), atol=1e-6)
+    ids = pipe.prepare_text_inputs([PROMPT])
+    np.testing.assert_array_equal(ids, ref_pipe.prepare_text_inputs([PROMPT]))
+    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (1, 4, 32, 32)))
+    call = dict(num_inference_steps=3, guidance_scale=7.5, latents=latents, controlnet_conditioning_scale=0.8)
+    key = jax.random.PRNGKey(0)
+    ref = ref_pipe(ids, image, ref_params, key, **call).images
+    np.testing.assert_allclose(pipe(ids, image, params, key, **call).images, np.asarray(ref), atol=ATOL)
+    unguided = pipe(ids, image, params, key, **{**call, "controlnet_conditioning_scale": 0.0}).images
+    assert np.abs(unguided - np.asarray(ref)).max() > 10 * ATOL  # the control image matters
