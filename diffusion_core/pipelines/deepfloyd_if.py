@@ -18,6 +18,7 @@ line each from the loader) and the images are returned unchecked and unmarked.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,6 +76,16 @@ class ExplicitNoise:
 def _check_text_options(clean_caption: bool) -> None:
     if not isinstance(clean_caption, bool):
         raise ValueError(f"clean_caption must be a bool, got {clean_caption!r}")
+
+
+def if_request_from_call(unet_config: Mapping[str, Any], call: Mapping[str, Any], stage2: bool) -> IFRequest:
+    """:func:`if_request` from a pipeline ``__call__``'s ``locals()``: the arguments it checks are taken by name
+    (one list, the signature of ``if_request``), the backend's own (``generator``/``key``, ``return_dict``,
+    ``parallel``, ``mesh``) are left to the backend."""
+    names = inspect.signature(if_request).parameters
+    return if_request(
+        unet_config, **{k: v for k, v in call.items() if k in names and k != "unet_config"}, stage2=stage2
+    )
 
 
 def if_request(

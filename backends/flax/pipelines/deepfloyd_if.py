@@ -149,12 +149,7 @@ class IFPipeline(_IFBase):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images; ``latents`` (numpy (N, 3, H, W)) fixes the starting draw."""
-        request = dif.if_request(
-            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
-            height=height, width=width, latents=latents, clean_caption=clean_caption,
-        )  # fmt: skip
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
         return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
@@ -187,13 +182,7 @@ class IFSuperResolutionPipeline(_IFBase):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Upscale ``image`` (PIL, numpy (B, H, W, 3), or a (B, 3, h, w) array in [-1, 1]) guided by the text."""
-        request = dif.if_request(
-            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
-            height=height, width=width, latents=latents, clean_caption=clean_caption, image=image,
-            noise_level=noise_level, stage2=True,
-        )  # fmt: skip
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
         return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
@@ -223,12 +212,7 @@ class IFImg2ImgPipeline(_IFBase):
     ) -> ImagePipelineOutput | tuple:
         """Rework ``image`` (PIL, numpy (B, H, W, 3), or a (B, 3, H, W) array in [-1, 1]); ``latents`` (numpy, the
         image's shape) fixes the noise it is diffused with."""
-        request = dif.if_request(
-            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
-            latents=latents, clean_caption=clean_caption, image=image, strength=strength,
-        )  # fmt: skip
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
         return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
@@ -261,12 +245,7 @@ class IFInpaintingPipeline(_IFBase):
         [0, 1], thresholded at 0.5)."""
         if mask_image is None:
             raise ValueError("mask_image: IFInpaintingPipeline needs a mask (1 where the image is redrawn)")
-        request = dif.if_request(
-            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
-            latents=latents, clean_caption=clean_caption, image=image, strength=strength, mask_image=mask_image,
-        )  # fmt: skip
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
         return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
@@ -300,13 +279,7 @@ class IFImg2ImgSuperResolutionPipeline(_IFBase):
         mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """``image``: the low-res input (as for IFSuperResolutionPipeline); ``original_image``: the full-size start."""
-        request = dif.if_request(
-            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
-            latents=latents, clean_caption=clean_caption, image=image, original_image=original_image,
-            strength=strength, noise_level=noise_level, stage2=True,
-        )  # fmt: skip
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
         return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
 
 
@@ -343,11 +316,5 @@ class IFInpaintingSuperResolutionPipeline(_IFBase):
         """As IFImg2ImgSuperResolutionPipeline, keeping ``original_image`` where ``mask_image`` is 0."""
         if mask_image is None:
             raise ValueError("mask_image: IFInpaintingSuperResolutionPipeline needs a mask (1 where redrawn)")
-        request = dif.if_request(
-            self.unet.config, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, eta=eta, output_type=output_type, guidance_scale=guidance_scale,
-            latents=latents, clean_caption=clean_caption, image=image, original_image=original_image,
-            strength=strength, noise_level=noise_level, stage2=True, mask_image=mask_image,
-        )  # fmt: skip
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
         return self._run(request, key, clean_caption, return_dict, parallel=parallel, mesh=mesh)
