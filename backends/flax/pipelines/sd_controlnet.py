@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from diffusion_core.flax.pipelines.sd_base import Run, StableDiffusionBase
 from diffusion_core.flax.pipelines.sd_image import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-from diffusion_core.pipelines import ImagePipelineOutput, sd_image
+from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines.sd_recipes import ControlNetImg2ImgRecipe, ControlNetInpaintRecipe, ControlNetRecipe
 
 
@@ -106,11 +106,8 @@ class StableDiffusionControlNetImg2ImgPipeline(ControlNetImg2ImgRecipe, _Control
             request, control_image, (height, width), guess_mode, controlnet_conditioning_scale,
             (control_guidance_start, control_guidance_end), "control_image",
         )  # fmt: skip
-        pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor, *size)
-        sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checked before the VAE work
-        opts = (*opts, ("strength", strength))
-        run = self._run(request, size, parallel, mesh, scalars=scalars, opts=opts, channels=self._latent_channels())
-        return self._generate(run, request, key, latents, {"pixels": pixels, "control": control}, return_dict)
+        run, options = self._img2img_run(request, image, size, strength, parallel, mesh, opts, scalars)
+        return self._generate(run, request, key, latents, {**options, "control": control}, return_dict)
 
 
 class StableDiffusionControlNetInpaintPipeline(ControlNetInpaintRecipe, _ControlInputs, StableDiffusionInpaintPipeline):

@@ -72,14 +72,23 @@ class StableDiffusionImg2ImgPipeline(Img2ImgRecipe, _ImageConditioned):
         """Repaint ``image`` toward ``prompt``; ``strength`` in [0, 1] is how much of the schedule runs.
         ``posterior_noise`` (N, C, h, w): the image's VAE posterior draw noise (default: from ``key``)."""
         request = self._request(locals())  # first: the call's parameters
-        pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor)
-        sd_image.strength_start(self.scheduler, num_inference_steps, strength)  # checked before the VAE work
-        run = self._run(
-            request, pixels.shape[2:], parallel, mesh,
-            opts=(("strength", strength),), channels=self._latent_channels(),
-        )  # fmt: skip
-        options = {"pixels": pixels, "posterior_noise": posterior_noise}
+        run, options = self._img2img_run(request, image, (None, None), strength, parallel, mesh)
+        options["posterior_noise"] = posterior_noise
         return self._generate(run, request, key, latents, options, return_dict)
+
+    def _img2img_run(
+        self, request: SDRequest, image: Any, size: tuple[int | None, int | None], strength: float,
+        parallel: str | None, mesh: Mesh | None, opts: tuple = (), scalars: tuple | None = None,
+    ) -> tuple[Run, dict[str, Any]]:  # fmt: skip
+        """Checks, then ``(run, options for _inputs)``; ``size`` (None: the image's own) and ``opts``/``scalars``:
+        the caller's (ControlNet) extras."""
+        pixels = sd_image.preprocess_image(sd_image.require_image(image, "image"), self.vae_scale_factor, *size)
+        sd_image.strength_start(self.scheduler, request.num_inference_steps, strength)  # checked before the VAE work
+        fields = {"opts": (*opts, ("strength", strength)), "channels": self._latent_channels()}
+        if scalars is not None:
+            fields["scalars"] = scalars
+        run = self._run(request, pixels.shape[2:] if None in size else size, parallel, mesh, **fields)
+        return run, {"pixels": pixels}
 
     def _needs_key(self, options: dict) -> bool:
         return options.get("posterior_noise") is None
