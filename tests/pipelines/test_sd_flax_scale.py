@@ -144,6 +144,26 @@ def test_multi_controlnet_paths_agree(tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # the pmap program of the module's shapes (~20 s when the txt2img test has not built it)
+def test_pmap_takes_inputs_committed_to_one_device(ours):
+    """Keys, prompt embeddings and latents a caller placed on one device (``jax.device_put(x, device)``) are split
+    over the devices by ``parallel="pmap"``, as host arrays are; images equal one device's."""
+    devices = jax.devices()
+    key = jax.device_put(jax.random.key(7), devices[0])
+    embeds = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(1, 77, 8)), jnp.float32), devices[0])
+    latents = jax.device_put(jnp.asarray(sd_tiny.start_latents((BATCH, 4, SIZE // 2, SIZE // 2), 3)), devices[3])
+    common = dict(
+        height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=6.0, num_images_per_prompt=BATCH,
+        output_type="np", prompt_embeds=embeds, negative_prompt_embeds=jnp.zeros_like(embeds),
+    )  # fmt: skip
+    single = ours(key=jax.random.key(7), **common).images
+    np.testing.assert_allclose(ours(key=key, parallel="pmap", **common).images, single, atol=1e-5)
+    with_latents = ours(key=jax.random.key(7), latents=latents, **common).images
+    assert not np.allclose(with_latents, single)
+    pmapped = ours(key=key, latents=latents, parallel="pmap", **common).images
+    np.testing.assert_allclose(pmapped, with_latents, atol=1e-5)
+
+
 def test_bad_key_parallel_and_mesh_raise(ours):
     common = dict(prompt=sd_tiny.PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS)
     for bad in (jnp.zeros(4, jnp.uint32), jnp.zeros(2, jnp.float32), jax.random.split(jax.random.key(0)), 7):

@@ -115,6 +115,11 @@ def put_global(tree: Any, sharding: NamedSharding | Callable[[Any], NamedShardin
     return jax.tree.map(put, tree)
 
 
+def _device_stack() -> NamedSharding:
+    """The placement ``jax.pmap`` takes its mapped inputs in: axis 0 split over ``jax.local_devices()``."""
+    return NamedSharding(Mesh(np.array(jax.local_devices()), ("devices",)), PartitionSpec("devices"))
+
+
 def _replicate(params: Any, mode: str, mesh: Mesh | None) -> Any:
     """Network weights placed for ``mode``: a (devices, ...) stack over ``jax.local_devices()`` for ``pmap``
     (one transfer per device); on ``mesh``, :func:`weight_sharding` (replicated unless it has a ``"model"`` axis)."""
@@ -122,7 +127,7 @@ def _replicate(params: Any, mode: str, mesh: Mesh | None) -> Any:
         mesh = auto_mesh(mesh)
         return put_global(params, lambda a: weight_sharding(mesh, a))
     devices = jax.local_devices()
-    stacked = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+    stacked = _device_stack()
 
     def put(a):
         shards = [jax.device_put(a[None], d) for d in devices]  # (1, ...) on each device
@@ -244,9 +249,11 @@ class DiffusionPipeline(FlaxLoraLayers, PipelineBase):
                 n = jax.local_device_count()
                 x, keys = pad_batch(x, n), pad_batch(keys, n)
                 xs = x.reshape((n, x.shape[0] // n) + x.shape[1:])  # (devices, B/devices, ...)
-                out = self._execute(
-                    fn, mode, (placed, scalars), make_state(xs[0]), xs, keys.reshape((n, x.shape[0] // n))
-                )
+                # inputs made from arrays the caller committed to one device (jax.device_put) stay there; pmap
+                # takes its mapped inputs split over the devices and its broadcast ones uncommitted (host)
+                state, scalars = jax.device_get((make_state(xs[0]), scalars))
+                xs, keys = jax.device_put((xs, keys.reshape((n, x.shape[0] // n))), _device_stack())
+                out = self._execute(fn, mode, (placed, scalars), state, xs, keys)
                 out = out.reshape((x.shape[0],) + out.shape[2:])
             elif mode == "mesh":
                 mesh = auto_mesh(mesh)
