@@ -62,7 +62,10 @@ def _add_generate(sub: Any) -> None:
     )
     p.add_argument("--prompt", help="what to draw (text-to-image models, e.g. Stable Diffusion folders)")
     p.add_argument("--negative-prompt", help="what to steer away from (text-to-image models)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (text-to-image; default 7.5)")
+    p.add_argument(
+        "--guidance", type=float,
+        help="classifier-free guidance scale (text-to-image: 7.5; class models trained with --class-dropout: 2)",
+    )  # fmt: skip
     p.add_argument("--size", type=parse_size, help="HxW in pixels, e.g. 512x768 (text-to-image; default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--scheduler", default=None, help="scheduler class name, e.g. DDIMScheduler (default: DDIM)")
@@ -103,6 +106,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="cosine")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (e.g. 5)")
+    p.add_argument(
+        "--class-dropout", type=float, default=0.0,
+        help="class-labelled data: train this share of labels as 'no class' (e.g. 0.1) for guidance at generation",
+    )  # fmt: skip
     p.add_argument("--size", type=_positive, default=None, help="image side in pixels (16; --model: its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=_positive, default=500)
@@ -177,7 +184,7 @@ def _generate(args: argparse.Namespace) -> int:
         images = generate_text_images(model, args)
     else:
         images = generate_images(
-            model, args.backend, args.scheduler, args.steps, args.seed, args.num_images, args.class_label
+            model, args.backend, args.scheduler, args.steps, args.seed, args.num_images, args.class_label, args.guidance
         )
     for path in _save_images(images, args.grid, args.output_dir):
         print(path)

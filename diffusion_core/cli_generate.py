@@ -15,8 +15,11 @@ import numpy as np
 
 PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline",)
-TEXT_FLAGS = ("prompt", "negative_prompt", "guidance", "size")  # argparse dests; shown as --prompt ...
+TEXT_FLAGS = ("prompt", "negative_prompt", "size")  # argparse dests; shown as --prompt ...
 DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
+# Class guidance of models trained with class dropout (classes.json names their "no class" label); the shipped
+# digits model's quality figures were measured with it (benchmarks/RESULTS.md).
+DEFAULT_CLASS_GUIDANCE = 2.0
 
 
 class UsageError(Exception):
@@ -57,7 +60,7 @@ def check_flags(model: str, class_name: str, args: argparse.Namespace) -> str:
         for dest in TEXT_FLAGS:
             if getattr(args, dest, None) is not None:
                 raise UsageError(
-                    f"{_flag(dest)}: the model {model!r} ({class_name}) takes no prompt, guidance or size; "
+                    f"{_flag(dest)}: the model {model!r} ({class_name}) takes no prompt or size; "
                     "leave it out (--class picks the class of a class-conditional model)"
                 )
         return "pixel"
@@ -97,9 +100,16 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _class_labels(pipe: Any, model: str, num_images: int, class_labels: Sequence[int] | None) -> np.ndarray | None:
-    """The label of each image: ``--class`` values in turn, or every class in turn; None when unconditional."""
+def _class_labels(
+    pipe: Any, model: str, num_images: int, class_labels: Sequence[int] | None, info: Any
+) -> np.ndarray | None:
+    """The label of each image: ``--class`` values in turn, or every class in turn; None when unconditional.
+
+    ``info`` (the folder's ``classes.json``, or None) tells the real classes from the "no class" label.
+    """
     classes = pipe.unet.config.get("num_class_embeds")
+    if classes and info is not None:
+        classes = min(classes, len(info.names))
     labels = None if not class_labels else np.resize(np.asarray(class_labels, np.int64), num_images)
     if labels is not None and not classes:
         raise UsageError(f"--class: the model {model!r} is not class-conditional; leave --class out")
@@ -110,6 +120,24 @@ def _class_labels(pipe: Any, model: str, num_images: int, class_labels: Sequence
     return labels
 
 
+def _class_guidance(model: str, info: Any, guidance: float | None) -> dict[str, Any]:
+    """The pipeline's guidance arguments for ``--guidance`` (None: the default) and the folder's ``classes.json``."""
+    null = None if info is None else info.unconditional_class_label
+    if null is None:
+        if guidance is not None and guidance != 1.0:
+            raise UsageError(
+                f"--guidance: the model {model!r} has no 'no class' label to guide against (train it with "
+                "--class-dropout); leave --guidance out"
+            )
+        return {}
+    if guidance is not None and (not np.isfinite(guidance) or guidance < 0):
+        raise UsageError(f"--guidance: expected a number >= 0, got {guidance}")
+    return {
+        "guidance_scale": DEFAULT_CLASS_GUIDANCE if guidance is None else guidance,
+        "unconditional_class_label": null,
+    }
+
+
 def generate_images(
     model: str,
     backend: str,
@@ -118,16 +146,27 @@ def generate_images(
     seed: int,
     num_images: int,
     class_labels: Sequence[int] | None,
+    guidance: float | None = None,
 ) -> np.ndarray:
-    """(B, H, W, C) uint8 images from a pixel-space DDPM/DDIM pipeline on ``backend``."""
+    """(B, H, W, C) uint8 images from a pixel-space DDPM/DDIM pipeline on ``backend``.
+
+    A model whose ``classes.json`` names a "no class" label (trained with class dropout) samples with class
+    guidance: ``guidance`` or :data:`DEFAULT_CLASS_GUIDANCE`.
+    """
+    from diffusion_core.pipelines.hub import resolve_pipeline_configs
+    from diffusion_core.pipelines.unconditional import read_class_info
+
     if backend == "torch":
         from diffusion_core.torch import DDPMPipeline
     else:
         from diffusion_core.flax import DDPMPipeline
+    info = read_class_info(resolve_pipeline_configs(model)[0])
+    guided = _class_guidance(model, info, guidance)  # checked before any weight is read
     pipe = DDPMPipeline.from_pretrained(model)
-    labels = _class_labels(pipe, model, num_images, class_labels)
+    labels = _class_labels(pipe, model, num_images, class_labels, info)
     _set_scheduler(pipe, scheduler)
     kwargs = {"batch_size": num_images, "num_inference_steps": steps, "output_type": "np", "class_labels": labels}
+    kwargs.update(guided)
     return _to_uint8(pipe(**kwargs, **_randomness(backend, seed, num_images)).images)
 
 

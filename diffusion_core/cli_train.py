@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_core import schedulers, training
+from diffusion_core.pipelines.unconditional import read_class_info
 from diffusion_core.training.presets import DEFAULT_SCHEDULER_CONFIG, unet_config_for
 
 
@@ -23,7 +24,8 @@ def load_data(data: str, size: int) -> training.ImageDataset:
 def _unet_config(args: argparse.Namespace, dataset: training.ImageDataset) -> dict[str, Any]:
     if args.config is None:
         channels = dataset.images.shape[1]
-        return unet_config_for(channels, args.size, len(dataset.class_names))
+        classes = len(dataset.class_names)
+        return unet_config_for(channels, args.size, classes + (1 if classes and args.class_dropout > 0 else 0))
     path = Path(args.config)
     if not path.is_file():
         raise ValueError(f"--config: no such file {args.config!r}")
@@ -61,6 +63,7 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
         lr_schedule=args.lr_schedule,
         lr_warmup_steps=args.warmup_steps,
         snr_gamma=args.snr_gamma,
+        class_dropout=args.class_dropout,
         seed=args.seed,
     )
 
@@ -149,4 +152,8 @@ def describe(model: str) -> dict[str, Any]:
             total += entry["bytes"]
         out["components"][name] = entry
     out["total_bytes"] = total
+    classes = read_class_info(root)
+    if classes is not None:
+        out["class_names"] = list(classes.names)
+        out["unconditional_class_label"] = classes.unconditional_class_label
     return out

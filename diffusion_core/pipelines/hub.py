@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from diffusion_core.pipelines.model_index import MODEL_INDEX_NAME, ModelIndex, read_model_index
+from diffusion_core.pipelines.model_index import CLASSES_FILE, MODEL_INDEX_NAME, ModelIndex, read_model_index
 from diffusion_core.weights.hub import download_snapshot, hub_allow_patterns, hub_fetch, local_or_repo_id
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, check_variant
 
@@ -24,7 +24,7 @@ _CONFIG_PATTERNS = ("*.json", "*.txt", "spiece.model")
 def pipeline_allow_patterns(component_names: Iterable[str], variant: str | None) -> list[str]:
     """``allow_patterns`` for the given component folders: configs plus safetensors of ``variant`` only."""
     check_variant(variant)
-    patterns = [MODEL_INDEX_NAME]
+    patterns = [MODEL_INDEX_NAME, CLASSES_FILE]
     for name in component_names:
         patterns += [f"{name}/{p}" for p in _CONFIG_PATTERNS]
         for weights_name in (DIFFUSERS_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME):
@@ -86,6 +86,6 @@ def resolve_pipeline_configs(
         return repo_id, read_model_index(repo_id)
     index_file = _fetch_model_index(repo_id, revision, local_files_only)
     index = read_model_index(index_file.parent)
-    patterns = [MODEL_INDEX_NAME] + [f"{n}/{p}" for n in index.components for p in _CONFIG_PATTERNS]
+    patterns = [MODEL_INDEX_NAME, CLASSES_FILE] + [f"{n}/{p}" for n in index.components for p in _CONFIG_PATTERNS]
     folder = download_snapshot(repo_id, patterns, revision=index_file.parent.name, local_files_only=local_files_only)
     return folder, index

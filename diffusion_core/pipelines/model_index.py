@@ -21,6 +21,7 @@ from diffusion_core.configuration import (
 )
 
 MODEL_INDEX_NAME = "model_index.json"
+CLASSES_FILE = "classes.json"  # class names and the "no class" label of a class-conditional folder (ours)
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,20 @@ Backends bind it to their UNet, noise source and loop driver; the call flow is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffusion_core import arrays
 from diffusion_core.pipelines.base import ImagePipelineOutput
+from diffusion_core.pipelines.guidance import classifier_free_guidance, do_classifier_free_guidance
 from diffusion_core.pipelines.image import check_output_type, images_to_output
+from diffusion_core.pipelines.model_index import CLASSES_FILE
 from diffusion_core.schedulers import Scheduler
 
 DDPM_DEFAULT_STEPS = 1000
@@ -64,6 +70,17 @@ class UnconditionalRequest:
     step_kwargs: Mapping[str, Any]  # scheduler step options (DDIM: eta, use_clipped_model_output)
     output_type: str
     class_labels: np.ndarray | None = None  # (B,) int64 for a class-conditional UNet
+    guidance_scale: float = 1.0  # classifier-free guidance over the class (> 1: on)
+    unconditional_class_label: int | None = None  # the "no class" label the guidance contrasts with
+
+    @property
+    def guided(self) -> bool:
+        return do_classifier_free_guidance(self.guidance_scale)
+
+    @property
+    def guiding_label(self) -> int | None:
+        """The "no class" label the call's guidance contrasts with; None when guidance is off."""
+        return self.unconditional_class_label if self.guided else None
 
 
 def unconditional_request(
@@ -77,6 +94,8 @@ def unconditional_request(
     eta: float | None = None,
     use_clipped_model_output: bool | None = None,
     class_labels: Any = None,
+    guidance_scale: float = 1.0,
+    unconditional_class_label: int | None = None,
 ) -> UnconditionalRequest:
     """Check a DDPM (``eta`` None) or DDIM call's arguments."""
     check_call(batch_size, num_inference_steps, output_type)
@@ -84,7 +103,60 @@ def unconditional_request(
     step = {} if eta is None else ddim_step_kwargs(scheduler, eta, use_clipped_model_output)
     labels = check_class_labels(class_labels, batch_size, unet_config)
     latents = check_latents(latents, shape)
-    return UnconditionalRequest(shape, int(num_inference_steps), latents, step, output_type, labels)
+    scale, null = check_class_guidance(guidance_scale, unconditional_class_label, unet_config)
+    return UnconditionalRequest(shape, int(num_inference_steps), latents, step, output_type, labels, scale, null)
+
+
+def check_class_guidance(
+    guidance_scale: Any, unconditional_class_label: Any, unet_config: Mapping[str, Any]
+) -> tuple[float, int | None]:
+    """``guidance_scale`` as a float (> 1: guidance on) and the "no class" label it needs.
+
+    Guidance over the class contrasts each image's class with ``unconditional_class_label``: the label a model
+    trained with class dropout learned as "no class" (``TrainConfig.class_dropout``; one past the real classes,
+    recorded in the folder's ``classes.json``).
+    """
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
+        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    classes = unet_config.get("num_class_embeds")
+    if not do_classifier_free_guidance(float(guidance_scale)):
+        null = unconditional_class_label
+        if null is not None:
+            check_class_labels(null, 1, unet_config)
+        return float(guidance_scale), None if null is None else int(null)
+    if not classes:
+        raise ValueError(f"guidance_scale={guidance_scale}: guidance needs a class-conditional UNet (num_class_embeds)")
+    if unconditional_class_label is None:
+        raise ValueError(
+            f"unconditional_class_label: guidance_scale={guidance_scale} contrasts each class with the model's "
+            f"'no class' label (trained with class dropout; e.g. {classes - 1}); pass it, or guidance_scale=1"
+        )
+    if isinstance(unconditional_class_label, bool) or not isinstance(unconditional_class_label, (int, np.integer)):
+        raise ValueError(f"unconditional_class_label must be an int, got {unconditional_class_label!r}")
+    if not 0 <= unconditional_class_label < classes:
+        raise ValueError(f"unconditional_class_label must lie in [0, {classes}), got {unconditional_class_label}")
+    return float(guidance_scale), int(unconditional_class_label)
+
+
+def class_model(unet: Callable[[Any, Any, Any], Any], labels: Any, null: Any, scale: Any) -> Callable[[Any, Any], Any]:
+    """The model function ``(sample, t) -> prediction`` of a DDPM/DDIM loop (torch or jax arrays).
+
+    ``unet(sample, t, labels)`` is the backend's network call. With a "no class" label ``null`` (the request's
+    :attr:`UnconditionalRequest.guiding_label`, or a traced copy) it runs once on ``cat([sample, sample])`` with
+    ``cat([null labels, labels])`` and returns ``uncond + scale * (cond - uncond)``.
+    """
+    if labels is None or null is None:
+        return lambda sample, t: unet(sample, t, labels)
+    null_labels = labels * 0 + null
+
+    def guided(sample: Any, t: Any) -> Any:
+        xp = arrays.namespace(sample)
+        out = unet(xp.concat([sample, sample]), t, xp.concat([null_labels, labels]))
+        return classifier_free_guidance(out, scale)[0]
+
+    return guided
 
 
 def check_class_labels(class_labels: Any, batch_size: int, unet_config: Mapping[str, Any]) -> np.ndarray | None:
@@ -125,6 +197,36 @@ def ddim_step_kwargs(scheduler: Scheduler, eta: float, use_clipped_model_output:
             f"{sorted(scheduler.step_options)})"
         )
     return taken
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """What a class-conditional pipeline folder's ``classes.json`` says (written by ``train``)."""
+
+    names: tuple[str, ...]  # label i's name
+    unconditional_class_label: int | None = None  # the "no class" label (trained with class dropout), or None
+
+
+def write_class_info(folder: str | os.PathLike, info: ClassInfo) -> None:
+    """Write ``classes.json`` into a pipeline folder being assembled (the caller installs the folder atomically)."""
+    data = {"class_names": list(info.names), "unconditional_class_label": info.unconditional_class_label}
+    (Path(folder) / CLASSES_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_class_info(folder: str | os.PathLike) -> ClassInfo | None:
+    """A pipeline folder's ``classes.json``, or None when it has none."""
+    path = Path(folder) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        names = tuple(str(n) for n in data["class_names"])
+        null = data.get("unconditional_class_label")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: expected {{'class_names': [...], 'unconditional_class_label': int|null}}") from err
+    if null is not None and (isinstance(null, bool) or not isinstance(null, int) or null < len(names)):
+        raise ValueError(f"{path}: unconditional_class_label must be an int >= {len(names)} or null, got {null!r}")
+    return ClassInfo(names, null)
 
 
 def as_ddim(scheduler: Scheduler) -> Scheduler:

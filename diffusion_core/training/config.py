@@ -30,6 +30,7 @@ class TrainConfig:
     snr_gamma: float | None = None  # min-SNR-gamma weighting (5.0 is the paper's choice); None: plain MSE
     ema: EMAConfig | None = field(default_factory=EMAConfig)  # None: no EMA copy
     mixed_precision: str = "no"  # "bf16": compute in bfloat16, float32 master weights
+    class_dropout: float = 0.0  # class-conditional: share of labels trained as "no class" (guidance); 0.1 is usual
     seed: int = 0  # data order, timesteps, noise and initial weights all follow from it
 
     def __post_init__(self) -> None:
@@ -50,6 +51,10 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.prediction_type is not None:
             check_prediction_type(self.prediction_type)
+        if isinstance(self.class_dropout, bool) or not (
+            isinstance(self.class_dropout, (int, float)) and 0.0 <= self.class_dropout < 1.0
+        ):
+            raise ValueError(f"class_dropout must be a number in [0, 1), got {self.class_dropout!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 

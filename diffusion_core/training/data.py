@@ -95,13 +95,28 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> n
     return out
 
 
-def step_batch(dataset: ImageDataset, step: int, batch_size: int, seed: int, num_train_timesteps: int) -> StepBatch:
-    """Everything random that step ``step`` consumes, drawn from ``(seed, step)`` alone."""
+def unconditional_label(dataset: ImageDataset) -> int:
+    """The label id a class-conditional model trained with class dropout learns as "no class": one past the last
+    real class (its UNet has ``num_class_embeds = len(class_names) + 1``; DiT's convention)."""
+    return len(dataset.class_names)
+
+
+def step_batch(
+    dataset: ImageDataset, step: int, batch_size: int, seed: int, num_train_timesteps: int, class_dropout: float = 0.0
+) -> StepBatch:
+    """Everything random that step ``step`` consumes, drawn from ``(seed, step)`` alone.
+
+    With ``class_dropout`` p > 0 each label is replaced by :func:`unconditional_label` with probability p (the
+    model learns the unconditional prediction too, for classifier-free guidance); the draw comes after the noise,
+    so the other draws do not depend on p.
+    """
     idx = batch_indices(step, batch_size, len(dataset.images), seed)
     images = dataset.images[idx]
     rng = np.random.default_rng([seed, 1, step])
     timesteps = rng.integers(0, num_train_timesteps, size=batch_size, dtype=np.int64)
     noise = rng.standard_normal(images.shape, dtype=np.float32)
     labels = None if dataset.labels is None else dataset.labels[idx]
+    if labels is not None and class_dropout > 0:
+        labels = np.where(rng.random(batch_size) < class_dropout, unconditional_label(dataset), labels)
     context = None if dataset.conditioning is None else dataset.conditioning[idx]
     return StepBatch(images, labels, noise, timesteps, context)

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from diffusion_core.configuration import make_temp_dir_beside, remove_stale_temporaries
+from diffusion_core.pipelines.unconditional import ClassInfo, write_class_info
 from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
-from diffusion_core.training.data import ImageDataset, StepBatch, step_batch
+from diffusion_core.training.data import ImageDataset, StepBatch, step_batch, unconditional_label
 from diffusion_core.training.plots import write_loss_curve
 from diffusion_core.training.samples import check_sample_every, write_sample_grid
 from diffusion_core.training.schedules import ema_decay, learning_rate
@@ -25,6 +26,7 @@ LOSS_FILE = "loss.csv"
 class BackendTrainer(Protocol):
     config: TrainConfig
     noise_scheduler: Any
+    unet: Any  # the trained network (its ``config`` is the diffusers config)
 
     def train_step(self, batch: StepBatch, lr: float, decay: float) -> float: ...
 
@@ -44,13 +46,28 @@ def _check_fit_args(steps: int, checkpoint_every: int | None) -> None:
         raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
 
 
+def _check_class_dropout(trainer: BackendTrainer, dataset: ImageDataset) -> None:
+    """Class dropout needs class labels and one extra class embedding: the "no class" label."""
+    if trainer.config.class_dropout <= 0:
+        return
+    if dataset.labels is None:
+        raise ValueError("class_dropout: the data has no classes (one sub-folder per class); set it to 0")
+    expected = unconditional_label(dataset) + 1
+    got = trainer.unet.config.get("num_class_embeds")
+    if got != expected:
+        raise ValueError(
+            f"class_dropout: the UNet needs num_class_embeds={expected} ({len(dataset.class_names)} classes + the "
+            f"'no class' label {expected - 1}), got {got}"
+        )
+
+
 def _resume(trainer: BackendTrainer, output_dir: Path) -> int:
     """Restore the newest checkpoint; the step it holds (0 when there is none)."""
     latest = ckpt.latest_checkpoint(output_dir)
     if latest is None:
         return 0
     state = ckpt.read_state(latest)
-    if state["config"] != trainer.config.to_dict():
+    if TrainConfig.from_dict(state["config"]).to_dict() != trainer.config.to_dict():  # (fields added since: defaults)
         raise ValueError(f"resume: {latest} was written with a different training config")
     trainer.read_state(latest)
     return int(state["step"])
@@ -101,6 +118,7 @@ def fit(
 
     _check_fit_args(steps, checkpoint_every)
     check_sample_every(sample_every)
+    _check_class_dropout(trainer, dataset)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = _resume(trainer, out) if resume else 0
@@ -110,7 +128,7 @@ def fit(
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step")
     try:
         for step in range(start, steps):
-            batch = step_batch(dataset, step, cfg.batch_size, cfg.seed, num_t)
+            batch = step_batch(dataset, step, cfg.batch_size, cfg.seed, num_t, cfg.class_dropout)
             lr = learning_rate(step, cfg.learning_rate, cfg.lr_schedule, cfg.lr_warmup_steps, steps)
             decay = ema_decay(step + 1, cfg.ema) if cfg.ema is not None else 0.0
             loss = trainer.train_step(batch, lr, decay)
@@ -127,17 +145,21 @@ def fit(
     finally:
         bar.close()
         log_file.close()
-    export_pipeline(trainer, out)
+    export_pipeline(trainer, out, dataset)
     write_loss_curve(out, log=progress)
     return losses
 
 
-def export_pipeline(trainer: BackendTrainer, output_dir: Path) -> None:
-    """Write the pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) into ``output_dir``."""
+def export_pipeline(trainer: BackendTrainer, output_dir: Path, dataset: ImageDataset | None = None) -> None:
+    """Write the pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) into ``output_dir``; with
+    class-labelled ``dataset``, also ``classes.json`` (class names and the "no class" label of class dropout)."""
     stage = Path(output_dir) / "pipeline"  # never created: only its temporary sibling is
     remove_stale_temporaries(stage)
     staged = make_temp_dir_beside(stage)
     trainer.export_pipeline(staged / "pipeline")
+    if dataset is not None and dataset.labels is not None:
+        null = unconditional_label(dataset) if trainer.config.class_dropout > 0 else None
+        write_class_info(staged / "pipeline", ClassInfo(dataset.class_names, null))
     ckpt.install_pipeline_folder(staged / "pipeline", output_dir)
     staged.rmdir()
 

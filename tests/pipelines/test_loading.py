@@ -84,14 +84,16 @@ def test_allow_patterns_pick_the_variant_safetensors_and_never_pickles():
         "tokenizer/merges.txt",
         "tokenizer_2/spiece.model",
         "vae/diffusion_pytorch_model.safetensors",
+        "classes.json",
     ]
 
     def chosen(names, variant):
         patterns = pipeline_allow_patterns(names, variant)
         return sorted(f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns))
 
-    assert chosen(["tokenizer_2"], None) == ["model_index.json", "tokenizer_2/spiece.model"]  # T5 (DeepFloyd IF)
+    assert chosen(["tokenizer_2"], None) == ["classes.json", "model_index.json", "tokenizer_2/spiece.model"]  # T5
     assert chosen(["unet", "text_encoder", "tokenizer"], "fp16") == [
+        "classes.json",
         "model_index.json",
         "text_encoder/model.fp16-00001-of-00002.safetensors",
         "text_encoder/model.safetensors.index.fp16.json",
@@ -100,6 +102,7 @@ def test_allow_patterns_pick_the_variant_safetensors_and_never_pickles():
         "unet/diffusion_pytorch_model.fp16.safetensors",
     ]
     assert chosen(["unet"], None) == [
+        "classes.json",  # a class-conditional folder's class names and "no class" label
         "model_index.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",

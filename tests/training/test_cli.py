@@ -169,3 +169,42 @@ def test_generate_without_class_cycles_every_class(tmp_path):
     """A new user's first call needs no --class: the shipped model draws each class in turn."""
     assert cli.main(["generate", "--num-images", "3", "--steps", "2", "--output-dir", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*.png"))) == 3
+
+
+def test_class_dropout_trains_a_no_class_label_that_generate_guides_with(image_folder, tmp_path, capsys):
+    """``train --class-dropout``: one more class embedding (the "no class" label) and ``classes.json``;
+    ``generate`` then guides with it by default and with ``--guidance``, never draws it as a class, and
+    ``info`` names the classes."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_folder), "--output-dir", str(out), "--steps", "2", "--batch-size", "4"]
+    assert cli.main([*args, "--size", "8", "--class-dropout", "0.5", "--no-progress"]) == 0
+    assert json.loads((out / "unet" / "config.json").read_text())["num_class_embeds"] == 3
+    assert json.loads((out / "classes.json").read_text()) == {
+        "class_names": ["class0", "class1"],
+        "unconditional_class_label": 2,
+    }
+    grids = {}
+    for guidance in (None, "1", "4"):
+        grid = tmp_path / f"g{guidance}.png"
+        flags = [] if guidance is None else ["--guidance", guidance]
+        run = ["generate", "--model", str(out), "--num-images", "2", "--steps", "2", "--grid", str(grid), *flags]
+        assert cli.main(run) == 0
+        grids[guidance] = np.asarray(Image.open(grid)).astype(int)
+    assert np.abs(grids["1"] - grids["4"]).max() > 0  # guidance changes the images
+    assert np.abs(grids[None] - grids["4"]).max() > 0 and np.abs(grids[None] - grids["1"]).max() > 0  # default: 2
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(out), "--class", "2", "--grid", "x.png", "--steps", "1"]) == 2
+    assert "--class: this model has classes 0 to 1, got [2]" in capsys.readouterr().err
+    assert cli.main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["class_names"] == ["class0", "class1"] and info["unconditional_class_label"] == 2
+
+
+def test_class_dropout_needs_classes_and_the_extra_embedding(image_folder, tmp_path, capsys):
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps({**tiny.TINY_UNET, "in_channels": 3, "out_channels": 3, "num_class_embeds": 2}))
+    args = ["train", "--data", str(image_folder), "--output-dir", str(tmp_path / "o"), "--steps", "1", "--size", "8"]
+    assert cli.main([*args, "--config", str(config), "--class-dropout", "0.1"]) == 2
+    assert "class_dropout: the UNet needs num_class_embeds=3" in capsys.readouterr().err
+    assert cli.main([*args, "--class-dropout", "1.5"]) == 2
+    assert "class_dropout must be a number in [0, 1)" in capsys.readouterr().err

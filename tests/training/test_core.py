@@ -100,3 +100,16 @@ def test_train_config_rejects_bad_values(kwargs, match):
 def test_config_round_trips_through_dict():
     cfg = training.TrainConfig(snr_gamma=5.0, ema=training.EMAConfig(power=0.75))
     assert training.TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_class_dropout_draws_the_no_class_label_reproducibly_and_leaves_other_draws_alone():
+    ds = training.ImageDataset(np.zeros((50, 1, 4, 4), np.float32), np.arange(50) % 5, tuple("abcde"))
+    plain = training.step_batch(ds, 3, 400, 1, 100)
+    dropped = training.step_batch(ds, 3, 400, 1, 100, class_dropout=0.25)
+    again = training.step_batch(ds, 3, 400, 1, 100, class_dropout=0.25)
+    np.testing.assert_array_equal(dropped.labels, again.labels)
+    np.testing.assert_array_equal(dropped.noise, plain.noise)
+    np.testing.assert_array_equal(dropped.timesteps, plain.timesteps)
+    null = dropped.labels == 5
+    assert 0.15 < null.mean() < 0.35
+    np.testing.assert_array_equal(dropped.labels[~null], plain.labels[~null])

@@ -17,6 +17,9 @@ class _UnconditionalPipeline(DiffusionPipeline):
 
     _components = ("unet", "scheduler")
 
+    def _unet_call(self, sample: torch.Tensor, t: Any, class_labels: torch.Tensor | None) -> torch.Tensor:
+        return self.unet(sample, t, class_labels=class_labels)
+
     def _sample(self, request: uc.UnconditionalRequest, generator: Generators, return_dict: bool):
         device, dtype = self.device, self.unet.dtype
         labels = request.class_labels
@@ -29,7 +32,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
         x = x * state.init_noise_sigma
         x, _ = denoise_loop(
             self.scheduler,
-            lambda sample, t: self.unet(sample, t, class_labels=y),
+            uc.class_model(self._unet_call, y, request.guiding_label, request.guidance_scale),
             x,
             state,
             generator=generator,
@@ -51,14 +54,19 @@ class DDPMPipeline(_UnconditionalPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         class_labels: Any = None,
+        guidance_scale: float = 1.0,
+        unconditional_class_label: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``latents`` (numpy, (B, C, H, W)) fixes the starting noise.
 
-        ``class_labels`` (int or one per image) picks the classes of a class-conditional UNet.
+        ``class_labels`` (int or one per image) picks the classes of a class-conditional UNet; ``guidance_scale``
+        > 1 guides toward them against ``unconditional_class_label``, the "no class" label of a model trained with
+        class dropout (a folder's ``classes.json`` names it: :func:`diffusion_core.pipelines.read_class_info`).
         """
         request = uc.unconditional_request(
             self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
-            latents=latents, output_type=output_type, class_labels=class_labels,
+            latents=latents, output_type=output_type, class_labels=class_labels, guidance_scale=guidance_scale,
+            unconditional_class_label=unconditional_class_label,
         )  # fmt: skip
         return self._sample(request, generator, return_dict)
 
@@ -80,11 +88,14 @@ class DDIMPipeline(_UnconditionalPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         class_labels: Any = None,
+        guidance_scale: float = 1.0,
+        unconditional_class_label: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images; ``eta`` in [0, 1] blends DDIM (0) toward DDPM (1)."""
         request = uc.unconditional_request(
             self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
             latents=latents, output_type=output_type, eta=eta, use_clipped_model_output=use_clipped_model_output,
-            class_labels=class_labels,
+            class_labels=class_labels, guidance_scale=guidance_scale,
+            unconditional_class_label=unconditional_class_label,
         )  # fmt: skip
         return self._sample(request, generator, return_dict)
