@@ -16,6 +16,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
     """Shared call flow: noise (or ``latents``) -> scheduler loop over the UNet -> images."""
 
     _components = ("unet", "scheduler")
+    _splits_over_processes = True
 
     def _sample(self, request: uc.UnconditionalRequest, generator: Generators, return_dict: bool):
         device, dtype = self.device, self.unet.dtype
@@ -25,6 +26,9 @@ class _UnconditionalPipeline(DiffusionPipeline):
             x = randn_tensor(request.shape, generator, dtype=dtype, device=device)
         else:
             x = torch.from_numpy(request.latents).to(device=device, dtype=dtype)
+        part = self._process_share(x.shape[0])  # enable_distributed: this process's images
+        if part is not None:
+            x, y = x[part], None if y is None else y[part]
         state = self.scheduler.set_timesteps(request.num_inference_steps, like=x)
         x = x * state.init_noise_sigma
         x, _ = denoise_loop(
@@ -33,10 +37,11 @@ class _UnconditionalPipeline(DiffusionPipeline):
             x,
             state,
             generator=generator,
+            noise_fn=self._share_noise(part, request.shape, generator, dtype),
             step_kwargs=request.step_kwargs,
             progress=not self.progress_bar_disabled,
         )
-        return uc.finish(x.float().cpu().numpy(), request.output_type, return_dict)
+        return uc.finish(self._gather_share(x.float().cpu().numpy()), request.output_type, return_dict)
 
 
 class DDPMPipeline(_UnconditionalPipeline):
