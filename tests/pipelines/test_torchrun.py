@@ -29,11 +29,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node nproc script args`` on a free port, CPU, 1 thread each."""
+def torchrun(nproc: int, *program: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node nproc [options] script args`` on a free port, CPU, 1 thread
+    each; ``program`` may start with torchrun's own options (``-m``, ``--redirects``)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, program)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -50,7 +51,7 @@ def folders(tmp_path_factory):
 
 @pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_torchrun_gives_the_images_of_one_process(folders, tmp_path, nproc):
-    torchrun(nproc, ROOT / "tests/pipelines/torchrun_calls.py", *map(str, folders), str(tmp_path))
+    torchrun(nproc, ROOT / "tests/pipelines/torchrun_calls.py", *folders, tmp_path)
     single = torchrun_calls.run_calls(folders, distributed=False)
     assert single["sd_ancestral"].shape[0] == 4
     rows = single.pop("unet_rows")
