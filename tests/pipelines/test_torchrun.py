@@ -123,3 +123,20 @@ def test_pipelines_that_do_not_split_refuse():
 
     with pytest.raises(ValueError, match="enable_distributed: Stub does not split over processes"):
         Stub().enable_distributed()
+
+
+def test_noise_is_drawn_on_the_generators_device_then_moved(monkeypatch):
+    """``pipe.to("cuda")``: the start and step noise come from CPU generators, then move (every device, same draw)."""
+    from diffusion_core.torch.sampling import randn_tensor
+
+    drawn, real = [], torch.randn
+
+    def spy(*args, **kwargs):
+        drawn.append(torch.device(kwargs["device"]).type)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    for generator in ([torch.Generator().manual_seed(i) for i in range(2)], torch.Generator().manual_seed(0), None):
+        out = randn_tensor((2, 3), generator, device="meta")  # meta: a device other than the generator's
+        assert out.device.type == "meta"
+    assert drawn == ["cpu"] * 4  # two per-image draws, one batch draw, one default-generator draw
