@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -81,3 +82,22 @@ def test_flax_under_torchrun_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["generate", "--backend", "flax", "--grid", "g.png", "--steps", "1"]) == 2
     assert "--backend: under torchrun the work splits over processes with torch, not flax" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # an SD fixture and three text-to-image runs (one under torchrun) per kind: ~40 s each here
+@pytest.mark.parametrize("lora", [False, True], ids=["finetune", "lora"])
+def test_text_to_image_train_under_torchrun_equals_one_process(tmp_path, lora):
+    from tests.pipelines import sd_tiny
+    from tests.training import t2i_tiny
+
+    model, data = sd_tiny.save_sd_pipeline(tmp_path / "sd"), t2i_tiny.write_folder(tmp_path / "data", 4)
+    common = ["train", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4"]
+    common += ["--no-progress", *(["--lora-rank", "2"] if lora else [])]
+    rank0, rank1 = _distributed(tmp_path, *common, "--output-dir", str(tmp_path / "two"))
+    assert rank1 == "" and "trained 2 steps" in rank0
+    assert cli.main([*common, "--output-dir", str(tmp_path / "one")]) == 0
+    file = "pytorch_lora_weights.safetensors" if lora else WEIGHTS
+    want, got = load_file(tmp_path / "one" / file), load_file(tmp_path / "two" / file)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert np.abs(got[key] - value).max() <= 1e-4 * np.abs(value).max(), key
