@@ -82,7 +82,7 @@ def join_processes(backend: str) -> bool:
         raise UsageError(f"--backend: under torchrun the work splits over processes with torch, not {backend}")
     from diffusion_core.torch import distributed
 
-    distributed.initialize()
+    distributed.initialize("gloo")  # the command runs on the CPU; an already started group is used as it is
     return distributed.is_main_process()
 
 

@@ -66,11 +66,12 @@ def is_main_process() -> bool:
 
 
 def device() -> torch.device:
-    """This process's device: GPU ``LOCAL_RANK`` under an nccl group, the current CUDA device when CUDA is there,
-    else the CPU. Generators stay on the CPU regardless (see ``pipe.to``), so every device gives the same image."""
-    if is_active() and dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device: GPU ``LOCAL_RANK`` when CUDA is there (the current GPU outside torchrun), else the
+    CPU. Generators stay on the CPU regardless (see ``pipe.to``), so every device starts from the same noise."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(local)) if local is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def local_share(n: int) -> slice:
@@ -107,7 +108,8 @@ def all_reduce_sum(value: float) -> float:
     """The sum of ``value`` over the processes (``value`` itself for one)."""
     if world_size() == 1:
         return value
-    total = torch.tensor([value], dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    where = device() if dist.get_backend() == "nccl" else torch.device("cpu")  # nccl reduces GPU tensors only
+    total = torch.tensor([value], dtype=torch.float64, device=where)
     dist.all_reduce(total)
     return float(total.item())
 
