@@ -1,9 +1,9 @@
-"""Every SD-family pipeline splits over processes: the shares of 2 and 3 simulated ranks, joined, are the whole call.
+"""Every SD-family pipeline splits over processes: the shares of 2, 3 and 4 simulated ranks, joined, are the whole call.
 
 One process plays each rank in turn (``distributed.rank``/``world_size`` patched, the gather left out), so the
 pipelines torchrun does not launch in ``test_torchrun`` are checked cheaply: inpainting (mask and masked-image
 channels), ControlNet (per-net control images), SDXL (guided ``text_embeds``/``time_ids``) and the x2 latent
-upscaler (guided ``time_cond``), with guidance on.
+upscaler (guided ``time_cond``), with guidance on; and more processes than images (a rank with none).
 """
 
 import numpy as np
@@ -48,13 +48,13 @@ def test_simulated_ranks_join_to_the_whole_call(kind, tmp_path, monkeypatch):
     whole = _call(pipe, CASES[kind]).images
     pipe.enable_distributed()
     monkeypatch.setattr(distributed, "all_gather_rows", lambda rows: rows)  # each simulated rank keeps its share
-    for world in (2, 3):
+    for world in (2, 3, 4):  # 4: one rank has no image
         monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
         shares = []
         for rank in range(world):
             monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
             shares.append(_call(pipe, CASES[kind]).images)
-        assert [len(s) for s in shares] == ([2, 1] if world == 2 else [1, 1, 1])
+        assert [len(s) for s in shares] == {2: [2, 1], 3: [1, 1, 1], 4: [1, 1, 1, 0]}[world]
         np.testing.assert_allclose(np.concatenate(shares), whole, atol=1e-5, err_msg=f"{kind}, {world} ranks")
     assert np.abs(whole[0] - whole[1]).max() > 1e-3  # prompts and seeds differ: so do the images
 
@@ -66,3 +66,24 @@ def test_images_of_inputs_takes_each_guidance_parts_rows():
     out = images_of_inputs({"context": context, "noise": noise}, slice(3, 5), parts)
     np.testing.assert_array_equal(out["context"][:, 0], [3, 4, 8, 9])  # negatives of images 3, 4, then positives
     np.testing.assert_array_equal(out["noise"][:, 0, 0], [3, 4])
+
+
+def test_ddpm_with_more_processes_than_images(tmp_path, monkeypatch):
+    from tests.pipelines import tiny
+
+    pipe = DiffusionPipeline.from_pretrained(tiny.save_diffusers_pipeline(tmp_path / "ddpm", unet=tiny.MINI_UNET))
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        return pipe(batch_size=3, generator=torch.Generator().manual_seed(2), num_inference_steps=2, output_type="np")
+
+    whole = call().images
+    pipe.enable_distributed()
+    monkeypatch.setattr(distributed, "all_gather_rows", lambda rows: rows)
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    shares = []
+    for rank in range(4):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        shares.append(call().images)
+    assert [len(s) for s in shares] == [1, 1, 1, 0]
+    np.testing.assert_allclose(np.concatenate(shares), whole, atol=1e-5)

@@ -29,19 +29,23 @@ class _UnconditionalPipeline(DiffusionPipeline):
         part = self._process_share(x.shape[0])  # enable_distributed: this process's images
         if part is not None:
             x, y = x[part], None if y is None else y[part]
+        if x.shape[0]:  # a process with no image (more processes than images) only joins the gather
+            x = self._denoise(request, x, y, generator, self._share_noise(part, request.shape, generator, dtype))
+        return uc.finish(self._gather_share(x.float().cpu().numpy()), request.output_type, return_dict)
+
+    def _denoise(self, request: uc.UnconditionalRequest, x: torch.Tensor, y, generator: Generators, noise_fn):
         state = self.scheduler.set_timesteps(request.num_inference_steps, like=x)
-        x = x * state.init_noise_sigma
         x, _ = denoise_loop(
             self.scheduler,
             lambda sample, t: self.unet(sample, t, class_labels=y),
-            x,
+            x * state.init_noise_sigma,
             state,
             generator=generator,
-            noise_fn=self._share_noise(part, request.shape, generator, dtype),
+            noise_fn=noise_fn,
             step_kwargs=request.step_kwargs,
             progress=not self.progress_bar_disabled,
         )
-        return uc.finish(self._gather_share(x.float().cpu().numpy()), request.output_type, return_dict)
+        return x
 
 
 class DDPMPipeline(_UnconditionalPipeline):

@@ -49,8 +49,12 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
             return encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
     def _vae_decode(self, z: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            decoded = self.vae.decode(z.to(self.vae.dtype)).float().cpu().numpy()  # (n, 3, H, W) in [-1, 1]
+        if z.shape[0] == 0:  # a process with no image under enable_distributed
+            f, channels = self.vae_scale_factor, int(self.vae.config["out_channels"])
+            decoded = np.zeros((0, channels, z.shape[2] * f, z.shape[3] * f), np.float32)
+        else:
+            with torch.inference_mode():
+                decoded = self.vae.decode(z.to(self.vae.dtype)).float().cpu().numpy()  # (n, 3, H, W) in [-1, 1]
         return self._gather_share(decoded)  # (N, 3, H, W): every process's share under enable_distributed
 
     def _latent_output(self, latents: torch.Tensor) -> torch.Tensor:
@@ -97,6 +101,8 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
         part = self._process_share(noise_shape[0])  # enable_distributed: this process's images
         if part is not None:
             inputs = images_of_inputs(inputs, part, request.guidance.parts)
+            if part.start == part.stop:  # more processes than images: nothing to denoise here, only the gather
+                return self._decode(inputs["noise"], request.output_type, return_dict)
         opts = dict(opts)
         state, first = self._schedule(request.num_inference_steps, inputs["noise"], opts)
         opts.update(first=first, num_calls=int(state.timesteps.shape[0]))
