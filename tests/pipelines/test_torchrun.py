@@ -49,7 +49,7 @@ def folders(tmp_path_factory):
     return ddpm, sd, img2img
 
 
-@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: SD has a rank with no image
 def test_torchrun_gives_the_images_of_one_process(folders, tmp_path, nproc):
     torchrun(nproc, ROOT / "tests/pipelines/torchrun_calls.py", *folders, tmp_path)
     single = torchrun_calls.run_calls(folders, distributed=False)
@@ -62,7 +62,7 @@ def test_torchrun_gives_the_images_of_one_process(folders, tmp_path, nproc):
         shares.append(int(got.pop("unet_rows")))
         assert set(got) == set(single)
         for name, images in single.items():
-            np.testing.assert_allclose(got[name], images, atol=1e-5, err_msg=f"{name}, rank {rank}")
+            np.testing.assert_allclose(got[name], images, rtol=1e-5, atol=1e-5, err_msg=f"{name}, rank {rank}")
     assert sum(shares) == rows and max(shares) < rows  # each process ran only its share of the images
     # the calls are not degenerate: different seeds and images differ
     assert np.abs(single["ddpm_per_image"][0] - single["ddpm_per_image"][3]).max() > 1e-2
