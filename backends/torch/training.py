@@ -101,18 +101,19 @@ class Trainer(FitMixin):
         self.unet.train()
         self.optimizer.zero_grad(set_to_none=True)
         mine = distributed.local_share(len(batch.images))  # every process's share, in rank order, is the batch
-        local, total, steps = len(range(len(batch.images))[mine]), 0.0, cfg.gradient_accumulation_steps
+        local, total, steps = mine.stop - mine.start, 0.0, cfg.gradient_accumulation_steps
         for i in range(steps):
             micro = process_share(local, i, steps)
             part = slice(mine.start + micro.start, mine.start + micro.stop)
             labels = None if batch.labels is None else batch.labels[part]
             context = None if batch.conditioning is None else batch.conditioning[part]
-            # weight len/B x processes: DDP's mean over processes then gives the whole batch's mean gradient
-            share = len(batch.images) / ((micro.stop - micro.start) * distributed.world_size())
+            # weight len/B x processes (one process: 1/accumulation steps): DDP's mean over the processes then
+            # gives the whole batch's mean gradient, however the batch split
+            divisor = len(batch.images) / ((micro.stop - micro.start) * distributed.world_size())
             with self._sync(last=i == steps - 1):
                 loss = self.loss(batch.images[part], batch.noise[part], batch.timesteps[part], labels, context)
-                (loss / share).backward()
-            total += float(loss.detach()) / share
+                (loss / divisor).backward()
+            total += float(loss.detach()) / divisor
         total = distributed.all_reduce_sum(total) / distributed.world_size()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
