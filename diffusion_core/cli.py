@@ -7,8 +7,10 @@ Examples::
     diffusion-core train --data my_images/ --output-dir runs/mine --resume
     diffusion-core convert sd15.safetensors sd15/ --config stable-diffusion-v1-5/stable-diffusion-v1-5 --verify
     diffusion-core info runs/digits
+    torchrun --nproc_per_node 2 -m diffusion_core generate --num-images 64 --output-dir digits/   # split over 2
 
-A bad argument prints one line naming it and exits with status 2.
+Under ``torchrun`` (torch backend) ``generate`` splits the images and ``train`` the batches over the processes;
+rank 0 writes every file. A bad argument prints one line naming it and exits with status 2.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from diffusion_core.cli_generate import UsageError, check_flags, parse_size, pipeline_class
+from diffusion_core.cli_generate import UsageError, check_flags, join_processes, parse_size, pipeline_class
 
 BACKENDS = ("torch", "flax")
 EXIT_USAGE = 2
@@ -180,20 +182,24 @@ def _generate(args: argparse.Namespace) -> int:
     from diffusion_core.cli_generate import generate_images, generate_text_images
 
     model = _model_path(args.model)
-    if check_flags(model, pipeline_class(model), args) == "text":
+    kind = check_flags(model, pipeline_class(model), args)
+    main_process = join_processes(args.backend)
+    if kind == "text":
         images = generate_text_images(model, args)
     else:
         images = generate_images(
             model, args.backend, args.scheduler, args.steps, args.seed, args.num_images, args.class_label, args.guidance
         )
-    for path in _save_images(images, args.grid, args.output_dir):
-        print(path)
+    if main_process:  # every process holds every image; rank 0 writes them
+        for path in _save_images(images, args.grid, args.output_dir):
+            print(path)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from diffusion_core.cli_train import run_train
 
+    join_processes(args.backend)
     return run_train(args)
 
 

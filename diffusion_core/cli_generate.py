@@ -2,12 +2,15 @@
 
 Two kinds of pipeline folders generate from nothing: pixel-space DDPM/DDIM (``--class`` for class-conditional
 UNets) and text-to-image Stable Diffusion (``--prompt``, ``--negative-prompt``, ``--guidance``, ``--size``).
-A flag the model cannot take is refused with one line naming it, before any weight is loaded.
+A flag the model cannot take is refused with one line naming it, before any weight is loaded. Under ``torchrun``
+the torch pipelines split the images over the processes (``pipe.enable_distributed()``), image ``i`` still
+starting from seed + i.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +75,18 @@ def check_flags(model: str, class_name: str, args: argparse.Namespace) -> str:
         return "text"
     accepted = [*PIXEL_PIPELINES, *TEXT_TO_IMAGE_PIPELINES]
     raise UsageError(f"--model: generate runs {accepted}; {model!r} is a {class_name}")
+
+
+def join_processes(backend: str) -> bool:
+    """Under torchrun: join its process group (torch backend only); True on the process that writes files."""
+    if "WORLD_SIZE" not in os.environ:
+        return True
+    if backend != "torch":
+        raise UsageError(f"--backend: under torchrun the work splits over processes with torch, not {backend}")
+    from diffusion_core.torch import distributed
+
+    distributed.initialize("gloo")  # the command runs on the CPU; an already started group is used as it is
+    return distributed.is_main_process()
 
 
 def _set_scheduler(pipe: Any, scheduler: str | None) -> None:
@@ -165,6 +180,8 @@ def generate_images(
     pipe = DDPMPipeline.from_pretrained(model)
     labels = _class_labels(pipe, model, num_images, class_labels, info)
     _set_scheduler(pipe, scheduler)
+    if backend == "torch":
+        pipe.enable_distributed()  # split over torchrun's processes (one process: the call runs whole)
     kwargs = {"batch_size": num_images, "num_inference_steps": steps, "output_type": "np", "class_labels": labels}
     kwargs.update(guided)
     return _to_uint8(pipe(**kwargs, **_randomness(backend, seed, num_images)).images)
@@ -178,6 +195,8 @@ def generate_text_images(model: str, args: argparse.Namespace) -> np.ndarray:
         from diffusion_core.flax import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(model)
     _set_scheduler(pipe, args.scheduler)
+    if args.backend == "torch":
+        pipe.enable_distributed()
     height, width = args.size if args.size is not None else (None, None)
     kwargs = {
         "prompt": args.prompt,

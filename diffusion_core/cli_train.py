@@ -95,6 +95,8 @@ def fit_and_report(trainer: Any, dataset: training.ImageDataset, args: argparse.
         sample_every=args.sample_every,
     )
     seconds = time.perf_counter() - start
+    if not trainer.is_main_process:  # under torchrun rank 0 reports
+        return 0
     tail = losses[-50:]
     mean = sum(tail) / len(tail) if tail else float("nan")
     print(f"trained {len(losses)} steps in {seconds:.1f} s; mean loss of the last {len(tail)}: {mean:.4f}")

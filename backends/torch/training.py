@@ -1,11 +1,15 @@
-"""PyTorch trainer: AdamW, global-norm clipping, gradient accumulation, bf16 autocast, EMA, exact resume.
+"""PyTorch trainer: AdamW, global-norm clipping, gradient accumulation, bf16 autocast, EMA, exact resume, DDP.
 
 The losses, rates, decays, data order and checkpoint layout come from ``diffusion_core.training``;
-this module binds them to ``torch.optim.AdamW`` and an ``nn.Module`` UNet.
+this module binds them to ``torch.optim.AdamW`` and an ``nn.Module`` UNet. Under torchrun (an active
+``torch.distributed`` group of several processes) the UNet runs inside ``DistributedDataParallel`` and each
+process takes its contiguous share of every step's global batch; the loss is weighted so that the averaged
+gradient is the one-process gradient of the whole batch (any batch size, uneven shares included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -16,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_core import training as core
+from diffusion_core.data_parallel import process_share
+from diffusion_core.torch import distributed
 from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.data import StepBatch
@@ -42,6 +48,31 @@ class Trainer(FitMixin):
             weight_decay=cfg.weight_decay,
         )
         self.ema = [p.detach().clone() for p in self.trainable.values()] if cfg.ema is not None else None
+        self.model = self._data_parallel(unet)  # what runs the forward pass: the UNet, or DDP around it
+
+    def _data_parallel(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """``DistributedDataParallel(unet)`` under an active group of several processes (it broadcasts rank 0's
+        weights), else ``unet``; checks that every process gets a micro-batch at each accumulation step."""
+        processes = distributed.world_size()
+        if processes == 1:
+            return unet
+        cfg = self.config
+        if cfg.batch_size < processes * cfg.gradient_accumulation_steps:
+            raise ValueError(
+                f"batch_size ({cfg.batch_size}) must be at least gradient_accumulation_steps "
+                f"({cfg.gradient_accumulation_steps}) x processes ({processes})"
+            )
+        device = self.device
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(unet, device_ids=ids)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 (or one process): the process that writes checkpoints, logs, samples and the pipeline."""
+        return distributed.is_main_process()
+
+    def wait_for_everyone(self) -> None:
+        distributed.barrier()
 
     @property
     def device(self) -> torch.device:
@@ -58,24 +89,32 @@ class Trainer(FitMixin):
         y = None if labels is None else torch.as_tensor(labels, device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
             text = () if context is None else (torch.as_tensor(context, device=dev),)
-            out = self.unet(noisy, t, *text, class_labels=y)
+            out = self.model(noisy, t, *text, class_labels=y)
         return core.diffusion_loss(
             self.noise_scheduler, out.float(), x0, eps, t, self.prediction_type, self.config.snr_gamma
         )
 
     def train_step(self, batch: StepBatch, lr: float, decay: float) -> float:
-        """One optimisation step over ``batch`` (split into accumulation micro-batches); returns the mean loss."""
+        """One optimisation step over ``batch`` (the global batch: this process takes its share, split into
+        accumulation micro-batches); returns the mean loss over the global batch."""
         cfg = self.config
         self.unet.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total, m = 0.0, cfg.micro_batch_size
-        for i in range(cfg.gradient_accumulation_steps):
-            part = slice(i * m, (i + 1) * m)
+        mine = distributed.local_share(len(batch.images))  # every process's share, in rank order, is the batch
+        local, total, steps = mine.stop - mine.start, 0.0, cfg.gradient_accumulation_steps
+        for i in range(steps):
+            micro = process_share(local, i, steps)
+            part = slice(mine.start + micro.start, mine.start + micro.stop)
             labels = None if batch.labels is None else batch.labels[part]
             context = None if batch.conditioning is None else batch.conditioning[part]
-            loss = self.loss(batch.images[part], batch.noise[part], batch.timesteps[part], labels, context)
-            (loss / cfg.gradient_accumulation_steps).backward()
-            total += float(loss.detach()) / cfg.gradient_accumulation_steps
+            # weight len/B x processes (one process: 1/accumulation steps): DDP's mean over the processes then
+            # gives the whole batch's mean gradient, however the batch split
+            divisor = len(batch.images) / ((micro.stop - micro.start) * distributed.world_size())
+            with self._sync(last=i == steps - 1):
+                loss = self.loss(batch.images[part], batch.noise[part], batch.timesteps[part], labels, context)
+                (loss / divisor).backward()
+            total += float(loss.detach()) / divisor
+        total = distributed.all_reduce_sum(total) / distributed.world_size()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
         for group in self.optimizer.param_groups:
@@ -86,6 +125,12 @@ class Trainer(FitMixin):
                 for e, p in zip(self.ema, self.trainable.values(), strict=True):
                     e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         return total
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP averages gradients over the processes at the last micro-batch only (``no_sync`` before it)."""
+        if last or self.model is self.unet:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def ema_model(self) -> torch.nn.Module:
         """A copy of the UNet holding the EMA weights (the UNet itself when EMA is off)."""

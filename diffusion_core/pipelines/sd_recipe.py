@@ -34,7 +34,7 @@ from diffusion_core.pipelines.base import ImagePipelineOutput
 from diffusion_core.pipelines.image import images_to_output
 from diffusion_core.weights.io import nonfinite_mask
 
-__all__ = ["SDRequest", "StableDiffusionRecipe", "sd_request"]
+__all__ = ["GUIDED_INPUTS", "SDRequest", "StableDiffusionRecipe", "images_of_inputs", "sd_request"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +94,25 @@ def sd_request(
         prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, int(num_images_per_prompt),
         int(num_inference_steps), float(eta), output_type, clip_skip, g, prompts,
     )  # fmt: skip
+
+
+# Per-image inputs in guidance-batch order, (parts * N, ...) (``cat([neg, pos])``); every other input is (N, ...).
+GUIDED_INPUTS = ("context", "time_cond", "text_embeds", "time_ids")
+
+
+def images_of_inputs(inputs: Mapping[str, Any], images: slice, parts: int) -> dict[str, Any]:
+    """The rows of ``inputs`` for images ``images`` (a slice of the N): each guidance part's rows of them for the
+    ``GUIDED_INPUTS``, the images' rows for the rest. Works on numpy, torch and jax arrays."""
+    out = {}
+    for name, value in inputs.items():
+        if name in GUIDED_INPUTS:
+            n = value.shape[0] // parts
+            grouped = value.reshape((parts, n, *value.shape[1:]))[:, images]  # (parts, n_share, ...)
+            value = grouped.reshape((-1, *value.shape[1:]))  # (parts * n_share, ...)
+        else:
+            value = value[images]
+        out[name] = value
+    return out
 
 
 # The ``__call__`` parameters an :class:`SDRequest` is built from (each pipeline has a subset of them).

@@ -1,7 +1,9 @@
 """The training loop both backends run: data order, rates, decays, logging, checkpoints and resume.
 
 A backend trainer supplies the framework work (see :class:`BackendTrainer`); everything that decides
-*what* a step sees lives here, so the Flax and PyTorch runs consume identical batches.
+*what* a step sees lives here, so the Flax and PyTorch runs consume identical batches. In a data-parallel
+run every process runs this loop over the same global batches; only the main process writes files
+(checkpoints, ``loss.csv``, sample grids, the pipeline folder), and the others wait for it at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class BackendTrainer(Protocol):
     config: TrainConfig
     noise_scheduler: Any
     unet: Any  # the trained network (its ``config`` is the diffusers config)
+    is_main_process: bool  # the process that writes files (always, for one process)
+
+    def wait_for_everyone(self) -> None: ...
 
     def train_step(self, batch: StepBatch, lr: float, decay: float) -> float: ...
 
@@ -123,31 +128,44 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     start = _resume(trainer, out) if resume else 0
     cfg, num_t = trainer.config, int(trainer.noise_scheduler.config["num_train_timesteps"])
-    log_file, log = _loss_log(out, start)
+    main = trainer.is_main_process
+    log_file, log = _loss_log(out, start) if main else (None, None)
     losses: list[float] = []
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc="train", unit="step")
     try:
         for step in range(start, steps):
+            # the global batch, every process
             batch = step_batch(dataset, step, cfg.batch_size, cfg.seed, num_t, cfg.class_dropout)
             lr = learning_rate(step, cfg.learning_rate, cfg.lr_schedule, cfg.lr_warmup_steps, steps)
             decay = ema_decay(step + 1, cfg.ema) if cfg.ema is not None else 0.0
             loss = trainer.train_step(batch, lr, decay)
             losses.append(loss)
-            log.writerow([step + 1, f"{loss:.6g}", f"{lr:.6g}"])
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
-            done = step + 1
-            if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
-                log_file.flush()
-                ckpt.write_checkpoint(out, done, _state(trainer, done, dataset), trainer.write_state)
-            if sample_every and done % sample_every == 0:
-                write_sample_grid(trainer, dataset, out, done, cfg.seed)
+            if main:
+                log.writerow([step + 1, f"{loss:.6g}", f"{lr:.6g}"])
+                _write_step(trainer, dataset, out, step + 1, steps, (checkpoint_every, sample_every), log_file)
     finally:
         bar.close()
-        log_file.close()
-    export_pipeline(trainer, out, dataset)
-    write_loss_curve(out, log=progress)
+        if log_file is not None:
+            log_file.close()
+    if main:
+        export_pipeline(trainer, out, dataset)
+        write_loss_curve(out, log=progress)
+    trainer.wait_for_everyone()  # every process returns once the files are there
     return losses
+
+
+def _write_step(
+    trainer: BackendTrainer, dataset: ImageDataset, out: Path, done: int, steps: int, every: tuple, log_file: Any
+) -> None:
+    """The main process's files after step ``done``: a checkpoint and a sample grid when they are due."""
+    checkpoint_every, sample_every = every
+    if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
+        log_file.flush()
+        ckpt.write_checkpoint(out, done, _state(trainer, done, dataset), trainer.write_state)
+    if sample_every and done % sample_every == 0:
+        write_sample_grid(trainer, dataset, out, done, trainer.config.seed)
 
 
 def export_pipeline(trainer: BackendTrainer, output_dir: Path, dataset: ImageDataset | None = None) -> None:
@@ -165,7 +183,14 @@ def export_pipeline(trainer: BackendTrainer, output_dir: Path, dataset: ImageDat
 
 
 class FitMixin:
-    """``trainer.fit(dataset, steps=..., output_dir=...)`` for the backends' trainers: the one training loop."""
+    """``trainer.fit(dataset, steps=..., output_dir=...)`` for the backends' trainers: the one training loop.
+
+    One process by default; a data-parallel trainer overrides ``is_main_process`` and ``wait_for_everyone``."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        """Wait until every process of the run gets here (nothing to wait for in one process)."""
 
     def fit(
         self,

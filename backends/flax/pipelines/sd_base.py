@@ -23,7 +23,7 @@ from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, scal
 from diffusion_core.flax.pipelines.sd_program import encode_text, pack_rows, unpack_rows, vae_decode
 from diffusion_core.flax.sampling import denoise_loop, per_example_keys, per_example_normal
 from diffusion_core.pipelines import stable_diffusion as sd
-from diffusion_core.pipelines.sd_recipe import SDRequest, StableDiffusionRecipe
+from diffusion_core.pipelines.sd_recipe import GUIDED_INPUTS, SDRequest, StableDiffusionRecipe
 
 _GUIDANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(sd.Guidance))
 
@@ -56,10 +56,6 @@ class Run:
 
     def hook_opts(self) -> dict[str, Any]:
         return {**dict(self.opts), "first": self.first, "num_calls": self.num_calls, "stop": self.stop}
-
-
-# Inputs in guidance-batch order (parts * N, ...): they travel as per-image rows (N, parts, ...).
-GUIDED_INPUTS = ("context", "time_cond", "text_embeds", "time_ids")
 
 
 class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
@@ -132,6 +128,7 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
         """Run the compiled program over the batch; returns the final latents (N, C, h, w)."""
         keys, start = self._keys(key, run, latents, options)
         inputs = {"context": context, **self._inputs(run, keys, start, options)}
+        # inputs in guidance-batch order (parts * N, ...) travel as per-image rows (N, parts, ...)
         inputs = {k: guided_to_rows(v, run.guidance.parts) if k in GUIDED_INPUTS else v for k, v in inputs.items()}
         rows, unravel, signature = pack_rows(inputs)
         nets = {name: getattr(self, name) for name in self._loop_networks}

@@ -16,6 +16,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
     """Shared call flow: noise (or ``latents``) -> scheduler loop over the UNet -> images."""
 
     _components = ("unet", "scheduler")
+    _splits_over_processes = True
 
     def _unet_call(self, sample: torch.Tensor, t: Any, class_labels: torch.Tensor | None) -> torch.Tensor:
         return self.unet(sample, t, class_labels=class_labels)
@@ -28,18 +29,26 @@ class _UnconditionalPipeline(DiffusionPipeline):
             x = randn_tensor(request.shape, generator, dtype=dtype, device=device)
         else:
             x = torch.from_numpy(request.latents).to(device=device, dtype=dtype)
+        part = self._process_share(x.shape[0])  # enable_distributed: this process's images
+        if part is not None:
+            x, y = x[part], None if y is None else y[part]
+        if x.shape[0]:  # a process with no image (more processes than images) only joins the gather
+            x = self._denoise(request, x, y, generator, self._share_noise(part, request.shape, generator, dtype))
+        return uc.finish(self._gather_share(x.float().cpu().numpy()), request.output_type, return_dict)
+
+    def _denoise(self, request: uc.UnconditionalRequest, x: torch.Tensor, y, generator: Generators, noise_fn):
         state = self.scheduler.set_timesteps(request.num_inference_steps, like=x)
-        x = x * state.init_noise_sigma
         x, _ = denoise_loop(
             self.scheduler,
             uc.class_model(self._unet_call, y, request.guiding_label, request.guidance_scale),
-            x,
+            x * state.init_noise_sigma,
             state,
             generator=generator,
+            noise_fn=noise_fn,
             step_kwargs=request.step_kwargs,
             progress=not self.progress_bar_disabled,
         )
-        return uc.finish(x.float().cpu().numpy(), request.output_type, return_dict)
+        return x
 
 
 class DDPMPipeline(_UnconditionalPipeline):

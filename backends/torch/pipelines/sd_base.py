@@ -16,7 +16,7 @@ import torch
 
 from diffusion_core.pipelines import ImagePipelineOutput, sd_image
 from diffusion_core.pipelines import stable_diffusion as sd
-from diffusion_core.pipelines.sd_recipe import SDRequest, StableDiffusionRecipe
+from diffusion_core.pipelines.sd_recipe import SDRequest, StableDiffusionRecipe, images_of_inputs
 from diffusion_core.torch.pipelines.pipeline_utils import DiffusionPipeline
 from diffusion_core.torch.sampling import Generators, denoise_loop, randn_tensor
 
@@ -27,6 +27,8 @@ StepCallback = Callable[[Any, int, Any, dict[str, torch.Tensor]], Any]
 
 class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
     """Torch primitives of the SD recipes: text encoding, start noise, the guided loop, VAE encode/decode."""
+
+    _splits_over_processes = True
 
     def _as_tensor(self, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         """numpy or torch -> a tensor on the pipeline's device (``dtype`` defaults to the UNet's)."""
@@ -47,11 +49,16 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
             return encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
     def _vae_decode(self, z: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return self.vae.decode(z.to(self.vae.dtype)).float().cpu().numpy()  # (N, 3, H, W) in [-1, 1]
+        if z.shape[0] == 0:  # a process with no image under enable_distributed
+            f, channels = self.vae_scale_factor, int(self.vae.config["out_channels"])
+            decoded = np.zeros((0, channels, z.shape[2] * f, z.shape[3] * f), np.float32)
+        else:
+            with torch.inference_mode():
+                decoded = self.vae.decode(z.to(self.vae.dtype)).float().cpu().numpy()  # (n, 3, H, W) in [-1, 1]
+        return self._gather_share(decoded)  # (N, 3, H, W): every process's share under enable_distributed
 
     def _latent_output(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
+        return self._gather_share(latents)
 
     def prepare_latents(
         self, shape: tuple[int, ...], latents: Any = None, generator: Generators = None
@@ -90,6 +97,12 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """Run the recipe's hooks in the Python loop over ``inputs`` (``context`` and per-image arrays), decode."""
         inputs = {name: value.to(self.unet.dtype) for name, value in inputs.items()}
+        noise_shape = tuple(inputs["noise"].shape)  # (N, C, h, w): the whole call's images
+        part = self._process_share(noise_shape[0])  # enable_distributed: this process's images
+        if part is not None:
+            inputs = images_of_inputs(inputs, part, request.guidance.parts)
+            if part.start == part.stop:  # more processes than images: nothing to denoise here, only the gather
+                return self._decode(inputs["noise"], request.output_type, return_dict)
         opts = dict(opts)
         state, first = self._schedule(request.num_inference_steps, inputs["noise"], opts)
         opts.update(first=first, num_calls=int(state.timesteps.shape[0]))
@@ -109,6 +122,7 @@ class StableDiffusionBase(StableDiffusionRecipe, DiffusionPipeline):
             self._start(inputs, state, opts),
             state,
             generator=generator,
+            noise_fn=self._share_noise(part, noise_shape, generator, self.unet.dtype),
             step_kwargs=sd.step_kwargs(self.scheduler, request.eta),
             progress=not self.progress_bar_disabled,
             callback=step_callback,
