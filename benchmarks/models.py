@@ -73,21 +73,22 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best-of-``repeats`` GFLOP/s of an n x n float32 matmul in torch and in jax (same thread settings)."""
-    import jax
-    import jax.numpy as jnp
+def matmul_peak_gflops(dtype_name: str = "float32", with_jax: bool = True, n: int = 2048, repeats: int = 5):
+    """Best-of-``repeats`` GFLOP/s of an n x n matmul in ``dtype_name``: torch's, and jax's with ``with_jax``."""
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    torch_best = min(timed(lambda: a @ b) for _ in range(repeats))
-    f = jax.jit(jnp.matmul)
-    ja, jb = jnp.asarray(a.numpy()), jnp.asarray(b.numpy())
-    f(ja, jb).block_until_ready()
-    jax_best = min(timed(lambda: f(ja, jb).block_until_ready()) for _ in range(repeats))
+    a, b = (torch.randn(n, n).to(_torch_dtype(dtype_name)) for _ in range(2))
     flops = 2 * n**3
-    return {"torch": flops / torch_best / 1e9, "jax": flops / jax_best / 1e9}
+    peak = {"torch": flops / min(timed(lambda: a @ b) for _ in range(repeats)) / 1e9}
+    if with_jax:
+        import jax
+        import jax.numpy as jnp
+
+        f = jax.jit(jnp.matmul)
+        ja, jb = (jnp.asarray(t.float().numpy(), jnp.dtype(dtype_name)) for t in (a, b))
+        f(ja, jb).block_until_ready()
+        peak["jax"] = flops / min(timed(lambda: f(ja, jb).block_until_ready()) for _ in range(repeats)) / 1e9
+    return peak
 
 
 def build_models(dtype_name: str, contenders: tuple[str, ...] = CONTENDERS):
@@ -197,12 +198,13 @@ def count_flops(model, batch: int, latent: int) -> float:
 
 
 def bench_forward(args: argparse.Namespace) -> None:
-    peak = matmul_peak_gflops()
-    print(f"matmul peak (2048^2 float32): torch {peak['torch']:.1f} GFLOP/s, jax {peak['jax']:.1f} GFLOP/s")
     others = [c for c in args.contenders if c != "diffusers"]
     head = f"{'dtype':9} {'batch':>5} {'GFLOP':>7} {'diffusers':>16}"
-    print(head + "".join(f" {c:>16} {'ratio':>11}" for c in others) + "   (wall s / CPU s; ratio wall / CPU)")
+    head += "".join(f" {c:>16} {'ratio':>11}" for c in others) + "   (wall s / CPU s; ratio wall / CPU)"
     for dtype_name in args.dtypes:
+        peak = matmul_peak_gflops(dtype_name, with_jax="flax" in args.contenders)
+        print(f"matmul peak (2048^2 {dtype_name}, GFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
+        print(head)
         ref, ours, flax_model = build_models(dtype_name, tuple(args.contenders))
         for batch in args.batches:
             flops = count_flops(ref, batch, args.latent)
@@ -216,7 +218,7 @@ def bench_forward(args: argparse.Namespace) -> None:
             for c in args.contenders:
                 rate = flops / wall[c] / 1e9
                 of_peak = 100 * rate / peak["jax" if c == "flax" else "torch"]
-                print(f"    {c}: {rate:.1f} GFLOP/s ({of_peak:.0f}% of the float32 matmul peak)")
+                print(f"    {c}: {rate:.1f} GFLOP/s ({of_peak:.0f}% of the {dtype_name} matmul peak)")
             if args.memory:
                 print_forward_memory(args, dtype_name, batch)
         del ref, ours, flax_model
