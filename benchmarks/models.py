@@ -108,9 +108,10 @@ def build_models(dtype_name: str, contenders: tuple[str, ...] = CONTENDERS):
     if "torch" in contenders:
         from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel as TorchUNet
 
-        ours = TorchUNet.from_config(SD15_UNET)
-        ours.load_state_dict(state, strict=True)
-        ours = ours.eval().to(dtype)
+        with torch.device("meta"):  # as from_pretrained builds: no float32 copy, no random init
+            ours = TorchUNet.from_config(SD15_UNET)
+        ours.load_state_dict({k: v.to(dtype, copy=True) for k, v in state.items()}, strict=True, assign=True)
+        ours = ours.eval()
     flax_model = _build_flax(state, dtype_name) if "flax" in contenders else None
     return ref.to(dtype), ours, flax_model
 
