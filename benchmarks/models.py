@@ -240,20 +240,25 @@ def _status_kib(field: str) -> int:
 
 
 def forward_child(impl: str, dtype_name: str, batch: int, latent: int) -> None:
-    """Run in a subprocess: build one model (random weights), then report the peak RSS of one pass above before."""
+    """Run in a subprocess: build one model (random weights), then report the peak RSS of one pass above before.
+
+    Both contenders are built the same way, directly in ``dtype_name``; the RSS before the pass still holds
+    whatever the build left free in the heap, which the pass may reuse, so read the figures side by side.
+    """
     import torch
 
     dtype = _torch_dtype(dtype_name)
     torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # parameters made in the pass's dtype: no freed float32 copy for the pass to reuse
     if impl == "diffusers":
         import diffusers
 
-        model = diffusers.UNet2DConditionModel(**SD15_UNET)
+        model = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
     else:
         from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
 
-        model = UNet2DConditionModel.from_config(SD15_UNET)
-    model = model.eval().to(dtype)
+        model = UNet2DConditionModel.from_config(SD15_UNET).eval()
+    torch.set_default_dtype(torch.float32)
     x = torch.randn(batch, 4, latent, latent, dtype=dtype)
     ctx = torch.randn(batch, *TEXT_SHAPE, dtype=dtype)
     gc.collect()
