@@ -1,6 +1,7 @@
 """SD-1.5-config UNet forward and checkpoint load: ours (torch, flax) vs diffusers, same run.
 
     python benchmarks/models.py [--batches 1 2] [--dtypes float32 bfloat16] [--repeats 3] [--latent 64]
+    python benchmarks/models.py --forward-only --dtypes bfloat16 --contenders diffusers torch --memory
     python benchmarks/models.py --load-only          # just the load-time / peak-RSS part
     python benchmarks/models.py --load-only --checkpoint /tmp/sd15_unet --loaders diffusers flax
 
@@ -8,7 +9,13 @@ Forward: the exact SD-1.5 UNet2DConditionModel config with random weights (the s
 all three), 64x64 latents, 77x768 text states. Each round times diffusers, our torch model and
 our jitted Flax model (warm: compiled before timing) in turn; medians are reported with ratios
 to diffusers, and achieved GFLOP/s against a matmul peak measured in the same run (FLOPs of one
-pass counted by torch's FlopCounterMode on our torch model).
+pass counted by torch's FlopCounterMode on diffusers' model; ours runs the same ones). Each pass also
+records the process CPU seconds it used: with one thread they track the work done and move far less
+than wall time when other jobs share the cores. ``--contenders`` drops some (flax bfloat16 on XLA:CPU
+takes minutes a pass). ``--memory``: each torch contender also runs one pass in a fresh
+subprocess that builds only its model and reports its peak RSS during the pass above the RSS before it
+(``/proc/self/clear_refs`` resets the peak). The op counts behind the speed (casts, copies, the dtype of
+every convolution/matmul/attention) come from ``benchmarks/op_census.py``.
 
 Load: a random SD-1.5-size checkpoint is written once with diffusers' ``save_pretrained`` (or an
 existing one reused with ``--checkpoint``); each loader then runs in a fresh subprocess (diffusers,
@@ -20,11 +27,15 @@ checkpoint size.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,6 +64,7 @@ SD15_UNET = {
     "center_input_sample": False,
 }
 TEXT_SHAPE = (77, 768)
+CONTENDERS = ("diffusers", "torch", "flax")
 
 
 def _torch_dtype(name: str):
@@ -61,59 +73,92 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best-of-``repeats`` GFLOP/s of an n x n float32 matmul in torch and in jax (same thread settings)."""
-    import jax
-    import jax.numpy as jnp
+def matmul_peak_gflops(dtype_name: str = "float32", with_jax: bool = True, n: int = 2048, repeats: int = 5):
+    """Best-of-``repeats`` GFLOP/s of an n x n matmul in ``dtype_name``: torch's, and jax's with ``with_jax``."""
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    torch_best = min(timed(lambda: a @ b) for _ in range(repeats))
-    f = jax.jit(jnp.matmul)
-    ja, jb = jnp.asarray(a.numpy()), jnp.asarray(b.numpy())
-    f(ja, jb).block_until_ready()
-    jax_best = min(timed(lambda: f(ja, jb).block_until_ready()) for _ in range(repeats))
+    a, b = (torch.randn(n, n).to(_torch_dtype(dtype_name)) for _ in range(2))
     flops = 2 * n**3
-    return {"torch": flops / torch_best / 1e9, "jax": flops / jax_best / 1e9}
+    peak = {"torch": flops / min(timed(lambda: a @ b) for _ in range(repeats)) / 1e9}
+    if with_jax:
+        import jax
+        import jax.numpy as jnp
+
+        f = jax.jit(jnp.matmul)
+        ja, jb = (jnp.asarray(t.float().numpy(), jnp.dtype(dtype_name)) for t in (a, b))
+        f(ja, jb).block_until_ready()
+        peak["jax"] = flops / min(timed(lambda: f(ja, jb).block_until_ready()) for _ in range(repeats)) / 1e9
+    return peak
 
 
-def build_models(dtype_name: str):
-    """diffusers' model (random, seed 0), our torch model and our flax model holding the same weights."""
+def build_models(dtype_name: str, contenders: tuple[str, ...] = CONTENDERS):
+    """diffusers' model (random, seed 0), our torch model and our flax model holding the same weights.
+
+    Returns ``(ref, ours, flax_model)``; the torch model or the flax one is None when not in ``contenders``
+    (diffusers' model is always built: it makes the weights).
+    """
     import diffusers
-    import jax.numpy as jnp
     import torch
-
-    from diffusion_core.flax.models.loading import load_torch_state_dict
-    from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel as FlaxUNet
-    from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel as TorchUNet
 
     torch.manual_seed(0)
     dtype = _torch_dtype(dtype_name)
     ref = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
     state = ref.state_dict()
-    ours = TorchUNet.from_config(SD15_UNET)
-    ours.load_state_dict(state, strict=True)
-    ours = ours.eval().to(dtype)
-    ref = ref.to(dtype)
+    ours = None
+    if "torch" in contenders:
+        from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel as TorchUNet
+
+        with torch.device("meta"):  # as from_pretrained builds: no float32 copy, no random init
+            ours = TorchUNet.from_config(SD15_UNET)
+        ours.load_state_dict({k: v.to(dtype, copy=True) for k, v in state.items()}, strict=True, assign=True)
+        ours = ours.eval()
+    flax_model = _build_flax(state, dtype_name) if "flax" in contenders else None
+    return ref.to(dtype), ours, flax_model
+
+
+def _build_flax(state: dict, dtype_name: str):
+    import jax.numpy as jnp
+
+    from diffusion_core.flax.models.loading import load_torch_state_dict
+    from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel as FlaxUNet
+
     flax_model = FlaxUNet.from_config(SD15_UNET, dtype=jnp.dtype(dtype_name))
     load_torch_state_dict(flax_model, ((k, v.float().numpy()) for k, v in state.items()))
-    return ref, ours, flax_model
+    return flax_model
 
 
-def forward_fns(ref, ours, flax_model, batch: int, latent: int, dtype_name: str):
-    """Timed callables (one UNet pass each) for diffusers, ours-torch and ours-flax (compiled before timing)."""
-    import jax
-    import jax.numpy as jnp
+def forward_fns(ref, ours, flax_model, batch: int, latent: int, dtype_name: str) -> dict[str, Callable[[], float]]:
+    """Timed callables (one UNet pass each) for diffusers, ours-torch and ours-flax (compiled before timing).
+
+    A model passed as None gets no entry.
+    """
     import numpy as np
     import torch
-    from flax import nnx
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 4, latent, latent)).astype(np.float32)
     ctx = rng.standard_normal((batch, *TEXT_SHAPE)).astype(np.float32)
     dtype = _torch_dtype(dtype_name)
     xt, ct, tt = torch.from_numpy(x).to(dtype), torch.from_numpy(ctx).to(dtype), torch.tensor([500] * batch)
+
+    def torch_pass(model):
+        def run():
+            with torch.inference_mode():
+                model(xt, tt, ct)
+
+        return lambda: timed(run)
+
+    fns = {name: torch_pass(model) for name, model in (("diffusers", ref), ("torch", ours)) if model is not None}
+    if flax_model is not None:
+        fns["flax"] = _flax_pass(flax_model, x, ctx, batch, dtype_name)
+    return fns
+
+
+def _flax_pass(flax_model, x, ctx, batch: int, dtype_name: str) -> Callable[[], float]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     graph, params = nnx.split(flax_model)
 
     @jax.jit
@@ -123,20 +168,23 @@ def forward_fns(ref, ours, flax_model, batch: int, latent: int, dtype_name: str)
     jd = jnp.dtype(dtype_name)
     jx, jc, jt = jnp.asarray(x, jd), jnp.asarray(ctx, jd), jnp.full((batch,), 500, jnp.int32)
     flax_call(params, jx, jt, jc).block_until_ready()  # compile
+    return lambda: timed(lambda: flax_call(params, jx, jt, jc).block_until_ready())
 
-    def run_ref():
-        with torch.inference_mode():
-            ref(xt, tt, ct)
 
-    def run_torch():
-        with torch.inference_mode():
-            ours(xt, tt, ct)
+def with_cpu_seconds(fns: dict[str, Callable[[], float]]) -> tuple[dict[str, Callable[[], float]], dict]:
+    """Wrap timed callables so each call also appends the process CPU seconds it used to a list per name."""
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
 
-    return {
-        "diffusers": lambda: timed(run_ref),
-        "torch": lambda: timed(run_torch),
-        "flax": lambda: timed(lambda: flax_call(params, jx, jt, jc).block_until_ready()),
-    }
+    def wrap(name: str, fn: Callable[[], float]) -> Callable[[], float]:
+        def run() -> float:
+            start = time.process_time()
+            wall = fn()
+            cpu[name].append(time.process_time() - start)
+            return wall
+
+        return run
+
+    return {name: wrap(name, fn) for name, fn in fns.items()}, cpu
 
 
 def count_flops(model, batch: int, latent: int) -> float:
@@ -151,24 +199,75 @@ def count_flops(model, batch: int, latent: int) -> float:
 
 
 def bench_forward(args: argparse.Namespace) -> None:
-    peak = matmul_peak_gflops()
-    print(f"matmul peak (2048^2 float32): torch {peak['torch']:.1f} GFLOP/s, jax {peak['jax']:.1f} GFLOP/s")
-    cols = f"{'dtype':9} {'batch':>5} {'GFLOP':>7} {'diffusers':>10} {'torch':>8} {'ratio':>6} {'flax':>8}"
-    print(cols + f" {'ratio':>6}   GFLOP/s (torch, flax; % of matmul peak)")
+    others = [c for c in args.contenders if c != "diffusers"]
+    head = f"{'dtype':9} {'batch':>5} {'GFLOP':>7} {'diffusers':>16}"
+    head += "".join(f" {c:>16} {'ratio':>11}" for c in others) + "   (wall s / CPU s; ratio wall / CPU)"
     for dtype_name in args.dtypes:
-        ref, ours, flax_model = build_models(dtype_name)
+        peak = matmul_peak_gflops(dtype_name, with_jax="flax" in args.contenders)
+        print(f"matmul peak (2048^2 {dtype_name}, GFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
+        print(head)
+        ref, ours, flax_model = build_models(dtype_name, tuple(args.contenders))
         for batch in args.batches:
-            flops = count_flops(ours, batch, args.latent)
-            med = interleaved_medians(forward_fns(ref, ours, flax_model, batch, args.latent, dtype_name), args.repeats)
-            rate = {k: flops / med[k] / 1e9 for k in ("torch", "flax")}
-            print(
-                f"{dtype_name:9} {batch:5d} {flops / 1e9:7.0f} {med['diffusers']:9.2f}s {med['torch']:7.2f}s "
-                f"{med['torch'] / med['diffusers']:6.2f} {med['flax']:7.2f}s {med['flax'] / med['diffusers']:6.2f}"
-                f"   {rate['torch']:.1f} ({100 * rate['torch'] / peak['torch']:.0f}%), "
-                f"{rate['flax']:.1f} ({100 * rate['flax'] / peak['jax']:.0f}%)",
-                flush=True,
-            )
+            flops = count_flops(ref, batch, args.latent)
+            fns, cpu = with_cpu_seconds(forward_fns(ref, ours, flax_model, batch, args.latent, dtype_name))
+            wall = interleaved_medians(fns, args.repeats)
+            cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+            cells = [f"{wall[c]:7.2f}/{cpu_med[c]:7.2f}" for c in args.contenders]
+            ratios = [f"{wall[c] / wall['diffusers']:5.2f}/{cpu_med[c] / cpu_med['diffusers']:5.2f}" for c in others]
+            row = f"{dtype_name:9} {batch:5d} {flops / 1e9:7.0f} {cells[0]:>16}"
+            print(row + "".join(f" {c:>16} {r:>11}" for c, r in zip(cells[1:], ratios, strict=True)), flush=True)
+            for c in args.contenders:
+                rate = flops / wall[c] / 1e9
+                of_peak = 100 * rate / peak["jax" if c == "flax" else "torch"]
+                print(f"    {c}: {rate:.1f} GFLOP/s ({of_peak:.0f}% of the {dtype_name} matmul peak)")
+            if args.memory:
+                print_forward_memory(args, dtype_name, batch)
         del ref, ours, flax_model
+        gc.collect()
+
+
+def print_forward_memory(args: argparse.Namespace, dtype_name: str, batch: int) -> None:
+    """Peak RSS of one pass above the RSS before it, each torch contender in a fresh subprocess, in turn."""
+    for impl in [c for c in args.contenders if c != "flax"]:
+        cmd = [sys.executable, __file__, "--forward-child", impl, dtype_name, str(batch), str(args.latent)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        print(f"    {impl}: peak RSS of a pass {json.loads(out.strip().splitlines()[-1])['peak_mib']:.0f} MiB")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def forward_child(impl: str, dtype_name: str, batch: int, latent: int) -> None:
+    """Run in a subprocess: build one model (random weights), then report the peak RSS of one pass above before.
+
+    Both contenders are built the same way, directly in ``dtype_name``; the RSS before the pass still holds
+    whatever the build left free in the heap, which the pass may reuse, so read the figures side by side.
+    """
+    import torch
+
+    dtype = _torch_dtype(dtype_name)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # parameters made in the pass's dtype: no freed float32 copy for the pass to reuse
+    if impl == "diffusers":
+        import diffusers
+
+        model = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
+    else:
+        from diffusion_core.torch.models.unet_2d_condition import UNet2DConditionModel
+
+        model = UNet2DConditionModel.from_config(SD15_UNET).eval()
+    torch.set_default_dtype(torch.float32)
+    x = torch.randn(batch, 4, latent, latent, dtype=dtype)
+    ctx = torch.randn(batch, *TEXT_SHAPE, dtype=dtype)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
+    with torch.inference_mode():
+        model(x, torch.tensor([500] * batch), ctx)
+    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
 
 
 def load_child(impl: str, folder: str) -> None:
@@ -245,16 +344,26 @@ def main() -> None:
     parser.add_argument("--load-repeats", type=int, default=3)
     parser.add_argument("--load-only", action="store_true")
     parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--memory", action="store_true", help="peak RSS of one pass per torch contender")
     parser.add_argument("--tmp", default=None, help="folder for the temporary checkpoint")
     parser.add_argument("--checkpoint", default=None, help="reuse this SD-1.5 UNet folder (written there if absent)")
     parser.add_argument(
         "--loaders", nargs="+", default=["diffusers", "torch", "flax"], choices=["diffusers", "torch", "flax"]
     )
     parser.add_argument("--load-child", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--forward-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_child:
         load_child(*args.load_child)
         return
+    if args.forward_child:
+        impl, dtype_name, batch, latent = args.forward_child
+        forward_child(impl, dtype_name, int(batch), int(latent))
+        return
+    if "diffusers" not in args.contenders:
+        parser.error("--contenders: diffusers is the reference every ratio is taken against; keep it")
+    args.contenders = ["diffusers", *[c for c in CONTENDERS[1:] if c in args.contenders]]
     print(machine_line())
     if not args.load_only:
         bench_forward(args)
