@@ -7,14 +7,18 @@ All three train the shipped digits config (class-conditional ``UNet2DModel``, 16
 clipping at 1.0 and an EMA copy. The diffusers loop is its example script's recipe (train_unconditional.py:
 ``add_noise``, ``F.mse_loss`` on the noise, ``clip_grad_norm_``, ``EMAModel.step``) around diffusers' own
 ``UNet2DModel``. After a warm-up (flax: its compile, reported), rounds run ``--steps-per-round`` steps of each
-in turn; the medians of the per-step times are compared against the diffusers loop measured in the same run.
-Peak memory (max RSS) is measured per path in its own child process (one process's RSS covers all three).
+in turn; the medians of the per-step times are compared against the diffusers loop measured in the same run,
+both wall-clock and process CPU time (``time.process_time``: user + system time of all the process's threads).
+On a shared machine the CPU time is the figure that survives load: wall time also counts the time a step
+waits for a core. Peak memory (max RSS) is measured per path in its own child process (one process's RSS
+covers all three).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -129,22 +133,28 @@ def main() -> None:
         steps[path](batches[0])  # flax: traces and compiles here
         warm[path] = time.perf_counter() - start
 
-    def timed_round(step: Callable) -> Callable[[], float]:
+    cpu: dict[str, list[float]] = {p: [] for p in PATHS}
+
+    def timed_round(path: str) -> Callable[[], float]:
         def run() -> float:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for b in batches:
-                step(b)
+                steps[path](b)
+            cpu[path].append((time.process_time() - start_cpu) / len(batches))
             return (time.perf_counter() - start) / len(batches)
 
         return run
 
-    medians = interleaved_medians({p: timed_round(s) for p, s in steps.items()}, args.rounds)
+    medians = interleaved_medians({p: timed_round(p) for p in PATHS}, args.rounds)
+    cpu_medians = {p: statistics.median(v) for p, v in cpu.items()}
     print(f"# {time.strftime('%Y-%m-%d')} · {machine_line()} · batch {args.batch}, {args.rounds} rounds")
-    print("| path | first step (s) | s/step (median) | steps/s | vs diffusers loop |")
-    print("|---|---|---|---|---|")
+    cols = "first step (s) | s/step (median) | steps/s | vs diffusers loop | CPU s/step (median) | CPU vs diffusers"
+    print(f"| path | {cols} |")
+    print("|---|---|---|---|---|---|---|")
     for path in PATHS:
-        s = medians[path]
-        print(f"| {path} | {warm[path]:.2f} | {s:.3f} | {1 / s:.2f} | {s / medians['diffusers']:.2f}x |")
+        s, c = medians[path], cpu_medians[path]
+        ratios = f"{s / medians['diffusers']:.2f}x | {c:.3f} | {c / cpu_medians['diffusers']:.2f}x"
+        print(f"| {path} | {warm[path]:.2f} | {s:.3f} | {1 / s:.2f} | {ratios} |")
     if not args.no_memory:
         mem = peak_memory(args.batch, args.steps_per_round)
         print("peak RSS (MiB, each path alone): " + ", ".join(f"{p} {m:.0f}" for p, m in mem.items()))
