@@ -6,20 +6,19 @@ Only numpy and safetensors are imported here; torch (``framework="pt"``), jax
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors import safe_open
 
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, WeightFiles, resolve_weight_files
 from diffusion_core.weights.safetensors_header import Header, InvalidCheckpointError, read_header
-from diffusion_core.weights.transpose import aligned_empty
 
 FRAMEWORKS = {"numpy": "numpy", "np": "numpy", "pt": "pt", "torch": "pt", "flax": "flax", "jax": "flax"}
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
@@ -200,7 +199,7 @@ def numpy_to_framework(array: np.ndarray, framework: str) -> Any:
     return array
 
 
-Converter = Callable[[str, np.ndarray], Any]  # (key, array) -> what the stream yields; must copy what it keeps
+Converter = Callable[[str, np.ndarray], Any]  # (key, array) -> what a tensor stream yields instead of the array
 
 
 def iter_tensors(
@@ -221,10 +220,9 @@ def iter_tensors(
     ``dtype`` (a numpy dtype or ``"bfloat16"``) if given. ``framework`` is ``"numpy"``,
     ``"pt"`` (torch tensors) or ``"flax"`` (jax arrays). Shard indexes are validated first
     unless ``validate=False``. Keys come file by file, in each file's key order. ``convert`` (numpy only):
-    the stream yields ``(key, convert(key, array))`` instead, where ``array`` may be a view of a reading
-    buffer that is overwritten once ``convert`` returns (so a consumer that copies each tensor touches no
-    fresh memory per tensor), and safetensors files are read and converted on ``workers`` threads
-    (see :func:`read_safetensors_plain`).
+    the stream yields ``(key, convert(key, array))`` instead, where ``array`` may view a memory map of the file
+    that is dropped once ``convert`` returns (a consumer that copies each tensor keeps no file pages resident),
+    and safetensors files are mapped and converted on ``workers`` threads (see :func:`read_safetensors_plain`).
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {sorted(FRAMEWORKS)}, got {framework!r}")
@@ -296,11 +294,11 @@ def read_safetensors_plain(
 
     No memory map: a loader that copies every tensor into its own parameters (Flax, numpy) then
     holds one model plus one tensor, not a model plus the mapped file's resident pages. Keys come in
-    ``safe_open``'s order (sorted). ``convert``: each tensor is read into its thread's reading buffer
-    (sized to the largest tensor, reused) and the stream yields ``(key, convert(key, view of it))``: a copying
-    consumer then touches no fresh memory per tensor (on a 3.3 GB checkpoint, page faults were half the
-    read and copy time). With ``workers`` > 1, tensors are read (positional reads) and converted on that
-    many threads, results still in key order; file reads and numpy copies release the GIL.
+    ``safe_open``'s order (sorted). ``convert``: the stream yields ``(key, convert(key, array))`` where ``array``
+    views a memory map of just that tensor, unmapped once ``convert`` returns (unless it kept a view): a consumer
+    that copies each tensor then neither reads it into an intermediate buffer nor keeps the file's pages
+    resident. With ``workers`` > 1, tensors are mapped and converted on that many threads, results still in
+    key order (page faults and numpy copies run without the GIL).
     """
     header = read_header(path)
     keys = sorted(header.tensors)
@@ -321,40 +319,36 @@ def read_safetensors_plain(
 def _read_converted(
     path: Path, header: Header, keys: list[str], convert: Converter, workers: int
 ) -> Iterator[tuple[str, Any]]:
-    largest = max((e.end - e.start for e in header.tensors.values()), default=0)
-    local = threading.local()  # each thread's reading buffer
-
-    def job(fd: int, key: str) -> tuple[str, Any]:
+    def job(file: BinaryIO, key: str) -> tuple[str, Any]:
         entry = header.tensors[key]
-        size = entry.end - entry.start
-        if getattr(local, "buffer", None) is None:
-            local.buffer = aligned_empty((largest,), np.uint8)
-        view = memoryview(local.buffer)[:size]
-        done = 0
-        while done < size:  # one pread returns at most ~2 GiB
-            got = os.preadv(fd, [view[done:]], header.data_start + entry.start + done)
-            if got <= 0:
-                raise InvalidCheckpointError(f"safetensors file {str(path)!r}: tensor {key!r} is cut short")
-            done += got
-        array = local.buffer[:size].view(numpy_dtype(entry.dtype)).reshape(entry.shape)
-        return key, convert(key, array)
+        dtype = numpy_dtype(entry.dtype)
+        start, size = header.data_start + entry.start, entry.end - entry.start
+        if size == 0:
+            return key, convert(key, np.empty(entry.shape, dtype))
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(file.fileno(), start + size - base, access=mmap.ACCESS_READ, offset=base)
+        array = np.frombuffer(mapped, dtype, count=size // dtype.itemsize, offset=start - base).reshape(entry.shape)
+        result = convert(key, array)
+        del array
+        try:
+            mapped.close()
+        except BufferError:  # convert kept a view: the map lives as long as that view
+            pass
+        return key, result
 
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with open(path, "rb") as file:
         if workers == 1:
             for key in keys:
-                yield job(fd, key)
+                yield job(file, key)
             return
         with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(job, fd, key) for key in keys]
+            futures = [pool.submit(job, file, key) for key in keys]
             try:
                 for future in futures:
                     yield future.result()
             finally:
                 for future in futures:  # a consumer that stops early (or an error) leaves the rest unread
                     future.cancel()
-    finally:
-        os.close(fd)
 
 
 def load_tensors(source: Source, **kwargs: Any) -> dict[str, Any]:

@@ -98,8 +98,8 @@ class CheckpointSource(NamedTuple):
     ``infos`` maps every model key to ``(dtype name, shape)`` from the file headers; ``tensors(framework,
     dtype, convert=None, workers=1)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/
     ``"flax"``, ``dtype`` None keeps the stored one). ``convert(model key, array)`` (numpy only): the stream
-    yields its results instead; ``array`` may be a view of a reading buffer overwritten once ``convert``
-    returns, and safetensors files are read and converted on ``workers`` threads (``iter_tensors``).
+    yields its results instead; ``array`` may view a memory map dropped once ``convert`` returns, and
+    safetensors files are mapped and converted on ``workers`` threads (``iter_tensors``).
     """
 
     name: str  # where the weights come from, for error messages

@@ -80,7 +80,7 @@ def load_checkpoint(model: nnx.Module, source: CheckpointSource, workers: int = 
     """Fill ``model`` from ``source`` strictly, reading and converting tensors on ``workers`` threads.
 
     The checkpoint's keys and shapes (``source.infos``) are matched against the model first, with
-    :func:`load_torch_state_dict`'s ValueError. Each tensor is then copied once, from the reading buffer into
+    :func:`load_torch_state_dict`'s ValueError. Each tensor is then copied once, from the file's memory map into
     a new aligned host array in its parameter's layout and dtype, which the device adopts (no second copy on
     CPU; one transfer elsewhere). Nothing is assigned unless every tensor converted.
     """
