@@ -79,7 +79,7 @@ def test_threaded_load_equals_streaming_load(checkpoint: Path, workers: int) -> 
     source = FlaxUNet.pretrained_source(checkpoint)
     fast = _abstract_model(FlaxUNet, source.config, jnp.float32)
     load_checkpoint(fast, source, workers)
-    slow = FlaxUNet.from_config(source.config)
+    slow = _abstract_model(FlaxUNet, source.config, jnp.float32)
     load_torch_state_dict(slow, iter_tensors(checkpoint))
     want = _params(slow)
     got = _params(fast)
@@ -90,7 +90,7 @@ def test_threaded_load_equals_streaming_load(checkpoint: Path, workers: int) -> 
 
 def test_threaded_load_casts_to_the_parameter_dtype(checkpoint: Path) -> None:
     model = FlaxUNet.from_pretrained(checkpoint, dtype=jnp.bfloat16)
-    slow = FlaxUNet.from_config(model.config, dtype=jnp.bfloat16)
+    slow = _abstract_model(FlaxUNet, dict(model.config), jnp.bfloat16)
     load_torch_state_dict(slow, iter_tensors(checkpoint))
     want = _params(slow)
     for path, value in _params(model).items():
@@ -154,3 +154,14 @@ def test_workers_and_convert_are_checked(tmp_path: Path) -> None:
             iter_tensors(tmp_path, convert=lambda k, a: a, workers=bad)
     with pytest.raises(ValueError, match="framework must be 'numpy'"):
         iter_tensors(tmp_path, framework="pt", convert=lambda k, a: a)
+
+
+def test_weights_land_on_the_callers_default_device(checkpoint: Path) -> None:
+    import jax
+
+    device = jax.devices()[-1]
+    assert device != jax.devices()[0]  # tests run with 8 forced host devices (conftest)
+    with jax.default_device(device):  # a per-thread setting: the loader's threads must not lose it
+        model = FlaxUNet.from_pretrained(checkpoint)
+    for _, var in nnx.to_flat_state(nnx.state(model, WEIGHTS)):
+        assert var.get_value().devices() == {device}

@@ -89,13 +89,17 @@ def load_checkpoint(model: nnx.Module, source: CheckpointSource, workers: int = 
     target = {tuple(path): tuple(var.shape) for path, var in variables.items()}
     plan = torch_to_flax_plan({key: shape for key, (_, shape) in source.infos.items()}, target)
 
-    def convert(key: str, array: np.ndarray) -> tuple[FlaxPath, jax.Array]:
+    def convert(key: str, array: np.ndarray) -> tuple[FlaxPath, np.ndarray]:
         if key not in plan:
             raise ValueError(f"{source.name}: tensor {key!r} is not among the keys its header lists")
         path, rule = plan[key]
-        return path, jax.device_put(rule.flax_copy(array, np.dtype(variables[path].dtype)), may_alias=True)
+        return path, rule.flax_copy(array, np.dtype(variables[path].dtype))
 
-    new_values = dict(value for _, value in source.tensors("numpy", None, convert, workers))
+    # placed from this thread: jax's default device (``jax.default_device``) is a per-thread setting
+    new_values = {
+        path: jax.device_put(host, may_alias=True)
+        for _, (path, host) in source.tensors("numpy", None, convert, workers)
+    }
     if len(new_values) != len(plan):
         raise ValueError(f"{source.name}: {len(plan) - len(new_values)} tensors its header lists were not read")
     for path, value in new_values.items():
