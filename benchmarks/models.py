@@ -175,6 +175,7 @@ def bench_forward(args: argparse.Namespace) -> None:
 
 def load_child(impl: str, folder: str, cores: int) -> None:
     """Run in a subprocess: import, note RSS, load the checkpoint, print wall/CPU time and peak RSS above that."""
+    import gc
     import os
     import resource
 
@@ -200,6 +201,7 @@ def load_child(impl: str, folder: str, cores: int) -> None:
         load = lambda: jax.block_until_ready(nnx.state(UNet2DConditionModel.from_pretrained(folder)))
         if impl == "flax-again":
             load()
+            gc.collect()  # a loaded model is freed only by the cycle collector (as before the fast path)
     with open("/proc/self/statm") as f:
         base_mib = int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
