@@ -292,8 +292,8 @@ def read_safetensors_plain(
 ) -> Iterator[tuple[str, Any]]:
     """Each tensor of a safetensors file, read with ordinary file reads into its own numpy array.
 
-    No memory map: a loader that copies every tensor into its own parameters (Flax, numpy) then
-    holds one model plus one tensor, not a model plus the mapped file's resident pages. Keys come in
+    No memory map of the whole file: a loader that copies every tensor into its own parameters (Flax, numpy)
+    then holds one model plus one tensor, not a model plus the mapped file's resident pages. Keys come in
     ``safe_open``'s order (sorted). ``convert``: the stream yields ``(key, convert(key, array))`` where ``array``
     views a memory map of just that tensor, unmapped once ``convert`` returns (unless it kept a view): a consumer
     that copies each tensor then neither reads it into an intermediate buffer nor keeps the file's pages

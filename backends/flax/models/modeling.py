@@ -121,7 +121,9 @@ class PretrainedMixin(CheckpointModel):
 
         Weights are cast to ``dtype``. ``.bin`` (pickle) weights are read only with ``allow_pickle=True``
         (through ``torch.load(weights_only=True)``). Raises ValueError listing unmatched/missing/
-        mis-shaped keys, FileNotFoundError when files are absent.
+        mis-shaped keys, FileNotFoundError when files are absent. Safetensors weights are read and converted
+        on one thread per core this process may run on (at most 8); the abstract model of a (class, config,
+        dtype) is built once per process.
         """
         source = cls.pretrained_source(
             path_or_repo_id,
