@@ -3,7 +3,7 @@
     python benchmarks/models.py [--batches 1 2] [--dtypes float32 bfloat16] [--repeats 3] [--latent 64]
     python benchmarks/models.py --forward-only --dtypes bfloat16 --contenders diffusers torch --memory
     python benchmarks/models.py --load-only          # just the load-time / peak-RSS part
-    python benchmarks/models.py --load-only --checkpoint /tmp/sd15_unet --loaders diffusers flax
+    python benchmarks/models.py --load-only --checkpoint DIR --loaders diffusers flax flax-again --load-cores 1 2
 
 Forward: the exact SD-1.5 UNet2DConditionModel config with random weights (the same weights in
 all three), 64x64 latents, 77x768 text states. Each round times diffusers, our torch model and
@@ -21,7 +21,9 @@ Load: a random SD-1.5-size checkpoint is written once with diffusers' ``save_pre
 existing one reused with ``--checkpoint``); each loader then runs in a fresh subprocess (diffusers,
 ours torch, ours flax, in turn each round) that reports wall time, CPU time (user + system: steadier
 than wall time on a shared machine) and its peak RSS above the RSS it had after imports, next to the
-checkpoint size.
+checkpoint size. ``flax-again`` loads twice in one process and reports the second load (the abstract model
+is then cached). ``--load-cores N ...`` pins each child to its first N cores (``sched_setaffinity``; our Flax
+loader reads and converts on one thread per core it may use); every count is run for every loader, in turn.
 """
 
 from __future__ import annotations
@@ -270,11 +272,15 @@ def forward_child(impl: str, dtype_name: str, batch: int, latent: int) -> None:
     print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
 
 
-def load_child(impl: str, folder: str) -> None:
+def load_child(impl: str, folder: str, cores: int) -> None:
     """Run in a subprocess: import, note RSS, load the checkpoint, print wall/CPU time and peak RSS above that."""
+    import os
     import resource
 
     import torch  # noqa: F401  (imported before the baseline in every contender)
+
+    if cores:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
 
     if impl == "diffusers":
         import diffusers
@@ -291,6 +297,9 @@ def load_child(impl: str, folder: str) -> None:
         from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel
 
         load = lambda: jax.block_until_ready(nnx.state(UNet2DConditionModel.from_pretrained(folder)))
+        if impl == "flax-again":
+            load()
+            gc.collect()  # a loaded model is freed only by the cycle collector (as before the fast path)
     with open("/proc/self/statm") as f:
         base_mib = int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
@@ -320,17 +329,17 @@ def bench_load(args: argparse.Namespace) -> None:
             _write_checkpoint(folder)
         size_mib = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
         print(f"checkpoint: {size_mib:.0f} MiB float32 safetensors")
-        runs: dict[str, list[dict]] = {impl: [] for impl in args.loaders}
+        runs: dict[tuple[str, int], list[dict]] = {(i, c): [] for c in args.load_cores for i in args.loaders}
         for _ in range(args.load_repeats):
-            for impl in runs:
-                cmd = [sys.executable, __file__, "--load-child", impl, folder]
+            for impl, cores in runs:
+                cmd = [sys.executable, __file__, "--load-child", impl, folder, str(cores)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                runs[impl].append(json.loads(out.strip().splitlines()[-1]))
-        for impl, rs in runs.items():
+                runs[impl, cores].append(json.loads(out.strip().splitlines()[-1]))
+        for (impl, cores), rs in runs.items():
             secs, cpu = (statistics.median(r[k] for r in rs) for k in ("seconds", "cpu"))
             extra = statistics.median(r["peak_mib"] - r["base_mib"] for r in rs)
             print(
-                f"load {impl:9}: {secs:6.2f}s wall {cpu:6.2f}s CPU   "
+                f"load {impl:10} {cores or 'all'} core(s): {secs:6.2f}s wall {cpu:6.2f}s CPU   "
                 f"peak RSS above imports {extra:7.0f} MiB = {extra / size_mib:.2f}x ckpt"
             )
 
@@ -349,13 +358,18 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="folder for the temporary checkpoint")
     parser.add_argument("--checkpoint", default=None, help="reuse this SD-1.5 UNet folder (written there if absent)")
     parser.add_argument(
-        "--loaders", nargs="+", default=["diffusers", "torch", "flax"], choices=["diffusers", "torch", "flax"]
+        "--loaders",
+        nargs="+",
+        default=["diffusers", "torch", "flax"],
+        choices=["diffusers", "torch", "flax", "flax-again"],
     )
-    parser.add_argument("--load-child", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--load-cores", nargs="+", type=int, default=[0], help="pin loaders to N cores (0: all)")
+    parser.add_argument("--load-child", nargs=3, metavar=("IMPL", "FOLDER", "CORES"), help=argparse.SUPPRESS)
     parser.add_argument("--forward-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_child:
-        load_child(*args.load_child)
+        impl, folder, cores = args.load_child
+        load_child(impl, folder, int(cores))
         return
     if args.forward_child:
         impl, dtype_name, batch, latent = args.forward_child

@@ -35,6 +35,10 @@ class Rule:
         """``array`` in the Flax layout: itself when the layout is kept, else a new aligned contiguous copy."""
         return array if self.to_flax is None else transpose_copy(array, self.to_flax)
 
+    def flax_copy(self, array: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+        """``array`` in the Flax layout, cast to ``dtype`` if given, always as a new aligned contiguous copy."""
+        return transpose_copy(array, range(array.ndim) if self.to_flax is None else self.to_flax, dtype)
+
     def torch_array(self, array: np.ndarray) -> np.ndarray:
         """``array`` in the PyTorch layout: itself when the layout is kept, else a new aligned contiguous copy."""
         return array if self.to_flax is None else transpose_copy(array, np.argsort(self.to_flax))
@@ -99,6 +103,29 @@ def _raise_problems(direction: str, problems: Mapping[str, list[str]]) -> None:
         raise ValueError(f"{direction}: state dict does not match the target\n  " + "\n  ".join(lines))
 
 
+def _problems() -> dict[str, list[str]]:
+    return {"unmatched": [], "unexpected": [], "shape mismatch": [], "missing": []}
+
+
+def _checked_match(
+    key: str, shape: Shape, target: Mapping[FlaxPath, Shape], seen: set[FlaxPath], problems: dict[str, list[str]]
+) -> tuple[FlaxPath, Rule] | None:
+    """The target path and rule of a PyTorch ``key`` of ``shape``, or None after noting why it does not fit."""
+    match = match_torch_key(key, target)
+    if match is None:
+        problems["unmatched"].append(key)
+        return None
+    path, rule = match
+    if path in seen:
+        problems["unexpected"].append(f"{key} (given twice)")
+        return None
+    seen.add(path)
+    if rule.flax_shape(tuple(shape)) != tuple(target[path]):
+        problems["shape mismatch"].append(f"{key}: {tuple(shape)} -> {path} {tuple(target[path])}")
+        return None
+    return match
+
+
 def torch_to_flax(
     items: Iterable[tuple[str, np.ndarray]], target: Mapping[FlaxPath, Shape]
 ) -> Iterator[tuple[FlaxPath, np.ndarray]]:
@@ -109,24 +136,34 @@ def torch_to_flax(
     (unexpected) and shape mismatches. Arrays keep their dtype.
     """
     seen: set[FlaxPath] = set()
-    problems: dict[str, list[str]] = {"unmatched": [], "unexpected": [], "shape mismatch": [], "missing": []}
+    problems = _problems()
     for key, array in items:
         array = np.asarray(array)
-        match = match_torch_key(key, target)
-        if match is None:
-            problems["unmatched"].append(key)
-            continue
-        path, rule = match
-        if path in seen:
-            problems["unexpected"].append(f"{key} (given twice)")
-            continue
-        seen.add(path)
-        if rule.flax_shape(array.shape) != tuple(target[path]):
-            problems["shape mismatch"].append(f"{key}: {array.shape} -> {path} {tuple(target[path])}")
-            continue
-        yield path, rule.flax_array(array)
+        match = _checked_match(key, array.shape, target, seen, problems)
+        if match is not None:
+            yield match[0], match[1].flax_array(array)
     problems["missing"] = [path_to_key(p) for p in target if p not in seen]
     _raise_problems("torch_to_flax", problems)
+
+
+def torch_to_flax_plan(
+    shapes: Mapping[str, Shape], target: Mapping[FlaxPath, Shape]
+) -> dict[str, tuple[FlaxPath, Rule]]:
+    """``{torch_key: (flax_path, rule)}`` for a state dict known by its shapes only (e.g. a checkpoint's header).
+
+    The same matching and the same ValueError as :func:`torch_to_flax`, raised before any tensor is read;
+    ``rule.flax_copy`` then converts each tensor on its own (in any order, on any thread).
+    """
+    seen: set[FlaxPath] = set()
+    problems = _problems()
+    plan = {}
+    for key, shape in shapes.items():
+        match = _checked_match(key, shape, target, seen, problems)
+        if match is not None:
+            plan[key] = match
+    problems["missing"] = [path_to_key(p) for p in target if p not in seen]
+    _raise_problems("torch_to_flax", problems)
+    return plan
 
 
 def flax_to_torch(
@@ -138,7 +175,7 @@ def flax_to_torch(
     unexpected and mis-shaped keys are reported too. Leaves no rule fits are always reported.
     """
     seen: set[str] = set()
-    problems: dict[str, list[str]] = {"unmatched": [], "unexpected": [], "shape mismatch": [], "missing": []}
+    problems = _problems()
     for path, array in items:
         array = np.asarray(array)
         match = match_flax_path(tuple(path), array.ndim)

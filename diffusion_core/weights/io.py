@@ -6,17 +6,19 @@ Only numpy and safetensors are imported here; torch (``framework="pt"``), jax
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors import safe_open
 
 from diffusion_core.weights.layout import DIFFUSERS_WEIGHTS_NAME, WeightFiles, resolve_weight_files
-from diffusion_core.weights.safetensors_header import InvalidCheckpointError, read_header
+from diffusion_core.weights.safetensors_header import Header, InvalidCheckpointError, read_header
 
 FRAMEWORKS = {"numpy": "numpy", "np": "numpy", "pt": "pt", "torch": "pt", "flax": "flax", "jax": "flax"}
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
@@ -197,6 +199,9 @@ def numpy_to_framework(array: np.ndarray, framework: str) -> Any:
     return array
 
 
+Converter = Callable[[str, np.ndarray], Any]  # (key, array) -> what a tensor stream yields instead of the array
+
+
 def iter_tensors(
     source: Source,
     *,
@@ -206,30 +211,47 @@ def iter_tensors(
     variant: str | None = None,
     allow_pickle: bool = False,
     validate: bool = True,
-    reuse_buffer: bool = False,
+    convert: Converter | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[str, Any]]:
     """Yield ``(key, tensor)`` one at a time from a checkpoint folder (or resolved files).
 
     Files are memory-mapped; each tensor is materialised only when yielded, and cast to
     ``dtype`` (a numpy dtype or ``"bfloat16"``) if given. ``framework`` is ``"numpy"``,
     ``"pt"`` (torch tensors) or ``"flax"`` (jax arrays). Shard indexes are validated first
-    unless ``validate=False``. Keys come file by file, in each file's key order. ``reuse_buffer`` (numpy,
-    safetensors): uncast arrays are views of one buffer that the next tensor overwrites (no fresh memory per
-    tensor), for a consumer that copies each tensor before asking for the next.
+    unless ``validate=False``. Keys come file by file, in each file's key order. ``convert`` (numpy only):
+    the stream yields ``(key, convert(key, array))`` instead, where ``array`` may view a memory map of the file
+    that is dropped once ``convert`` returns (a consumer that copies each tensor keeps no file pages resident),
+    and safetensors files are mapped and converted on ``workers`` threads (see :func:`read_safetensors_plain`).
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {sorted(FRAMEWORKS)}, got {framework!r}")
     framework = FRAMEWORKS[framework]
+    if convert is not None and framework != "numpy":
+        raise ValueError(f"convert is applied to numpy arrays: framework must be 'numpy', got {framework!r}")
+    check_workers(workers)
     target = None if dtype is None else numpy_dtype(dtype)
     files = _resolve(source, weights_name, variant, allow_pickle)
     if validate:
         validate_index(files)
-    return _generate(files, framework, target, reuse_buffer and framework == "numpy")
+    if convert is None:
+        return _generate(files, framework, target)
+    return _generate_converted(files, target, convert, workers)
 
 
-def _generate(
-    files: WeightFiles, framework: str, target: np.dtype | None, reuse_buffer: bool = False
-) -> Iterator[tuple[str, Any]]:
+def default_workers() -> int:
+    """Threads for reading and converting a checkpoint: the cores this process may run on, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def check_workers(workers: Any) -> None:
+    """ValueError unless ``workers`` (threads reading and converting tensors) is a positive int."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+
+
+def _generate(files: WeightFiles, framework: str, target: np.dtype | None) -> Iterator[tuple[str, Any]]:
     for path in files.files:
         if files.is_pickle:
             for key, tensor in read_pickle_state_dict(path).items():
@@ -241,37 +263,92 @@ def _generate(
                 for key in f.keys():
                     yield key, cast_tensor(f.get_tensor(key), target, framework)
             continue
-        for key, array in read_safetensors_plain(path, reuse_buffer):
+        for key, array in read_safetensors_plain(path):
             yield key, cast_tensor(from_torch(array, framework), target, framework)
 
 
-def read_safetensors_plain(path: str | os.PathLike, reuse_buffer: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+def _generate_converted(
+    files: WeightFiles, target: np.dtype | None, convert: Converter, workers: int
+) -> Iterator[tuple[str, Any]]:
+    def cast_then_convert(key: str, array: np.ndarray) -> Any:
+        return convert(key, cast_tensor(array, target, "numpy"))
+
+    for path in files.files:
+        if files.is_pickle:
+            for key, tensor in read_pickle_state_dict(path).items():
+                yield key, cast_then_convert(key, as_numpy(tensor))
+            continue
+        yield from read_safetensors_plain(path, cast_then_convert, workers)
+
+
+def converted(items: Iterable[tuple[str, Any]], convert: Converter | None) -> Iterator[tuple[str, Any]]:
+    """``(key, convert(key, value))`` for each item (the items themselves when ``convert`` is None)."""
+    for key, value in items:
+        yield key, value if convert is None else convert(key, value)
+
+
+def read_safetensors_plain(
+    path: str | os.PathLike, convert: Converter | None = None, workers: int = 1
+) -> Iterator[tuple[str, Any]]:
     """Each tensor of a safetensors file, read with ordinary file reads into its own numpy array.
 
-    No memory map: a loader that copies every tensor into its own parameters (Flax, numpy) then
-    holds one model plus one tensor, not a model plus the mapped file's resident pages.
-    ``reuse_buffer``: every tensor is read into one buffer (grown to the largest tensor) and yielded as a
-    view of it that the next read overwrites: a copying consumer then touches no fresh memory per tensor
-    (on a 3.3 GB checkpoint, page faults were half the read and copy time). Keys come in ``safe_open``'s
-    order (sorted).
+    No memory map of the whole file: a loader that copies every tensor into its own parameters (Flax, numpy)
+    then holds one model plus one tensor, not a model plus the mapped file's resident pages. Keys come in
+    ``safe_open``'s order (sorted). ``convert``: the stream yields ``(key, convert(key, array))`` where ``array``
+    views a memory map of just that tensor, unmapped once ``convert`` returns (unless it kept a view): a consumer
+    that copies each tensor then neither reads it into an intermediate buffer nor keeps the file's pages
+    resident. With ``workers`` > 1, tensors are mapped and converted on that many threads, results still in
+    key order (page faults and numpy copies run without the GIL).
     """
     header = read_header(path)
-    buffer = np.empty(0, np.uint8)
-    with open(path, "rb") as f:
-        for key in sorted(header.tensors):
-            entry = header.tensors[key]
-            dtype = numpy_dtype(entry.dtype)
-            f.seek(header.data_start + entry.start)
-            size = entry.end - entry.start
-            if not reuse_buffer:
-                array = np.fromfile(f, dtype=dtype, count=size // dtype.itemsize)
-                yield key, array.reshape(entry.shape)
-                continue
-            if buffer.size < size:
-                buffer = np.empty(size, np.uint8)
-            if f.readinto(memoryview(buffer)[:size]) != size:
-                raise InvalidCheckpointError(f"safetensors file {str(path)!r}: tensor {key!r} is cut short")
-            yield key, buffer[:size].view(dtype).reshape(entry.shape)
+    keys = sorted(header.tensors)
+    if convert is None:
+        with open(path, "rb") as f:
+            for key in keys:
+                entry = header.tensors[key]
+                dtype = numpy_dtype(entry.dtype)
+                f.seek(header.data_start + entry.start)
+                yield (
+                    key,
+                    np.fromfile(f, dtype=dtype, count=(entry.end - entry.start) // dtype.itemsize).reshape(entry.shape),
+                )
+        return
+    yield from _read_converted(Path(path), header, keys, convert, workers)
+
+
+def _read_converted(
+    path: Path, header: Header, keys: list[str], convert: Converter, workers: int
+) -> Iterator[tuple[str, Any]]:
+    def job(file: BinaryIO, key: str) -> tuple[str, Any]:
+        entry = header.tensors[key]
+        dtype = numpy_dtype(entry.dtype)
+        start, size = header.data_start + entry.start, entry.end - entry.start
+        if size == 0:
+            return key, convert(key, np.empty(entry.shape, dtype))
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(file.fileno(), start + size - base, access=mmap.ACCESS_READ, offset=base)
+        array = np.frombuffer(mapped, dtype, count=size // dtype.itemsize, offset=start - base).reshape(entry.shape)
+        result = convert(key, array)
+        del array
+        try:
+            mapped.close()
+        except BufferError:  # convert kept a view: the map lives as long as that view
+            pass
+        return key, result
+
+    with open(path, "rb") as file:
+        if workers == 1:
+            for key in keys:
+                yield job(file, key)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(job, file, key) for key in keys]
+            try:
+                for future in futures:
+                    yield future.result()
+            finally:
+                for future in futures:  # a consumer that stops early (or an error) leaves the rest unread
+                    future.cancel()
 
 
 def load_tensors(source: Source, **kwargs: Any) -> dict[str, Any]:

@@ -32,8 +32,10 @@ from diffusion_core.weights.flax_msgpack import (
 )
 from diffusion_core.weights.hub import CONFIG_NAME, resolve_flax_weights, resolve_pretrained_folder
 from diffusion_core.weights.io import (
+    Converter,
     TensorInfo,
     cast_tensor,
+    converted,
     iter_tensors,
     nonfinite_mask,
     numpy_dtype,
@@ -94,9 +96,10 @@ class CheckpointSource(NamedTuple):
     """What a backend's loader needs, from either a pretrained folder or a single file, before any weight is read.
 
     ``infos`` maps every model key to ``(dtype name, shape)`` from the file headers; ``tensors(framework,
-    dtype, reuse_buffer=False)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/
-    ``"flax"``, ``dtype`` None keeps the stored one; ``reuse_buffer``: numpy arrays may be views of one
-    buffer that the next tensor overwrites, for a consumer that copies each one before asking for the next).
+    dtype, convert=None, workers=1)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/
+    ``"flax"``, ``dtype`` None keeps the stored one). ``convert(model key, array)`` (numpy only): the stream
+    yields its results instead; ``array`` may view a memory map dropped once ``convert`` returns, and
+    safetensors files are mapped and converted on ``workers`` threads (``iter_tensors``).
     """
 
     name: str  # where the weights come from, for error messages
@@ -108,11 +111,15 @@ class CheckpointSource(NamedTuple):
 def finite_checked(source: CheckpointSource) -> CheckpointSource:
     """``source`` whose tensor stream raises InvalidCheckpointError at the first NaN or inf value."""
 
-    def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
-        for key, tensor in source.tensors(framework, dtype, reuse_buffer):
-            if nonfinite_mask(tensor).any():
-                raise InvalidCheckpointError(f"{source.name}: tensor {key!r} holds NaN or inf values")
-            yield key, tensor
+    def check(key: str, tensor: Any) -> Any:
+        if nonfinite_mask(tensor).any():
+            raise InvalidCheckpointError(f"{source.name}: tensor {key!r} holds NaN or inf values")
+        return tensor
+
+    def tensors(framework: str, dtype: Any, convert: Converter | None = None, workers: int = 1) -> Iterator[Any]:
+        if convert is None:
+            return ((key, check(key, tensor)) for key, tensor in source.tensors(framework, dtype))
+        return source.tensors(framework, dtype, lambda key, array: convert(key, check(key, array)), workers)
 
     return source._replace(tensors=tensors)
 
@@ -157,6 +164,15 @@ class CheckpointLayout:
         if key in self.dropped_keys or any(key.startswith(prefix) for prefix in self.dropped_prefixes):
             return None
         return dict(self.tied_keys).get(key, key)
+
+    def converter(self, convert: Converter) -> Converter:
+        """``convert`` (called with model keys) as a converter called with checkpoint keys: ignored keys give None."""
+
+        def named(key: str, array: Any) -> Any:
+            name = self.model_key(key)
+            return None if name is None else convert(name, array)
+
+        return named
 
     def rename(self, items: Iterable[tuple[str, V]]) -> Iterator[tuple[str, V]]:
         """Stream ``(checkpoint_key, value)`` as ``(model_key, value)``; ValueError on two keys for one name
@@ -238,10 +254,11 @@ class CheckpointLayout:
             return self.open_flax_msgpack(flax_file)
         infos = dict(self.rename(tensor_infos(found.files).items()))
 
-        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+        def tensors(framework: str, dtype: Any, convert: Converter | None = None, workers: int = 1) -> Iterator[Any]:
+            named = None if convert is None else self.converter(convert)
             files = found.files
             return self.rename(
-                iter_tensors(files, framework=framework, dtype=dtype, validate=False, reuse_buffer=reuse_buffer)
+                iter_tensors(files, framework=framework, dtype=dtype, validate=False, convert=named, workers=workers)
             )
 
         return CheckpointSource(f"checkpoint {str(found.folder)!r}", found.config, infos, tensors)
@@ -258,10 +275,10 @@ class CheckpointLayout:
         state = dict(self.rename(read_flax_msgpack(file).items()))  # renamed through the one converter, checked
         infos: dict[str, TensorInfo] = {key: (array.dtype.name, tuple(array.shape)) for key, array in state.items()}
 
-        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
+        def tensors(framework: str, dtype: Any, convert: Converter | None = None, workers: int = 1) -> Iterator[Any]:
             target = None if dtype is None else numpy_dtype(dtype)  # a numpy dtype or "bfloat16", as iter_tensors
-            for key, array in state.items():
-                yield key, cast_tensor(numpy_to_framework(array, framework), target, framework)
+            items = ((k, cast_tensor(numpy_to_framework(a, framework), target, framework)) for k, a in state.items())
+            return converted(items, convert)
 
         return CheckpointSource(f"Flax checkpoint {str(file)!r}", config, infos, tensors)
 
@@ -285,8 +302,8 @@ class CheckpointLayout:
         found = open_single_file(path, component, config, extract_ema=extract_ema, allow_pickle=allow_pickle)
         infos = dict(self.rename(found.infos.items()))
 
-        def tensors(framework: str, dtype: Any, reuse_buffer: bool = False) -> Iterator[tuple[str, Any]]:
-            return self.rename(found.tensors(framework, dtype))  # single files are read tensor by tensor as is
+        def tensors(framework: str, dtype: Any, convert: Converter | None = None, workers: int = 1) -> Iterator[Any]:
+            return converted(self.rename(found.tensors(framework, dtype)), convert)  # read tensor by tensor
 
         return CheckpointSource(f"single-file checkpoint {str(found.path)!r}", config, infos, tensors)
 

@@ -2,7 +2,10 @@
 
 Only parameters take part (``nnx.Param`` and ``FrozenWeight``); RNG streams of dropout layers
 are not weights. Loading is strict and all-or-nothing: on any unmatched, missing, unexpected
-or mis-shaped key the ValueError is raised before the model is touched.
+or mis-shaped key the ValueError is raised before the model is touched. ``load_checkpoint`` is
+the fast form for a checkpoint whose shapes are known from its header: the keys are matched before
+any tensor is read, then each tensor is read, converted and cast in one aligned host copy that the
+device adopts, on several threads.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from flax import nnx
 
 from diffusion_core.flax.models.layers import FrozenWeight
 from diffusion_core.weights import as_numpy
-from diffusion_core.weights.convert import FlaxPath, flax_to_torch, torch_to_flax
+from diffusion_core.weights.convert import FlaxPath, flax_to_torch, torch_to_flax, torch_to_flax_plan
+from diffusion_core.weights.pretrained import CheckpointSource
 
 WEIGHTS = (nnx.Param, FrozenWeight)  # the variable kinds a checkpoint holds
 
@@ -68,6 +72,37 @@ def load_torch_state_dict(model: nnx.Module, state_dict_items: Mapping[str, Any]
         fresh = not np.may_share_memory(array, last_input[0])
         new_values[path] = _on_device(array, variables[path].dtype, fresh)
     for path, value in new_values.items():  # reached only when the converter found no problem
+        variables[path].set_value(value)
+    nnx.update(model, state)
+
+
+def load_checkpoint(model: nnx.Module, source: CheckpointSource, workers: int = 1) -> None:
+    """Fill ``model`` from ``source`` strictly, reading and converting tensors on ``workers`` threads.
+
+    The checkpoint's keys and shapes (``source.infos``) are matched against the model first, with
+    :func:`load_torch_state_dict`'s ValueError. Each tensor is then copied once, from the file's memory map into
+    a new aligned host array in its parameter's layout and dtype, which the device adopts (no second copy on
+    CPU; one transfer elsewhere). Nothing is assigned unless every tensor converted.
+    """
+    state = nnx.state(model, WEIGHTS)
+    variables = dict(nnx.to_flat_state(state))
+    target = {tuple(path): tuple(var.shape) for path, var in variables.items()}
+    plan = torch_to_flax_plan({key: shape for key, (_, shape) in source.infos.items()}, target)
+
+    def convert(key: str, array: np.ndarray) -> tuple[FlaxPath, np.ndarray]:
+        if key not in plan:
+            raise ValueError(f"{source.name}: tensor {key!r} is not among the keys its header lists")
+        path, rule = plan[key]
+        return path, rule.flax_copy(array, np.dtype(variables[path].dtype))
+
+    # placed from this thread: jax's default device (``jax.default_device``) is a per-thread setting
+    new_values = {
+        path: jax.device_put(host, may_alias=True)
+        for _, (path, host) in source.tensors("numpy", None, convert, workers)
+    }
+    if len(new_values) != len(plan):
+        raise ValueError(f"{source.name}: {len(plan) - len(new_values)} tensors its header lists were not read")
+    for path, value in new_values.items():
         variables[path].set_value(value)
     nnx.update(model, state)
 

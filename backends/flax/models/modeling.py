@@ -2,15 +2,18 @@
 
 Both loaders go through one path (``_from_source``): the model is built abstractly with
 ``nnx.eval_shape`` (no weight memory) and its non-weight state (dropout RNG streams) made
-concrete; the checkpoint's keys and shapes, read from the file headers, are checked strictly
-against the model's PyTorch names and shapes; then the tensors are streamed through
-``load_torch_state_dict``, which assigns nothing unless every tensor converted. Saving goes back
+concrete, once per (class, config, dtype) in a process: later loads merge a fresh module from the
+cached graph and abstract state; the checkpoint's keys and shapes, read from the file headers, are
+checked strictly against the model's PyTorch names and shapes; then the tensors are read and converted
+on several threads by ``load_checkpoint``, which assigns nothing unless every tensor converted. Saving goes back
 through ``flax_state_to_torch``. Which layout a class reads and writes is its ``checkpoint_layout``
 (diffusers' by default); which part of a CompVis single file it reads is its ``single_file_component``.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,9 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_core.configuration import FrozenConfig
-from diffusion_core.flax.models.loading import WEIGHTS, flax_state_to_torch, load_torch_state_dict, weight_shapes
+from diffusion_core.flax.models.loading import WEIGHTS, flax_state_to_torch, load_checkpoint, weight_shapes
 from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
 from diffusion_core.weights.convert import match_flax_path, path_to_key
+from diffusion_core.weights.io import default_workers
 from diffusion_core.weights.pretrained import CheckpointModel, CheckpointSource
 
 M = TypeVar("M", bound="PretrainedMixin")
@@ -39,7 +43,7 @@ def _concrete(index: int, leaf: Any) -> Any:
     return jnp.zeros(leaf.shape, leaf.dtype)
 
 
-def _abstract_model(cls: type, config: dict[str, Any], dtype: Any) -> nnx.Module:
+def _build_abstract(cls: type, config: dict[str, Any], dtype: Any) -> nnx.Module:
     """``cls.from_config(config, dtype=dtype)`` with abstract weights and concrete other state.
 
     Non-weight state (dropout RNG streams) gets fresh keys, one per stream, derived from seed 0.
@@ -49,6 +53,27 @@ def _abstract_model(cls: type, config: dict[str, Any], dtype: Any) -> nnx.Module
     leaves, treedef = jax.tree_util.tree_flatten(rest)
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, [_concrete(i, v) for i, v in enumerate(leaves)]))
     return model
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_parts(cls: type, config_json: str, dtype_name: str) -> tuple[Any, Any]:
+    """The graph and state of :func:`_build_abstract`'s model, built once per (class, config, dtype).
+
+    Shape-only and immutable (``ShapeDtypeStruct`` weights, jax-array RNG keys): a module merged from them
+    shares no mutable state with another one.
+    """
+    return nnx.split(_build_abstract(cls, json.loads(config_json), jnp.dtype(dtype_name)))
+
+
+def _abstract_model(cls: type, config: dict[str, Any], dtype: Any) -> nnx.Module:
+    """A new abstract ``cls`` for ``config`` and ``dtype`` (``nnx.eval_shape`` costs ~2 s for SD's UNet: it is done
+    once per process and configuration; a config that is not plain JSON is built afresh each time)."""
+    try:
+        config_json = json.dumps(config, sort_keys=True)
+    except TypeError:
+        return _build_abstract(cls, config, dtype)
+    graph, state = _abstract_parts(cls, config_json, jnp.dtype(dtype).name)
+    return nnx.merge(graph, state, copy=True)
 
 
 def torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
@@ -77,7 +102,7 @@ class PretrainedMixin(CheckpointModel):
         """Build abstractly, check ``source.infos`` strictly, then stream the tensors in (cast to ``dtype``)."""
         model = _abstract_model(cls, source.config, dtype)
         check_keys(torch_shapes(model), source.infos, name=source.name)
-        load_torch_state_dict(model, source.tensors("numpy", None, True))  # it copies each tensor before the next
+        load_checkpoint(model, source, default_workers())
         return model
 
     @classmethod
@@ -96,7 +121,9 @@ class PretrainedMixin(CheckpointModel):
 
         Weights are cast to ``dtype``. ``.bin`` (pickle) weights are read only with ``allow_pickle=True``
         (through ``torch.load(weights_only=True)``). Raises ValueError listing unmatched/missing/
-        mis-shaped keys, FileNotFoundError when files are absent.
+        mis-shaped keys, FileNotFoundError when files are absent. Safetensors weights are read and converted
+        on one thread per core this process may run on (at most 8); the abstract model of a (class, config,
+        dtype) is built once per process.
         """
         source = cls.pretrained_source(
             path_or_repo_id,
