@@ -71,13 +71,14 @@ class Trainer(FitMixin):
         self._step = jax.jit(self._step_fn)  # no donation: restored optimiser leaves may share buffers
         self._sampler: Any = None  # one DDIM pipeline, so its compiled program is reused grid after grid
 
-    def _loss_fn(self, params, x0, noise, timesteps, labels, context=None):
-        """Scalar loss of one micro-batch as a function of the trainable parameters (``context``: the text
-        context (B, L, D) a UNet2DConditionModel takes as ``encoder_hidden_states``)."""
+    def _loss_fn(self, params, rest, x0, noise, timesteps, labels, context=None):
+        """Scalar loss of one micro-batch as a function of the trainable parameters; ``rest`` is the frozen state
+        (a LoRA run: the whole base UNet), an argument of the compiled step rather than a constant baked into it
+        (``context``: the text context (B, L, D) a UNet2DConditionModel takes as ``encoder_hidden_states``)."""
         compute = params
         if self.config.mixed_precision == "bf16":
             compute = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-        model = nnx.merge(self.graphdef, compute, self.rest)
+        model = nnx.merge(self.graphdef, compute, rest)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         dtype = jnp.bfloat16 if self.config.mixed_precision == "bf16" else x0.dtype
         text = () if context is None else (context.astype(dtype),)
@@ -95,10 +96,13 @@ class Trainer(FitMixin):
             None if labels is None else jnp.asarray(labels),
             None if context is None else jnp.asarray(context),
         )
-        return jax.jit(jax.value_and_grad(self._loss_fn))(self.params, *args)
+        return jax.jit(jax.value_and_grad(self._loss_fn))(self.params, self.rest, *args)
 
-    def _step_fn(self, params, opt_state, ema, batch, lr, decay):
-        loss, grads = accumulated_value_and_grad(self._loss_fn, params, batch, self.config.gradient_accumulation_steps)
+    def _step_fn(self, params, rest, opt_state, ema, batch, lr, decay):
+        def loss_fn(p, *micro):
+            return self._loss_fn(p, rest, *micro)
+
+        loss, grads = accumulated_value_and_grad(loss_fn, params, batch, self.config.gradient_accumulation_steps)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         if ema is not None:
@@ -117,11 +121,12 @@ class Trainer(FitMixin):
         """One optimisation step; returns the mean loss over the batch."""
         if self.mesh is not None and not getattr(self, "_replicated", False):
             rep = NamedSharding(self.mesh, PartitionSpec())
-            self.params, self.opt_state, self.ema = jax.device_put((self.params, self.opt_state, self.ema), rep)
+            placed = jax.device_put((self.params, self.rest, self.opt_state, self.ema), rep)
+            self.params, self.rest, self.opt_state, self.ema = placed
             self._replicated = True
         lr32, decay32 = np.float32(lr), np.float32(decay)
         self.params, self.opt_state, self.ema, loss = self._step(
-            self.params, self.opt_state, self.ema, self._place(batch), lr32, decay32
+            self.params, self.rest, self.opt_state, self.ema, self._place(batch), lr32, decay32
         )
         return float(loss)
 
