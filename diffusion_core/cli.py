@@ -66,7 +66,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--negative-prompt", help="what to steer away from (text-to-image models)")
     p.add_argument(
         "--guidance", type=float,
-        help="classifier-free guidance scale (text-to-image: 7.5; class models trained with --class-dropout: 2)",
+        help="classifier-free guidance scale (text-to-image: 7.5; class models trained with --class-dropout: 1.25)",
     )  # fmt: skip
     p.add_argument("--size", type=parse_size, help="HxW in pixels, e.g. 512x768 (text-to-image; default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")

@@ -22,7 +22,7 @@ TEXT_FLAGS = ("prompt", "negative_prompt", "size")  # argparse dests; shown as -
 DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
 # Class guidance of models trained with class dropout (classes.json names their "no class" label); the shipped
 # digits model's quality figures were measured with it (benchmarks/RESULTS.md).
-DEFAULT_CLASS_GUIDANCE = 2.0
+DEFAULT_CLASS_GUIDANCE = 1.25
 
 
 class UsageError(Exception):
