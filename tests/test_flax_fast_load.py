@@ -24,17 +24,9 @@ from diffusion_core.flax.models.modeling import _abstract_model, _abstract_parts
 from diffusion_core.weights import iter_tensors
 from diffusion_core.weights.convert import torch_to_flax, torch_to_flax_plan
 from diffusion_core.weights.io import read_safetensors_plain
+from tests.pipelines.tiny import DDPM_TEST_UNET
 
-UNET: dict[str, Any] = {
-    "block_out_channels": (4, 8),
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "sample_size": 8,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-}
+UNET: dict[str, Any] = dict(DDPM_TEST_UNET)  # diffusers' DDPM fast-test UNet
 
 
 @pytest.fixture(scope="module")
