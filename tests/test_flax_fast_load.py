@@ -157,3 +157,17 @@ def test_weights_land_on_the_callers_default_device(checkpoint: Path) -> None:
         model = FlaxUNet.from_pretrained(checkpoint)
     for _, var in nnx.to_flat_state(nnx.state(model, WEIGHTS)):
         assert var.get_value().devices() == {device}
+
+
+def test_shape_only_init_is_scoped_to_its_context():
+    """Abstract builds trace zeros initialisers (cheaper than random draws); models built outside stay random."""
+    from diffusion_core.flax.models.layers import shape_only_init
+
+    def kernels(model):
+        return [v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[-1] == "kernel"]
+
+    with shape_only_init():
+        zeroed = FlaxUNet.from_config(dict(UNET))
+    assert all(not np.asarray(k.get_value()).any() for k in kernels(zeroed))
+    random = FlaxUNet.from_config(dict(UNET))
+    assert all(np.asarray(k.get_value()).std() > 0 for k in kernels(random))

@@ -8,8 +8,10 @@ at its public NCHW boundary.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +116,28 @@ def make_dropout(rate: float, rngs: nnx.Rngs | ParamKeys) -> nnx.Dropout:
     return nnx.Dropout(rate, rngs=rngs.rngs if isinstance(rngs, ParamKeys) else rngs)
 
 
+_SHAPE_ONLY = contextvars.ContextVar("diffusion_core_shape_only_init", default=False)
+
+
+@contextlib.contextmanager
+def shape_only_init() -> Iterator[None]:
+    """Inside, :func:`conv` and :func:`linear` kernels start from zeros instead of random draws.
+
+    For models built abstractly (``nnx.eval_shape``) to be filled from a checkpoint: tracing a zeros initialiser is
+    much cheaper than tracing a random one (the threefry draws), and the values are never used. A context
+    variable: other threads building models meanwhile are not affected.
+    """
+    token = _SHAPE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPE_ONLY.reset(token)
+
+
+def _kernel_init(zero: bool) -> dict[str, Callable]:
+    return {"kernel_init": nnx.initializers.zeros_init()} if zero or _SHAPE_ONLY.get() else {}
+
+
 def conv(
     in_ch: int,
     out_ch: int,
@@ -130,7 +154,7 @@ def conv(
     ``zero_init``: start from a zero kernel (ControlNet's "zero convolutions").
     """
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    extra = {"kernel_init": nnx.initializers.zeros_init()} if zero_init else {}
+    extra = _kernel_init(zero_init)
     return nnx.Conv(
         in_ch,
         out_ch,
@@ -153,7 +177,7 @@ def group_norm(channels: int, groups: int, eps: float, rngs: nnx.Rngs, dtype: jn
 
 
 def linear(in_f: int, out_f: int, rngs: nnx.Rngs, dtype: jnp.dtype, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(in_f, out_f, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    return nnx.Linear(in_f, out_f, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs, **_kernel_init(False))
 
 
 def layer_norm(dim: int, rngs: nnx.Rngs, dtype: jnp.dtype, eps: float = 1e-5) -> nnx.LayerNorm:

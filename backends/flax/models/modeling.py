@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_core.configuration import FrozenConfig
+from diffusion_core.flax.models.layers import shape_only_init
 from diffusion_core.flax.models.loading import WEIGHTS, flax_state_to_torch, load_checkpoint, weight_shapes
 from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
 from diffusion_core.weights.convert import match_flax_path, path_to_key
@@ -48,7 +49,8 @@ def _build_abstract(cls: type, config: dict[str, Any], dtype: Any) -> nnx.Module
 
     Non-weight state (dropout RNG streams) gets fresh keys, one per stream, derived from seed 0.
     """
-    model = nnx.eval_shape(lambda: cls.from_config(config, dtype=dtype))
+    with shape_only_init():  # the weights are abstract: no random initialiser worth tracing
+        model = nnx.eval_shape(lambda: cls.from_config(config, dtype=dtype))
     rest = nnx.state(model, nnx.Not(WEIGHTS))
     leaves, treedef = jax.tree_util.tree_flatten(rest)
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, [_concrete(i, v) for i, v in enumerate(leaves)]))
