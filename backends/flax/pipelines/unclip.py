@@ -121,6 +121,9 @@ class UnCLIPPipeline(DiffusionPipeline):
         images = uc.finish(self._generate(request, as_key(key), where=(mode, mesh)), request.output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
 
+    def _placeholder_call(self, batch_size: int) -> dict[str, Any]:
+        return {"prompt": [""] * batch_size}
+
     def _configs(self) -> dict[str, Any]:
         return {name: getattr(self, name).config for name in ("prior", "decoder", "super_res_first")}
 
@@ -135,8 +138,12 @@ class UnCLIPPipeline(DiffusionPipeline):
         the scale-out ``(mode, mesh)`` every stage runs in."""
         embeds, hidden, mask = self._encode_text(request)
         image_embeds = self._prior_stage(request, embeds, hidden, mask, key, noise_fns, where)
+        seconds = self.last_compile_seconds
         image = self._decoder_stage(request, image_embeds, embeds, hidden, mask, key, noise_fns, where)
-        return np.asarray(jax.device_get(self._super_res_stage(request, image, key, noise_fns, where)), np.float32)
+        seconds += self.last_compile_seconds
+        images = np.asarray(jax.device_get(self._super_res_stage(request, image, key, noise_fns, where)), np.float32)
+        self.last_compile_seconds += seconds  # the three stage programs' compile time
+        return images
 
     def _encode_text(self, request: uc.UnCLIPRequest):
         """(text embeds (N, P), last hidden states (N, L, D), mask (N, L)); N = batch, doubled under guidance."""
@@ -214,7 +221,11 @@ class UnCLIPPipeline(DiffusionPipeline):
         )  # fmt: skip
         scalars = {"scale": jnp.float32(scale)}
         out = self.run_program(fn, mode, mesh, params, scalars, make_state, rows, keys)
-        return out if mode == "single" else jnp.asarray(jax.device_get(out))  # off the devices it was split over
+        if mode == "single" and not self._ahead_of_time:
+            return out
+        # off the devices it was split over; under ``compile`` the placeholder output is committed to a device, which
+        # the next stage's real inputs are not: from the host, as here, both compile one program
+        return jnp.asarray(jax.device_get(out))
 
     def _prior_stage(self, request, embeds, hidden, mask, key, noise_fns, where):
         cond = (embeds, hidden, mask)
