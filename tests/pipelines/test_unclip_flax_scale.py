@@ -85,9 +85,12 @@ def test_single_pmap_and_mesh_give_the_same_images(pipe, make_key):
     request = uc.unclip_request(pipe._configs(), unclip_tiny.PROMPT, num_images_per_prompt=BATCH, **STEPS)
     key = as_key(make_key(7))
     single = _stages(pipe, request, key, ("single", None))
+    pipe.compile(BATCH, parallel="pmap", **STEPS)  # ahead of time: the pmap calls below do not trace
+    traced = pipe.trace_count
     assert single[2].shape == (BATCH, 3, 64, 64) and not np.allclose(single[2][0], single[2][1])
     for name, got, want in zip(uc.STAGES, _stages(pipe, request, key, ("pmap", None), single), single, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"pmap: {name}")
+    assert pipe.trace_count == traced  # compiled ahead of time
     for name, got, want in zip(uc.STAGES, _stages(pipe, request, key, ("mesh", mesh), single), single, strict=True):
         _assert_agree(got, want, f"mesh: {name}", outliers=SUPER_RES_OUTLIERS if name == "super_res" else 0)
     pmapped = _call(pipe, make_key(7), parallel="pmap")
