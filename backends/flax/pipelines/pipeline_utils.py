@@ -159,19 +159,22 @@ class DiffusionPipeline(FlaxLoraLayers, PipelineBase):
     def _scheduler_key(self) -> tuple[str, str]:
         return type(self.scheduler).__name__, config_to_json_string(self.scheduler.config)
 
-    def compiled(self, mode: str, mesh: Mesh | None, static: Hashable, build: Callable[[], Program]) -> Callable:
+    def compiled(
+        self, mode: str, mesh: Mesh | None, static: Hashable, build: Callable[[], Program], network: Any = None
+    ) -> Callable:
         """The cached compiled program for ``(mode, mesh, network, static)``; ``build()`` makes it on a miss.
 
-        The network is keyed by identity (NNX graph definitions hold configs and are not hashable) and by the
-        layout of its LoRA layers (not their values); the entry keeps the network alive so the identity cannot be
-        reused.
+        The network (``self.unet`` unless given: multi-network pipelines pass the stage's own) is keyed by identity
+        (NNX graph definitions hold configs and are not hashable) and by the layout of its LoRA layers (not their
+        values); the entry keeps the network alive so the identity cannot be reused.
         """
-        key = (mode, mesh, id(self.unet), self.lora_structure(), static)
+        network = self.unet if network is None else network
+        key = (mode, mesh, id(network), self.lora_structure(), static)
         entry = self._programs.get(key)
-        if entry is None or entry[0] is not self.unet:
+        if entry is None or entry[0] is not network:
             program = build()
             fn = jax.pmap(program, in_axes=((0, None), None, 0, 0)) if mode == "pmap" else jax.jit(program)
-            entry = self._programs[key] = (self.unet, fn)
+            entry = self._programs[key] = (network, fn)
         return entry[1]
 
     def _placeholder_call(self, batch_size: int) -> dict[str, Any]:

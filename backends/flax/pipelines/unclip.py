@@ -1,9 +1,10 @@
 """``UnCLIPPipeline`` (Karlo) for Flax NNX: the core unCLIP recipe bound to NNX modules, keys and the scan loop.
 
-Each stage's loop is one ``lax.scan`` in a jitted program (compiled once per shapes and options).
-Stage s (0 prior, 1 decoder, 2 super-resolution) draws from
-``fold_in(key, s)``: image b starts from ``normal(fold_in(stage_key, b))`` and its step-i noise comes from
-``fold_in(fold_in(stage_key, b), i)``, so an image does not depend on the batch it is made in.
+Each stage's loop is one ``lax.scan`` in a cached compiled program (``DiffusionPipeline.compiled``: once per
+shapes and options; prompts, seeds and guidance scales are inputs). Stage s (0 prior, 1 decoder, 2 super-resolution)
+draws from ``fold_in(key, s)``: image b starts from ``normal(fold_in(stage_key, b))`` and its step-i noise comes from
+``fold_in(fold_in(stage_key, b), i)``, so an image does not depend on the batch it is made in, nor on the devices
+``parallel="pmap"`` / ``mesh=`` split the batch over (its inputs travel as per-image rows; see ``run_program``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline
+from diffusion_core.configuration import config_to_json_string
+from diffusion_core.flax.pipelines.pipeline_utils import DiffusionPipeline, scale_out_mode
+from diffusion_core.flax.pipelines.sd_base import guided_to_rows, rows_to_guided
+from diffusion_core.flax.pipelines.sd_program import pack_rows, unpack_rows
 from diffusion_core.flax.sampling import as_key, denoise_loop, per_example_keys, per_example_normal
 from diffusion_core.pipelines import ImagePipelineOutput
 from diffusion_core.pipelines import unclip as uc
 
 NoiseFns = Mapping[str, Callable[[int], np.ndarray]]  # stage -> (model call -> step noise); tests only
+# stage -> the networks its program runs (super-resolution: super_res_first, then super_res_last for the last call)
+NETS = {"prior": ("prior",), "decoder": ("decoder",), "super_res": ("super_res_first", "super_res_last")}
+# stage -> its conditioning inputs, in ``_model_fn``'s order; per-image rows (guidance order for prior and decoder)
+COND = {
+    "prior": ("embeds", "hidden", "mask"),
+    "decoder": ("context", "time_embeds", "context_mask"),
+    "super_res": ("upscaled",),
+}
 
 
 def _model_fn(stage: str, net, other, cond, guided: bool, scale: Any, last: int):
@@ -49,15 +62,6 @@ def _model_fn(stage: str, net, other, cond, guided: bool, scale: Any, last: int)
         return jax.lax.cond(i == last, lambda: other(x, t), lambda: net(x, t))
 
     return super_res
-
-
-@nnx.jit(static_argnames=("scheduler", "stage", "guided", "last"))
-def _stage_loop(net, other, x, state, keys, noises, cond, *, scheduler, stage, guided, scale, last):
-    """One stage: the scan over its model calls from the scaled start ``x``; noise from ``keys`` or ``noises``."""
-    noise_fn = None if noises is None else (lambda i: noises[i])
-    model_fn = _model_fn(stage, net, other, cond, guided, scale, last)
-    x, _ = denoise_loop(scheduler, model_fn, x, state, keys=keys, noise_fn=noise_fn, index_model_fn=True)
-    return x
 
 
 @nnx.jit
@@ -91,13 +95,18 @@ class UnCLIPPipeline(DiffusionPipeline):
         return_dict: bool = True,
         text_model_output: Any = None,
         text_attention_mask: Any = None,
+        parallel: str | None = None,
+        mesh: Mesh | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images for ``prompt``; ``*_latents`` (numpy or jax) fix a stage's starting draw;
         ``text_model_output`` ((text_embeds, last_hidden_state)) with ``text_attention_mask`` replaces encoding
         ``prompt`` (then optional), as in diffusers.
 
-        ``key`` (``jax.random.key(seed)``) is required: every stage draws step noise.
+        ``key`` (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``) is required: every stage draws step
+        noise. ``parallel="pmap"`` / ``mesh=`` (a ``"data"`` axis) split the images of every stage over devices; a
+        batch that does not divide them is padded and trimmed, and the images are those of one device.
         """
+        mode = scale_out_mode(parallel, mesh)
         request = uc.unclip_request(
             self._configs(), prompt, num_images_per_prompt=num_images_per_prompt,
             prior_num_inference_steps=prior_num_inference_steps,
@@ -109,18 +118,32 @@ class UnCLIPPipeline(DiffusionPipeline):
         )  # fmt: skip
         if key is None:
             raise ValueError("key: pass key=jax.random.key(seed) (every unCLIP stage draws step noise)")
-        images = uc.finish(self._generate(request, as_key(key)), request.output_type)
+        images = uc.finish(self._generate(request, as_key(key), where=(mode, mesh)), request.output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
+
+    def _placeholder_call(self, batch_size: int) -> dict[str, Any]:
+        return {"prompt": [""] * batch_size}
 
     def _configs(self) -> dict[str, Any]:
         return {name: getattr(self, name).config for name in ("prior", "decoder", "super_res_first")}
 
-    def _generate(self, request: uc.UnCLIPRequest, key: jax.Array | None, noise_fns: NoiseFns | None = None):
-        """(B, 3, H, W) numpy images in [-1, 1]; ``noise_fns`` replaces the keys' step noise (tests)."""
+    def _generate(
+        self,
+        request: uc.UnCLIPRequest,
+        key: jax.Array | None,
+        noise_fns: NoiseFns | None = None,
+        where: tuple[str, Mesh | None] = ("single", None),
+    ):
+        """(B, 3, H, W) numpy images in [-1, 1]; ``noise_fns`` replaces the keys' step noise (tests); ``where``:
+        the scale-out ``(mode, mesh)`` every stage runs in."""
         embeds, hidden, mask = self._encode_text(request)
-        image_embeds = self._prior_stage(request, embeds, hidden, mask, key, noise_fns)
-        image = self._decoder_stage(request, image_embeds, embeds, hidden, mask, key, noise_fns)
-        return np.asarray(jax.device_get(self._super_res_stage(request, image, key, noise_fns)), np.float32)
+        image_embeds = self._prior_stage(request, embeds, hidden, mask, key, noise_fns, where)
+        seconds = self.last_compile_seconds
+        image = self._decoder_stage(request, image_embeds, embeds, hidden, mask, key, noise_fns, where)
+        seconds += self.last_compile_seconds
+        images = np.asarray(jax.device_get(self._super_res_stage(request, image, key, noise_fns, where)), np.float32)
+        self.last_compile_seconds += seconds  # the three stage programs' compile time
+        return images
 
     def _encode_text(self, request: uc.UnCLIPRequest):
         """(text embeds (N, P), last hidden states (N, L, D), mask (N, L)); N = batch, doubled under guidance."""
@@ -139,8 +162,29 @@ class UnCLIPPipeline(DiffusionPipeline):
         """``text_model_output`` / ``text_attention_mask`` as jax arrays."""
         return jnp.asarray(given.embeds), jnp.asarray(given.hidden), jnp.asarray(given.mask)
 
-    def _run(self, stage: str, request, nets, cond, key, noise_fns, scale: float = 0.0):
-        """One stage's scan from its start draw (given latents, else drawn from the stage's key)."""
+    def _program(self, stage: str, graphdefs: dict, unravel: Callable, dtypes: dict, guided: bool, last: int):
+        """``((params, scalars), state, rows, keys) -> x``: the stage's scan over per-image rows (every mode)."""
+        scheduler, names = getattr(self, f"{stage}_scheduler"), NETS[stage]
+
+        def program(params, state, rows, keys):
+            self.trace_count += 1  # runs at trace time only
+            net_params, scalars = params
+            nets = [nnx.merge(graphdefs[name], net_params[name]) for name in names]
+            inputs = unpack_rows(rows, unravel)
+            cond = tuple(rows_to_guided(inputs[name]).astype(dtypes[name]) for name in COND[stage])
+            model_fn = _model_fn(stage, nets[0], nets[-1], cond, guided, scalars["scale"], last)
+            steps = inputs.get("steps")  # (b, calls, ...) explicit step noise (tests), or None
+            noise_fn = None if steps is None else (lambda i: steps[:, i])
+            x, _ = denoise_loop(
+                scheduler, model_fn, inputs["x"], state, keys=None if steps is not None else keys, noise_fn=noise_fn,
+                index_model_fn=True,
+            )  # fmt: skip
+            return x
+
+        return program
+
+    def _start(self, stage: str, request, key, noise_fns):
+        """The stage's per-image inputs (start draw scaled, explicit step noise), its keys (B,) and schedule."""
         scheduler = getattr(self, f"{stage}_scheduler")
         shape, calls = request.shapes[stage], request.steps[stage]
         keys = None if key is None else per_example_keys(jax.random.fold_in(key, uc.STAGES.index(stage)), shape[0])
@@ -149,32 +193,56 @@ class UnCLIPPipeline(DiffusionPipeline):
             raise ValueError(f"key: needed to draw the {stage} stage's start (or pass {stage}_latents)")
         x = per_example_normal(keys, shape[1:]) if start is None else jnp.asarray(start, jnp.float32)
         state = scheduler.set_timesteps(calls, like=x)
-        noises = None
-        if noise_fns is not None:
-            noises = jnp.stack([jnp.asarray(noise_fns[stage](i), x.dtype) for i in range(calls)])  # (n, *shape)
-            keys = None
-        net, other = (nets, None) if not isinstance(nets, tuple) else nets
-        return _stage_loop(
-            net, other, x * state.init_noise_sigma, state, keys, noises, cond, scheduler=scheduler, stage=stage,
-            guided=request.guided, scale=jnp.float32(scale), last=calls - 1,
-        )  # fmt: skip
+        inputs = {"x": x * state.init_noise_sigma}
+        if noise_fns is not None:  # (B, calls, ...): image b's noise for every call travels in its row
+            inputs["steps"] = jnp.stack([jnp.asarray(noise_fns[stage](i), x.dtype) for i in range(calls)], axis=1)
+        keys = per_example_keys(jax.random.key(0), shape[0]) if keys is None else keys  # unused under noise_fns
+        return inputs, keys, (lambda like: scheduler.set_timesteps(calls, like=like))
 
-    def _prior_stage(self, request, embeds, hidden, mask, key, noise_fns):
+    def _run(self, stage: str, request, cond, key, noise_fns, where, scale: float = 0.0):
+        """One stage's compiled scan from its start draw (given latents, else drawn from the stage's key), in
+        ``where`` = (mode, mesh); ``cond`` (guidance order for the prior and decoder) travels as per-image rows."""
+        mode, mesh = where
+        inputs, keys, make_state = self._start(stage, request, key, noise_fns)
+        guided = request.guided and stage != "super_res"
+        cond = dict(zip(COND[stage], cond, strict=True))
+        inputs.update({name: guided_to_rows(value, 2 if guided else 1) for name, value in cond.items()})
+        dtypes = {name: jnp.asarray(value).dtype for name, value in cond.items()}
+        rows, unravel, signature = pack_rows(inputs)
+        split = {name: nnx.split(getattr(self, name)) for name in (n for names in NETS.values() for n in names)}
+        graphdefs, params = {k: v[0] for k, v in split.items()}, {k: v[1] for k, v in split.items()}
+        last, scheduler = request.steps[stage] - 1, getattr(self, f"{stage}_scheduler")
+        static = (type(self).__name__, stage, type(scheduler).__name__, config_to_json_string(scheduler.config))
+        static += (signature, tuple(sorted((k, str(v)) for k, v in dtypes.items())), guided, last)
+        static += tuple(id(getattr(self, name)) for name in NETS[stage])
+        fn = self.compiled(
+            mode, mesh, static, lambda: self._program(stage, graphdefs, unravel, dtypes, guided, last),
+            network=getattr(self, NETS[stage][0]),
+        )  # fmt: skip
+        scalars = {"scale": jnp.float32(scale)}
+        out = self.run_program(fn, mode, mesh, params, scalars, make_state, rows, keys)
+        if mode == "single" and not self._ahead_of_time:
+            return out
+        # off the devices it was split over; under ``compile`` the placeholder output is committed to a device, which
+        # the next stage's real inputs are not: from the host, as here, both compile one program
+        return jnp.asarray(jax.device_get(out))
+
+    def _prior_stage(self, request, embeds, hidden, mask, key, noise_fns, where):
         cond = (embeds, hidden, mask)
-        x = self._run("prior", request, self.prior, cond, key, noise_fns, request.prior_guidance_scale)
+        x = self._run("prior", request, cond, key, noise_fns, where, request.prior_guidance_scale)
         return self.prior.post_process_latents(x)
 
-    def _decoder_stage(self, request, image_embeds, embeds, hidden, mask, key, noise_fns):
+    def _decoder_stage(self, request, image_embeds, embeds, hidden, mask, key, noise_fns, where):
         context, time_embeds = self.text_proj(
             image_embeddings=image_embeds, prompt_embeds=embeds, text_encoder_hidden_states=hidden,
             do_classifier_free_guidance=request.guided,
         )  # fmt: skip
         context_mask = uc.decoder_attention_mask(mask, self.text_proj.config["clip_extra_context_tokens"])
         cond = (context, time_embeds, context_mask)
-        x = self._run("decoder", request, self.decoder, cond, key, noise_fns, request.decoder_guidance_scale)
+        x = self._run("decoder", request, cond, key, noise_fns, where, request.decoder_guidance_scale)
         return uc.clamp_image(x)
 
-    def _super_res_stage(self, request, image, key, noise_fns):
+    def _super_res_stage(self, request, image, key, noise_fns, where):
         _, _, height, width = request.shapes["super_res"]
         cond = (uc.upsample_bicubic(image, height, width),)
-        return self._run("super_res", request, (self.super_res_first, self.super_res_last), cond, key, noise_fns)
+        return self._run("super_res", request, cond, key, noise_fns, where)
