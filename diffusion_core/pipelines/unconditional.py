@@ -121,23 +121,23 @@ def check_class_guidance(
     if not np.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     classes = unet_config.get("num_class_embeds")
-    if not do_classifier_free_guidance(float(guidance_scale)):
-        null = unconditional_class_label
-        if null is not None:
-            check_class_labels(null, 1, unet_config)
-        return float(guidance_scale), None if null is None else int(null)
-    if not classes:
+    guided = do_classifier_free_guidance(float(guidance_scale))
+    if guided and not classes:
         raise ValueError(f"guidance_scale={guidance_scale}: guidance needs a class-conditional UNet (num_class_embeds)")
-    if unconditional_class_label is None:
+    null = unconditional_class_label
+    if null is not None:
+        if isinstance(null, bool) or not isinstance(null, (int, np.integer)):
+            raise ValueError(f"unconditional_class_label must be an int, got {null!r}")
+        if not classes:
+            raise ValueError("unconditional_class_label: the UNet is not class-conditional (no num_class_embeds)")
+        if not 0 <= null < classes:
+            raise ValueError(f"unconditional_class_label must lie in [0, {classes}), got {null}")
+    elif guided:
         raise ValueError(
             f"unconditional_class_label: guidance_scale={guidance_scale} contrasts each class with the model's "
             f"'no class' label (trained with class dropout; e.g. {classes - 1}); pass it, or guidance_scale=1"
         )
-    if isinstance(unconditional_class_label, bool) or not isinstance(unconditional_class_label, (int, np.integer)):
-        raise ValueError(f"unconditional_class_label must be an int, got {unconditional_class_label!r}")
-    if not 0 <= unconditional_class_label < classes:
-        raise ValueError(f"unconditional_class_label must lie in [0, {classes}), got {unconditional_class_label}")
-    return float(guidance_scale), int(unconditional_class_label)
+    return float(guidance_scale), None if null is None else int(null)
 
 
 def class_model(unet: Callable[[Any, Any, Any], Any], labels: Any, null: Any, scale: Any) -> Callable[[Any, Any], Any]:

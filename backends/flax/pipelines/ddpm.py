@@ -59,7 +59,7 @@ class _UnconditionalPipeline(DiffusionPipeline):
             inputs["class_labels"] = request.class_labels
         rows, unravel, signature = pack_rows(inputs)
         scalars = {}
-        if request.class_labels is not None and request.guiding_label is not None:
+        if request.guiding_label is not None:  # guidance needs class labels (checked by the request)
             scalars = {
                 "guidance_scale": jnp.float32(request.guidance_scale),
                 "unconditional_class_label": jnp.float32(request.unconditional_class_label),
@@ -105,7 +105,7 @@ class DDPMPipeline(_UnconditionalPipeline):
 
         ``class_labels`` (int or one per image) picks the classes of a class-conditional UNet; ``guidance_scale``
         > 1 guides toward them against ``unconditional_class_label``, the "no class" label of a model trained with
-        class dropout (a folder's ``classes.json`` names it: :func:`diffusion_core.pipelines.read_class_info`).
+        class dropout (a folder's ``classes.json`` names it: ``unconditional.read_class_info``).
         """
         request = uc.unconditional_request(
             self.unet.config, self.scheduler, batch_size=batch_size, num_inference_steps=num_inference_steps,
