@@ -10,6 +10,7 @@ from typing import Any
 
 from diffusion_core import schedulers, training
 from diffusion_core.pipelines.unconditional import read_class_info
+from diffusion_core.training.data import num_class_embeds
 from diffusion_core.training.presets import DEFAULT_SCHEDULER_CONFIG, unet_config_for
 
 
@@ -24,8 +25,7 @@ def load_data(data: str, size: int) -> training.ImageDataset:
 def _unet_config(args: argparse.Namespace, dataset: training.ImageDataset) -> dict[str, Any]:
     if args.config is None:
         channels = dataset.images.shape[1]
-        classes = len(dataset.class_names)
-        return unet_config_for(channels, args.size, classes + (1 if classes and args.class_dropout > 0 else 0))
+        return unet_config_for(channels, args.size, num_class_embeds(dataset, args.class_dropout) or 0)
     path = Path(args.config)
     if not path.is_file():
         raise ValueError(f"--config: no such file {args.config!r}")

@@ -101,6 +101,15 @@ def unconditional_label(dataset: ImageDataset) -> int:
     return len(dataset.class_names)
 
 
+def num_class_embeds(dataset: ImageDataset, class_dropout: float) -> int | None:
+    """The UNet's ``num_class_embeds`` for ``dataset``: its classes, plus the "no class" label under class dropout;
+    None for unlabelled data (an unconditional UNet)."""
+    classes = len(dataset.class_names)
+    if dataset.labels is None or classes == 0:
+        return None
+    return classes + (1 if class_dropout > 0 else 0)
+
+
 def step_batch(
     dataset: ImageDataset, step: int, batch_size: int, seed: int, num_train_timesteps: int, class_dropout: float = 0.0
 ) -> StepBatch:

@@ -17,7 +17,7 @@ from diffusion_core.configuration import make_temp_dir_beside, remove_stale_temp
 from diffusion_core.pipelines.unconditional import ClassInfo, write_class_info
 from diffusion_core.training import checkpoint as ckpt
 from diffusion_core.training.config import TrainConfig
-from diffusion_core.training.data import ImageDataset, StepBatch, step_batch, unconditional_label
+from diffusion_core.training.data import ImageDataset, StepBatch, num_class_embeds, step_batch, unconditional_label
 from diffusion_core.training.plots import write_loss_curve
 from diffusion_core.training.samples import check_sample_every, write_sample_grid
 from diffusion_core.training.schedules import ema_decay, learning_rate
@@ -57,12 +57,12 @@ def _check_class_dropout(trainer: BackendTrainer, dataset: ImageDataset) -> None
         return
     if dataset.labels is None:
         raise ValueError("class_dropout: the data has no classes (one sub-folder per class); set it to 0")
-    expected = unconditional_label(dataset) + 1
+    expected = num_class_embeds(dataset, trainer.config.class_dropout)
     got = trainer.unet.config.get("num_class_embeds")
     if got != expected:
         raise ValueError(
             f"class_dropout: the UNet needs num_class_embeds={expected} ({len(dataset.class_names)} classes + the "
-            f"'no class' label {expected - 1}), got {got}"
+            f"'no class' label {unconditional_label(dataset)}), got {got}"
         )
 
 
