@@ -78,10 +78,15 @@ def _check_text_options(clean_caption: bool) -> None:
         raise ValueError(f"clean_caption must be a bool, got {clean_caption!r}")
 
 
-def if_request_from_call(unet_config: Mapping[str, Any], call: Mapping[str, Any], stage2: bool) -> IFRequest:
+def if_request_from_call(
+    unet_config: Mapping[str, Any], call: Mapping[str, Any], stage2: bool, mask_needed_by: str | None = None
+) -> IFRequest:
     """:func:`if_request` from a pipeline ``__call__``'s ``locals()``: the arguments it checks are taken by name
     (one list, the signature of ``if_request``), the backend's own (``generator``/``key``, ``return_dict``,
-    ``parallel``, ``mesh``) are left to the backend."""
+    ``parallel``, ``mesh``) are left to the backend. ``mask_needed_by``: the inpainting pipeline's name, whose
+    call must pass ``mask_image``."""
+    if mask_needed_by is not None and call.get("mask_image") is None:
+        raise ValueError(f"mask_image: {mask_needed_by} needs a mask (1 where the image is redrawn)")
     names = inspect.signature(if_request).parameters
     return if_request(
         unet_config, **{k: v for k, v in call.items() if k in names and k != "unet_config"}, stage2=stage2

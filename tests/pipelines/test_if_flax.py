@@ -180,6 +180,14 @@ def test_missing_key_raises(pipes):
         flax_pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=1, height=16, width=16)
 
 
+@pytest.mark.parametrize("kind", [if_tiny.INPAINT, if_tiny.INPAINT_SR])
+def test_inpainting_pipelines_name_the_missing_mask(pipes, kind):
+    flax_pipe, _ = pipes[kind]
+    pos, neg = if_tiny.text_embeds(1)
+    with pytest.raises(ValueError, match=rf"mask_image: {kind} needs a mask \(1 where the image is redrawn\)"):
+        flax_pipe(image=np.zeros((1, 16, 16, 3), np.float32), prompt_embeds=pos, negative_prompt_embeds=neg)
+
+
 IF_RECIPE_PARTS = (
     "_schedule",
     "_start",

@@ -327,3 +327,11 @@ def test_saved_pipeline_loads_in_diffusers(pipes, tmp_path):
     a, b = _call_both(ours, again, 1, image=if_tiny.low_res_images(1), height=32, width=32, noise_level=50)
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
     assert again.image_noising_scheduler.config.beta_schedule == "squaredcos_cap_v2"
+
+
+@pytest.mark.parametrize("kind", [if_tiny.INPAINT, if_tiny.INPAINT_SR])
+def test_inpainting_pipelines_name_the_missing_mask(pipes, kind):
+    ours, _ = pipes[kind]
+    pos, neg = if_tiny.text_embeds(1)
+    with pytest.raises(ValueError, match=rf"mask_image: {kind} needs a mask \(1 where the image is redrawn\)"):
+        ours(image=np.zeros((1, 16, 16, 3), np.float32), prompt_embeds=pos, negative_prompt_embeds=neg)

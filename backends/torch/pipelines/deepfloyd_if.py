@@ -191,9 +191,7 @@ class IFInpaintingPipeline(_IFBase):
     ) -> ImagePipelineOutput | tuple:
         """Inpaint ``image`` (as for img2img) under ``mask_image`` (PIL, or (H, W) / (B, H, W) / (B, 1, H, W) in
         [0, 1], thresholded at 0.5)."""
-        if mask_image is None:
-            raise ValueError("mask_image: IFInpaintingPipeline needs a mask (1 where the image is redrawn)")
-        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2, type(self).__name__)
         return self._run(request, generator, clean_caption, return_dict)
 
 
@@ -258,7 +256,5 @@ class IFInpaintingSuperResolutionPipeline(_IFBase):
         latents: Any = None,
     ) -> ImagePipelineOutput | tuple:
         """As IFImg2ImgSuperResolutionPipeline, keeping ``original_image`` where ``mask_image`` is 0."""
-        if mask_image is None:
-            raise ValueError("mask_image: IFInpaintingSuperResolutionPipeline needs a mask (1 where redrawn)")
-        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2)
+        request = dif.if_request_from_call(self.unet.config, locals(), self._stage2, type(self).__name__)
         return self._run(request, generator, clean_caption, return_dict)
