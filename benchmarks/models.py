@@ -4,6 +4,7 @@
     python benchmarks/models.py --forward-only --dtypes bfloat16 --contenders diffusers torch --memory
     python benchmarks/models.py --load-only          # just the load-time / peak-RSS part
     python benchmarks/models.py --load-only --checkpoint DIR --loaders diffusers flax flax-again --load-cores 1 2
+    python benchmarks/models.py --load-only --checkpoint DIR --loaders diffusers flax flax-cached
 
 Forward: the exact SD-1.5 UNet2DConditionModel config with random weights (the same weights in
 all three), 64x64 latents, 77x768 text states. Each round times diffusers, our torch model and
@@ -22,7 +23,9 @@ existing one reused with ``--checkpoint``); each loader then runs in a fresh sub
 ours torch, ours flax, in turn each round) that reports wall time, CPU time (user + system: steadier
 than wall time on a shared machine) and its peak RSS above the RSS it had after imports, next to the
 checkpoint size. ``flax-again`` loads twice in one process and reports the second load (the abstract model
-is then cached). ``--load-cores N ...`` pins each child to its first N cores (``sched_setaffinity``; our Flax
+is then cached). ``flax-cached`` loads with the weight cache on (``enable_weight_cache``): one untimed child first
+fills a fresh cache folder (its time is printed as the fill), then every timed child maps the converted copy.
+``--load-cores N ...`` pins each child to its first N cores (``sched_setaffinity``; our Flax
 loader reads and converts on one thread per core it may use); every count is run for every loader, in turn.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -294,8 +298,10 @@ def load_child(impl: str, folder: str, cores: int) -> None:
         import jax
         from flax import nnx
 
+        from diffusion_core.flax import enable_weight_cache
         from diffusion_core.flax.models.unet_2d_condition import UNet2DConditionModel
 
+        enable_weight_cache(os.environ["DIFFUSION_CORE_FLAX_WEIGHT_CACHE"] if impl == "flax-cached" else None)
         load = lambda: jax.block_until_ready(nnx.state(UNet2DConditionModel.from_pretrained(folder)))
         if impl == "flax-again":
             load()
@@ -329,11 +335,17 @@ def bench_load(args: argparse.Namespace) -> None:
             _write_checkpoint(folder)
         size_mib = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
         print(f"checkpoint: {size_mib:.0f} MiB float32 safetensors")
+        env = dict(os.environ, DIFFUSION_CORE_FLAX_WEIGHT_CACHE=str(Path(tmp) / "flax-weight-cache"))
+        if "flax-cached" in args.loaders:  # fill the cache once, untimed in the rounds
+            cmd = [sys.executable, __file__, "--load-child", "flax-cached", folder, "0"]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            fill = json.loads(out.strip().splitlines()[-1])
+            print(f"weight cache filled by one load that also writes it: {fill['seconds']:.2f}s wall")
         runs: dict[tuple[str, int], list[dict]] = {(i, c): [] for c in args.load_cores for i in args.loaders}
         for _ in range(args.load_repeats):
             for impl, cores in runs:
                 cmd = [sys.executable, __file__, "--load-child", impl, folder, str(cores)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                 runs[impl, cores].append(json.loads(out.strip().splitlines()[-1]))
         for (impl, cores), rs in runs.items():
             secs, cpu = (statistics.median(r[k] for r in rs) for k in ("seconds", "cpu"))
@@ -361,7 +373,7 @@ def main() -> None:
         "--loaders",
         nargs="+",
         default=["diffusers", "torch", "flax"],
-        choices=["diffusers", "torch", "flax", "flax-again"],
+        choices=["diffusers", "torch", "flax", "flax-again", "flax-cached"],
     )
     parser.add_argument("--load-cores", nargs="+", type=int, default=[0], help="pin loaders to N cores (0: all)")
     parser.add_argument("--load-child", nargs=3, metavar=("IMPL", "FOLDER", "CORES"), help=argparse.SUPPRESS)

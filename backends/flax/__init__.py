@@ -14,6 +14,7 @@ from diffusion_core.flax.models import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from diffusion_core.flax.models.weight_cache import enable_weight_cache, weight_cache_dir
 from diffusion_core.flax.pipelines import (
     DDIMPipeline,
     DDPMPipeline,
@@ -75,6 +76,8 @@ __all__ = [
     "UnCLIPTextProjModel",
     "denoise_loop",
     "enable_compilation_cache",
+    "enable_weight_cache",
     "initialize_distributed",
     "jit_denoise_loop",
+    "weight_cache_dir",
 ]

@@ -31,13 +31,17 @@ class Rule:
     rank: int | None
     to_flax: tuple[int, ...] | None = None  # np.transpose axes; None keeps the layout
 
+    def flax_axes(self, rank: int) -> tuple[int, ...]:
+        """The ``np.transpose`` axes from the PyTorch to the Flax layout of a rank-``rank`` tensor."""
+        return tuple(range(rank)) if self.to_flax is None else self.to_flax
+
     def flax_array(self, array: np.ndarray) -> np.ndarray:
         """``array`` in the Flax layout: itself when the layout is kept, else a new aligned contiguous copy."""
         return array if self.to_flax is None else transpose_copy(array, self.to_flax)
 
     def flax_copy(self, array: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
         """``array`` in the Flax layout, cast to ``dtype`` if given, always as a new aligned contiguous copy."""
-        return transpose_copy(array, range(array.ndim) if self.to_flax is None else self.to_flax, dtype)
+        return transpose_copy(array, self.flax_axes(array.ndim), dtype)
 
     def torch_array(self, array: np.ndarray) -> np.ndarray:
         """``array`` in the PyTorch layout: itself when the layout is kept, else a new aligned contiguous copy."""

@@ -99,13 +99,17 @@ class CheckpointSource(NamedTuple):
     dtype, convert=None, workers=1)`` then streams ``(model key, tensor)`` (``framework`` ``"numpy"``/``"pt"``/
     ``"flax"``, ``dtype`` None keeps the stored one). ``convert(model key, array)`` (numpy only): the stream
     yields its results instead; ``array`` may view a memory map dropped once ``convert`` returns, and
-    safetensors files are mapped and converted on ``workers`` threads (``iter_tensors``).
+    safetensors files are mapped and converted on ``workers`` threads (``iter_tensors``). ``files``: the weight
+    files the tensors are read from, exactly (a pretrained folder's); empty where the stream is not the files'
+    tensors as stored (a single file's component, a finite-checked stream). A cache of converted weights keys on
+    them and serves only sources that name them.
     """
 
     name: str  # where the weights come from, for error messages
     config: dict[str, Any]
     infos: dict[str, TensorInfo]
     tensors: Callable[..., Iterator[tuple[str, Any]]]
+    files: tuple[Path, ...] = ()
 
 
 def finite_checked(source: CheckpointSource) -> CheckpointSource:
@@ -121,7 +125,7 @@ def finite_checked(source: CheckpointSource) -> CheckpointSource:
             return ((key, check(key, tensor)) for key, tensor in source.tensors(framework, dtype))
         return source.tensors(framework, dtype, lambda key, array: convert(key, check(key, array)), workers)
 
-    return source._replace(tensors=tensors)
+    return source._replace(tensors=tensors, files=())  # every value must be read to be checked: never from a cache
 
 
 class PretrainedFiles(NamedTuple):
@@ -261,7 +265,7 @@ class CheckpointLayout:
                 iter_tensors(files, framework=framework, dtype=dtype, validate=False, convert=named, workers=workers)
             )
 
-        return CheckpointSource(f"checkpoint {str(found.folder)!r}", found.config, infos, tensors)
+        return CheckpointSource(f"checkpoint {str(found.folder)!r}", found.config, infos, tensors, found.files.files)
 
     @property
     def flax_weights_name(self) -> str:

@@ -11,6 +11,7 @@ device adopts, on several threads.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,9 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_core.flax.models import weight_cache
 from diffusion_core.flax.models.layers import FrozenWeight
 from diffusion_core.weights import as_numpy
-from diffusion_core.weights.convert import FlaxPath, flax_to_torch, torch_to_flax, torch_to_flax_plan
+from diffusion_core.weights.convert import (
+    FlaxPath,
+    Rule,
+    flax_to_torch,
+    path_to_key,
+    torch_to_flax,
+    torch_to_flax_plan,
+)
 from diffusion_core.weights.pretrained import CheckpointSource
 
 WEIGHTS = (nnx.Param, FrozenWeight)  # the variable kinds a checkpoint holds
@@ -76,35 +85,51 @@ def load_torch_state_dict(model: nnx.Module, state_dict_items: Mapping[str, Any]
     nnx.update(model, state)
 
 
-def load_checkpoint(model: nnx.Module, source: CheckpointSource, workers: int = 1) -> None:
+def load_checkpoint(model: nnx.Module, source: CheckpointSource, workers: int = 1, cache: Path | None = None) -> None:
     """Fill ``model`` from ``source`` strictly, reading and converting tensors on ``workers`` threads.
 
     The checkpoint's keys and shapes (``source.infos``) are matched against the model first, with
     :func:`load_torch_state_dict`'s ValueError. Each tensor is then copied once, from the file's memory map into
     a new aligned host array in its parameter's layout and dtype, which the device adopts (no second copy on
-    CPU; one transfer elsewhere). Nothing is assigned unless every tensor converted.
+    CPU; one transfer elsewhere). ``cache``: where the weight cache (``weight_cache``) keeps this checkpoint: the
+    entry there is used, with no copy at all, when it holds exactly these converted tensors, and is otherwise
+    written from them. Nothing is assigned unless every tensor converted.
     """
     state = nnx.state(model, WEIGHTS)
     variables = dict(nnx.to_flat_state(state))
     target = {tuple(path): tuple(var.shape) for path, var in variables.items()}
     plan = torch_to_flax_plan({key: shape for key, (_, shape) in source.infos.items()}, target)
-
-    def convert(key: str, array: np.ndarray) -> tuple[FlaxPath, np.ndarray]:
-        if key not in plan:
-            raise ValueError(f"{source.name}: tensor {key!r} is not among the keys its header lists")
-        path, rule = plan[key]
-        return path, rule.flax_copy(array, np.dtype(variables[path].dtype))
-
-    # placed from this thread: jax's default device (``jax.default_device``) is a per-thread setting
-    new_values = {
-        path: jax.device_put(host, may_alias=True)
-        for _, (path, host) in source.tensors("numpy", None, convert, workers)
+    dtypes = {key: np.dtype(variables[path].dtype) for key, (path, _) in plan.items()}
+    layout = {
+        key: (path_to_key(path), rule.flax_axes(len(target[path])), dtypes[key].name, target[path])
+        for key, (path, rule) in plan.items()
     }
-    if len(new_values) != len(plan):
-        raise ValueError(f"{source.name}: {len(plan) - len(new_values)} tensors its header lists were not read")
+    hosts = None if cache is None else weight_cache.read_entry(cache, layout)
+    if hosts is None:
+        hosts = _converted(source, plan, dtypes, workers)
+        if cache is not None:
+            hosts = weight_cache.write_entry(cache, hosts, layout)
+    # placed from this thread: jax's default device (``jax.default_device``) is a per-thread setting
+    new_values = {plan[key][0]: jax.device_put(host, may_alias=True) for key, host in hosts.items()}
     for path, value in new_values.items():
         variables[path].set_value(value)
     nnx.update(model, state)
+
+
+def _converted(
+    source: CheckpointSource, plan: dict[str, tuple[FlaxPath, Rule]], dtypes: dict[str, np.dtype], workers: int
+) -> dict[str, np.ndarray]:
+    """``{key: new aligned host copy in the Flax layout and dtype}`` for every tensor of ``plan``."""
+
+    def convert(key: str, array: np.ndarray) -> np.ndarray:
+        if key not in plan:
+            raise ValueError(f"{source.name}: tensor {key!r} is not among the keys its header lists")
+        return plan[key][1].flax_copy(array, dtypes[key])
+
+    hosts = dict(source.tensors("numpy", None, convert, workers))
+    if len(hosts) != len(plan):
+        raise ValueError(f"{source.name}: {len(plan) - len(hosts)} tensors its header lists were not read")
+    return hosts
 
 
 def flax_state_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:

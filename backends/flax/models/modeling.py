@@ -5,7 +5,8 @@ Both loaders go through one path (``_from_source``): the model is built abstract
 concrete, once per (class, config, dtype) in a process: later loads merge a fresh module from the
 cached graph and abstract state; the checkpoint's keys and shapes, read from the file headers, are
 checked strictly against the model's PyTorch names and shapes; then the tensors are read and converted
-on several threads by ``load_checkpoint``, which assigns nothing unless every tensor converted. Saving goes back
+on several threads by ``load_checkpoint``, which assigns nothing unless every tensor converted (or, with the
+weight cache on, maps the converted copy an earlier load left in it: ``weight_cache``). Saving goes back
 through ``flax_state_to_torch``. Which layout a class reads and writes is its ``checkpoint_layout``
 (diffusers' by default); which part of a CompVis single file it reads is its ``single_file_component``.
 """
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_core.configuration import FrozenConfig
+from diffusion_core.flax.models import weight_cache
 from diffusion_core.flax.models.layers import shape_only_init
 from diffusion_core.flax.models.loading import WEIGHTS, flax_state_to_torch, load_checkpoint, weight_shapes
 from diffusion_core.weights import DEFAULT_MAX_SHARD_SIZE, check_keys, save_state_dict
@@ -104,7 +106,7 @@ class PretrainedMixin(CheckpointModel):
         """Build abstractly, check ``source.infos`` strictly, then stream the tensors in (cast to ``dtype``)."""
         model = _abstract_model(cls, source.config, dtype)
         check_keys(torch_shapes(model), source.infos, name=source.name)
-        load_checkpoint(model, source, default_workers())
+        load_checkpoint(model, source, default_workers(), weight_cache.entry_path(cls, source.files, dtype))
         return model
 
     @classmethod
