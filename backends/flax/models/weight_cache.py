@@ -8,7 +8,8 @@ folder, and every later load, in any process, maps that file and hands its pages
 adopts 64-byte-aligned host memory; other devices copy once from it). The mapping is private (copy-on-write), so
 nothing a program does to its weights reaches the file.
 
-An entry is keyed by the model class, the dtype and each weight file's real path, size and modification time;
+An entry is keyed by the model class, the dtype and each weight file's real path, size, inode and modification
+and change times (a file rewritten in place or replaced gets a new entry);
 its header records every tensor's parameter path, layout, dtype and shape, and an entry that does not match what
 the model expects (or is cut short) is rewritten, never used. Entries are written to an unnamed file that is
 linked into place once complete (a named temporary file, removed on failure, where the system has no unnamed
@@ -78,7 +79,7 @@ def entry_path(model_class: type, files: tuple[Path, ...], dtype: Any) -> Path |
     for file in files:
         real = Path(file).resolve()
         stat = real.stat()
-        identity.append([str(real), stat.st_size, stat.st_mtime_ns])
+        identity.append([str(real), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
     key = {
         "format": FORMAT,
         "class": f"{model_class.__module__}.{model_class.__qualname__}",
@@ -146,7 +147,7 @@ def read_entry(path: Path, layout: Mapping[str, Layout]) -> dict[str, np.ndarray
             mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
     except (FileNotFoundError, NotADirectoryError):  # no entry (yet)
         return None
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:  # unreadable or not an entry
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as error:  # not an entry
         warnings.warn(f"weight cache: ignoring {str(path)!r} ({error})", stacklevel=3)
         return None
     arrays = {}
