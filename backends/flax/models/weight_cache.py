@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_core.weights.io import numpy_dtype
+
 ENV_VAR = "DIFFUSION_CORE_FLAX_WEIGHT_CACHE"
 MAGIC = b"DCFLAXW1"
 FORMAT = 1
@@ -97,7 +99,7 @@ def _aligned(offset: int, alignment: int) -> int:
 def _header(layout: Mapping[str, Layout]) -> tuple[bytes, dict[str, int]]:
     """The encoded header of an entry holding ``layout``'s tensors, and each tensor's file offset."""
     sizes = {
-        key: int(np.prod(shape, dtype=np.int64)) * np.dtype(_dtype(name)).itemsize
+        key: int(np.prod(shape, dtype=np.int64)) * numpy_dtype(name).itemsize
         for key, (_, _, name, shape) in layout.items()
     }
     relative, position = {}, 0
@@ -112,14 +114,6 @@ def _header(layout: Mapping[str, Layout]) -> tuple[bytes, dict[str, int]]:
     body = json.dumps({"format": FORMAT, "tensors": tensors}, sort_keys=True).encode()
     start = _aligned(len(MAGIC) + 8 + len(body), DATA_ALIGNMENT)
     return MAGIC + struct.pack("<Q", len(body)) + body, {key: start + offset for key, offset in relative.items()}
-
-
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def read_entry(path: Path, layout: Mapping[str, Layout]) -> dict[str, np.ndarray] | None:
@@ -139,7 +133,7 @@ def read_entry(path: Path, layout: Mapping[str, Layout]) -> dict[str, np.ndarray
                 return None
             start = _aligned(len(prefix) + len(body), DATA_ALIGNMENT)
             ends = [
-                start + t["offset"] + int(np.prod(t["shape"], dtype=np.int64)) * _dtype(t["dtype"]).itemsize
+                start + t["offset"] + int(np.prod(t["shape"], dtype=np.int64)) * numpy_dtype(t["dtype"]).itemsize
                 for t in tensors.values()
             ]
             if max(ends, default=start) > size:
@@ -152,7 +146,7 @@ def read_entry(path: Path, layout: Mapping[str, Layout]) -> dict[str, np.ndarray
         return None
     arrays = {}
     for key, t in tensors.items():
-        dtype = _dtype(t["dtype"])
+        dtype = numpy_dtype(t["dtype"])
         count = int(np.prod(t["shape"], dtype=np.int64))
         if count == 0:
             arrays[key] = np.empty(t["shape"], dtype)
