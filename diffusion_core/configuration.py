@@ -138,11 +138,11 @@ _TEMP_HEX_BYTES = 6
 
 
 def temp_name_pattern(name: str) -> str:
-    """A regex matching the temporary names :func:`_create_beside` gives for ``name`` (see diffusion_core.atomic)."""
+    """A regex matching the temporary names :func:`create_beside` gives for ``name`` (see diffusion_core.atomic)."""
     return rf"\.{re.escape(name)}\.tmp-[0-9a-f]{{{2 * _TEMP_HEX_BYTES}}}"
 
 
-def _create_beside(target: Path, create: Callable[[Path], T]) -> tuple[T, Path]:
+def create_beside(target: Path, create: Callable[[Path], T]) -> tuple[T, Path]:
     """``create(tmp)`` for a fresh hidden name ``tmp`` next to ``target`` (retried on a name clash)."""
     for _ in range(100):
         tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(_TEMP_HEX_BYTES)}")
@@ -182,13 +182,13 @@ def make_temp_dir_beside(target: str | os.PathLike) -> Path:
     Unlike ``tempfile.mkdtemp`` (always 0700) it is created as any folder is, so the umask (and
     a default ACL) decides its permissions: 0755 under umask 022, as diffusers' output folders.
     """
-    return _create_beside(Path(target), os.mkdir)[1]
+    return create_beside(Path(target), os.mkdir)[1]
 
 
-def _open_temp_file_beside(path: Path) -> tuple[int, Path]:
+def open_temp_file_beside(path: Path) -> tuple[int, Path]:
     """A new hidden file next to ``path``, mode 0666 less the umask (``mkstemp`` would force 0600)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    return _create_beside(path, lambda tmp: os.open(tmp, flags, 0o666))
+    return create_beside(path, lambda tmp: os.open(tmp, flags, 0o666))
 
 
 def set_created_file_mode(path: str | os.PathLike) -> None:
@@ -199,7 +199,7 @@ def set_created_file_mode(path: str | os.PathLike) -> None:
     and cannot be read without being set.
     """
     path = Path(path)
-    fd, probe = _open_temp_file_beside(path)
+    fd, probe = open_temp_file_beside(path)
     try:
         mode = os.fstat(fd).st_mode & 0o7777
     finally:
@@ -221,7 +221,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)  # left by a writer that was killed
-    fd, tmp = _open_temp_file_beside(path)
+    fd, tmp = open_temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

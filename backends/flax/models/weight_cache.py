@@ -9,11 +9,11 @@ adopts 64-byte-aligned host memory; other devices copy once from it). The mappin
 nothing a program does to its weights reaches the file.
 
 An entry is keyed by the model class, the dtype and each weight file's real path, size, inode and modification
-and change times (a file rewritten in place or replaced gets a new entry);
-its header records every tensor's parameter path, layout, dtype and shape, and an entry that does not match what
-the model expects (or is cut short) is rewritten, never used. Entries are written to an unnamed file that is
-linked into place once complete (a named temporary file, removed on failure, where the system has no unnamed
-ones), so a reader never sees a partial entry. A failure to write (no space, a read-only folder) leaves the load
+and change times (a file rewritten in place or replaced gets a new entry); its header records every tensor's
+parameter path, layout, dtype and shape, and an entry that does not match what the model expects (or is cut short)
+is rewritten, never used. Entries are written to an unnamed file that is linked into place once complete (where the
+system has no unnamed files, a named temporary one from ``configuration.open_temp_file_beside``, removed on
+failure), so a reader never sees a partial entry. A failure to write (no space, a read-only folder) leaves the load
 as it would be without the cache, with a warning. The cache grows by one converted copy per (checkpoint, class,
 dtype) loaded; delete the folder (or single files, between loads) to reclaim the space.
 """
@@ -24,7 +24,6 @@ import hashlib
 import json
 import mmap
 import os
-import secrets
 import struct
 import warnings
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_core.configuration import create_beside, open_temp_file_beside
 from diffusion_core.weights.io import numpy_dtype
 
 ENV_VAR = "DIFFUSION_CORE_FLAX_WEIGHT_CACHE"
@@ -96,12 +96,18 @@ def _aligned(offset: int, alignment: int) -> int:
     return -(-offset // alignment) * alignment
 
 
+def _nbytes(shape: Any, dtype_name: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype_name).itemsize
+
+
+def _data_start(body_length: int) -> int:
+    """Where an entry's first tensor starts, after the magic, the header length and a header of ``body_length``."""
+    return _aligned(len(MAGIC) + 8 + body_length, DATA_ALIGNMENT)
+
+
 def _header(layout: Mapping[str, Layout]) -> tuple[bytes, dict[str, int]]:
     """The encoded header of an entry holding ``layout``'s tensors, and each tensor's file offset."""
-    sizes = {
-        key: int(np.prod(shape, dtype=np.int64)) * numpy_dtype(name).itemsize
-        for key, (_, _, name, shape) in layout.items()
-    }
+    sizes = {key: _nbytes(shape, name) for key, (_, _, name, shape) in layout.items()}
     relative, position = {}, 0
     for key in sorted(layout):
         relative[key] = position
@@ -112,7 +118,7 @@ def _header(layout: Mapping[str, Layout]) -> tuple[bytes, dict[str, int]]:
         for key, (path, axes, name, shape) in layout.items()
     }
     body = json.dumps({"format": FORMAT, "tensors": tensors}, sort_keys=True).encode()
-    start = _aligned(len(MAGIC) + 8 + len(body), DATA_ALIGNMENT)
+    start = _data_start(len(body))
     return MAGIC + struct.pack("<Q", len(body)) + body, {key: start + offset for key, offset in relative.items()}
 
 
@@ -131,12 +137,8 @@ def read_entry(path: Path, layout: Mapping[str, Layout]) -> dict[str, np.ndarray
             found = {key: (t["path"], tuple(t["axes"]), t["dtype"], tuple(t["shape"])) for key, t in tensors.items()}
             if header.get("format") != FORMAT or found != dict(layout):
                 return None
-            start = _aligned(len(prefix) + len(body), DATA_ALIGNMENT)
-            ends = [
-                start + t["offset"] + int(np.prod(t["shape"], dtype=np.int64)) * numpy_dtype(t["dtype"]).itemsize
-                for t in tensors.values()
-            ]
-            if max(ends, default=start) > size:
+            start = _data_start(len(body))
+            if max((start + t["offset"] + _nbytes(t["shape"], t["dtype"]) for t in tensors.values()), default=0) > size:
                 return None
             mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
     except (FileNotFoundError, NotADirectoryError):  # no entry (yet)
@@ -179,10 +181,8 @@ def _write(path: Path, hosts: Mapping[str, np.ndarray], layout: Mapping[str, Lay
             array = np.ascontiguousarray(hosts[key])
             _write_all(fd, memoryview(array.reshape(-1).view(np.uint8)), offset)
         os.ftruncate(fd, max([len(header)] + [offsets[k] + hosts[k].nbytes for k in offsets]))
-        if temporary is None:  # an unnamed file: give it its name
-            staged = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-            _link_unnamed(fd, staged)
-            temporary = staged
+        if temporary is None:  # an unnamed file: give it a temporary name beside the entry
+            temporary = create_beside(path, lambda name: _link_unnamed(fd, name))[1]
         os.replace(temporary, path)
         temporary = None
     finally:
@@ -197,11 +197,10 @@ def _open_unnamed(path: Path) -> tuple[int, Path | None]:
     unnamed = getattr(os, "O_TMPFILE", 0)
     if unnamed and Path("/proc/self/fd").is_dir():
         try:
-            return os.open(path.parent, unnamed | os.O_RDWR, 0o644), None
+            return os.open(path.parent, unnamed | os.O_WRONLY, 0o666), None  # the umask applies, as to any new file
         except OSError:
             pass  # a filesystem without unnamed files
-    temporary = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    return os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644), temporary
+    return open_temp_file_beside(path)
 
 
 def _link_unnamed(fd: int, path: Path) -> None:
